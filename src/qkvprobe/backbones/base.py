@@ -1,0 +1,66 @@
+"""The backbone contract every loader (timm, Hugging Face, builtin, local file) returns (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..vocab import TOKENS
+
+
+class Backbone(ABC):
+    """A frozen, head-less ViT whose last-block (or any block's) tokens can be tapped in one forward pass.
+
+    Attributes (all set by the loader):
+        spec: the spec string it was loaded from, e.g. ``"timm:vit_small_patch16_224.dino"``.
+        objective: ``"dino"``-family / ``"mae"``-family label when known (``"unknown"`` otherwise).
+        model: the underlying ``torch.nn.Module`` (eval mode, no head).
+        device: where it runs.
+        embed_dim: D. num_blocks: L. num_heads: H. patch_size: P (pixels).
+        num_prefix_tokens: class + register tokens in front of the patch tokens.
+        num_register_tokens: register tokens among them. has_cls_token: whether token 0 is a class token.
+        data_config: dict with timm's keys ``mean``, ``std``, ``input_size`` = (C, H, W), and
+            ``interpolation``/``crop_pct`` where known.
+        weights_digest: sha256 of the weights (hex) — part of the feature store's key.
+    """
+
+    spec: str
+    objective: str
+    model: torch.nn.Module
+    device: torch.device
+    embed_dim: int
+    num_blocks: int
+    num_heads: int
+    patch_size: int
+    num_prefix_tokens: int
+    num_register_tokens: int
+    has_cls_token: bool
+    data_config: dict[str, Any]
+    weights_digest: str
+
+    def resolve_block(self, block: int) -> int:
+        """Map a block index (negative counts from the end) to ``0..num_blocks-1``; raise if out of range."""
+        from ..errors import QkvprobeError
+
+        if not -self.num_blocks <= block < self.num_blocks:
+            raise QkvprobeError(
+                f"block index {block} is out of range for {self.spec} with {self.num_blocks} blocks "
+                f"(valid: {-self.num_blocks}..{self.num_blocks - 1})"
+            )
+        return block % self.num_blocks
+
+    @abstractmethod
+    def extract(
+        self, images: torch.Tensor, blocks: Sequence[int] = (-1,), tokens: Sequence[str] = TOKENS
+    ) -> dict[Any, torch.Tensor]:
+        """Tap ``tokens`` of ``blocks`` in one forward pass (no grad).
+
+        Args:
+            images: [B, C, H, W] float, already normalised; H and W divisible by ``patch_size``.
+        Returns:
+            With one block: ``{"q"|"k"|"v"|"ffn"|"ffn_norm": [B, T, D]}``; with several:
+            ``{(block, kind): [B, T, D]}`` with ``block`` as given. T includes the prefix tokens.
+        """
