@@ -1,0 +1,41 @@
+"""Shared fixtures. No test touches the network: models are built with random weights, data is synthetic."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit() -> torch.nn.Module:
+    """A 2-block timm ViT (patch 4, 28 px, dynamic image size), random weights, eval mode."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
+    return model.eval()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
