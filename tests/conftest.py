@@ -9,6 +9,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("QKVPROBE_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep every cache (Scenes arrays, feature stores, downloads) of a test session out of the user's home."""
+    os.environ["QKVPROBE_CACHE"] = str(tmp_path_factory.mktemp("qkvprobe-cache"))
 
 
 @pytest.fixture(scope="session")

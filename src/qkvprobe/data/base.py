@@ -18,6 +18,8 @@ class Dataset(ABC):
         classes: class names; for segmentation index 0 is background where the dataset has one.
         source: where the data was found, in words (a path, "Debian package", "bundled subset" …).
         fingerprint: stable hex digest of the exact contents/selection — the feature store keys on it.
+        skipped: files left out by ``on_bad_image="skip"`` (paths relative to the dataset root), else ``[]``;
+            a run records them so nothing is dropped silently.
     ``ds[i]`` returns ``(image, target)``: image is a uint8 tensor [C, H, W] (C = 1 or 3); target is an
     ``int`` class index (classification) or an int64 tensor [H, W] with 255 = ignore (segmentation).
     """
@@ -28,6 +30,7 @@ class Dataset(ABC):
     classes: list[str]
     source: str
     fingerprint: str
+    skipped: list[str] = []  # noqa: RUF012 - read-only default; loaders assign their own list
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -41,3 +44,13 @@ class Dataset(ABC):
         import numpy as np
 
         return np.asarray([int(self[i][1]) for i in range(len(self))], dtype=np.int64)
+
+    def mask(self, index: int) -> torch.Tensor:
+        """Segmentation: the full-resolution label mask int64 [H, W] of sample ``index`` (255 = ignore).
+
+        Loaders override this so that evaluation can re-read masks without decoding images."""
+        if self.task != "segmentation":
+            from ..errors import DataError
+
+            raise DataError(f"{self.spec} is a {self.task} dataset; it has no masks")
+        return self[index][1]
