@@ -1,0 +1,282 @@
+"""Backbone specs, catalogue and the Hugging Face loaders (tiny random-init configs saved under tmp_path)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from transformers import (
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    ViTConfig,
+    ViTMAEConfig,
+    ViTMAEModel,
+    ViTModel,
+)
+
+import qkvprobe.backbones as backbones
+from qkvprobe import load_backbone
+from qkvprobe.backbones import list_models
+from qkvprobe.backbones.specs import objective_of
+from qkvprobe.errors import ModelError, SpecError, WeightsError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine thread spinning costs 10x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4)
+HF_MODELS = {
+    "vit": (ViTModel, lambda: ViTConfig(**TINY, intermediate_size=64)),
+    "vit_mae": (ViTMAEModel, lambda: ViTMAEConfig(**TINY, intermediate_size=64, mask_ratio=0.75)),
+    "dinov2": (Dinov2Model, lambda: Dinov2Config(**TINY, mlp_ratio=2, layerscale_value=0.5)),
+    "dinov2_reg": (
+        Dinov2WithRegistersModel,
+        lambda: Dinov2WithRegistersConfig(**TINY, mlp_ratio=2, num_register_tokens=4),
+    ),
+}
+
+
+def sharpen(model: torch.nn.Module) -> torch.nn.Module:
+    """Large random weights: near-uniform attention from the default init would hide scaling/order bugs."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("weight") and param.ndim == 2:
+                param.normal_(0.0, 0.4)
+            elif name.endswith("bias") or "token" in name or "position" in name:
+                param.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each tiny HF model saved with save_pretrained, as a user's local directory would be."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, (cls, make_config) in HF_MODELS.items():
+        torch.manual_seed(0)
+        model = sharpen(cls(make_config()))
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def rebuild_attention(q, k, v, num_heads, proj):
+    """softmax(q kᵀ/√d) v per head, heads concatenated, through the output projection. [B, T, D] → [B, T, D]."""
+    B, T, D = q.shape
+    d = D // num_heads
+    qh, kh, vh = (t.reshape(B, T, num_heads, d).transpose(1, 2).double() for t in (q, k, v))
+    attn = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return proj((attn @ vh).transpose(1, 2).reshape(B, T, D).float())
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_hf_attention_rebuilt(hf_dirs, name: str, impl: str) -> None:
+    bb = load_backbone(f"hf:{hf_dirs[name]}")
+    bb.model.set_attn_implementation(impl)
+    x = torch.randn(2, 3, 16, 20)
+    for block in (0, -1):
+        attention = bb.layers[block].attention
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(module, args, output, seen=seen) -> None:  # returns None: the output stays the model's
+            seen["out"] = output[0]
+
+        handle = attention.register_forward_hook(hook)
+        try:
+            out = bb.extract(x, blocks=(block,), tokens=("q", "k", "v"))
+        finally:
+            handle.remove()
+        assert out["q"].shape == (2, bb.num_prefix_tokens + 20, 32)
+        rebuilt = rebuild_attention(out["q"], out["k"], out["v"], bb.num_heads, attention.o_proj)
+        torch.testing.assert_close(rebuilt, seen["out"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_hf_ffn_norm_is_last_hidden_state(hf_dirs, name: str) -> None:
+    bb = load_backbone(f"hf:{hf_dirs[name]}")
+    x = torch.randn(2, 3, 16, 16)
+    out = bb.extract(x, blocks=(0, -1), tokens=("ffn", "ffn_norm"))
+    kwargs = {"noise": torch.arange(16.0).expand(2, -1)} if name == "vit_mae" else {}
+    with torch.no_grad():
+        ref = bb.model(pixel_values=x, output_hidden_states=True, **kwargs)
+    torch.testing.assert_close(out[(-1, "ffn_norm")], ref.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[(0, "ffn")], ref.hidden_states[1], atol=1e-5, rtol=0)
+
+
+def test_hf_prefix_tokens(hf_dirs) -> None:
+    reg = load_backbone(f"hf:{hf_dirs['dinov2_reg']}")
+    assert (reg.num_prefix_tokens, reg.num_register_tokens, reg.has_cls_token) == (5, 4, True)
+    assert reg.objective == "dino" and load_backbone(f"hf:{hf_dirs['vit_mae']}").objective == "mae"
+    vit = load_backbone(f"hf:{hf_dirs['vit']}")
+    assert vit.model.pooler is None and vit.num_prefix_tokens == 1
+    assert (vit.embed_dim, vit.num_blocks, vit.num_heads, vit.patch_size) == (32, 2, 4, 4)
+
+
+def test_vit_mae_keeps_every_patch_in_order(hf_dirs) -> None:
+    bb = load_backbone(f"hf:{hf_dirs['vit_mae']}")
+    assert bb.model.config.mask_ratio == 0.0
+    x = torch.randn(2, 3, 16, 16)
+    emb = bb.model.embeddings
+    seen = {}
+    handle = emb.register_forward_hook(lambda m, a, o: seen.update(emb=o[0]))  # returns None
+    try:
+        first = bb.extract(x)
+    finally:
+        handle.remove()
+    second = bb.extract(x)
+    for token in first:
+        torch.testing.assert_close(first[token], second[token], atol=0, rtol=0)
+    assert first["ffn"].shape[1] == 1 + 16
+    with torch.no_grad():  # independent: patch projection + position embedding, in raster order
+        expected = emb.patch_embeddings(x) + emb.position_embeddings[:, 1:]
+    torch.testing.assert_close(seen["emb"][:, 1:], expected, atol=1e-6, rtol=0)
+
+
+def test_hf_data_config_from_preprocessor(hf_dirs, tmp_path: Path) -> None:
+    import shutil
+
+    target = tmp_path / "withproc"
+    shutil.copytree(hf_dirs["dinov2"], target)
+    (target / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "resample": 3, "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256},
+    }))  # fmt: skip
+    config = load_backbone(f"hf:{target}").data_config
+    assert config["mean"] == (0.1, 0.2, 0.3) and config["std"] == (0.4, 0.5, 0.6)
+    assert config["input_size"] == (3, 16, 16) and config["interpolation"] == "bicubic"
+    assert config["crop_pct"] == pytest.approx(0.875)
+    default = load_backbone(f"hf:{hf_dirs['vit']}").data_config
+    assert default["mean"] == (0.485, 0.456, 0.406)
+
+
+def test_hf_dir_without_config(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"has no config\.json"):
+        load_backbone(f"hf:{tmp_path}")
+
+
+def test_hf_unsupported_type(tmp_path: Path) -> None:
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="'bert' model; qkvprobe taps"):
+        load_backbone(f"hf:{tmp_path}")
+
+
+def test_hf_unknown_repo_suggests(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SpecError, match="did you mean facebook/dino-vits16"):
+        load_backbone("hf:facebook/dino-vits61")
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "pattern"),
+    [
+        (
+            "timm:vit_smal_patch16_224.dino",
+            SpecError,
+            "unknown timm model.*did you mean vit_small_patch16_224.dino",
+        ),
+        (
+            "timm:vit_small_patch16_224.dinoo",
+            SpecError,
+            "unknown timm pretrained tag.*vit_small_patch16_224.dino",
+        ),
+        ("tim:vit_small_patch16_224", SpecError, "unknown backbone prefix 'tim'.*did you mean timm"),
+        (
+            "vit_small_patch16_224.dino",
+            SpecError,
+            "needs a prefix.*did you mean 'timm:vit_small_patch16_224.dino'",
+        ),
+        ("timm:", SpecError, "needs a prefix and a name"),
+        ("builtin:fmnist_dnio", SpecError, "unknown built-in model 'fmnist_dnio'.*did you mean fmnist_dino"),
+    ],
+)
+def test_spec_errors(spec, error, pattern, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "fmnist_dino.json").write_text("{}")
+    monkeypatch.setattr(backbones, "builtin_dir", lambda: tmp_path)
+    with pytest.raises(error, match=pattern):
+        load_backbone(spec)
+
+
+def test_timm_pretrained_unavailable_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = timm.create_model
+
+    def offline(name, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("offline")  # what the hub client raises without network
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(
+        WeightsError,
+        match=r"could not fetch pretrained weights for timm:vit_small_patch16_224\.dino.*--weights PATH",
+    ):
+        load_backbone("timm:vit_small_patch16_224.dino")
+
+
+def test_eva_spec_refused() -> None:
+    with pytest.raises(ModelError, match="rotary-embedding model"):
+        from qkvprobe.backbones.timm_backbone import TimmBackbone
+
+        eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1, num_classes=0)
+        TimmBackbone(eva, spec="timm:eva02_tiny_patch14_224", objective="unknown", device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("vit_small_patch16_224.dino", "dino"), ("vit_small_patch14_reg4_dinov2.lvd142m", "dino"),
+        ("facebook/dinov2-small", "dino"), ("ibot_vit_b16", "dino"), ("vit_base_patch16_224.mae", "mae"),
+        ("facebook/vit-mae-base", "mae"), ("beit_base_patch16_224", "mae"), ("data2vec-vision", "mae"),
+        ("simmim_vit", "mae"), ("vit_small_patch16_224.augreg_in21k", "unknown"),
+    ],
+)  # fmt: skip
+def test_objective_of(name: str, family: str) -> None:
+    assert objective_of(name) == family
+
+
+def test_list_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    card = {"name": "fmnist_mae", "objective": "mae", "data": "fashion-mnist", "epochs": 3, "params": 1234}
+    (tmp_path / "fmnist_mae.json").write_text(json.dumps(card))
+    monkeypatch.setattr(backbones, "builtin_dir", lambda: tmp_path)
+    rows = list_models()
+    assert all(set(r) == {"spec", "objective", "notes"} for r in rows)
+    specs = {r["spec"]: r for r in rows}
+    assert (
+        specs["builtin:fmnist_mae"]["objective"] == "mae"
+        and "3 epochs" in specs["builtin:fmnist_mae"]["notes"]
+    )
+    for spec, family in [("timm:vit_small_patch16_224.dino", "dino"), ("timm:vit_base_patch16_224.mae", "mae"),
+                         ("timm:vit_small_patch14_reg4_dinov2.lvd142m", "dino"), ("hf:facebook/vit-mae-base", "mae"),
+                         ("hf:facebook/dino-vits16", "dino"), ("hf:facebook/dinov2-small", "dino")]:  # fmt: skip
+        assert specs[spec]["objective"] == family
+    pretrained = set(timm.list_pretrained())
+    assert all(s.split(":", 1)[1] in pretrained for s in specs if s.startswith("timm:"))
+
+
+def test_timm_data_config_and_attributes(tmp_path: Path) -> None:
+    from qkvprobe.backbones.timm_backbone import TimmBackbone
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224.dino", pretrained=False, depth=1, num_classes=0,
+                              dynamic_img_size=True)  # fmt: skip
+    bb = TimmBackbone(model, spec="timm:vit_small_patch16_224.dino", objective="dino", device="cpu")
+    assert bb.data_config["input_size"] == (3, 224, 224)
+    assert bb.data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))
+    assert {"interpolation", "crop_pct"} <= set(bb.data_config)
+    assert (bb.embed_dim, bb.num_heads, bb.patch_size, bb.num_prefix_tokens) == (384, 6, 16, 1)
+    assert len(bb.weights_digest) == 64
