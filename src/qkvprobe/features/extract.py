@@ -1,0 +1,512 @@
+"""The extraction loop: dataset → preprocessing → one forward pass per batch → feature store shards.
+
+Works alone or under ``torchrun`` (see :mod:`qkvprobe.features.distributed`): shards are fixed sample ranges,
+each rank computes a round-robin share of the missing ones, rank 0 marks the store complete at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from ..backbones.base import Backbone
+from ..data import build_preprocess, patch_majority_labels
+from ..data.base import Dataset
+from ..errors import ConfigError, DataError, FeatureError, StoreError
+from ..taps import select_positions
+from ..vocab import IGNORE_INDEX, PAPER_TOKENS, POSITIONS, TOKENS
+from . import distributed as qdist
+from .store import (
+    DTYPES,
+    KEY_FIELDS,
+    MANIFEST,
+    SCHEMA_VERSION,
+    FeatureStore,
+    array_name,
+    completed_shards,
+    mark_shards,
+    read_manifest,
+    remove_stale_temporaries,
+    shard_name,
+    store_key,
+    write_json_atomic,
+    write_shard,
+)
+
+AMP_MODES = ("bf16",)
+#: Upper bound of one shard's feature bytes: large enough to amortise file overhead, small enough that a
+#: killed run loses little work and one shard fits in memory while it is assembled.
+SHARD_BYTES = 256 * 2**20
+MAX_SHARD_SAMPLES = 1024
+
+
+def parse_list(value: str | Sequence[str], vocab: Sequence[str], what: str) -> tuple[str, ...]:
+    """``"q,k"`` or ``["q","k"]`` → ``("q","k")``; ConfigError naming the bad item and the valid ones."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+    items = [v for v in items if v]
+    if not items:
+        raise ConfigError(f"no {what} given; choose from {', '.join(vocab)}")
+    for item in items:
+        if item not in vocab:
+            raise ConfigError(f"unknown {what} {item!r}; choose from {', '.join(vocab)}")
+    return tuple(dict.fromkeys(items))  # drop duplicates, keep order
+
+
+def parse_blocks(value: str | Sequence[int]) -> tuple[int, ...]:
+    """``"-1,6"`` → ``(-1, 6)``; ConfigError on a non-integer."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    try:
+        blocks = tuple(int(b) for b in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"blocks must be integers like -1 or 0,5,11; got {value!r}") from None
+    if not blocks:
+        raise ConfigError("no blocks given; pass e.g. --blocks -1")
+    return tuple(dict.fromkeys(blocks))
+
+
+class _Prepared(TorchDataset):
+    """Dataset sample → ``(index, image float [C',H',W'], label int | patch labels [h*w] int64)``."""
+
+    def __init__(self, dataset: Dataset, preprocess: Any, patch_size: int, task: str) -> None:
+        self.dataset, self.preprocess, self.patch_size, self.task = dataset, preprocess, patch_size, task
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, Any]:
+        image, target = self.dataset[index]
+        image, target = self.preprocess(image, target)
+        if self.task == "segmentation":
+            target = torch.as_tensor(
+                patch_majority_labels(target, self.patch_size, ignore_index=IGNORE_INDEX), dtype=torch.int64
+            )
+        else:
+            target = int(target)
+        return index, image, target
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+@contextlib.contextmanager
+def _quiet_torchvision_io() -> Iterator[None]:
+    # torchvision 0.29 deprecates its image codecs in favour of torchcodec (not a dependency); nvJPEG decoding
+    # through torchvision.io still works, so the warning would only be noise for users.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+class _RawJpeg(_Prepared):
+    """Like :class:`_Prepared`, but JPEG files come back undecoded (uint8 bytes [L]) for on-device decoding.
+
+    Needs a file-backed classification dataset (``dataset.samples`` = ``[(path, class index)]``); other
+    image formats are decoded and preprocessed in the worker as usual. Items: ``(index, tensor, label, is_jpeg)``.
+    """
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, Any, bool]:  # type: ignore[override]
+        from torchvision.io import read_file
+
+        path, target = self.dataset.samples[index]  # type: ignore[attr-defined]
+        if Path(path).suffix.lower() in JPEG_SUFFIXES:
+            with _quiet_torchvision_io():
+                return index, read_file(str(path)), int(target), True
+        return (*super().__getitem__(index), False)
+
+
+def _collate_raw(
+    items: list[tuple[int, torch.Tensor, Any, bool]],
+) -> tuple[torch.Tensor, list, torch.Tensor, list]:
+    # Undecoded JPEGs differ in length: keep lists, the main process decodes them in one batched call.
+    index, data, target, is_jpeg = zip(*items, strict=True)
+    return torch.tensor(index), list(data), torch.tensor(target), list(is_jpeg)
+
+
+def _decode_on_device(
+    data: list[torch.Tensor], is_jpeg: list[bool], preprocess: Any, device: torch.device
+) -> torch.Tensor:
+    """Batched ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on CUDA), then preprocessing there too."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpegs = [d for d, j in zip(data, is_jpeg, strict=True) if j]
+    try:
+        with _quiet_torchvision_io():
+            decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.UNCHANGED, device=device) if jpegs else [])
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"decoding JPEGs on {device} failed ({str(exc).splitlines()[0]}); drop --gpu-decode"
+        ) from None
+    images = []
+    for d, j in zip(data, is_jpeg, strict=True):
+        if j:
+            image = next(decoded)
+            if image.shape[0] not in (1, 3):  # CMYK / grey+alpha: let the decoder convert to RGB
+                with _quiet_torchvision_io():
+                    image = decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
+            d = preprocess(image, 0)[0]
+        images.append(d.to(device, non_blocking=True))
+    return torch.stack(images)
+
+
+def plan_store(
+    backbone: Backbone,
+    dataset: Dataset,
+    *,
+    blocks: Sequence[int] = (-1,),
+    tokens: str | Sequence[str] = PAPER_TOKENS,
+    positions: str | Sequence[str] = ("cls", "avg"),
+    dtype: str = "float16",
+    amp: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    shard_size: int | None = None,
+    device_decode: bool = False,
+) -> tuple[dict[str, Any], Any]:
+    """The manifest a store for these inputs gets (incl. its content ``key``) and the preprocessing."""
+    tokens = parse_list(tokens, TOKENS, "token")
+    positions = parse_list(positions, POSITIONS, "position")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if amp is not None and amp not in AMP_MODES:
+        raise ConfigError(f"unknown amp mode {amp!r}; choose bf16 or leave it out")
+    if device_decode and (dataset.task != "classification" or not hasattr(dataset, "samples")):
+        raise ConfigError(
+            f"decoding JPEGs on the device needs a file-backed classification dataset (imagefolder:PATH); "
+            f"{dataset.spec} is not one: drop --gpu-decode"
+        )
+    if "cls" in positions and not backbone.has_cls_token:
+        raise ConfigError(
+            f"position 'cls' needs a class token but {backbone.spec} has none; use --positions avg"
+        )
+    resolved = sorted({backbone.resolve_block(b) for b in parse_blocks(blocks)})
+    preprocess = build_preprocess(
+        backbone.data_config, dataset.task, patch_size=backbone.patch_size, image_size=image_size
+    )
+    height, width = (int(s) for s in preprocess.output_size)
+    grid = (height // backbone.patch_size, width // backbone.patch_size)
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise DataError(f"dataset {dataset.spec} split {dataset.split} has no samples; check its path")
+    if shard_size is None:
+        rows = sum(grid[0] * grid[1] if p == "patch" else 1 for p in positions)
+        per_sample = rows * backbone.embed_dim * np.dtype(dtype).itemsize * len(tokens) * len(resolved)
+        shard_size = int(max(1, min(MAX_SHARD_SAMPLES, SHARD_BYTES // per_sample)))
+    key_fields = {
+        "backbone_spec": backbone.spec,
+        "weights_digest": backbone.weights_digest,
+        "dataset_fingerprint": dataset.fingerprint,
+        # Another JPEG decoder can give other pixels: a store decoded on the device gets its own key.
+        "preprocessing": preprocess.describe()
+        | ({"decode": "torchvision.io.decode_jpeg on the device"} if device_decode else {}),
+        "blocks": resolved,
+        "tokens": list(tokens),
+        "positions": list(positions),
+        "dtype": dtype,
+        "amp": amp,
+    }
+    key_fields = json.loads(json.dumps(key_fields))  # tuples → lists: compares equal to a manifest read back
+    starts = range(0, num_samples, shard_size)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "key": store_key(key_fields),
+        "key_fields": key_fields,
+        "complete": False,
+        "backbone": {
+            "spec": backbone.spec,
+            "objective": backbone.objective,
+            "weights_digest": backbone.weights_digest,
+            "embed_dim": int(backbone.embed_dim),
+            "num_blocks": int(backbone.num_blocks),
+            "num_prefix_tokens": int(backbone.num_prefix_tokens),
+            "has_cls_token": bool(backbone.has_cls_token),
+        },
+        "objective": backbone.objective,
+        "dataset": {
+            "spec": dataset.spec,
+            "split": dataset.split,
+            "fingerprint": dataset.fingerprint,
+            "task": dataset.task,
+            "classes": list(dataset.classes),
+            "source": getattr(dataset, "source", ""),
+        },
+        "preprocessing": key_fields["preprocessing"],
+        "image_size": [height, width],
+        "patch_size": int(backbone.patch_size),
+        "grid": list(grid),
+        "blocks": resolved,
+        "tokens": list(tokens),
+        "positions": list(positions),
+        "dtype": dtype,
+        "amp": amp,
+        "num_samples": num_samples,
+        "shard_size": shard_size,
+        "shards": [
+            {"name": shard_name(i), "start": s, "stop": min(s + shard_size, num_samples), "state": "pending"}
+            for i, s in enumerate(starts)
+        ],
+        "num_complete_shards": 0,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"torch": torch.__version__, "numpy": np.__version__},
+    }
+    return manifest, preprocess
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_same_inputs(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    if old.get("key") == new["key"]:
+        return
+    for field in KEY_FIELDS:
+        a, b = old.get("key_fields", {}).get(field), new["key_fields"][field]
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = next(k for k in sorted({*a, *b}) if a.get(k) != b.get(k))
+                field, a, b = f"{field}.{sub}", a.get(sub), b.get(sub)
+            raise StoreError(
+                f"feature store {out} was made for other inputs: {field} is {_short(a)} there but {_short(b)} "
+                f"now; pass another --out (or delete {out})"
+            )
+    raise StoreError(f"feature store {out} has another key; pass another --out (or delete {out})")
+
+
+def _prepare_dir(out: Path, info: qdist.DistInfo) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if info.is_main:
+            probe = out / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+    except OSError as exc:
+        raise StoreError(
+            f"cannot write the feature store at {out}: {exc.strerror or exc}; pass a writable --out"
+        ) from None
+
+
+def _store_state(out: Path, planned: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest when it is for the same inputs (None when there is none); StoreError otherwise."""
+    if not (out / MANIFEST).exists():
+        stray = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+        if stray:
+            raise StoreError(
+                f"{out} is not empty and is not a feature store (no {MANIFEST}, found {stray[0]}); "
+                "pass another --out"
+            )
+        return None
+    old = read_manifest(out)
+    _check_same_inputs(out, old, planned)
+    return old
+
+
+def _dataloader(
+    prepared: _Prepared, batches: list[list[int]], num_workers: int, pin_memory: bool
+) -> DataLoader:
+    return DataLoader(
+        prepared,
+        collate_fn=_collate_raw if isinstance(prepared, _RawJpeg) else None,
+        batch_sampler=batches,  # type: ignore[arg-type]  # a list of index lists is a valid batch sampler
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        # Workers fork the dataset; keep them warm across the whole run rather than per shard.
+        persistent_workers=False,
+    )
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("extract"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} images/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+    )
+
+
+def _tap_items(
+    result: dict[Any, torch.Tensor], blocks: Sequence[int]
+) -> Iterator[tuple[int, str, torch.Tensor]]:
+    for key, x in result.items():
+        if isinstance(key, tuple):
+            yield int(key[0]), key[1], x
+        else:  # one block asked for: keyed by kind alone
+            yield int(blocks[0]), key, x
+
+
+def _extract_batch(
+    backbone: Backbone,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    manifest: dict[str, Any],
+    amp: str | None,
+) -> dict[str, np.ndarray]:
+    """One forward pass → ``{array stem: [B, ...] numpy in the store dtype}``; FeatureError on NaN/Inf."""
+    device = torch.device(backbone.device)
+    store_dtype = getattr(torch, manifest["dtype"])
+    blocks, tokens, positions = manifest["blocks"], manifest["tokens"], manifest["positions"]
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if amp == "bf16"
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad(), autocast:
+        result = backbone.extract(images.to(device, non_blocking=True), blocks=blocks, tokens=tokens)
+    grid = manifest["grid"]
+    out: dict[str, np.ndarray] = {}
+    for block, token, x in _tap_items(result, blocks):
+        if token not in tokens:
+            continue
+        if x.shape[1] - backbone.num_prefix_tokens != grid[0] * grid[1]:
+            raise FeatureError(
+                f"{backbone.spec} gave {x.shape[1] - backbone.num_prefix_tokens} patch tokens for block {block}, "
+                f"expected {grid[0]}x{grid[1]}; check --image-size against the patch size {backbone.patch_size}"
+            )
+        bad = ~torch.isfinite(x.float()).flatten(1).all(1)
+        if bool(bad.any()):
+            index = int(indices[int(bad.nonzero()[0, 0])])
+            raise FeatureError(
+                f"NaN/Inf in {token} features of block {block} for dataset index {index}; "
+                "check the weights and the image (or drop --amp)"
+            )
+        for position, feats in select_positions(
+            x.float(), positions, backbone.num_prefix_tokens, backbone.has_cls_token
+        ).items():
+            cast = feats.to(store_dtype)
+            if not bool(torch.isfinite(cast).all()):
+                index = int(indices[int((~torch.isfinite(cast)).flatten(1).any(1).nonzero()[0, 0])])
+                raise FeatureError(
+                    f"{token} {position} features of block {block} overflow {manifest['dtype']} for dataset "
+                    f"index {index}; pass --dtype float32"
+                )
+            out[array_name(block, token, position)] = cast.cpu().numpy()
+    missing = {array_name(b, t, p) for b in blocks for t in tokens for p in positions} - set(out)
+    if missing:
+        raise FeatureError(
+            f"{backbone.spec} returned no {sorted(missing)[0]} (taps missing); check the backbone"
+        )
+    return out
+
+
+def extract_features(
+    backbone: Backbone,
+    dataset: Dataset,
+    out: str | Path,
+    *,
+    blocks: Sequence[int] = (-1,),
+    tokens: str | Sequence[str] = PAPER_TOKENS,
+    positions: str | Sequence[str] = ("cls", "avg"),
+    dtype: str = "float16",
+    batch_size: int = 64,
+    amp: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    shard_size: int | None = None,
+    pin_memory: bool | None = None,
+    device_decode: bool = False,
+) -> FeatureStore:
+    """Extract ``tokens`` × ``positions`` of ``blocks`` for every sample of ``dataset`` into the store ``out``.
+
+    A complete store for the same inputs is reused as is; an incomplete one is resumed (only missing shards
+    are computed); a store made for other inputs raises StoreError. Under ``torchrun`` every rank runs this
+    with the same arguments and computes its share of the shards. Stored arrays: cls/avg ``[N, D]``,
+    patch ``[N, h*w, D]`` in ``dtype``; labels ``[N]`` or patch labels ``[N, h*w]``; dataset indices ``[N]``.
+
+    Data loading: ``num_workers`` processes decode and preprocess; ``pin_memory`` defaults to on for CUDA;
+    ``device_decode=True`` decodes JPEGs of a file-backed classification dataset with
+    ``torchvision.io.decode_jpeg`` on the backbone's device (nvJPEG on CUDA) and preprocesses them there.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
+    out = Path(out)
+    planned, preprocess = plan_store(
+        backbone, dataset, blocks=blocks, tokens=tokens, positions=positions, dtype=dtype, amp=amp,
+        image_size=image_size, shard_size=shard_size, device_decode=device_decode,
+    )  # fmt: skip
+    info = qdist.init_distributed(str(backbone.device))
+    _prepare_dir(out, info)
+    existing = _store_state(out, planned)
+    if existing is not None and existing.get("complete"):
+        return FeatureStore.open(out)  # same key and complete: reuse, never recompute
+    # A resumed store keeps its own shard layout (it may come from another shard_size default).
+    manifest = existing if existing is not None else planned
+    if info.is_main:
+        remove_stale_temporaries(out)
+        write_json_atomic(out / MANIFEST, mark_shards(out, manifest) | {"complete": False})
+    qdist.barrier()  # every rank sees the manifest before any shard is written
+
+    done = completed_shards(out, manifest)
+    missing = [i for i, ok in enumerate(done) if not ok]
+    mine = qdist.shard_for_rank(missing, info.rank, info.world_size)
+    shards = manifest["shards"]
+    batches = [
+        list(range(b, min(b + batch_size, shards[i]["stop"])))
+        for i in mine
+        for b in range(shards[i]["start"], shards[i]["stop"], batch_size)
+    ]
+    prepared = (_RawJpeg if device_decode else _Prepared)(
+        dataset, preprocess, backbone.patch_size, dataset.task
+    )
+    pin = torch.device(backbone.device).type == "cuda" if pin_memory is None else pin_memory
+    label_key = "patch_labels" if dataset.task == "segmentation" else "labels"
+    total = sum(shards[i]["stop"] - shards[i]["start"] for i in mine)
+
+    pending: dict[int, dict[str, list[np.ndarray]]] = {}
+    with _progress(progress and info.is_main, total) as bar:
+        task = bar.add_task("extract", total=total, rate="-")
+        t0, seen = time.perf_counter(), 0
+        for indices, images, targets, *is_jpeg in _dataloader(prepared, batches, num_workers, pin):
+            if is_jpeg:
+                images = _decode_on_device(images, is_jpeg[0], preprocess, torch.device(backbone.device))
+            shard = int(indices[0]) // manifest["shard_size"]
+            arrays = _extract_batch(backbone, images, indices, manifest, amp)
+            arrays["indices"] = indices.numpy().astype(np.int64)
+            arrays[label_key] = torch.as_tensor(targets).numpy().astype(np.int64)
+            parts = pending.setdefault(shard, {})
+            for name, array in arrays.items():
+                parts.setdefault(name, []).append(array)
+            if sum(len(a) for a in parts["indices"]) == shards[shard]["stop"] - shards[shard]["start"]:
+                write_shard(out, shard, {name: np.concatenate(a) for name, a in pending.pop(shard).items()})
+                if info.is_main:  # progress record only; "complete" is set after the final barrier
+                    write_json_atomic(out / MANIFEST, mark_shards(out, manifest) | {"complete": False})
+            seen += len(indices)
+            rate = f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}"
+            bar.update(task, advance=len(indices), rate=rate)
+
+    qdist.barrier()  # all ranks have written their shards
+    if info.is_main:
+        final = mark_shards(out, manifest)
+        write_json_atomic(out / MANIFEST, final)
+        if not final["complete"]:
+            raise StoreError(
+                f"feature store {out} still misses {len(final['shards']) - final['num_complete_shards']} shards "
+                "after extraction; re-run the same extract command to resume"
+            )
+    qdist.barrier()  # other ranks open the store only after rank 0 marked it complete
+    return FeatureStore.open(out)
+
+
+def cached_store(cache_root: str | Path, backbone: Backbone, dataset: Dataset, **kwargs: Any) -> FeatureStore:
+    """:func:`extract_features` into ``cache_root/<key[:16]>``: same inputs → the same, reused store."""
+    plan_keys = ("blocks", "tokens", "positions", "dtype", "amp", "image_size", "shard_size", "device_decode")
+    planned, _ = plan_store(backbone, dataset, **{k: v for k, v in kwargs.items() if k in plan_keys})
+    return extract_features(backbone, dataset, Path(cache_root) / planned["key"][:16], **kwargs)
