@@ -1,5 +1,76 @@
-"""CLI command(s): placeholder, filled by the owner of this module."""
+"""``qkvprobe evaluate``: run the rules and protocols on existing feature stores, append to results.csv."""
 
 from __future__ import annotations
 
-from ..cli import app, edge  # noqa: F401
+from pathlib import Path
+
+import typer
+
+from ..cli import app, edge
+from ..errors import ConfigError
+
+
+def _split(text: str, name: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"--{name} is empty; pass a comma-separated list, e.g. --{name} q,k,v,ffn")
+    return items
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(t) for t in _split(text, name)]
+    except ValueError:
+        raise ConfigError(f"--{name} must be comma-separated integers, got {text!r}; e.g. --{name} -1") from None
+
+
+@app.command("evaluate")
+@edge
+def evaluate(
+    train_store: Path = typer.Option(None, "--train-store", help="Feature store of the training split."),
+    test_store: Path = typer.Option(None, "--test-store", help="Feature store of the evaluation split."),
+    store: Path = typer.Option(None, "--store", help="A folder holding the two stores as train/ and test/."),
+    task: str = typer.Option(None, "--task", help="classification|segmentation (default: the store's task)."),
+    setting: str = typer.Option("standard", "--setting", help="standard|fewshot."),
+    rules: str = typer.Option("hyperplane,cosine", "--rules", "--rule", help="Comma-separated rules."),
+    tokens: str = typer.Option("q,k,v,ffn", "--tokens", help="Comma-separated token types."),
+    positions: str = typer.Option(None, "--positions", help="cls,avg (classification) or patch (default by task)."),
+    blocks: str = typer.Option("-1", "--blocks", help="Comma-separated block indices (negative from the end)."),
+    ways: int = typer.Option(5, "--ways", help="Few-shot classification: classes per episode."),
+    shots: str = typer.Option("1,5", "--shots", help="Few-shot: comma-separated shots per class."),
+    queries: int = typer.Option(15, "--queries", help="Few-shot classification: queries per class."),
+    episodes: int = typer.Option(None, "--episodes", help="Few-shot episodes (default 2000 cls / 1000 seg)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of the episodes."),
+    device: str = typer.Option("cpu", "--device", help="torch device of the solvers."),
+    out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
+) -> None:
+    """Evaluate decision rules on token features of existing stores; write rows of the results table."""
+    from ..features.store import FeatureStore
+    from ..protocols import evaluate_classification, evaluate_segmentation
+    from ..results import write_results
+
+    if store is not None:
+        train_store, test_store = train_store or store / "train", test_store or store / "test"
+    if train_store is None or test_store is None:
+        raise ConfigError("pass --train-store and --test-store (or --store DIR holding train/ and test/)")
+    train, test = FeatureStore.open(train_store), FeatureStore.open(test_store)
+    task = task or train.task
+    if task not in ("classification", "segmentation") or task != train.task or task != test.task:
+        raise ConfigError(f"--task {task!r} does not match the stores ({train.task}, {test.task}); "
+                          "pass --task classification or segmentation matching how they were extracted")  # fmt: skip
+    if setting not in ("standard", "fewshot"):
+        raise ConfigError(f"--setting must be standard or fewshot, got {setting!r}")
+    kw = dict(setting=setting, rules=_split(rules, "rules"), tokens=_split(tokens, "tokens"),
+              blocks=_ints(blocks, "blocks"), shots=_ints(shots, "shots"), seed=seed, device=device)  # fmt: skip
+    if task == "classification":
+        rows = evaluate_classification(train, test, positions=_split(positions or "cls", "positions"), ways=ways,
+                                       queries=queries, episodes=episodes or 2000, **kw)  # fmt: skip
+    else:
+        rows = evaluate_segmentation(train, test, positions=_split(positions or "patch", "positions"),
+                                     episodes=episodes or 1000, **kw)  # fmt: skip
+    write_results(out, rows)
+    for r in rows:
+        ci = "" if r.ci95 != r.ci95 else f" ± {100 * r.ci95:.2f}"
+        typer.echo(f"{r.token:>8} {r.position:<5} {r.rule:<10} block {r.block} shots {r.shots}: "
+                   f"{r.metric} {100 * r.value:.2f}{ci}")  # fmt: skip
+    typer.echo(f"wrote {len(rows)} rows to {out}")

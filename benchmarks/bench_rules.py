@@ -1,0 +1,247 @@
+"""Speed and memory of the rules and protocols against scikit-learn (issue 4). CPU, one process.
+
+Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|all]``
+
+Features are synthetic but shaped like ViT tokens: class means in a low-dimensional subspace, anisotropic
+noise with a power-law spectrum, a common offset and a few large-magnitude channels (norms of tens), so
+classes overlap (linear accuracy well below 100 %) and accuracy comparisons mean something.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qkvprobe.protocols.classification import (
+    C_GRID,
+    FEWSHOT_C,
+    fewshot_classification,
+)
+from qkvprobe.rules import fit_hyperplane_path, hyperplane_scores
+
+
+def vit_like(num: int, dim: int, num_classes: int, *, seed: int, separation: float = 0.45,
+             labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``[num, dim]`` float32 features and ``[num]`` labels (seeded; same seed = same class geometry)."""
+    geo = np.random.default_rng(seed)
+    latent = 32
+    means = geo.normal(size=(num_classes, latent)) * separation
+    mix = geo.normal(size=(latent, dim)) / np.sqrt(latent) * 2.0
+    spectrum = (1.0 + np.arange(dim)) ** -0.5 * 6.0
+    basis = np.linalg.qr(geo.normal(size=(dim, dim)))[0]
+    offset = geo.normal(size=dim) * 1.0
+    offset[geo.choice(dim, 3, replace=False)] = geo.choice([-15.0, 15.0], 3)  # "massive activation" channels
+    rng = np.random.default_rng(seed + 1 + num)
+    y = rng.integers(0, num_classes, num) if labels is None else labels
+    z = means[y] + rng.normal(size=(num, latent))
+    X = z @ mix + (rng.normal(size=(num, dim)) * spectrum) @ basis.T + offset
+    return X.astype(np.float32), y.astype(np.int64)
+
+
+def bench_standard(num_tokens: int = 4, n: int = 60_000, n_test: int = 10_000, dim: int = 192,
+                   num_classes: int = 10, sk_tokens: int = 1) -> None:  # fmt: skip
+    """Ours: all tokens × C grid in one batched, warm-started path. scikit-learn: one fit per (token, C) on the
+    first ``sk_tokens`` tokens (the tokens are statistically alike; time is extrapolated to all of them)."""
+    from sklearn.linear_model import LogisticRegression
+
+    data = [vit_like(n + n_test, dim, num_classes, seed=10 * t) for t in range(num_tokens)]
+    Cs = list(C_GRID)
+    print(f"[standard] {num_tokens} tokens x {len(Cs)} C on {n} x {dim}, {num_classes} classes; C grid {Cs}")
+    t0 = time.perf_counter()
+    Xtr = torch.stack([torch.from_numpy(X[:n]) for X, _ in data]).double()
+    ytr = torch.stack([torch.from_numpy(y[:n]) for _, y in data])
+    path = fit_hyperplane_path(Xtr, ytr, num_classes, Cs)
+    ours_s = time.perf_counter() - t0
+    Xte = torch.stack([torch.from_numpy(X[n:]) for X, _ in data]).double()
+    yte = np.stack([y[n:] for _, y in data])
+    ours_acc = np.array([[(hyperplane_scores(Xte, c, b).argmax(2).numpy() == yte)[t].mean() for c, b, _ in path]
+                         for t in range(num_tokens)])  # fmt: skip
+    iters = np.array([it.numpy() for _, _, it in path]).T
+    print(f"  ours: {ours_s:.2f} s for {num_tokens * len(Cs)} fits; iterations per C (token 0): {iters[0].tolist()}")
+
+    sk_acc = np.full(ours_acc.shape, np.nan)
+    sk_iters = np.zeros_like(iters)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter=100 for the larger C values
+        for t, (X, y) in enumerate(data[:sk_tokens]):
+            for j, C in enumerate(Cs):
+                clf = LogisticRegression(C=C).fit(X[:n].astype(np.float64), y[:n])
+                sk_acc[t, j] = clf.score(X[n:].astype(np.float64), y[n:])
+                sk_iters[t, j] = clf.n_iter_[0]
+    sk_s = (time.perf_counter() - t0) * num_tokens / sk_tokens
+    print(f"  scikit-learn lbfgs (defaults: tol=1e-4, max_iter=100), {sk_tokens * len(Cs)} fits timed, extrapolated "
+          f"to {num_tokens * len(Cs)}: {sk_s:.2f} s ({sk_s / ours_acc.size:.2f} s/fit); "
+          f"iterations (token 0): {sk_iters[0].tolist()}")
+    diff = np.abs(ours_acc - sk_acc)[:sk_tokens] * 100
+    print(f"  test accuracy ours (token 0, per C): {np.round(ours_acc[0] * 100, 2).tolist()}")
+    print(f"  test accuracy sklearn (token 0):     {np.round(sk_acc[0] * 100, 2).tolist()}")
+    best = np.abs(ours_acc.max(1) - sk_acc.max(1))[:sk_tokens].max() * 100
+    print(f"  max |accuracy difference| over the {diff.size} compared fits: {diff.max():.2f} points; "
+          f"at the best C: {best:.2f} points")
+    print(f"  SPEED-UP standard: {sk_s / ours_s:.1f}x (target >= 4x)")
+
+
+def bench_fewshot(episodes: int = 2000, ways: int = 5, shots: int = 5, queries: int = 15, dim: int = 384,
+                  sk_episodes: int = 100) -> None:  # fmt: skip
+    from sklearn.linear_model import LogisticRegression
+
+    num_classes, per_class_tr, per_class_te = 64, 100, 60
+    ytr = np.repeat(np.arange(num_classes), per_class_tr)
+    yte = np.repeat(np.arange(num_classes), per_class_te)
+    Xtr, _ = vit_like(len(ytr), dim, num_classes, seed=7, separation=0.4, labels=ytr)
+    Xte, _ = vit_like(len(yte), dim, num_classes, seed=7, separation=0.4, labels=yte)
+    ep = _episodes(ytr, yte, ways, shots, queries, episodes, seed=0)
+    print(f"[fewshot] {episodes} episodes {ways}-way {shots}-shot, {queries} queries/class, D = {dim}, C = {FEWSHOT_C}")
+    t0 = time.perf_counter()
+    res = fewshot_classification(Xtr, Xte, *ep, rule="hyperplane")
+    ours_s = time.perf_counter() - t0
+    print(f"  ours hyperplane: {ours_s:.3f} s ({ours_s / episodes * 1e3:.3f} ms/episode), "
+          f"accuracy {res.mean * 100:.2f} ± {res.ci95 * 100:.2f}")
+    _, support, support_labels, query, query_labels = ep
+    sk_acc = []
+    t0 = time.perf_counter()
+    for e in range(sk_episodes):
+        clf = LogisticRegression(C=FEWSHOT_C).fit(Xtr[support[e]].astype(np.float64), support_labels[e])
+        sk_acc.append(clf.score(Xte[query[e]].astype(np.float64), query_labels[e]))
+    sk_per = (time.perf_counter() - t0) / sk_episodes
+    same = np.mean(np.abs(np.array(sk_acc) - res.per_episode[:sk_episodes]) < 1e-9)
+    print(f"  scikit-learn per-episode loop: {sk_per * 1e3:.2f} ms/episode (timed on {sk_episodes} episodes, "
+          f"extrapolated {sk_per * episodes:.1f} s); same accuracy on {same * 100:.0f} % of those episodes")
+    print(f"  SPEED-UP fewshot hyperplane: {sk_per * episodes / ours_s:.0f}x (target >= 50x)")
+    ep = _episodes(ytr, yte, ways, shots, queries, 10_000, seed=1)
+    fewshot_classification(Xtr, Xte, *[a[:10] for a in ep], rule="cosine")  # warm-up (thread pools)
+    t0 = time.perf_counter()
+    res = fewshot_classification(Xtr, Xte, *ep, rule="cosine")
+    cos_s = time.perf_counter() - t0
+    Fte, q = torch.from_numpy(Xte), torch.from_numpy(ep[3])
+    t0 = time.perf_counter()
+    Fte[q].sum()  # the floor for any method that reads every query's features once
+    floor = time.perf_counter() - t0
+    print(f"  COSINE 10000 episodes: {cos_s:.3f} s (target <= 0.2 s), accuracy {res.mean * 100:.2f} ± {res.ci95 * 100:.2f}; "
+          f"gathering the {q.numel()} query vectors alone takes {floor:.3f} s on this machine now")
+
+
+def _episodes(ytr: np.ndarray, yte: np.ndarray, ways: int, shots: int, queries: int, episodes: int, seed: int):
+    """A plain N-way K-shot sampler (the project's sampler lives in qkvprobe.data.episodes)."""
+    rng = np.random.default_rng(seed)
+    labels = np.unique(ytr)
+    by_tr = {c: np.flatnonzero(ytr == c) for c in labels}
+    by_te = {c: np.flatnonzero(yte == c) for c in labels}
+    classes = np.stack([rng.choice(labels, ways, replace=False) for _ in range(episodes)])
+    sup = np.stack([np.concatenate([rng.choice(by_tr[c], shots, replace=False) for c in cl]) for cl in classes])
+    qry = np.stack([np.concatenate([rng.choice(by_te[c], queries, replace=False) for c in cl]) for cl in classes])
+    return (classes, sup, np.tile(np.repeat(np.arange(ways), shots), (episodes, 1)), qry,
+            np.tile(np.repeat(np.arange(ways), queries), (episodes, 1)))  # fmt: skip
+
+
+class DiskStore:
+    """A patch store on disk with FeatureStore's read API: one memory-mapped ``.npy`` per shard, opened per
+    read (as qkvprobe.features.store does), so pages of finished shards are unmapped."""
+
+    def __init__(self, root: Path, num_images: int, dim: int, *, grid: int = 32, shard_images: int = 128,
+                 num_classes: int = 11, seed: int = 0) -> None:  # fmt: skip
+        self.root, self.grid, self.patch_size = root, (grid, grid), 16
+        self.classes, self.embed_dim, self.num_samples = [f"c{i}" for i in range(num_classes)], dim, num_images
+        rng, geo = np.random.default_rng(seed), np.random.default_rng(0)
+        emb = geo.normal(size=(num_classes, dim)) * 1.0
+        block = 8  # 8×8-patch regions of one class: structured label maps
+        labels = rng.integers(0, num_classes, (num_images, grid // block, grid // block))
+        labels = np.kron(labels, np.ones((block, block), dtype=np.int64)).reshape(num_images, -1)
+        labels[rng.random(labels.shape) < 0.02] = 255
+        self._labels = labels
+        self.shards = []
+        root.mkdir(parents=True, exist_ok=True)
+        for s in range(0, num_images, shard_images):
+            path = root / f"shard{s:07d}.npy"
+            n = min(shard_images, num_images - s)
+            if not path.exists():
+                arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, grid * grid, dim))
+                for j in range(n):
+                    lab = np.where(labels[s + j] == 255, 0, labels[s + j])
+                    arr[j] = emb[lab] + 2.5 * rng.standard_normal((grid * grid, dim), dtype=np.float32)
+                arr.flush()
+                del arr
+            self.shards.append((s, path))
+
+    def resolve_block(self, block: int) -> int:
+        return 0
+
+    def iter_chunks(self, token: str, position: str, block: int = -1, *, chunk_size=None, shards=None):
+        for start, path in self.shards:
+            arr = np.load(path, mmap_mode="r")
+            step = chunk_size or len(arr)
+            for o in range(0, len(arr), step):
+                yield start + o, arr[o : o + step]
+            del arr
+
+    def patch_labels(self) -> np.ndarray:
+        return self._labels
+
+    def indices(self) -> np.ndarray:
+        return np.arange(self.num_samples)
+
+    def mask(self, i: int) -> np.ndarray:
+        return np.kron(self._labels[i].reshape(self.grid), np.ones((16, 16), dtype=np.int64))
+
+
+def bench_segmentation(num_patches: int = 2_000_000, dim: int = 384, max_iter: int = 2) -> None:
+    """Peak resident memory of the standard segmentation protocol (hyperplane, streamed), in this process."""
+    from qkvprobe.protocols import segmentation as seg
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    root = Path(os.environ.get("QKV_BENCH_DIR", tempfile.gettempdir())) / f"qkvprobe_bench_seg_{num_patches}_{dim}"
+    t0 = time.perf_counter()
+    train = DiskStore(root / "train", num_patches // 1024, dim)
+    test = DiskStore(root / "test", 64, dim, seed=1)
+    on_disk = sum(p.stat().st_size for _, p in train.shards) / 1e9
+    print(f"[segmentation] train store {train.num_samples} images x 1024 patches x {dim} fp16 = {on_disk:.2f} GB "
+          f"on disk (built/reused in {time.perf_counter() - t0:.0f} s); RSS after imports {base:.0f} MB")  # fmt: skip
+    passes = {"n": 0}
+    original = seg._StreamingLogistic.value_grad
+
+    def counting(self, w):
+        passes["n"] += 1
+        return original(self, w)
+
+    seg._StreamingLogistic.value_grad = counting
+    t0 = time.perf_counter()
+    res = seg.standard_segmentation(train, test, token="q", rule="hyperplane", masks=test.mask, Cs=(1.0,),
+                                    max_iter=max_iter)  # fmt: skip
+    took = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  hyperplane (streamed, C=1, max_iter={max_iter} per fit): {took:.0f} s, {passes['n']} passes over the "
+          f"data ({took / max(passes['n'], 1):.1f} s per pass incl. val/test scoring), mIoU {res.miou * 100:.1f}")
+    print(f"  PEAK RSS {peak:.0f} MB (target <= 2048 MB; data {on_disk * 1000:.0f} MB)")
+
+
+def main(argv: list[str]) -> None:
+    which = argv[1] if len(argv) > 1 else "all"
+    # The benchmark machine is shared: one thread for torch and for scikit-learn/BLAS keeps the ratio fair.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    if which in ("standard", "all"):
+        bench_standard()
+    if which in ("fewshot", "cosine", "all"):
+        bench_fewshot()
+    if which == "segmentation":
+        bench_segmentation(*(int(a) for a in argv[2:4]))
+    elif which == "all":  # own process, so ru_maxrss is the protocol's peak alone
+        subprocess.run([sys.executable, __file__, "segmentation"], check=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

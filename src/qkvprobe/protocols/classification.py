@@ -1,0 +1,333 @@
+"""Classification protocols (PAPER.md §2): standard (C chosen on a held-out split, then refit) and
+few-shot (N-way K-shot episodes, fixed C), on arrays and on feature stores.
+
+Standard protocol (after DINOv2's log_regression): a stratified ``VAL_FRACTION`` of the training split
+(``sklearn.model_selection.train_test_split``, seeded) is held out; the hyperplane rule is fitted on the rest
+for every C of ``C_GRID`` (ascending, each solve warm-started from the previous C), the C with the best
+held-out accuracy is kept (ties → the smaller C), and the rule is refitted on the whole training split with
+it. The cosine rule has no hyper-parameter and is fitted on the whole training split. All token types that
+share a feature width are solved together as one batched problem.
+
+Few-shot protocol: every episode's rule is fitted on its support set and scored on its queries; the hyperplane
+rule uses ``FEWSHOT_C`` (no validation data exists in a 1-shot episode). Episodes are solved in batches;
+the same index arrays are used for every token type and rule, so per-episode accuracies are paired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from ..errors import FeatureError, RuleError
+from ..results import ResultRow
+from ..rules._checks import as_features, check_C
+from ..rules.cosine import cosine_directions, cosine_scores
+from ..rules.hyperplane import (
+    SpanReduction,
+    default_dtype,
+    fit_hyperplane_batched,
+    fit_hyperplane_path,
+    hyperplane_scores,
+    solve_logistic,
+    span_expand,
+    span_reduce,
+)
+from .metrics import mean_ci95
+
+#: Log-spaced C grid of the standard protocol (objective C·Σloss + ½‖W‖² on raw features, as scikit-learn).
+C_GRID: tuple[float, ...] = tuple(float(10.0**p) for p in range(-5, 3))
+#: Fraction of the training split held out (stratified) to choose C.
+VAL_FRACTION = 0.1
+#: Fixed C of the few-shot hyperplane rule. scikit-learn's default. Raw ViT features have norms of tens,
+#: so with n = N·K ≤ 100 support samples the ½‖W‖² term is weak next to C·Σloss: the rule is close to the
+#: max-margin separator of the (always separable) support set and its predictions change little with C.
+FEWSHOT_C = 1.0
+#: Episodes whose reduced problems are solved in one batched L-BFGS.
+EPISODE_BATCH = 2000
+#: Episodes gathered at a time (their support/query features stay in cache).
+CACHE_EPISODES = 32
+#: Byte budget of one standard-protocol batch of token types in the solver's dtype.
+STANDARD_BATCH_BYTES = 1024**3
+
+
+@dataclass
+class StandardResult:
+    """One feature set under the standard protocol: test accuracy, chosen C (NaN for cosine), held-out
+    accuracy per C of the grid, and test predictions ``[m]`` (for McNemar)."""
+
+    accuracy: float
+    C: float
+    val_accuracy: dict[float, float]
+    predictions: np.ndarray
+
+
+@dataclass
+class FewshotResult:
+    """Few-shot accuracy: ``per_episode [E]``, mean and 95 % half-width."""
+
+    per_episode: np.ndarray
+    mean: float
+    ci95: float
+
+
+class Evaluation(list):
+    """``list[ResultRow]`` plus, for paired tests, per-episode scores (few-shot) and test predictions
+    (standard) keyed by ``(token, position, rule, block)`` — with ``shots`` appended when several shots ran."""
+
+    def __init__(self, rows: Sequence[ResultRow] = (), per_episode: dict | None = None,
+                 predictions: dict | None = None) -> None:  # fmt: skip
+        super().__init__(rows)
+        self.per_episode: dict[tuple[str, str, str, int], np.ndarray] = per_episode or {}
+        self.predictions: dict[tuple[str, str, str, int], np.ndarray] = predictions or {}
+
+    @property
+    def rows(self) -> list[ResultRow]:
+        return list(self)
+
+
+def _encode(y_train: np.ndarray, y_test: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    classes, ytr = np.unique(np.asarray(y_train), return_inverse=True)
+    if len(classes) < 2:
+        raise RuleError(f"the training split has a single class ({classes[0].tolist()!r}); classification needs at least 2")
+    yte = np.searchsorted(classes, y_test).clip(0, len(classes) - 1)
+    unknown = classes[yte] != y_test
+    if unknown.any():
+        raise RuleError(
+            f"test label {y_test[unknown][0].tolist()!r} does not occur in the training split (classes "
+            f"{classes.tolist()[:10]}...); evaluate on a split with the training classes"
+        )
+    return classes, ytr.astype(np.int64), yte.astype(np.int64)
+
+
+def standard_classification(
+    train: Sequence[Any], y_train: np.ndarray, test: Sequence[Any], y_test: np.ndarray, *, rule: str,
+    Cs: Sequence[float] = C_GRID, val_fraction: float = VAL_FRACTION, seed: int = 0, device: str = "cpu",
+    max_iter: int | None = None, tol: float | None = None,
+) -> list[StandardResult]:  # fmt: skip
+    """Standard protocol for G feature sets sharing labels: ``train[g] [n, D_g]``, ``test[g] [m, D_g]`` →
+    one :class:`StandardResult` per feature set (same order)."""
+    if len(train) != len(test) or not train:
+        raise FeatureError(f"need one test array per train array, got {len(train)} and {len(test)}")
+    classes, ytr, yte = _encode(y_train, np.asarray(y_test))
+    K = len(classes)
+    for g in range(len(train)):
+        as_features(train[g], name=f"train features #{g}")
+        as_features(test[g], name=f"test features #{g}")
+        if train[g].shape[0] != len(ytr) or test[g].shape[0] != len(yte):
+            raise FeatureError(f"feature set #{g}: {train[g].shape[0]}/{test[g].shape[0]} rows but "
+                               f"{len(ytr)}/{len(yte)} labels; pass one label per row")  # fmt: skip
+        if test[g].shape[1] != train[g].shape[1]:
+            raise FeatureError(f"feature set #{g}: test width {test[g].shape[1]} != train width {train[g].shape[1]}; "
+                               "use the same token/block/model for both splits")  # fmt: skip
+    dev, dt = torch.device(device), default_dtype(device)
+    results: list[StandardResult | None] = [None] * len(train)
+    # Group feature sets of equal width into batches that fit STANDARD_BATCH_BYTES.
+    groups: dict[int, list[int]] = {}
+    for g, X in enumerate(train):
+        groups.setdefault(X.shape[1], []).append(g)
+    per_set_bytes = len(ytr) * (next(iter(groups)) + 1) * torch.finfo(dt).bits // 8
+    batch = max(1, STANDARD_BATCH_BYTES // max(per_set_bytes, 1))
+    for members in groups.values():
+        for lo in range(0, len(members), batch):
+            ids = members[lo : lo + batch]
+            Xtr = torch.stack([torch.as_tensor(np.asarray(train[g])).to(dev, dt) for g in ids])
+            Xte = torch.stack([torch.as_tensor(np.asarray(test[g])).to(dev, dt) for g in ids])
+            for g, res in zip(ids, _standard_batch(Xtr, ytr, Xte, yte, K, rule, Cs, val_fraction, seed,
+                                                   max_iter, tol), strict=True):  # fmt: skip
+                results[g] = StandardResult(res[0], res[1], res[2], classes[res[3]])
+    return results  # type: ignore[return-value]
+
+
+def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: np.ndarray, K: int, rule: str,
+                    Cs: Sequence[float], val_fraction: float, seed: int, max_iter: int | None,
+                    tol: float | None) -> list[tuple[float, float, dict, np.ndarray]]:  # fmt: skip
+    G, dev = Xtr.shape[0], Xtr.device
+    y_all = torch.as_tensor(ytr, device=dev).expand(G, -1)
+    if rule == "cosine":
+        pred = cosine_scores(Xte, cosine_directions(Xtr, y_all, K)).argmax(2).cpu().numpy()
+        return [(float(np.mean(p == yte)), math.nan, {}, p) for p in pred]
+    if rule != "hyperplane":
+        raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
+    Cs = sorted(check_C(C) for C in Cs)
+    if not Cs:
+        raise RuleError("the C grid is empty; pass at least one C value")
+    opts = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
+    fit_idx, val_idx = train_test_split(np.arange(len(ytr)), test_size=val_fraction, stratify=ytr, random_state=seed)
+    fit_idx, val_idx = torch.as_tensor(np.sort(fit_idx), device=dev), torch.as_tensor(np.sort(val_idx), device=dev)
+    path = fit_hyperplane_path(Xtr[:, fit_idx], y_all[:, fit_idx], K, Cs, **opts)
+    yval = y_all[:, val_idx]
+    val_acc = torch.stack([(hyperplane_scores(Xtr[:, val_idx], c, b).argmax(2) == yval).double().mean(1)
+                           for c, b, _ in path], 1)  # [G, len(Cs)]  # fmt: skip
+    best = val_acc.argmax(1)  # first maximum = smallest C among ties
+    coef0 = torch.stack([path[int(j)][0][g] for g, j in enumerate(best)])
+    b0 = torch.stack([path[int(j)][1][g] for g, j in enumerate(best)])
+    C_best = torch.tensor([Cs[int(j)] for j in best], dtype=Xtr.dtype, device=dev)
+    coef, intercept, _, _ = fit_hyperplane_batched(Xtr, y_all, K, C_best, coef_init=coef0, intercept_init=b0,
+                                                   reduce=False, **opts)  # fmt: skip
+    pred = hyperplane_scores(Xte, coef, intercept).argmax(2).cpu().numpy()
+    va = val_acc.cpu().numpy()
+    return [(float(np.mean(pred[g] == yte)), Cs[int(best[g])], dict(zip(Cs, va[g].tolist(), strict=True)), pred[g])
+            for g in range(G)]  # fmt: skip
+
+
+def _check_episodes(support: np.ndarray, support_labels: np.ndarray, query: np.ndarray, query_labels: np.ndarray,
+                    num_train: int, num_test: int) -> None:  # fmt: skip
+    if support.ndim != 2 or query.ndim != 2 or support.shape[0] != query.shape[0]:
+        raise RuleError(f"episode arrays must be [E, N*K] and [E, N*Q] with the same E, got {support.shape} "
+                        f"and {query.shape}; use qkvprobe.data.episodes.sample_classification_episodes")  # fmt: skip
+    if support.shape[0] == 0 or support.shape[1] == 0 or query.shape[1] == 0:
+        raise RuleError(f"empty episode: support {support.shape}, query {query.shape}; "
+                        "sample episodes with shots >= 1 and queries >= 1")  # fmt: skip
+    if support_labels.shape != support.shape or query_labels.shape != query.shape:
+        raise RuleError(f"labels {support_labels.shape}/{query_labels.shape} do not match indices "
+                        f"{support.shape}/{query.shape}; pass one label per index")  # fmt: skip
+    if support.min() < 0 or support.max() >= num_train or query.min() < 0 or query.max() >= num_test:
+        raise RuleError(f"episode indices out of range (train has {num_train} rows, test {num_test}); "
+                        "sample episodes from these stores' labels")  # fmt: skip
+    ways = int(support_labels.max()) + 1
+    if ways < 2 or support_labels.min() < 0 or query_labels.min() < 0 or query_labels.max() >= ways:
+        raise RuleError(f"episode labels must lie in 0..N-1 with N >= 2 ways, got support labels in "
+                        f"[{support_labels.min()}, {support_labels.max()}] and query labels in "
+                        f"[{query_labels.min()}, {query_labels.max()}]")  # fmt: skip
+
+
+def fewshot_classification(
+    train_features: Any, test_features: Any, classes: np.ndarray | None, support: np.ndarray,
+    support_labels: np.ndarray, query: np.ndarray, query_labels: np.ndarray, *, rule: str, C: float = FEWSHOT_C,
+    device: str = "cpu", dtype: torch.dtype | None = None, batch: int = EPISODE_BATCH,
+    max_iter: int | None = None, tol: float | None = None,
+) -> FewshotResult:  # fmt: skip
+    """Few-shot protocol on index arrays (``qkvprobe.data.episodes`` layout): ``train_features [Ntr, D]``,
+    ``test_features [Nte, D]``, ``support/support_labels [E, N·K]``, ``query/query_labels [E, N·Q]``
+    (``classes [E, N]`` is informational). Returns per-episode accuracies ``[E]``, mean and CI."""
+    support, support_labels = np.asarray(support, np.int64), np.asarray(support_labels, np.int64)
+    query, query_labels = np.asarray(query, np.int64), np.asarray(query_labels, np.int64)
+    _check_episodes(support, support_labels, query, query_labels, len(train_features), len(test_features))
+    if rule not in ("hyperplane", "cosine"):
+        raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
+    if rule == "hyperplane":
+        C = check_C(C)
+    as_features(train_features, name="train features")
+    as_features(test_features, name="test features")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise FeatureError(f"test features have width {test_features.shape[1]} but train features "
+                           f"{train_features.shape[1]}; use the same token/block/model for both")  # fmt: skip
+    dev = torch.device(device)
+    # Features are gathered and projected in float32 (CPU and GPU): only argmaxes of scores depend on them,
+    # and the hyperplane's reduced n×n problems are solved in the solver dtype (float64 on CPU) anyway.
+    dt = dtype or torch.float32
+    Ftr = torch.as_tensor(np.asarray(train_features)).to(dev, dt)
+    Fte = torch.as_tensor(np.asarray(test_features)).to(dev, dt)
+    ways = int(support_labels.max()) + 1
+    opts = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
+    s_idx, q_idx = torch.as_tensor(support, device=dev), torch.as_tensor(query, device=dev)
+    ys, yq = torch.as_tensor(support_labels, device=dev), torch.as_tensor(query_labels, device=dev)
+    E = len(support)
+    # Gathered episode features are touched in cache-sized slices of `CACHE_EPISODES` (gathering all queries
+    # of 10 000 episodes at once would write ~1 GB); the L-BFGS runs on all reduced problems of a batch.
+    if rule == "cosine":
+        Fte = torch.nn.functional.normalize(Fte, dim=1)  # once, not per gathered query
+        correct = []
+        for lo in range(0, E, CACHE_EPISODES):
+            sl = slice(lo, lo + CACHE_EPISODES)
+            mu = torch.nn.functional.normalize(cosine_directions(Ftr[s_idx[sl]], ys[sl], ways), dim=2)
+            correct.append((torch.bmm(Fte[q_idx[sl]], mu.transpose(1, 2)).argmax(2) == yq[sl]).sum(1))
+        acc = (torch.cat(correct).double() / query.shape[1]).cpu().numpy()
+        mean, ci = mean_ci95(acc)
+        return FewshotResult(acc, mean, ci)
+    solve_dt = default_dtype(device)
+    acc = np.empty(E)
+    for lo in range(0, E, batch):
+        hi = min(E, lo + batch)
+        slices = [slice(a, min(hi, a + CACHE_EPISODES)) for a in range(lo, hi, CACHE_EPISODES)]
+        ones = torch.ones(support.shape[1], dtype=dt, device=dev)
+        reds = [span_reduce(Ftr[s_idx[sl]], ones.expand(sl.stop - sl.start, -1), solve_dt) for sl in slices]
+        red = SpanReduction(*(torch.cat([getattr(r, f) for r in reds]) for f in ("X", "proj", "mean")))
+        C_t = torch.full((hi - lo,), C, dtype=solve_dt, device=dev)
+        W, _, _ = solve_logistic(red.X, ys[lo:hi], ways, C_t, torch.ones_like(red.X[..., 0]), diagonal=True, **opts)
+        for sl, r in zip(slices, reds, strict=True):
+            part = slice(sl.start - lo, sl.stop - lo)
+            coef, intercept = span_expand(r, Ftr[s_idx[sl]], ones.expand(sl.stop - sl.start, -1), W[part])
+            scores = hyperplane_scores(Fte[q_idx[sl]], coef, intercept)
+            acc[sl] = (scores.argmax(2) == yq[sl]).to(torch.float64).mean(1).cpu().numpy()
+    mean, ci = mean_ci95(acc)
+    return FewshotResult(acc, mean, ci)
+
+
+# -- feature stores ---------------------------------------------------------------------------------------
+def as_list(value: Any) -> list:
+    """A scalar or a sequence → list (CLI and Python callers pass either)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def store_block(store: Any, block: int) -> int:
+    """The stored non-negative block index (rows carry it, so -1 and L-1 are one measurement)."""
+    return int(store.resolve_block(block)) if hasattr(store, "resolve_block") else int(block)
+
+
+def row_maker(store: Any, *, model: str | None, dataset: str | None, task: str, setting: str, seed: int):
+    """A ``ResultRow`` factory with the columns shared by one evaluation filled in."""
+    common = {"model": model or store.backbone_spec, "objective": getattr(store, "objective", "unknown"),
+              "dataset": dataset or store.dataset_spec, "task": task, "setting": setting, "seed": seed}  # fmt: skip
+
+    def make(**kw: Any) -> ResultRow:
+        return ResultRow(**common, **kw)
+
+    return make
+
+
+def evaluate_classification(
+    train_store: Any, test_store: Any, *, setting: str, rules: Sequence[str] = ("hyperplane", "cosine"),
+    tokens: Sequence[str] = ("q", "k", "v", "ffn"), positions: Sequence[str] = ("cls",), blocks: Sequence[int] = (-1,),
+    ways: int = 5, shots: int | Sequence[int] = (1, 5), queries: int = 15, episodes: int = 2000, seed: int = 0,
+    model: str | None = None, dataset: str | None = None, device: str = "cpu", Cs: Sequence[float] = C_GRID,
+    C: float = FEWSHOT_C, episode_sampler: Any = None,
+) -> Evaluation:  # fmt: skip
+    """Evaluate every (block, position, token, rule) of two classification stores → rows of the results
+    table (``accuracy``), with per-episode accuracies (few-shot) / test predictions (standard) attached.
+    ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_classification_episodes``."""
+    if setting not in ("standard", "fewshot"):
+        raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
+    for r in rules:
+        if r not in ("hyperplane", "cosine"):
+            raise RuleError(f"unknown rule {r!r}; use 'hyperplane' or 'cosine'")
+    ytr, yte = train_store.labels(), test_store.labels()
+    make = row_maker(train_store, model=model, dataset=dataset, task="classification", setting=setting, seed=seed)
+    out = Evaluation()
+    if setting == "standard":
+        for block in blocks:
+            b = store_block(train_store, block)
+            for position in positions:
+                train = [train_store.get(t, position, block) for t in tokens]
+                test = [test_store.get(t, position, block) for t in tokens]
+                for rule in rules:
+                    results = standard_classification(train, ytr, test, yte, rule=rule, Cs=Cs, seed=seed, device=device)
+                    for token, res in zip(tokens, results, strict=True):
+                        out.append(make(block=b, token=token, position=position, rule=rule, ways=0, shots=0,
+                                        episodes=0, metric="accuracy", value=res.accuracy, C=res.C))  # fmt: skip
+                        out.predictions[(token, position, rule, b)] = res.predictions
+        return out
+    if episode_sampler is None:
+        from ..data.episodes import sample_classification_episodes as episode_sampler
+    for k in as_list(shots):
+        ep = episode_sampler(ytr, yte, ways=ways, shots=k, queries=queries, episodes=episodes, seed=seed)
+        for block in blocks:
+            b = store_block(train_store, block)
+            for position in positions:
+                for token in tokens:
+                    Ftr, Fte = train_store.get(token, position, block), test_store.get(token, position, block)
+                    for rule in rules:
+                        res = fewshot_classification(Ftr, Fte, ep.classes, ep.support, ep.support_labels, ep.query,
+                                                     ep.query_labels, rule=rule, C=C, device=device)  # fmt: skip
+                        out.append(make(block=b, token=token, position=position, rule=rule, ways=ways, shots=k,
+                                        episodes=len(res.per_episode), metric="accuracy", value=res.mean,
+                                        ci95=res.ci95, C=C if rule == "hyperplane" else math.nan))  # fmt: skip
+                        out.per_episode[(token, position, rule, b) if len(as_list(shots)) == 1
+                                        else (token, position, rule, b, k)] = res.per_episode  # fmt: skip
+    return out

@@ -1,0 +1,337 @@
+"""The hyperplane rule: L2-penalised logistic regression on raw features, solved in torch, batched.
+
+Objective (scikit-learn's, so results are comparable): ``C · Σ_i sw_i · logloss_i + ½‖W‖²`` with the
+intercept unpenalised; multinomial for K > 2 classes, binary (one weight vector, ``coef_ [1, D]``) for
+K = 2, as ``sklearn.linear_model.LogisticRegression`` does. Like scikit-learn we minimise it divided by
+``C · Σ sw`` (same optimum, gradient scale independent of n) and stop when ``max|grad| <= tol``.
+
+Batching: ``fit_hyperplane_batched`` solves G problems (token types, C values or few-shot episodes) stacked
+as ``X [G, n, D]`` with one batched L-BFGS (:mod:`.lbfgs`); ``fit_hyperplane_path`` walks a C grid with warm
+starts. The L-BFGS is preconditioned with ``(Σ̂ / K + diag(1/(C·Σsw)))⁻¹`` where ``Σ̂`` is the second-moment
+matrix of the (intercept-augmented) features — the Hessian at W = 0 up to the softmax weights — computed on
+at most ``PRECOND_ROWS`` rows. Raw ViT features are far from isotropic; without it L-BFGS needs many times
+more iterations. The preconditioner changes the path, never the optimum.
+
+Few samples, wide features (few-shot: n = N·K ≤ D): the optimal W lies in the span of the training features
+(representer theorem — every gradient of the loss and of the penalty does), so we solve exactly the same
+problem in an orthonormal basis of that span (from the eigen-decomposition of the n×n Gram matrix of the
+centred rows; the mean goes into the unpenalised intercept): n instead of D unknowns per class,
+``‖W‖ = ‖Z‖``, W = Q·Z afterwards, and a diagonal preconditioner because the reduced columns are uncorrelated.
+
+``max_iter`` defaults to 300 (scikit-learn: 100): the stopping rule is the same, and a fit that converges
+stops long before; scikit-learn often stops at 100 unconverged for large C on raw features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from torch import Tensor
+
+from ._checks import as_features, check_C, check_fitted, check_labels_known, check_width, encode_labels
+from .lbfgs import minimize_lbfgs
+
+#: Rows used to estimate the preconditioner's feature second moments (an approximation is enough).
+PRECOND_ROWS = 20_000
+DEFAULT_MAX_ITER = 300
+DEFAULT_TOL = 1e-4
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """float64 on CPU (as scikit-learn); float32 on accelerators, where float64 is slow."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def logistic_sums(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Weighted data term of G problems: ``X [G, n, D1]``, ``y [G, n]``, ``weights [G, n]``, ``W [G, D1, Kf]``
+    → (``Σ_i w_i·logloss_i [G]``, its gradient ``[G, D1, Kf]``). Binary (K = 2) uses one logit."""
+    z = X @ W  # [G, n, Kf]
+    if num_classes == 2:
+        z1 = z[..., 0]
+        t = y.to(z.dtype)
+        loss = torch.nn.functional.softplus(z1) - t * z1
+        resid = (torch.sigmoid(z1) - t)[..., None]
+    else:
+        logp = torch.log_softmax(z, dim=2)  # one fused pass; the matmuls aside, these passes are the cost
+        loss = -logp.gather(2, y[..., None])[..., 0]
+        resid = logp.exp_()
+        resid.scatter_add_(2, y[..., None], torch.full_like(loss[..., None], -1.0))  # softmax − one-hot
+    # (Rᵀ·X)ᵀ rather than Xᵀ·R: bmm with a transposed [n, D] operand is several times slower on CPU.
+    return (weights * loss).sum(1), ((resid * weights[..., None]).transpose(1, 2) @ X).transpose(1, 2)
+
+
+def second_moment(X: Tensor, sw: Tensor) -> Tensor:
+    """``E_sw[x xᵀ]`` of ``X [G, n, D1]`` over at most ``PRECOND_ROWS`` evenly strided rows → ``[G, D1, D1]``."""
+    step = max(1, X.shape[1] // PRECOND_ROWS)
+    Xs, ws = X[:, ::step], sw[:, ::step]
+    return (Xs * ws[..., None]).transpose(1, 2) @ Xs / ws.sum(1).clamp_min(1e-12)[:, None, None]
+
+
+def preconditioner(moment: Tensor, reg: Tensor, num_classes: int) -> Tensor:
+    """Inverse of ``moment/K + diag(reg, …, reg, 0)`` (the Hessian at W = 0 up to softmax weights) ``[G, D1, D1]``."""
+    D1 = moment.shape[-1]
+    curvature = 0.25 if num_classes == 2 else 1.0 / num_classes
+    ridge = torch.ones(D1, dtype=moment.dtype, device=moment.device)
+    ridge[-1] = 0.0  # the intercept is not penalised
+    H = curvature * moment + torch.diag_embed(reg[:, None] * ridge)
+    eye = torch.eye(D1, dtype=moment.dtype, device=moment.device)
+    H = H + 1e-10 * H.diagonal(dim1=1, dim2=2).amax(1)[:, None, None] * eye  # keeps Cholesky defined
+    return torch.cholesky_inverse(torch.linalg.cholesky(H))
+
+
+class _LogisticObjective:
+    """G logistic-regression problems; parameters ``w [G, D1·Kf]`` = W ``[G, D1, Kf]``, last row intercept.
+
+    ``X [G, n, D1]`` has a trailing column of ones; ``Kf`` = K (multinomial) or 1 (binary)."""
+
+    def __init__(self, X: Tensor, y: Tensor, sw: Tensor, C: Tensor, num_classes: int,
+                 moment: Tensor | None = None, diagonal: bool = False) -> None:  # fmt: skip
+        self.X, self.y, self.sw, self.C = X, y, sw, C
+        self.num_classes = num_classes
+        self.kf = 1 if num_classes == 2 else num_classes
+        self.sw_sum = sw.sum(1)  # [G]
+        self.reg = 1.0 / (C * self.sw_sum)  # [G] l2 strength of the scaled objective
+        self.weights = sw / self.sw_sum[:, None]
+        self.diagonal = diagonal
+        if diagonal:
+            # Centred, orthogonal columns (the few-shot span basis): the second moment is diagonal, and an
+            # elementwise product is far cheaper than thousands of tiny batched matmuls.
+            self.moment = moment if moment is not None else (X * X * self.weights[..., None]).sum(1)  # [G, D1]
+            ridge = torch.ones_like(self.moment)
+            ridge[:, -1] = 0.0
+            curvature = 0.25 if num_classes == 2 else 1.0 / num_classes
+            self.P = 1.0 / (curvature * self.moment + self.reg[:, None] * ridge).clamp_min(1e-300)
+        else:
+            self.moment = second_moment(X, sw) if moment is None else moment
+            self.P = preconditioner(self.moment, self.reg, num_classes)
+
+    def select(self, keep: Tensor) -> _LogisticObjective:
+        return _LogisticObjective(self.X[keep], self.y[keep], self.sw[keep], self.C[keep], self.num_classes,
+                                  self.moment[keep], self.diagonal)  # fmt: skip
+
+    def precondition(self, v: Tensor) -> Tensor:
+        if self.diagonal:
+            return (self.P[..., None] * v.view(v.shape[0], -1, self.kf)).reshape(v.shape)
+        return (self.P @ v.view(v.shape[0], -1, self.kf)).reshape(v.shape)
+
+    def value_grad(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        W = w.view(w.shape[0], -1, self.kf)
+        f, grad = logistic_sums(self.X, self.y, self.weights, W, self.num_classes)
+        Wf = W[:, :-1]
+        f = f + 0.5 * self.reg * (Wf * Wf).sum((1, 2))
+        grad[:, :-1] += self.reg[:, None, None] * Wf
+        return f, grad.reshape(w.shape)
+
+
+def augment(X: Tensor) -> Tensor:
+    """Append a column of ones (the intercept's feature): ``[..., D]`` → ``[..., D + 1]``."""
+    return torch.cat([X, torch.ones(*X.shape[:-1], 1, dtype=X.dtype, device=X.device)], dim=-1)
+
+
+@dataclass
+class SpanReduction:
+    """Few-shot problems rewritten in an orthonormal basis of their (centred) training rows.
+
+    ``X [G, n, n]`` reduced features (solver dtype; uncorrelated columns), ``proj [G, n, n]`` = U·Λ^-½ (maps
+    reduced coefficients to row weights: ``coef = (proj·Z)ᵀ·(X − mean)``), ``mean [G, D]``."""
+
+    X: Tensor
+    proj: Tensor
+    mean: Tensor
+
+
+def _centred(X: Tensor, sw: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    mask = (sw > 0).to(X.dtype)[..., None]
+    if mean is None:
+        mean = (X * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return (X - mean[:, None]) * mask, mean
+
+
+def span_reduce(X: Tensor, sw: Tensor, solve_dtype: torch.dtype | None = None) -> SpanReduction:
+    """``X [G, n, D]`` (any float dtype) → :class:`SpanReduction`. Centring moves the mean into the unpenalised
+    intercept, so the reduced columns are uncorrelated and the preconditioner is diagonal; directions with
+    (numerically) zero variance get a zero column. The n×n eigenproblem runs in ``solve_dtype``."""
+    solve_dtype = solve_dtype or default_dtype(X.device)
+    Xm, mean = _centred(X, sw)
+    gram = (Xm @ Xm.transpose(1, 2)).to(solve_dtype)
+    evals, U = torch.linalg.eigh(gram)
+    rel = X.shape[1] * torch.finfo(X.dtype).eps * 10
+    keep = evals > evals.amax(1, keepdim=True).clamp_min(1e-300) * rel
+    root = torch.where(keep, evals.clamp_min(0).sqrt(), 0.0)
+    inv_root = torch.where(keep, 1.0 / root.clamp_min(1e-300), 0.0)
+    return SpanReduction(U * root[:, None, :], U * inv_root[:, None, :], mean)
+
+
+def span_expand(red: SpanReduction, X: Tensor, sw: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """Reduced solution ``W [G, n+1, Kf]`` → (``coef [G, Kf, D]``, ``intercept [G, Kf]``) in X's dtype."""
+    Xm, _ = _centred(X, sw, red.mean)
+    A = (red.proj @ W[:, :-1]).to(X.dtype)  # [G, n, Kf] weight of every training row
+    coef = A.transpose(1, 2) @ Xm
+    intercept = W[:, -1].to(X.dtype) - (coef @ red.mean[..., None])[..., 0]  # undo the centring
+    return coef, intercept
+
+
+def solve_logistic(
+    X: Tensor, y: Tensor, num_classes: int, C: Tensor, sw: Tensor, *, W0: Tensor | None = None,
+    max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, diagonal: bool = False,
+    objective: _LogisticObjective | None = None,
+) -> tuple[Tensor, Tensor, _LogisticObjective]:  # fmt: skip
+    """Batched L-BFGS on ``X [G, n, D]`` → (``W [G, D+1, Kf]`` with the intercept last, ``n_iter [G]``, the
+    objective, reusable for another C so its second moments are not recomputed)."""
+    G = X.shape[0]
+    kf = 1 if num_classes == 2 else num_classes
+    if objective is None:
+        objective = _LogisticObjective(augment(X), y, sw, C, num_classes, diagonal=diagonal)
+    else:
+        objective = _LogisticObjective(objective.X, y, sw, C, num_classes, objective.moment, objective.diagonal)
+    if W0 is None:
+        W0 = torch.zeros(G, X.shape[2] + 1, kf, dtype=X.dtype, device=X.device)
+    res = minimize_lbfgs(objective, W0.reshape(G, -1).to(X.dtype), max_iter=max_iter, tol=tol)
+    return res.w.view(G, -1, kf), res.n_iter, objective
+
+
+def _centre_intercept(intercept: Tensor) -> Tensor:
+    # Multinomial intercepts are defined up to a shift shared by all classes; report the centred one.
+    return intercept - intercept.mean(1, keepdim=True) if intercept.shape[1] > 1 else intercept
+
+
+def fit_hyperplane_batched(
+    X: Tensor,
+    y: Tensor,
+    num_classes: int,
+    C: float | Sequence[float] | Tensor,
+    *,
+    sample_weight: Tensor | None = None,
+    coef_init: Tensor | None = None,
+    intercept_init: Tensor | None = None,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+    reduce: bool | None = None,
+    _objective: _LogisticObjective | None = None,
+) -> tuple[Tensor, Tensor, Tensor, _LogisticObjective]:
+    """Solve G problems at once. ``X [G, n, D]`` (solver dtype/device), ``y [G, n]`` int64 codes in 0..K-1,
+    ``sample_weight [G, n]`` (0 = padding), ``C`` scalar or ``[G]``.
+
+    Returns ``coef [G, Kf, D]``, ``intercept [G, Kf]`` (Kf = 1 when K = 2), ``n_iter [G]`` and the objective
+    (reusable for other C values via ``_objective``). ``reduce`` (default: when D ≥ n) solves in the span of
+    the training rows (exact, see module doc)."""
+    G, n, D = X.shape
+    sw = torch.ones(G, n, dtype=X.dtype, device=X.device) if sample_weight is None else sample_weight.to(X)
+    Cs = torch.as_tensor(C, dtype=X.dtype, device=X.device).expand(G).contiguous()
+    kf = 1 if num_classes == 2 else num_classes
+    W0 = None
+    if coef_init is not None or intercept_init is not None:
+        W0 = torch.zeros(G, D + 1, kf, dtype=X.dtype, device=X.device)
+        W0[:, :-1] = 0 if coef_init is None else coef_init.transpose(1, 2)
+        W0[:, -1] = 0 if intercept_init is None else intercept_init
+    if not ((n <= D) if reduce is None else reduce):
+        W, n_iter, objective = solve_logistic(X, y, num_classes, Cs, sw, W0=W0, max_iter=max_iter, tol=tol,
+                                              objective=_objective)  # fmt: skip
+        return W[:, :-1].transpose(1, 2), _centre_intercept(W[:, -1]), n_iter, objective
+    red = span_reduce(X, sw)
+    Wr0 = None
+    if W0 is not None:  # warm start: coordinates of coef in the span, intercept of the centred problem
+        Xm, _ = _centred(X, sw, red.mean)
+        basis = (Xm.transpose(1, 2) @ red.proj.to(X.dtype)).to(red.X.dtype)  # [G, D, n] orthonormal columns
+        shifted = W0[:, -1] + (red.mean[:, None] @ W0[:, :-1])[:, 0]  # [G, Kf]
+        Wr0 = torch.cat([basis.transpose(1, 2) @ W0[:, :-1].to(basis.dtype), shifted.to(basis.dtype)[:, None]], 1)
+    Cs = Cs.to(red.X.dtype)
+    W, n_iter, objective = solve_logistic(red.X, y, num_classes, Cs, sw.to(red.X.dtype), W0=Wr0, max_iter=max_iter,
+                                          tol=tol, diagonal=True)  # fmt: skip
+    coef, intercept = span_expand(red, X, sw, W)
+    return coef, _centre_intercept(intercept), n_iter, objective
+
+
+def fit_hyperplane_path(
+    X: Tensor,
+    y: Tensor,
+    num_classes: int,
+    Cs: Sequence[float],
+    *,
+    sample_weight: Tensor | None = None,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+    warm_start: bool = True,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Fit ``X [G, n, D]`` for every C of ``Cs`` (in the given order), each solve warm-started from the
+    previous C's solution. Returns ``[(coef [G, Kf, D], intercept [G, Kf], n_iter [G])]`` per C."""
+    out: list[tuple[Tensor, Tensor, Tensor]] = []
+    coef = intercept = objective = None
+    for C in Cs:
+        check_C(C)
+        coef, intercept, n_iter, objective = fit_hyperplane_batched(
+            X, y, num_classes, C, sample_weight=sample_weight, max_iter=max_iter, tol=tol,
+            coef_init=coef if warm_start else None, intercept_init=intercept if warm_start else None,
+            reduce=False, _objective=objective,
+        )  # fmt: skip
+        out.append((coef, intercept, n_iter))
+    return out
+
+
+def hyperplane_scores(X: Tensor, coef: Tensor, intercept: Tensor) -> Tensor:
+    """``X [G, m, D]``, ``coef [G, Kf, D]``, ``intercept [G, Kf]`` → class scores ``[G, m, K]`` (K = 2 gets
+    the scores ``(0, s)``, so argmax works for every K)."""
+    s = X @ coef.transpose(1, 2) + intercept[:, None, :]
+    return torch.cat([torch.zeros_like(s), s], dim=2) if coef.shape[1] == 1 else s
+
+
+class HyperplaneRule(BaseEstimator):
+    """Multinomial (K > 2) / binary (K = 2) logistic regression with an L2 penalty on raw features.
+
+    Same objective and stopping rule as ``LogisticRegression(C=C, tol=tol)`` (lbfgs). Fitted attributes:
+    ``classes_ [K]``, ``coef_ [K, D]`` (``[1, D]`` for K = 2), ``intercept_ [K]`` (``[1]``), ``n_iter_ [1]``,
+    ``n_features_in_``."""
+
+    def __init__(self, *, C: float = 1.0, max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
+                 device: str = "cpu", dtype: Any = None) -> None:  # fmt: skip
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.dtype = dtype
+
+    def _torch_dtype(self) -> torch.dtype:
+        return self.dtype or default_dtype(self.device)
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> HyperplaneRule:
+        """``X [n, D]``, ``y [n]`` → self."""
+        C = check_C(self.C)
+        X = as_features(X)
+        self.classes_, codes = encode_labels(y, X.shape[0])
+        dt, dev = self._torch_dtype(), torch.device(self.device)
+        Xt = torch.as_tensor(X).to(dev, dt)[None]
+        sw = None if sample_weight is None else torch.as_tensor(np.asarray(sample_weight)).to(dev, dt)[None]
+        coef, intercept, n_iter, _ = fit_hyperplane_batched(
+            Xt, torch.as_tensor(codes, device=dev)[None], len(self.classes_), C,
+            sample_weight=sw, max_iter=self.max_iter, tol=self.tol,
+        )  # fmt: skip
+        self.coef_ = coef[0].cpu().numpy()
+        self.intercept_ = intercept[0].cpu().numpy()
+        self.n_iter_ = n_iter.cpu().numpy()
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``X [m, D]`` → scores ``[m, K]`` (``[m]`` for K = 2, as scikit-learn)."""
+        check_fitted(self, "coef_")
+        X = as_features(X)
+        check_width(X, self.n_features_in_)
+        Xn = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else X
+        s = Xn.astype(self.coef_.dtype, copy=False) @ self.coef_.T + self.intercept_
+        return s[:, 0] if s.shape[1] == 1 else s
+
+    def predict(self, X: Any) -> np.ndarray:
+        """``X [m, D]`` → labels ``[m]`` from ``classes_``."""
+        s = self.decision_function(X)
+        return self.classes_[(s > 0).astype(np.int64) if s.ndim == 1 else s.argmax(1)]
+
+    def score(self, X: Any, y: Any) -> float:
+        """Mean accuracy on ``(X [m, D], y [m])``; labels must be among ``classes_``."""
+        check_fitted(self, "coef_")
+        check_labels_known(y, self.classes_)
+        return float(np.mean(self.predict(X) == np.asarray(y)))

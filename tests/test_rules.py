@@ -1,0 +1,147 @@
+"""Rules: hyperplane vs scikit-learn, cosine vs a NumPy reference, batched vs one-at-a-time, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
+
+import qkvprobe
+from qkvprobe.errors import FeatureError, NotFittedError, RuleError
+from qkvprobe.rules import CosineRule, HyperplaneRule, fit_hyperplane_batched, fit_hyperplane_path
+
+
+def blobs(n: int, dim: int, num_classes: int, seed: int = 0, offset: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping Gaussian classes with a common offset (raw-feature-like, not separable)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(num_classes, dim))
+    y = rng.integers(0, num_classes, n)
+    return means[y] + 2.0 * rng.normal(size=(n, dim)) * np.linspace(0.3, 3, dim) + offset, y
+
+
+@pytest.mark.parametrize(("num_classes", "C"), [(4, 0.05), (4, 2.0), (2, 0.5)])
+def test_hyperplane_matches_sklearn(num_classes: int, C: float) -> None:
+    X, y = blobs(300, 6, num_classes)
+    Xt, yt = blobs(300, 6, num_classes, seed=1)
+    with threadpool_limits(1):  # tiny problem: BLAS threads only add contention
+        sk = LogisticRegression(C=C, tol=1e-9, max_iter=3000).fit(X, y)
+    ours = HyperplaneRule(C=C, tol=1e-9, max_iter=3000).fit(X, y)
+    assert ours.coef_.shape == sk.coef_.shape and ours.intercept_.shape == sk.intercept_.shape
+    # Same objective and optimum: coefficients agree to 1e-4 of their largest magnitude (both solvers stop on
+    # tolerances, scikit-learn also on a relative-decrease test).
+    scale = np.abs(sk.coef_).max()
+    np.testing.assert_allclose(ours.coef_, sk.coef_, atol=1e-4 * scale)
+    sk_b = sk.intercept_ - (sk.intercept_.mean() if num_classes > 2 else 0)  # intercepts are defined up to a shift
+    np.testing.assert_allclose(ours.intercept_, sk_b, atol=1e-4 * max(1, np.abs(sk_b).max()))
+    assert abs(ours.score(Xt, yt) - sk.score(Xt, yt)) <= 0.003
+    np.testing.assert_array_equal(ours.classes_, sk.classes_)
+    assert ours.decision_function(Xt).shape == sk.decision_function(Xt).shape
+
+
+def test_hyperplane_wide_features_span_reduction_matches_sklearn() -> None:
+    # Few-shot shape (n < D): solved in the span of the samples, must still be sklearn's optimum.
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(5), 3)
+    X = rng.normal(size=(5, 40))[y] + 3 * rng.normal(size=(15, 40)) + 10
+    with threadpool_limits(1):
+        sk = LogisticRegression(C=1.0, tol=1e-9, max_iter=3000).fit(X, y)
+    ours = HyperplaneRule(C=1.0, tol=1e-9, max_iter=3000).fit(X, y)
+    np.testing.assert_allclose(ours.coef_, sk.coef_, atol=1e-4 * np.abs(sk.coef_).max())
+    Xq = rng.normal(size=(5, 40))[y] + 3 * rng.normal(size=(15, 40)) + 10
+    np.testing.assert_array_equal(ours.predict(Xq), sk.predict(Xq))
+
+
+def test_hyperplane_string_labels_and_sklearn_contract() -> None:
+    X, y = blobs(200, 5, 3)
+    names = np.array(["cat", "dog", "eel"])[y]
+    rule = HyperplaneRule(C=0.3).fit(X, names)
+    assert set(rule.predict(X)) <= {"cat", "dog", "eel"}
+    assert rule.n_iter_.shape == (1,) and rule.n_iter_[0] > 0
+    assert clone(rule).get_params()["C"] == 0.3
+    assert qkvprobe.HyperplaneRule is HyperplaneRule and qkvprobe.CosineRule is CosineRule
+
+
+def test_cosine_matches_numpy_reference() -> None:
+    X, y = blobs(120, 6, 3)
+    Xq, _ = blobs(40, 6, 3, seed=2)
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    mu = np.stack([unit[y == c].mean(0) for c in range(3)])
+    cos = (Xq / np.linalg.norm(Xq, axis=1, keepdims=True)) @ (mu / np.linalg.norm(mu, axis=1, keepdims=True)).T
+    rule = CosineRule().fit(X, y)
+    np.testing.assert_allclose(rule.directions_, mu, rtol=1e-12)
+    np.testing.assert_allclose(rule.decision_function(Xq), cos, rtol=1e-12)
+    np.testing.assert_array_equal(rule.predict(Xq), cos.argmax(1))
+
+
+def test_batched_episodes_equal_one_at_a_time() -> None:
+    rng = np.random.default_rng(5)
+    E, N, K, D = 6, 4, 3, 24
+    means = rng.normal(size=(E, N, D))
+    ys = np.tile(np.repeat(np.arange(N), K), (E, 1))
+    Xs = np.take_along_axis(means, ys[..., None], 1) + 1.5 * rng.normal(size=(E, N * K, D)) + 4
+    Xq = means + 1.5 * rng.normal(size=(E, N, D)) + 4
+    coef, intercept, _, _ = fit_hyperplane_batched(torch.as_tensor(Xs), torch.as_tensor(ys), N, 0.7, tol=1e-9)
+    for e in range(E):
+        one = HyperplaneRule(C=0.7, tol=1e-9).fit(Xs[e], ys[e])
+        np.testing.assert_allclose(coef[e].numpy(), one.coef_, atol=1e-7)
+        np.testing.assert_array_equal((Xq[e] @ coef[e].numpy().T + intercept[e].numpy()).argmax(1), one.predict(Xq[e]))
+
+
+def test_warm_started_path_equals_cold_fits() -> None:
+    X, y = blobs(150, 4, 3)
+    Xt = torch.as_tensor(X)[None].repeat(2, 1, 1)
+    Xt[1] *= 2.0  # a second "token type"
+    yt = torch.as_tensor(y)[None].repeat(2, 1)
+    path = fit_hyperplane_path(Xt, yt, 3, [0.01, 1.0], tol=1e-8, max_iter=2000)
+    for (coef, _, _), C in zip(path, [0.01, 1.0], strict=True):
+        for g in range(2):
+            cold = HyperplaneRule(C=C, tol=1e-8, max_iter=2000).fit(Xt[g].numpy(), y)
+            np.testing.assert_allclose(coef[g].numpy(), cold.coef_, atol=1e-4 * np.abs(cold.coef_).max())
+
+
+@pytest.mark.parametrize("make", [HyperplaneRule, CosineRule])
+def test_bad_input(make: type) -> None:
+    X, y = blobs(60, 4, 3)
+    with pytest.raises(RuleError, match="single class"):
+        make().fit(X, np.zeros(60))
+    with pytest.raises(RuleError, match="training set is empty"):
+        make().fit(np.zeros((0, 4)), np.zeros(0))
+    for bad in (np.nan, np.inf):
+        Xb = X.copy()
+        Xb[3, 1] = bad
+        with pytest.raises(FeatureError, match="NaN or Inf"):
+            make().fit(Xb, y)
+    with pytest.raises(FeatureError, match="2 dimensions"):
+        make().fit(X[0], y)
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        make().predict(X)
+    rule = make().fit(X, y)
+    with pytest.raises(FeatureError, match="5 features per sample but the rule was fitted on 4"):
+        rule.predict(np.zeros((2, 5)))
+    with pytest.raises(FeatureError, match="NaN or Inf"):
+        rule.predict(np.full((2, 4), np.nan))
+    with pytest.raises(RuleError, match="label 7 is not among the fitted classes_"):
+        rule.score(X[:3], np.array([0, 1, 7]))
+    with pytest.raises(RuleError, match="one label per sample"):
+        make().fit(X, y[:-1])
+
+
+@pytest.mark.parametrize("C", [0, -1.0, float("nan"), "big"])
+def test_C_must_be_positive(C: object) -> None:
+    X, y = blobs(30, 3, 2)
+    with pytest.raises(RuleError, match="C must be a positive"):
+        HyperplaneRule(C=C).fit(X, y)
+    with pytest.raises(RuleError, match="C must be a positive"):
+        fit_hyperplane_path(torch.as_tensor(X)[None], torch.as_tensor(y)[None], 2, [1.0, C])
+
+
+@pytest.mark.gpu
+def test_hyperplane_on_gpu_matches_cpu() -> None:
+    X, y = blobs(400, 16, 4)
+    cpu = HyperplaneRule(C=0.5, tol=1e-6).fit(X, y)
+    gpu = HyperplaneRule(C=0.5, tol=1e-6, device="cuda").fit(X, y)  # float32 on accelerators
+    np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=1e-3 * np.abs(cpu.coef_).max())
+    assert np.mean(gpu.predict(X) == cpu.predict(X)) >= 0.99
