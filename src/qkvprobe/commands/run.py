@@ -1,5 +1,60 @@
-"""CLI command(s): placeholder, filled by the owner of this module."""
+"""``qkvprobe run [CONFIG] [--set key=value ...]`` (the study) and ``qkvprobe report RUN_DIR``."""
 
 from __future__ import annotations
 
-from ..cli import app, edge  # noqa: F401
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..cli import app, edge
+
+
+@app.command("run")
+@edge
+def run_command(
+    config: Annotated[
+        Path | None, typer.Argument(help="Study config (YAML). Omitted: the embedded default study (configs/default.yaml).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set fewshot.episodes=100 (repeatable; YAML values)."),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Discard the run directory's earlier results instead of resuming.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; summary only.")] = False,
+) -> None:
+    """Run a study: extract (cached) features, evaluate every token × rule × setting, write results and report.
+
+    A killed run resumes where it stopped when started again with the same config."""
+    from rich.console import Console
+
+    from ..config import load_config
+    from ..study import run_study
+
+    cfg = load_config(config, set_ or [])
+    console = Console()
+    result = run_study(cfg, fresh=fresh, progress=not quiet, console=console)
+    console.print(result.summary)
+    console.print(f"results: {result.run_dir / 'results.csv'}")
+    if result.report is not None:
+        console.print(f"report:  {result.report}")
+
+
+@app.command("report")
+@edge
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (holding results.csv) written by `qkvprobe run`.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the HTML (default RUN_DIR/report.html).")] = None,
+) -> None:
+    """Re-render report.html and figures/ from a run directory's saved results alone (no model is loaded)."""
+    from rich.console import Console
+
+    from ..report import load_run, main_rows, render_report, summary_table
+
+    path = render_report(run_dir, out)
+    files = load_run(run_dir)
+    console = Console()
+    console.print(summary_table(main_rows(files.results, files.run_info)))
+    console.print(f"report: {path}")

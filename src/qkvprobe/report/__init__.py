@@ -1,1 +1,11 @@
-"""Placeholder; filled by its owner."""
+"""The report: tables, figures and one self-contained HTML file, built from a run directory's saved files
+only (``results.csv`` plus the side files described in :mod:`qkvprobe.report.files`)."""
+
+from __future__ import annotations
+
+from .files import RunFiles, load_run, save_direction_map, write_json
+from .html import render_report
+from .summary import summary_table
+from .tables import main_rows
+
+__all__ = ["RunFiles", "load_run", "main_rows", "render_report", "save_direction_map", "summary_table", "write_json"]

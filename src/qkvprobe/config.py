@@ -1,0 +1,411 @@
+"""The run configuration of ``qkvprobe run``: a pydantic model loaded from YAML, with ``--set key=value``
+overrides, validated once. Every error is a one-line :class:`~qkvprobe.errors.ConfigError` naming the key
+path (``fewshot.shots.1``) and, where the value is one of a set, the allowed values.
+
+Relative paths (``out_dir``, ``cache_dir``, dataset ``root``) are taken relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .vocab import RULES, TOKENS, Position, RuleName, Setting, Token
+
+#: Dataset spec kind (text before ``:``) -> the task it serves.
+DATASET_TASKS: dict[str, str] = {
+    "fashion-mnist": "classification",
+    "imagefolder": "classification",
+    "fashion-mnist-scenes": "segmentation",
+    "voc": "segmentation",
+    "ade20k": "segmentation",
+    "segfolder": "segmentation",
+}
+MODEL_PREFIXES: tuple[str, ...] = ("timm:", "hf:", "builtin:")
+#: Image-level positions per task; segmentation always works on patch tokens.
+TASK_POSITIONS: dict[str, tuple[str, ...]] = {"classification": ("cls", "avg"), "segmentation": ("patch",)}
+
+
+def dataset_kind(spec: str) -> str:
+    """``"voc:/data/VOC2012"`` -> ``"voc"``; ``"fashion-mnist-scenes?train=500"`` -> ``"fashion-mnist-scenes"``."""
+    return spec.partition("?")[0].partition(":")[0].lower()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _unique(values: list, what: str) -> list:
+    dupes = sorted({str(v) for v in values if values.count(v) > 1})
+    if dupes:
+        raise ValueError(f"{what} listed twice: {', '.join(dupes)}")
+    return values
+
+
+class ModelConfig(_Strict):
+    """One backbone: a spec string, optional local weights, and the label used in results (default: spec)."""
+
+    spec: str
+    weights: str | None = None
+    label: str | None = None
+
+    @field_validator("spec")
+    @classmethod
+    def _check_spec(cls, v: str) -> str:
+        if not v.startswith(MODEL_PREFIXES) or v.split(":", 1)[1] == "":
+            raise ValueError(f"model spec {v!r} must be one of {', '.join(p + '<name>' for p in MODEL_PREFIXES)}")
+        return v
+
+    @property
+    def name(self) -> str:
+        return self.label or self.spec
+
+
+class DatasetConfig(_Strict):
+    """One dataset and how much of it the study uses. ``task`` follows from the spec kind."""
+
+    spec: str
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    #: Seeded random subsets (None = the whole split); the default study subsamples to stay fast on CPUs.
+    train_size: int | None = Field(default=None, gt=0)
+    test_size: int | None = Field(default=None, gt=0)
+    #: Input side length in pixels (None = the model's own input size).
+    image_size: int | None = Field(default=None, gt=0)
+    #: Image-level positions for classification (default cls, avg); segmentation uses patch tokens only.
+    positions: list[Position] | None = None
+
+    @field_validator("spec")
+    @classmethod
+    def _check_spec(cls, v: str) -> str:
+        kind = dataset_kind(v)
+        if kind not in DATASET_TASKS:
+            close = difflib.get_close_matches(kind, DATASET_TASKS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown dataset kind {kind!r}{hint}; allowed: {', '.join(DATASET_TASKS)}")
+        body = v.partition("?")[0]
+        if ":" in body and body.split(":", 1)[1] == "":
+            raise ValueError(f"dataset spec {v!r} needs a path after ':'")
+        if kind in ("imagefolder", "voc", "ade20k", "segfolder") and ":" not in body:
+            raise ValueError(f"dataset spec {v!r} needs a path: {kind}:PATH")
+        return v
+
+    @property
+    def task(self) -> str:
+        return DATASET_TASKS[dataset_kind(self.spec)]
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+    @field_validator("positions")
+    @classmethod
+    def _check_positions(cls, v: list[str] | None, info: Any) -> list[str] | None:
+        spec = info.data.get("spec")
+        if v is None or spec is None:  # spec already failed: its own error says why
+            return v
+        task = DATASET_TASKS[dataset_kind(spec)]
+        allowed = TASK_POSITIONS[task]
+        bad = [p for p in v if p not in allowed]
+        if bad:
+            raise ValueError(f"position {bad[0]!r} is not available for {task} ({spec}); allowed: {', '.join(allowed)}")
+        if not v:
+            raise ValueError("at least one position is needed")
+        return _unique(v, "position")
+
+    @model_validator(mode="after")
+    def _default_positions(self) -> DatasetConfig:
+        if self.positions is None:
+            self.__dict__["positions"] = list(TASK_POSITIONS[self.task])  # bypass validate_assignment recursion
+        return self
+
+
+class FewShotConfig(_Strict):
+    """N-way K-shot episodes (PAPER.md §2); the same seed gives the same episodes for every token and rule."""
+
+    ways: int = Field(default=5, ge=2)
+    shots: list[int] = [1, 5]
+    queries: int = Field(default=15, ge=1)
+    episodes: int = Field(default=2000, ge=1)
+    segmentation_episodes: int = Field(default=1000, ge=1)
+
+    @field_validator("shots")
+    @classmethod
+    def _check_shots(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one shot count is needed")
+        if any(s < 1 for s in v):
+            raise ValueError(f"shot counts must be >= 1, got {v}")
+        return _unique(v, "shot count")
+
+
+class BlockSweepConfig(_Strict):
+    """Score every token type at every block (standard setting, image-level datasets) for some models."""
+
+    enabled: bool = False
+    #: Model labels/specs to sweep; empty = the first model.
+    models: list[str] = []
+    #: ``all`` or explicit block indices (negative counts from the end).
+    blocks: Literal["all"] | list[int] = "all"
+    position: Literal["cls", "avg"] = "cls"
+    #: Rules swept (empty = the study's rules); the heatmap shows the best of them per token and block.
+    rules: list[RuleName] = []
+    #: Dataset specs to sweep; empty = every classification dataset.
+    datasets: list[str] = []
+
+
+class ReportConfig(_Strict):
+    """What the report draws beyond the results table."""
+
+    enabled: bool = True
+    #: Scenes images per direction map (0 = none).
+    direction_map_images: int = Field(default=3, ge=0, le=16)
+    #: Patches used to fit the class directions of a direction map / a "which direction" entry (bounded cost).
+    max_fit_samples: int = Field(default=20000, ge=100)
+
+
+class StudyConfig(_Strict):
+    """A whole study: models × datasets × settings × tokens × rules × positions × blocks."""
+
+    name: str = "default"
+    out_dir: str = "runs"
+    #: Feature cache root (None = ``~/.cache/qkvprobe/features``).
+    cache_dir: str | None = None
+    device: str = "cpu"
+    batch_size: int = Field(default=64, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    seed: int = Field(default=0, ge=0)
+    models: list[ModelConfig] = Field(min_length=1)
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    settings: list[Setting] = ["standard", "fewshot"]
+    tokens: list[Token] = list(TOKENS)
+    rules: list[RuleName] = list(RULES)
+    blocks: list[int] = [-1]
+    #: C grid of the standard hyperplane protocol (None = the protocol's own log-spaced grid).
+    c_grid: list[float] | None = None
+    fewshot: FewShotConfig = FewShotConfig()
+    block_sweep: BlockSweepConfig = BlockSweepConfig()
+    report: ReportConfig = ReportConfig()
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_from_strings(cls, v: Any) -> Any:
+        return [{"spec": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _datasets_from_strings(cls, v: Any) -> Any:
+        return [{"spec": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"run name {v!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", v):
+            raise ValueError(f"device {v!r} is not one of cpu, auto, mps, cuda, cuda:N")
+        return v
+
+    @field_validator("settings", "tokens", "rules", "blocks")
+    @classmethod
+    def _non_empty_unique(cls, v: list, info: Any) -> list:
+        if not v:
+            raise ValueError(f"{info.field_name} must not be empty")
+        return _unique(v, info.field_name.rstrip("s"))
+
+    @field_validator("c_grid")
+    @classmethod
+    def _check_c_grid(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(c <= 0 for c in v)):
+            raise ValueError(f"C values must be > 0 and at least one is needed, got {v}")
+        return None if v is None else sorted(_unique(v, "C value"))
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> StudyConfig:
+        _unique([m.name for m in self.models], "model label")
+        _unique([d.name for d in self.datasets], "dataset")
+        names = {m.name for m in self.models} | {m.spec for m in self.models}
+        for m in self.block_sweep.models:
+            if m not in names:
+                raise ValueError(f"block_sweep.models: {m!r} is not a model of this study; allowed: {', '.join(sorted(names))}")
+        bad_rules = [r for r in self.block_sweep.rules if r not in self.rules]
+        if bad_rules:
+            raise ValueError(f"block_sweep.rules: {bad_rules[0]!r} is not a rule of this study; allowed: {', '.join(self.rules)}")
+        specs = {d.spec for d in self.datasets}
+        for d in self.block_sweep.datasets:
+            if d not in specs:
+                raise ValueError(f"block_sweep.datasets: {d!r} is not a dataset of this study; allowed: {', '.join(sorted(specs))}")
+        return self
+
+    # ---- derived values -------------------------------------------------------------------------------
+    def run_dir(self) -> Path:
+        return Path(self.out_dir).expanduser() / self.name
+
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "qkvprobe" / "features"
+
+    def sweep_models(self) -> list[ModelConfig]:
+        if not self.block_sweep.enabled:
+            return []
+        wanted = set(self.block_sweep.models)
+        return [m for m in self.models if m.name in wanted or m.spec in wanted] if wanted else self.models[:1]
+
+    def sweep_rules(self) -> list[str]:
+        return list(self.block_sweep.rules or self.rules)
+
+    def sweep_datasets(self) -> list[DatasetConfig]:
+        if not self.block_sweep.enabled:
+            return []
+        wanted = set(self.block_sweep.datasets)
+        return [d for d in self.datasets if d.task == "classification" and (not wanted or d.spec in wanted)]
+
+    def fingerprint(self) -> str:
+        """Digest of everything that changes results (not device, batch size, cache dir, out dir, report)."""
+        data = self.model_dump(exclude={"device", "batch_size", "cache_dir", "out_dir", "report", "name"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+def default_config_text() -> str:
+    """The embedded default study (the same file as ``configs/default.yaml``)."""
+    return resources.files("qkvprobe.study").joinpath("default.yaml").read_text()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], value parsed as a YAML scalar/flow value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set fewshot.episodes=100")
+    key, text = item.split("=", 1)
+    path = key.strip().split(".")
+    if any(not p for p in path):
+        raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return path, value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    """Set ``data[path[0]][path[1]]...`` = value; integer segments index lists."""
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"--set {'.'.join(path)}: {where!r} needs a list index in 0..{len(node) - 1}")
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                if isinstance(node[idx], str):  # shorthand "spec" entries become mappings
+                    node[idx] = {"spec": node[idx]}
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:i])!r} is a value, not a mapping")
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at ``loc`` (to list the allowed keys)."""
+    model: Any = StudyConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        while get_origin(ann) is not None:  # list[X] / X | None -> X
+            ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), get_args(ann)[0])
+        model = ann
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{path}: unknown key{hint}; allowed: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("literal_error", "enum") and "input" in err:
+        return f"{path}: {err['input']!r} is not allowed; {msg[0].lower() + msg[1:]}"
+    return f"{path}: {msg}"
+
+
+def validate_config(data: Any, source: str = "config") -> StudyConfig:
+    """Validate a mapping into a :class:`StudyConfig` or raise one ConfigError naming every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_format_error(e) for e in exc.errors())) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Load ``path`` (None = the embedded default), apply ``--set`` overrides, validate."""
+    if path is None:
+        text, source = default_config_text(), "default config"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        text, source = p.read_text(), str(p)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    for item in overrides:
+        key_path, value = parse_override(item)
+        apply_override(data, key_path, value)
+    return validate_config(data, source + (" with --set overrides" if overrides else ""))
+
+
+def dump_config(cfg: StudyConfig) -> dict:
+    """The fully resolved config as plain data (what ``run.json`` records)."""
+    return json.loads(cfg.model_dump_json())
+
+
+__all__ = [
+    "BlockSweepConfig",
+    "DatasetConfig",
+    "FewShotConfig",
+    "ModelConfig",
+    "ReportConfig",
+    "StudyConfig",
+    "default_config_text",
+    "dump_config",
+    "load_config",
+    "validate_config",
+]

@@ -1,0 +1,164 @@
+"""Report figures (matplotlib, Agg): few-shot bars with 95 % CIs, block-sweep heatmaps, direction maps.
+
+Each figure is saved under ``figures/`` and embedded in the HTML as a base64 PNG, so the report is one
+self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ..vocab import POSITIONS, RULES, TOKENS
+from .files import DirectionMap
+from .tables import setting_label
+
+# User text (class names, model labels) must never be read as mathtext ("$" in a name would crash).
+_RC = {"text.parse_math": False, "font.size": 8, "axes.titlesize": 9, "figure.dpi": 100}
+RULE_COLOURS = {"hyperplane": "#3b6ea8", "cosine": "#e08a2c"}
+
+
+@dataclass
+class Figure:
+    name: str  # file name under figures/
+    caption: str
+    data_uri: str
+
+
+def slug(*parts: object) -> str:
+    text = "__".join(str(p) for p in parts)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:150]
+
+
+def _save(fig: plt.Figure, figures_dir: Path, name: str, caption: str) -> Figure:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    png = buf.getvalue()
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    (figures_dir / name).write_bytes(png)
+    return Figure(name, caption, "data:image/png;base64," + base64.b64encode(png).decode("ascii"))
+
+
+def _ordered(values: pd.Series, canon: tuple[str, ...]) -> list[str]:
+    present = list(dict.fromkeys(values))
+    return [v for v in canon if v in present] + [v for v in present if v not in canon]
+
+
+def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
+    """Per model × dataset: one panel per shot count, bars = token (· position) × rule, 95 % CI error bars."""
+    out: list[Figure] = []
+    few = main[main["setting"] == "fewshot"]
+    with plt.rc_context(_RC):
+        for (model, dataset), sub in few.groupby(["model", "dataset"], sort=False):
+            shots = sorted(sub["shots"].unique())
+            fig, axes = plt.subplots(1, len(shots), figsize=(max(4.0, 3.6 * len(shots)), 3.0), squeeze=False, sharey=True)
+            for ax, k in zip(axes[0], shots, strict=True):
+                cur = sub[sub["shots"] == k]
+                positions = _ordered(cur["position"], POSITIONS)
+                xs = [(t, p) for p in positions for t in _ordered(cur["token"], TOKENS)]
+                rules = _ordered(cur["rule"], RULES)
+                width = 0.8 / max(1, len(rules))
+                for j, r in enumerate(rules):
+                    vals, errs = [], []
+                    for t, p in xs:
+                        hit = cur[(cur["token"] == t) & (cur["position"] == p) & (cur["rule"] == r)]
+                        vals.append(float(hit["value"].iloc[0]) if len(hit) else np.nan)
+                        errs.append(float(np.nan_to_num(hit["ci95"].iloc[0])) if len(hit) else 0.0)
+                    pos = np.arange(len(xs)) + (j - (len(rules) - 1) / 2) * width
+                    ax.bar(pos, vals, width, yerr=errs, capsize=2, label=r, color=RULE_COLOURS.get(r))
+                ax.set_xticks(np.arange(len(xs)))
+                ax.set_xticklabels([t if len(positions) == 1 else f"{t}·{p}" for t, p in xs], rotation=45, ha="right")
+                ways = int(cur["ways"].iloc[0])
+                ax.set_title(setting_label("fewshot", ways, k))
+                ax.set_ylim(0, 1)
+                ax.grid(axis="y", alpha=0.3)
+            axes[0][0].set_ylabel(sub["metric"].iloc[0])
+            axes[0][-1].legend(fontsize=7, loc="lower right")
+            fig.suptitle(f"{model} · {dataset}: few-shot (mean ± 95 % CI)", y=1.03)
+            out.append(_save(fig, figures_dir, slug("fewshot", model, dataset) + ".png",
+                             f"Few-shot {sub['metric'].iloc[0]} of {model} on {dataset}; error bars are 95 % CIs."))
+    return out
+
+
+def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
+    """Token × block heatmap of the best rule's score; each cell names the rule (H hyperplane, C cosine)."""
+    value, tokens, blocks = grid["value"], grid["tokens"], grid["blocks"]
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(blocks) + 1.5), 0.45 * len(tokens) + 1.2))
+        im = ax.imshow(value, cmap="viridis", aspect="auto")
+        for i in range(len(tokens)):
+            for j in range(len(blocks)):
+                if np.isfinite(value[i, j]):
+                    rule = str(grid["rule"][i, j])[:1].upper()
+                    colour = "white" if value[i, j] < np.nanmean(value) else "black"
+                    ax.text(j, i, f"{100 * value[i, j]:.0f}{rule}", ha="center", va="center", fontsize=6.5, color=colour)
+        ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+        ax.set_yticks(range(len(tokens)), tokens)
+        ax.set_xlabel("block")
+        fig.colorbar(im, ax=ax, fraction=0.04, label=grid["metric"])
+        ax.set_title(f"{grid['model']} · {grid['dataset']} · {grid['position']}: best rule per token and block")
+    return _save(fig, figures_dir, slug("sweep", grid["model"], grid["dataset"], grid["position"]) + ".png",
+                 f"Block sweep of {grid['model']} on {grid['dataset']} ({grid['position']}): the best rule's "
+                 f"{grid['metric']} (×100; H = hyperplane, C = cosine).")
+
+
+def _upsample(cos: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest upsampling of a [h, w] patch grid to [H, W] (each patch drawn as a block)."""
+    h, w = cos.shape
+    rows = (np.arange(size[0]) * h // size[0]).clip(0, h - 1)
+    cols = (np.arange(size[1]) * w // size[1]).clip(0, w - 1)
+    return cos[np.ix_(rows, cols)]
+
+
+def direction_maps(maps: list[DirectionMap], figures_dir: Path, max_classes: int = 4) -> list[Figure]:
+    """Per model × dataset × image: rows = token types, columns = the image and the classes it contains
+    (largest first); each panel shows cos(μ_c, patch token) over the image."""
+    out: list[Figure] = []
+    groups: dict[tuple, list[DirectionMap]] = {}
+    for m in maps:
+        groups.setdefault((m.meta.get("model", "?"), m.meta.get("dataset", "?")), []).append(m)
+    with plt.rc_context(_RC):
+        for (model, dataset), items in groups.items():
+            items.sort(key=lambda m: TOKENS.index(m.meta.get("token")) if m.meta.get("token") in TOKENS else 99)
+            ref = items[0]
+            for n in range(ref.images.shape[0]):
+                img, mask = ref.images[n], ref.masks[n]
+                labels, counts = np.unique(mask[(mask != 255)], return_counts=True)
+                present = [int(c) for c, _ in sorted(zip(labels, counts, strict=True), key=lambda t: -t[1]) if c != 0 or len(labels) == 1]
+                shown = present[:max_classes] or [0]
+                fig, axes = plt.subplots(len(items), 1 + len(shown), figsize=(1.6 * (1 + len(shown)), 1.6 * len(items)),
+                                         squeeze=False)
+                for r, m in enumerate(items):
+                    # per-token colour range: raw cosines share a large common component, so a fixed ±1 scale
+                    # would paint every patch the same; the range is printed on the row label instead
+                    vals = m.cosine[n][shown]
+                    lo, hi = (float(np.nanmin(vals)), float(np.nanmax(vals))) if np.isfinite(vals).any() else (0.0, 1.0)
+                    axes[r][0].imshow(img, cmap="gray" if img.ndim == 2 else None)
+                    axes[r][0].set_ylabel(f"{m.meta.get('token', '?')}\n{lo:.2f}…{hi:.2f}", fontsize=8)
+                    for c, cls in enumerate(shown, start=1):
+                        ax = axes[r][c]
+                        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+                        ax.imshow(_upsample(m.cosine[n, cls], img.shape[:2]), cmap="inferno", vmin=lo, vmax=hi + 1e-9, alpha=0.65)
+                        if r == 0:
+                            ax.set_title(m.classes[cls] if cls < len(m.classes) else str(cls), fontsize=8)
+                    for ax in axes[r]:
+                        ax.set_xticks([])
+                        ax.set_yticks([])
+                axes[0][0].set_title("image", fontsize=8)
+                fig.suptitle(f"{model} · {dataset} · image {n}: cos(class direction, patch token)")
+                out.append(_save(fig, figures_dir, slug("map", model, dataset, n) + ".png",
+                                 f"Direction maps of {model} on {dataset}, image {n}: cos(μ_c, patch token) per class "
+                                 "(columns) and token type (rows); bright = along the class direction. Each row has its "
+                                 "own colour range (printed under the token name)."))
+    return out

@@ -1,0 +1,129 @@
+"""Render ``report.html`` (jinja2, autoescaped, self-contained) from the files of a run directory."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..vocab import TOKENS
+from . import figures as figs
+from .files import FIGURES, REPORT, RESULTS, RunFiles, load_run
+from .insights import insights
+from .tables import Cell, HeatTable, fmt, heat_style, heat_tables, main_rows, setting_label, sweep_grids
+
+
+def _env() -> jinja2.Environment:
+    # autoescape everything: class names, model labels and paths are user text
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("qkvprobe.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=False,
+    )
+
+
+def direction_tables(directions: list[dict]) -> list[HeatTable]:
+    """Per model × dataset (× position): class × token table of cos(w_c, μ_c), with a mean row."""
+    out: list[HeatTable] = []
+    if not directions:
+        return out
+    df = pd.DataFrame(directions)
+    for (model, dataset, position), sub in df.groupby(["model", "dataset", "position"], sort=False):
+        tokens = [t for t in TOKENS if t in set(sub["token"])] + [t for t in dict.fromkeys(sub["token"]) if t not in TOKENS]
+        by_token = {t: sub[sub["token"] == t].iloc[0] for t in tokens}
+        classes = list(next(iter(by_token.values()))["classes"])
+        table = HeatTable(title=f"{model} · {dataset} · {position}", metric="cosine", col_headers=tokens)
+        values = {t: np.asarray(by_token[t]["cosine"], dtype=float) for t in tokens}
+        for i, name in enumerate(classes):
+            cells = []
+            for t in tokens:
+                v = float(values[t][i]) if i < len(values[t]) else math.nan
+                cells.append(Cell(fmt(v, pct=False), heat_style(v, -1.0, 1.0, "RdBu_r")))
+            table.rows.append((str(name), cells))
+        means = {t: float(np.nanmean(values[t])) for t in tokens}
+        top = max(means.values())
+        table.rows.append(("mean", [Cell(fmt(means[t], pct=False), heat_style(means[t], -1.0, 1.0, "RdBu_r"),
+                                         best=bool(np.isclose(means[t], top))) for t in tokens]))
+        out.append(table)
+    return out
+
+
+def _paired_rows(tests: list[dict]) -> list[dict]:
+    rows = []
+    for t in tests:
+        a, b = t.get("a", {}), t.get("b", {})
+        diff = float(a.get("value", math.nan)) - float(b.get("value", math.nan))
+        p = float(t.get("p_value", math.nan))
+        rows.append({
+            "model": t.get("model", ""), "dataset": t.get("dataset", ""),
+            "slabel": setting_label(t.get("setting", "fewshot"), t.get("ways", 0), t.get("shots", 0)),
+            "a_label": f"{a.get('token')}·{a.get('position')} / {a.get('rule')}",
+            "b_label": f"{b.get('token')}·{b.get('position')} / {b.get('rule')}",
+            "diff": f"{100 * diff:+.1f}" if math.isfinite(diff) else "–",
+            "test": t.get("test", ""), "p_text": f"{p:.3g}" if math.isfinite(p) else "–",
+            "verdict": t.get("verdict", ""),
+        })
+    return rows
+
+
+def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
+    cfg = info.get("config", {})
+    rows: list[tuple[str, str]] = []
+    if cfg:
+        rows.append(("models", ", ".join(str(m.get("label") or m.get("spec")) for m in cfg.get("models", []))))
+        rows.append(("tokens / rules", f"{', '.join(cfg.get('tokens', []))} / {', '.join(cfg.get('rules', []))}"))
+    for name, src in (info.get("data_sources") or {}).items():
+        rows.append((f"data: {name}", str(src)))
+    sub = info.get("subsampling") or {}
+    if sub:
+        sizes = "; ".join(f"{name}: {v.get('train') or 'all'} train / {v.get('test') or 'all'} test"
+                          for name, v in (sub.get("sizes") or {}).items())
+        episodes = f"few-shot: {sub.get('fewshot_episodes')} episodes (segmentation {sub.get('segmentation_episodes')})"
+        rows.append(("subsampling", f"{sizes}; {episodes} — {sub.get('how', '')}"))
+    if "episodes_seed" in info:
+        rows.append(("episodes' seed", str(info["episodes_seed"])))
+    timings = info.get("timings") or {}
+    if "total_s" in timings:
+        rows.append(("wall time", f"{timings['total_s']:.1f} s"))
+    versions = info.get("versions") or {}
+    if versions:
+        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
+    rows.append(("measurements", str(len(df))))
+    return rows
+
+
+def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Render ``report.html`` (and ``figures/*.png``) from the saved files of ``run_dir`` alone."""
+    run = load_run(run_dir)
+    return render_run(run, Path(out) if out else run.run_dir / REPORT)
+
+
+def render_run(run: RunFiles, out: Path) -> Path:
+    fig_dir = run.run_dir / FIGURES
+    main = main_rows(run.results, run.run_info)
+    context = {
+        "title": run.run_info.get("name") or run.run_dir.name,
+        "created": run.run_info.get("finished", ""),
+        "meta": _meta(run.run_info, run.results),
+        "insights": insights(main, run.directions),
+        "tables": heat_tables(main),
+        "fewshot_figures": figs.fewshot_bars(main, fig_dir),
+        "paired": _paired_rows(run.paired),
+        "direction_tables": direction_tables(run.directions),
+        "map_figures": figs.direction_maps(run.maps, fig_dir),
+        "sweep_figures": [figs.sweep_heatmap(g, fig_dir) for g in sweep_grids(run.results)],
+        "version": __version__,
+        "results_file": RESULTS,
+    }
+    html = _env().get_template("report.html.j2").render(**context)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name("." + out.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,150 @@
+"""Results → report tables: grouping, the primary metric of each task, token × rule heatmap tables."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
+
+from ..vocab import POSITIONS, RULES, TOKENS
+
+#: The metric each task is ranked by (others are shown, not ranked).
+PRIMARY_METRIC: dict[str, str] = {"classification": "accuracy", "segmentation": "miou"}
+GROUP = ["model", "objective", "dataset", "task", "setting", "ways", "shots"]
+
+
+def setting_label(setting: str, ways: int, shots: int) -> str:
+    return "standard" if setting == "standard" else f"{int(ways)}-way {int(shots)}-shot"
+
+
+def _order(values: pd.Series, canon: tuple[str, ...]) -> list[str]:
+    present = list(dict.fromkeys(values))
+    return [v for v in canon if v in present] + [v for v in present if v not in canon]
+
+
+def main_rows(df: pd.DataFrame, run_info: dict) -> pd.DataFrame:
+    """Rows of the main tables: the primary metric at each model's main block(s) (the rest is the block sweep).
+
+    ``run.json``'s ``main_blocks`` names them; without it, the last block measured for a model is the main one."""
+    if df.empty:
+        return df
+    df = df[df["metric"] == df["task"].map(PRIMARY_METRIC)]
+    blocks = run_info.get("main_blocks") or {}
+    keep = pd.Series(False, index=df.index)
+    for model, sub in df.groupby("model"):
+        wanted = blocks.get(model) or [int(sub["block"].max())]
+        keep[sub.index] = sub["block"].isin(wanted)
+    return df[keep]
+
+
+@dataclass
+class Cell:
+    text: str
+    style: str = ""
+    best: bool = False
+    tip: str = ""
+
+
+@dataclass
+class HeatTable:
+    """A table coloured as a heatmap; ``best`` marks the highest cell."""
+
+    title: str
+    metric: str
+    col_headers: list[str]
+    rows: list[tuple[str, list[Cell]]] = field(default_factory=list)
+    group: dict = field(default_factory=dict)
+
+
+def heat_style(value: float, lo: float, hi: float, cmap: str = "YlGn") -> str:
+    """Inline CSS background for ``value`` on [lo, hi] (text turns white on dark cells)."""
+    if not math.isfinite(value):
+        return ""
+    t = 0.5 if hi - lo < 1e-12 else (value - lo) / (hi - lo)
+    rgba = colormaps[cmap](0.08 + 0.8 * t)
+    luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+    return f"background:{to_hex(rgba)};color:{'#fff' if luminance < 0.5 else '#111'}"
+
+
+def fmt(value: float, ci: float = math.nan, pct: bool = True) -> str:
+    if not math.isfinite(value):
+        return "–"
+    s = f"{100 * value:.1f}" if pct else f"{value:.3f}"
+    if math.isfinite(ci):
+        s += f" ± {100 * ci:.1f}" if pct else f" ± {ci:.3f}"
+    return s
+
+
+def heat_tables(main: pd.DataFrame) -> list[HeatTable]:
+    """One token × (position, rule) table per model × dataset × setting, best cell marked."""
+    tables: list[HeatTable] = []
+    if main.empty:
+        return tables
+    for key, sub in main.groupby(GROUP, sort=False):
+        g = dict(zip(GROUP, key, strict=True))
+        positions = _order(sub["position"], POSITIONS)
+        rules = _order(sub["rule"], RULES)
+        tokens = _order(sub["token"], TOKENS)
+        blocks = sorted(sub["block"].unique())
+        cols = [(p, r) for p in positions for r in rules]
+        best_value = sub["value"].max()
+        lo, hi = sub["value"].min(), best_value
+        table = HeatTable(
+            title=f"{g['model']} · {g['dataset']} · {setting_label(g['setting'], g['ways'], g['shots'])}",
+            metric=PRIMARY_METRIC.get(g["task"], sub["metric"].iloc[0]),
+            col_headers=[f"{r} · {p}" if len(positions) > 1 else r for p, r in cols],
+            group=g,
+        )
+        for b in blocks:
+            for tok in tokens:
+                cells = []
+                for p, r in cols:
+                    hit = sub[(sub["block"] == b) & (sub["token"] == tok) & (sub["position"] == p) & (sub["rule"] == r)]
+                    if hit.empty:
+                        cells.append(Cell("–"))
+                        continue
+                    v, ci = float(hit["value"].iloc[0]), float(hit["ci95"].iloc[0])
+                    best = bool(np.isclose(v, best_value))
+                    tip = f"C={hit['C'].iloc[0]:g}" if math.isfinite(float(hit["C"].iloc[0])) else ""
+                    cells.append(Cell(fmt(v, ci), heat_style(v, lo, hi), best, tip))
+                label = tok if len(blocks) == 1 else f"{tok} (block {b})"
+                table.rows.append((label, cells))
+        tables.append(table)
+    return tables
+
+
+def best_choices(main: pd.DataFrame) -> pd.DataFrame:
+    """Best token/position per model × dataset × task × setting × rule (for the terminal summary)."""
+    if main.empty:
+        return main
+    idx = main.groupby([*GROUP, "rule"], sort=False)["value"].idxmax()
+    best = main.loc[idx].copy()
+    best["setting_label"] = [setting_label(s, w, k) for s, w, k in zip(best["setting"], best["ways"], best["shots"], strict=True)]
+    return best.reset_index(drop=True)
+
+
+def sweep_grids(df: pd.DataFrame) -> list[dict]:
+    """Block sweeps: per model × dataset × position with several blocks in the standard setting, a
+    token × block grid of the best rule's score (and which rule it was)."""
+    out: list[dict] = []
+    if df.empty:
+        return out
+    std = df[(df["setting"] == "standard") & (df["metric"] == df["task"].map(PRIMARY_METRIC))]
+    for (model, dataset, position), sub in std.groupby(["model", "dataset", "position"], sort=False):
+        blocks = sorted(sub["block"].unique())
+        if len(blocks) < 2:
+            continue
+        tokens = _order(sub["token"], TOKENS)
+        value = np.full((len(tokens), len(blocks)), np.nan)
+        rule = np.full((len(tokens), len(blocks)), "", dtype=object)
+        for (tok, b), cell in sub.groupby(["token", "block"]):
+            i = cell["value"].idxmax()
+            value[tokens.index(tok), blocks.index(b)] = cell.at[i, "value"]
+            rule[tokens.index(tok), blocks.index(b)] = cell.at[i, "rule"]
+        out.append({"model": model, "dataset": dataset, "position": position, "metric": sub["metric"].iloc[0],
+                    "tokens": tokens, "blocks": [int(b) for b in blocks], "value": value, "rule": rule})
+    return out

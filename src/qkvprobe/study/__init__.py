@@ -1,0 +1,305 @@
+"""The study (``qkvprobe run``): models × datasets × settings × tokens × rules × positions × blocks.
+
+For each model: load the backbone; for each dataset: one cached feature store per split covering every
+token, position and block needed; then the protocols per setting (and shot count), the block sweep, and the
+side files. Rows are written after each unit of work, and finished units are recorded in
+``progress.json``, so a killed run resumes where it stopped (cached features reused, finished rows kept, no
+duplicate rows). At the end: ``run.json``, the report and a terminal summary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .. import __version__
+from ..config import DatasetConfig, ModelConfig, StudyConfig, dump_config
+from ..errors import QkvprobeError
+from ..report.files import (
+    DIRECTIONS,
+    MAPS,
+    PAIRED,
+    RESULTS,
+    RUN_JSON,
+    read_json,
+    save_direction_map,
+    write_json,
+)
+from ..results import ResultRow, read_results, write_results
+from .state import Progress, unit_id
+
+__all__ = ["StudyResult", "run_study"]
+
+SUBSAMPLING_NOTE = (
+    "classification splits: seeded stratified random subsets of train_size/test_size images; "
+    "Fashion-MNIST Scenes: generated at train_size/test_size scenes; few-shot: fewshot.episodes "
+    "(segmentation: fewshot.segmentation_episodes) seeded episodes"
+)
+
+
+@dataclass
+class StudyResult:
+    run_dir: Path
+    rows: list[ResultRow]
+    summary: Table
+    report: Path | None
+    timings: dict[str, Any] = field(default_factory=dict)
+    skipped_units: int = 0
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+    import timm
+    import torch
+
+    return {"qkvprobe": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}  # fmt: skip
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _call(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call a protocol with the contract's arguments plus the optional extras it accepts (device, progress)."""
+    params = inspect.signature(fn).parameters
+    optional = {"device", "progress", "queries", "ways", "episode_sampler", "Cs"}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params or k not in optional})
+
+
+class _Study:
+    """One invocation of a study; methods are the units of work."""
+
+    def __init__(self, cfg: StudyConfig, *, fresh: bool, progress: bool, console: Console) -> None:
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.console = console
+        self.verbose = progress
+        self.device = _device(cfg.device)
+        self.progress = Progress(self.run_dir, cfg.fingerprint(), fresh=fresh)
+        self.timings: dict[str, float] = {}
+        self.skipped = 0
+        previous = read_json(self.run_dir / RUN_JSON, {}) or {}
+        self.info: dict[str, Any] = {
+            "name": cfg.name, "fingerprint": cfg.fingerprint(), "status": "running",
+            "started": previous.get("started") if self.progress.resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "resumed": self.progress.resumed, "config": dump_config(cfg), "versions": _versions(),
+            "device": self.device, "host": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+            "episodes_seed": cfg.seed, "subsampling": self._subsampling(), "data_sources": previous.get("data_sources", {}),
+            "main_blocks": previous.get("main_blocks", {}), "timings": {},
+        }  # fmt: skip
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.verbose:
+            self.console.log(msg)
+
+    def _subsampling(self) -> dict[str, Any]:
+        sizes = {d.spec: {"train": d.train_size, "test": d.test_size} for d in self.cfg.datasets}
+        return {"how": SUBSAMPLING_NOTE, "sizes": sizes, "fewshot_episodes": self.cfg.fewshot.episodes,
+                "segmentation_episodes": self.cfg.fewshot.segmentation_episodes}  # fmt: skip
+
+    def save_info(self, **updates: Any) -> None:
+        self.info.update(updates)
+        self.info["timings"] = {**self.info.get("timings", {}), **{k: round(v, 3) for k, v in self.timings.items()}}
+        write_json(self.run_dir / RUN_JSON, self.info)
+
+    def timed(self, key: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        out = fn()
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+        return out
+
+    def rows_present(self, model: str, dataset: str, setting: str, shots: int) -> bool:
+        return any((r.model, r.dataset, r.setting, r.shots) == (model, dataset, setting, shots)
+                   for r in read_results(self.run_dir / RESULTS))  # fmt: skip
+
+    # ---- the study --------------------------------------------------------------------------------------
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        self.save_info()
+        for m in self.cfg.models:
+            self.run_model(m)
+        self.timings["total_s"] = time.perf_counter() - t0
+        self.save_info(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def run_model(self, m: ModelConfig) -> None:
+        from ..backbones import load_backbone
+
+        bb = self.timed(f"load {m.name}", lambda: load_backbone(m.spec, m.weights, device=self.device))
+        main_blocks = sorted({bb.resolve_block(b) for b in self.cfg.blocks})
+        self.info["main_blocks"][m.name] = main_blocks
+        self.save_info()
+        sweep_models = {s.name for s in self.cfg.sweep_models()}
+        sweep_sets = {d.spec for d in self.cfg.sweep_datasets()} if m.name in sweep_models else set()
+        for d in self.cfg.datasets:
+            self.run_dataset(m, bb, d, main_blocks, sweep=d.spec in sweep_sets)
+
+    def run_dataset(self, m: ModelConfig, bb: Any, d: DatasetConfig, main_blocks: list[int], *, sweep: bool) -> None:
+        from ..features import cached_store
+        from .data import open_split
+
+        sweep_blocks: list[int] = []
+        if sweep:
+            wanted = range(bb.num_blocks) if self.cfg.block_sweep.blocks == "all" else self.cfg.block_sweep.blocks
+            sweep_blocks = sorted({bb.resolve_block(b) for b in wanted} - set(main_blocks))
+        positions = list(d.positions or [])
+        if sweep and self.cfg.block_sweep.position not in positions:
+            positions.append(self.cfg.block_sweep.position)
+        units = self.plan_units(m, d, main_blocks, sweep_blocks)
+        if all(self.progress.is_done(u) for u, _ in units) and (self.run_dir / RESULTS).exists():
+            self.skipped += len(units)
+            self.log(f"{m.name} · {d.spec}: done earlier, skipped")
+            return
+        stores = {}
+        for which in ("train", "test"):
+            ds = self.timed(f"open {d.spec} {which}", lambda which=which: open_split(d, which, self.cfg.seed))
+            self.info["data_sources"][f"{d.spec} ({which})"] = f"{ds.source}; {len(ds)} samples"
+            self.log(f"{m.name} · {d.spec} · {which}: features of {len(ds)} samples")
+            stores[which] = self.timed(f"extract {m.name} {d.spec} {which}", lambda ds=ds: cached_store(
+                self.cfg.cache_root(), bb, ds, blocks=sorted(set(main_blocks) | set(sweep_blocks)), tokens=list(self.cfg.tokens),
+                positions=positions, dtype=self.cfg.dtype, batch_size=self.cfg.batch_size, image_size=d.image_size,
+                progress=self.verbose))  # fmt: skip
+            if which == "test":
+                stores["test_dataset"] = ds
+        self.save_info()
+        for uid, work in units:
+            if self.progress.is_done(uid):
+                self.skipped += 1
+                continue
+            self.timed(uid.split(":")[0] + f" {m.name} {d.spec}", lambda work=work: work(stores, bb))
+            self.progress.mark(uid)
+            self.save_info()
+
+    def plan_units(self, m: ModelConfig, d: DatasetConfig, main_blocks: list[int],
+                   sweep_blocks: list[int]) -> list[tuple[str, Callable[[dict, Any], None]]]:  # fmt: skip
+        cfg, fs = self.cfg, self.cfg.fewshot
+        units: list[tuple[str, Callable[[dict, Any], None]]] = []
+        common = {"model": m.name, "dataset": d.spec, "tokens": cfg.tokens, "rules": cfg.rules}
+        for setting in cfg.settings:
+            for shots in [0] if setting == "standard" else fs.shots:
+                uid = unit_id("evaluate", **common, setting=setting, shots=shots, blocks=main_blocks,
+                              positions=d.positions)  # fmt: skip
+                units.append((uid, lambda st, bb, s=setting, k=shots: self.evaluate(m, d, st, s, k, main_blocks, d.positions)))
+        if sweep_blocks:
+            pos = [cfg.block_sweep.position]
+            uid = unit_id("sweep", **{**common, "rules": cfg.sweep_rules()}, blocks=sweep_blocks, positions=pos)
+            units.append((uid, lambda st, bb: self.evaluate(m, d, st, "standard", 0, sweep_blocks, pos,
+                                                                paired=False, rules=cfg.sweep_rules())))
+        if cfg.report.enabled and "standard" in cfg.settings:
+            uid = unit_id("directions", **common, blocks=main_blocks[-1:])
+            units.append((uid, lambda st, bb: self.directions(m, bb, d, st, main_blocks[-1])))
+            if d.task == "segmentation" and cfg.report.direction_map_images:
+                uid = unit_id("maps", **common, blocks=main_blocks[-1:], images=cfg.report.direction_map_images)
+                units.append((uid, lambda st, bb: self.maps(m, bb, d, st, main_blocks[-1])))
+        return units
+
+    # ---- units ------------------------------------------------------------------------------------------
+    def evaluate(self, m: ModelConfig, d: DatasetConfig, stores: dict, setting: str, shots: int,
+                 blocks: list[int], positions: list[str] | None, *, paired: bool = True,
+                 rules: list[str] | None = None) -> None:  # fmt: skip
+        from ..protocols import evaluate_classification, evaluate_segmentation
+
+        fs = self.cfg.fewshot
+        fn = evaluate_classification if d.task == "classification" else evaluate_segmentation
+        episodes = 0 if setting == "standard" else (fs.episodes if d.task == "classification" else fs.segmentation_episodes)
+        label = "standard" if setting == "standard" else f"{fs.ways}-way {shots}-shot" if d.task == "classification" else f"{shots}-shot"
+        self.log(f"{m.name} · {d.spec} · {label}: blocks {blocks}, {len(self.cfg.tokens)} tokens × {len(self.cfg.rules)} rules")
+        extra: dict[str, Any] = {} if self.cfg.c_grid is None else {"Cs": list(self.cfg.c_grid)}
+        excluded: dict[int, list[int]] = {}
+        if d.task == "segmentation" and setting == "fewshot":
+            from .sides import tolerant_segmentation_sampler
+
+            extra["episode_sampler"] = tolerant_segmentation_sampler(excluded)
+        rows = _call(
+            fn, train_store=stores["train"], test_store=stores["test"], setting=setting, rules=list(rules or self.cfg.rules),
+            tokens=list(self.cfg.tokens), positions=list(positions or ["patch"]), blocks=list(blocks), ways=fs.ways,
+            shots=shots, queries=fs.queries, episodes=episodes, seed=self.cfg.seed, model=m.name, dataset=d.spec,
+            device=self.device, **extra,
+        )  # fmt: skip
+        if excluded.get(shots):
+            names = [stores["train"].classes[c] for c in excluded[shots]]
+            self.info.setdefault("fewshot_excluded_classes", {})[f"{d.spec} {shots}-shot"] = names
+            self.log(f"{d.spec} {shots}-shot: classes with too few images left out of the episodes: {names}")
+        if not rows:
+            raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
+        write_results(self.run_dir / RESULTS, rows)
+        if paired:  # the block sweep is a map, not a contest: no tests there
+            from .sides import paired_verdicts
+
+            labels = stores["test"].labels() if d.task == "classification" else None
+            tests = paired_verdicts(list(rows), rows, labels)
+            if tests:
+                self._merge_side(PAIRED, "tests", tests, ("model", "dataset", "setting", "shots"))
+
+    def _merge_side(self, name: str, key: str, entries: list[dict], ident: tuple[str, ...]) -> None:
+        path = self.run_dir / name
+        old = (read_json(path, {}) or {}).get(key, [])
+        new_ids = {tuple(e.get(k) for k in ident) for e in entries}
+        kept = [e for e in old if tuple(e.get(k) for k in ident) not in new_ids]
+        write_json(path, {key: kept + list(entries)})
+
+    def directions(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
+        import numpy as np
+
+        from .sides import direction_cosines, lookup_C, sample_rows, training_features
+
+        train = stores["train"]
+        position = (d.positions or ["patch"])[0]
+        rows = read_results(self.run_dir / RESULTS)
+        tokens = list(self.cfg.tokens)
+        keep, y = sample_rows(train, self.cfg.report.max_fit_samples, self.cfg.seed)
+        X = np.stack([training_features(train, t, position, block, keep) for t in tokens])
+        Cs = [lookup_C(rows, m.name, d.spec, t, position, block) for t in tokens]
+        classes, cos = direction_cosines(X, y, Cs, self.device)
+        entries = [{"model": m.name, "objective": bb.objective, "dataset": d.spec, "block": block, "token": t,
+                    "position": position, "C": C, "classes": [str(train.classes[int(c)]) for c in classes],
+                    "cosine": cos[g].tolist()} for g, (t, C) in enumerate(zip(tokens, Cs, strict=True))]  # fmt: skip
+        self._merge_side(DIRECTIONS, "entries", entries, ("model", "dataset", "token", "position"))
+
+    def maps(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
+        from ..report.figures import slug
+        from .sides import class_direction_map, map_images
+
+        train, test = stores["train"], stores["test"]
+        n = min(self.cfg.report.direction_map_images, test.num_samples)
+        images, masks = map_images(stores["test_dataset"], test.indices()[:n])
+        for token in self.cfg.tokens:
+            cos = class_direction_map(train, test, token, block, n, self.cfg.report.max_fit_samples, self.cfg.seed)
+            save_direction_map(self.run_dir / MAPS / (slug(m.name, d.spec, token) + ".npz"), images=images, masks=masks,
+                               cosine=cos, classes=list(test.classes),
+                               meta={"model": m.name, "dataset": d.spec, "token": token, "block": block})  # fmt: skip
+
+
+def run_study(cfg: StudyConfig, *, fresh: bool = False, progress: bool = True, console: Console | None = None) -> StudyResult:
+    """Run (or resume) a study; write results.csv, run.json, side files and the report into ``cfg.run_dir()``."""
+    from ..report import main_rows, render_report, summary_table
+    from ..report.files import load_run
+
+    console = console or Console(stderr=True)
+    study = _Study(cfg, fresh=fresh, progress=progress, console=console)
+    study.run()
+    report = None
+    if cfg.report.enabled:
+        report = study.timed("report", lambda: render_report(study.run_dir))
+        study.save_info()
+    files = load_run(study.run_dir)
+    summary = summary_table(main_rows(files.results, files.run_info))
+    return StudyResult(study.run_dir, read_results(study.run_dir / RESULTS), summary, report,
+                       dict(study.info["timings"]), study.skipped)  # fmt: skip

@@ -1,0 +1,88 @@
+"""Opening a study's datasets, with the seeded subsampling the default study uses to stay fast on CPUs.
+
+Fashion-MNIST Scenes are *generated* at the requested size (spec options ``train=``/``test=``), so the
+feature store's recorded spec re-opens exactly the same scenes. Classification datasets are subsampled by a
+seeded random choice of indices (a :class:`Subset` with its own fingerprint). Other segmentation datasets are
+used whole: their protocol re-opens the split from its spec to score full-resolution masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import DatasetConfig
+from ..data.base import Dataset
+from ..errors import ConfigError
+
+
+class Subset(Dataset):
+    """A fixed selection of a dataset's samples; the fingerprint covers the parent's and the selection."""
+
+    def __init__(self, parent: Dataset, indices: np.ndarray) -> None:
+        self.parent = parent
+        self.selection = np.asarray(indices, dtype=np.int64)
+        self.spec, self.split, self.task = parent.spec, parent.split, parent.task
+        self.classes = list(parent.classes)
+        self.source = f"{parent.source}; subset of {len(self.selection)} of {len(parent)}"
+        digest = hashlib.sha256(parent.fingerprint.encode() + self.selection.tobytes())
+        self.fingerprint = digest.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.selection)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        return self.parent[int(self.selection[index])]
+
+    def targets(self) -> Any:
+        t = self.parent.targets()
+        return None if t is None else np.asarray(t)[self.selection]
+
+
+def subset_indices(num: int, size: int | None, seed: int, labels: np.ndarray | None = None) -> np.ndarray | None:
+    """Sorted seeded random indices (stratified by ``labels`` when given); None when no subsampling is needed."""
+    if size is None or size >= num:
+        return None
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return np.sort(rng.choice(num, size, replace=False))
+    # stratified: each class keeps its share, so a small subset still covers every class
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.floor(counts / num * size).astype(int)
+    quota[np.argsort(-(counts / num * size - quota))[: size - quota.sum()]] += 1
+    picks = [rng.choice(np.flatnonzero(labels == c), q, replace=False) for c, q in zip(classes, quota, strict=True)]
+    return np.sort(np.concatenate(picks))
+
+
+def scenes_spec(cfg: DatasetConfig) -> str:
+    """The scenes spec with the configured sizes as generator options (explicit options win)."""
+    spec = cfg.spec
+    options = dict(part.split("=", 1) for part in spec.partition("?")[2].split("&") if "=" in part)
+    extra = [f"{k}={v}" for k, v in (("train", cfg.train_size), ("test", cfg.test_size)) if v and k not in options]
+    if not extra:
+        return spec
+    return spec + ("&" if "?" in spec else "?") + "&".join(extra)
+
+
+def open_split(cfg: DatasetConfig, which: str, seed: int) -> Dataset:
+    """Open the train (``which="train"``) or test split of a configured dataset, subsampled as configured."""
+    from ..data import open_dataset
+
+    split = cfg.train_split if which == "train" else cfg.test_split
+    size = cfg.train_size if which == "train" else cfg.test_size
+    kind = cfg.spec.partition("?")[0].partition(":")[0]
+    if kind == "fashion-mnist-scenes":
+        return open_dataset(scenes_spec(cfg), split, root=cfg.root)
+    ds = open_dataset(cfg.spec, split, root=cfg.root)
+    if size is None:
+        return ds
+    if ds.task != "classification":
+        raise ConfigError(
+            f"datasets: train_size/test_size subsample only classification sets and fashion-mnist-scenes, not {cfg.spec}"
+        )
+    labels = ds.targets()
+    idx = subset_indices(len(ds), size, seed + (0 if which == "train" else 1), labels)
+    return ds if idx is None else Subset(ds, idx)

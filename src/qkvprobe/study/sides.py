@@ -1,0 +1,163 @@
+"""Side files of a run: "which direction?" angles between w_c and μ_c, and direction maps over images.
+
+Both refit the two rules on (a seeded subsample of) the standard training features of the main block, so
+they cost a few seconds per model × dataset; the report only reads their outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..data.base import Dataset
+from ..features import FeatureStore
+from ..vocab import IGNORE_INDEX
+
+
+def sample_rows(store: FeatureStore, max_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (patches flattened, ignore label dropped) of a seeded subsample of at most ``max_samples``
+    training samples, and their labels."""
+    labels = store.patch_labels().reshape(-1) if store.task == "segmentation" else store.labels()
+    keep = np.flatnonzero(labels != IGNORE_INDEX)
+    if len(keep) > max_samples:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_samples, replace=False))
+    return keep, labels[keep]
+
+
+def training_features(store: FeatureStore, token: str, position: str, block: int, keep: np.ndarray) -> np.ndarray:
+    """``[n, D]`` float32 features of the rows ``keep`` (:func:`sample_rows`)."""
+    if store.task == "segmentation":
+        feats = store.get(token, "patch", block)
+        return np.asarray(feats.reshape(-1, feats.shape[-1])[keep], dtype=np.float32)
+    return np.asarray(store.get(token, position, block)[keep], dtype=np.float32)
+
+
+#: L-BFGS iterations of the direction fits: an angle needs far less precision than a reported accuracy, and
+#: nearly separable patch sets (rare classes, weak penalty) otherwise run to the solver's default cap.
+DIRECTION_MAX_ITER = 100
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+def direction_cosines(X: np.ndarray, y: np.ndarray, Cs: list[float], device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Per feature set g and class c: cos(w_c, μ_c) between the hyperplane normal and the cosine rule's class
+    direction. ``X [G, n, D]`` (G token types on the same samples), ``y [n]``, ``Cs [G]``.
+
+    Returns ``(classes [K], cosine [G, K])``. All G problems are solved as one batched L-BFGS. For two
+    classes the single logistic normal w is class 1's and -w class 0's (the softmax-equivalent form)."""
+    import torch
+
+    from ..rules.cosine import cosine_directions
+    from ..rules.hyperplane import default_dtype, fit_hyperplane_batched
+
+    classes, codes = np.unique(y, return_inverse=True)
+    G, K = X.shape[0], len(classes)
+    dt = default_dtype(device)
+    Xt = torch.as_tensor(X).to(device, dt)
+    yt = torch.as_tensor(codes.astype(np.int64), device=device).expand(G, -1).contiguous()
+    coef, _, _, _ = fit_hyperplane_batched(Xt, yt, K, torch.as_tensor(Cs, dtype=dt, device=device), max_iter=DIRECTION_MAX_ITER)
+    W = coef.cpu().numpy()
+    if W.shape[1] == 1:
+        W = np.concatenate([-W, W], axis=1)
+    mu = cosine_directions(Xt, yt, K).cpu().numpy()
+    return classes, np.sum(_unit(W) * _unit(mu), axis=-1)
+
+
+def class_direction_map(train: FeatureStore, test: FeatureStore, token: str, block: int, num_images: int,
+                        max_samples: int, seed: int) -> np.ndarray:  # fmt: skip
+    """cos(μ_c, patch token) for the first ``num_images`` test images: ``[n, C, h, w]`` over all C classes
+    of the dataset (NaN for classes without training patches)."""
+    from ..rules import CosineRule
+
+    keep, y = sample_rows(train, max_samples, seed)
+    rule = CosineRule().fit(training_features(train, token, "patch", block, keep), y)
+    h, w = test.grid
+    feats = np.asarray(test.get(token, "patch", block)[:num_images], dtype=np.float32)  # [n, h*w, D]
+    n = feats.shape[0]
+    cos = _unit(feats.reshape(-1, feats.shape[-1])) @ _unit(rule.directions_).T  # [n*h*w, K]
+    full = np.full((n, len(test.classes), h * w), np.nan, dtype=np.float32)
+    full[:, rule.classes_.astype(int), :] = cos.reshape(n, h * w, -1).transpose(0, 2, 1)
+    return full.reshape(n, len(test.classes), h, w)
+
+
+def map_images(dataset: Dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw images ``[n, H, W]`` (grey) or ``[n, H, W, 3]`` uint8 and masks ``[n, H, W]`` for the maps."""
+    images, masks = [], []
+    for i in indices:
+        image, target = dataset[int(i)]
+        img = np.asarray(image)
+        images.append(img[0] if img.shape[0] == 1 else img[:3].transpose(1, 2, 0))
+        masks.append(np.asarray(target, dtype=np.int64))
+    return np.stack(images), np.stack(masks)
+
+
+def lookup_C(rows: list[Any], model: str, dataset: str, token: str, position: str, block: int) -> float:
+    """The C the standard protocol chose for this token (1.0 when it is not known)."""
+    for r in rows:
+        if (r.model, r.dataset, r.setting, r.token, r.position, r.rule, r.block) == (
+            model, dataset, "standard", token, position, "hyperplane", block
+        ) and math.isfinite(r.C):
+            return float(r.C)
+    return 1.0
+
+
+PRIMARY = {"classification": "accuracy", "segmentation": "miou"}
+ALPHA = 0.05
+
+
+def paired_verdicts(rows: list[Any], evaluation: Any, test_labels: np.ndarray | None, top: int = 3) -> list[dict]:
+    """Paired tests between the best choice of a unit and the next ``top - 1`` (same episodes: Wilcoxon on
+    per-episode scores; standard classification: exact McNemar on the same test images)."""
+    from ..protocols.metrics import mcnemar, paired_test
+
+    per_episode = getattr(evaluation, "per_episode", {}) or {}
+    predictions = getattr(evaluation, "predictions", {}) or {}
+    ranked = sorted((r for r in rows if r.metric == PRIMARY.get(r.task)), key=lambda r: -r.value)
+    out: list[dict] = []
+    if len(ranked) < 2:
+        return out
+    best = ranked[0]
+    ka = (best.token, best.position, best.rule, best.block)
+    for other in ranked[1:top]:
+        kb = (other.token, other.position, other.rule, other.block)
+        if ka in per_episode and kb in per_episode:
+            res = paired_test(per_episode[ka], per_episode[kb])
+        elif ka in predictions and kb in predictions and test_labels is not None:
+            res = mcnemar(np.asarray(predictions[ka]) == test_labels, np.asarray(predictions[kb]) == test_labels)
+        else:
+            continue
+        if res.pvalue < ALPHA:
+            verdict = f"A better (p < {ALPHA})" if res.mean_difference > 0 else f"B better (p < {ALPHA})"
+        else:
+            verdict = "no significant difference"
+        out.append({
+            "model": best.model, "dataset": best.dataset, "task": best.task, "setting": best.setting,
+            "ways": best.ways, "shots": best.shots, "metric": best.metric,
+            "a": {"token": best.token, "position": best.position, "rule": best.rule, "block": best.block, "value": best.value},
+            "b": {"token": other.token, "position": other.position, "rule": other.rule, "block": other.block,
+                  "value": other.value},
+            "test": res.test, "statistic": res.statistic, "p_value": res.pvalue, "num_pairs": res.num_pairs,
+            "alpha": ALPHA, "verdict": verdict,
+        })  # fmt: skip
+    return out
+
+
+def tolerant_segmentation_sampler(excluded: dict[int, list[int]]) -> Any:
+    """``sample_segmentation_episodes`` that leaves out (and records in ``excluded[shots]``) the classes
+    with too few images for ``shots``-shot episodes — subsampled splits miss rare, thin classes."""
+    from ..data.episodes import DEFAULT_MIN_PIXELS, sample_segmentation_episodes
+
+    def sampler(train_counts: np.ndarray, test_counts: np.ndarray, *, shots: int, min_pixels: int = DEFAULT_MIN_PIXELS,
+                exclude: tuple[int, ...] = (0,), **kwargs: Any) -> Any:  # fmt: skip
+        train_ok = (np.asarray(train_counts) >= min_pixels).sum(0) >= shots
+        test_ok = (np.asarray(test_counts) >= min_pixels).sum(0) >= 1
+        lacking = [c for c in range(np.asarray(train_counts).shape[1]) if c not in exclude and not (train_ok[c] and test_ok[c])]
+        excluded[shots] = lacking
+        return sample_segmentation_episodes(train_counts, test_counts, shots=shots, min_pixels=min_pixels,
+                                            exclude=(*exclude, *lacking), **kwargs)  # fmt: skip
+
+    return sampler

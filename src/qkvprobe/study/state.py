@@ -1,0 +1,57 @@
+"""Resumable progress of a study: which units of work are finished (``progress.json`` in the run dir).
+
+A unit is marked done only after its rows/side files were written atomically, so a killed run redoes at
+most the unit it was in; results rows are merged by key, so redoing a unit never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..report.files import DIRECTIONS, FIGURES, MAPS, PAIRED, REPORT, RESULTS, RUN_JSON, read_json, write_json
+
+PROGRESS = "progress.json"
+
+
+def unit_id(kind: str, **parts: object) -> str:
+    """A stable id for a unit of work (its parameters as sorted JSON)."""
+    return kind + ":" + json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+
+
+class Progress:
+    """The set of finished unit ids of one run directory, bound to the config's fingerprint."""
+
+    def __init__(self, run_dir: Path, fingerprint: str, *, fresh: bool = False) -> None:
+        self.path = run_dir / PROGRESS
+        self.fingerprint = fingerprint
+        if fresh:
+            clear_run_dir(run_dir)
+        data = read_json(self.path, None)
+        if data is not None and data.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"run directory {run_dir} holds results of a different config (fingerprint "
+                f"{data.get('fingerprint')} vs {fingerprint}); pass --fresh to discard them or --set name=NEW"
+            )
+        self.done: list[str] = list(data.get("done", [])) if data else []
+        self.resumed = data is not None  # an earlier run of this config started here
+        if data is None:  # bind the directory to this config before any row is written
+            write_json(self.path, {"fingerprint": fingerprint, "done": []})
+
+    def is_done(self, uid: str) -> bool:
+        return uid in self.done
+
+    def mark(self, uid: str) -> None:
+        if uid not in self.done:
+            self.done.append(uid)
+        write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove what a study writes into ``run_dir`` (and nothing else)."""
+    for name in (RESULTS, RUN_JSON, DIRECTIONS, PAIRED, REPORT, PROGRESS):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in (MAPS, FIGURES):
+        shutil.rmtree(run_dir / name, ignore_errors=True)

@@ -1,0 +1,221 @@
+"""The report layer on synthetic run directories: tables, figures, insights, escaping, re-rendering."""
+
+from __future__ import annotations
+
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qkvprobe.cli import get_app
+from qkvprobe.errors import QkvprobeError
+from qkvprobe.report import load_run, main_rows, render_report, save_direction_map, summary_table, write_json
+from qkvprobe.report.insights import insights
+from qkvprobe.report.tables import heat_tables, sweep_grids
+from qkvprobe.results import ResultRow, write_results
+
+TOKENS = ("q", "k", "v", "ffn", "ffn_norm")
+CLASSES = ["background", "<script>alert(1)</script>", "shirt & tie", "coat $x$"]
+
+
+def _value(rng: np.random.Generator, token: str, rule: str, objective: str) -> float:
+    # planted structure: dino likes v + cosine, mae likes ffn + hyperplane
+    base = 0.5 + 0.05 * rng.random()
+    if objective == "dino":
+        base += 0.3 * (token == "v") + 0.05 * (rule == "cosine")
+    else:
+        base += 0.3 * (token == "ffn") + 0.1 * (rule == "hyperplane")
+    return float(min(base, 1.0))
+
+
+def make_run(run_dir: Path, *, with_side_files: bool = True, model_names: tuple[str, str] = ("dino-m", "mae-m")) -> Path:
+    """A run directory with results for 2 models × {classification, segmentation} × settings, a block
+    sweep for the first model, and (optionally) the side files."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for model, objective in zip(model_names, ("dino", "mae"), strict=True):
+        for task, dataset, positions, metric in (("classification", "fashion-mnist", ("cls", "avg"), "accuracy"),
+                                                 ("segmentation", "fashion-mnist-scenes", ("patch",), "miou")):
+            for setting, ways, shots, episodes in (("standard", 0, 0, 0), ("fewshot", 5, 1, 100), ("fewshot", 5, 5, 100)):
+                for tok in TOKENS:
+                    for pos in positions:
+                        for rule in ("hyperplane", "cosine"):
+                            v = _value(rng, tok, rule, objective)
+                            ci = 0.02 if setting == "fewshot" else math.nan
+                            C = 1.0 if rule == "hyperplane" else math.nan
+                            rows.append(ResultRow(model, objective, dataset, task, setting, 3, tok, pos, rule, ways,
+                                                  shots, episodes, metric, v, ci, 0, C))
+                            if task == "segmentation" and setting == "standard":
+                                rows.append(ResultRow(model, objective, dataset, task, setting, 3, tok, pos, rule, 0, 0,
+                                                      0, "pixel_accuracy", min(1.0, v + 0.1), math.nan, 0, C))
+        if objective == "dino":  # block sweep
+            for b in range(3):
+                for tok in TOKENS:
+                    for rule in ("hyperplane", "cosine"):
+                        rows.append(ResultRow(model, objective, "fashion-mnist", "classification", "standard", b, tok,
+                                              "cls", rule, 0, 0, 0, "accuracy", 0.3 + 0.1 * b, math.nan, 0, math.nan))
+    write_results(run_dir / "results.csv", rows)
+    write_json(run_dir / "run.json", {"name": "synthetic", "config": {"models": [{"spec": m} for m in model_names],
+               "tokens": list(TOKENS), "rules": ["hyperplane", "cosine"]},
+               "main_blocks": {m: [3] for m in model_names}, "data_sources": {"fashion-mnist": "bundled subset"},
+               "episodes_seed": 0, "timings": {"total_s": 12.5}, "versions": {"qkvprobe": "0.1.0"}})
+    if with_side_files:
+        entries = [{"model": m, "objective": o, "dataset": "fashion-mnist-scenes", "block": 3, "token": t,
+                    "position": "patch", "C": 1.0, "classes": CLASSES, "cosine": rng.uniform(-1, 1, len(CLASSES)).tolist()}
+                   for m, o in zip(model_names, ("dino", "mae"), strict=True) for t in TOKENS]
+        write_json(run_dir / "directions.json", {"entries": entries})
+        write_json(run_dir / "paired.json", {"tests": [{
+            "model": model_names[0], "dataset": "fashion-mnist", "task": "classification", "setting": "fewshot",
+            "ways": 5, "shots": 1, "metric": "accuracy",
+            "a": {"token": "v", "position": "cls", "rule": "cosine", "value": 0.85},
+            "b": {"token": "ffn", "position": "cls", "rule": "cosine", "value": 0.80},
+            "test": "wilcoxon", "statistic": 10.0, "p_value": 0.003, "alpha": 0.05, "verdict": "A better (p < 0.05)"}]})
+        masks = np.zeros((2, 16, 16), dtype=np.int64)
+        masks[:, :8, :8] = 1
+        masks[:, 8:, 8:] = 3
+        for t in ("q", "ffn"):
+            save_direction_map(run_dir / "maps" / f"{model_names[0]}__scenes__{t}.npz",
+                               images=rng.integers(0, 255, (2, 16, 16), dtype=np.uint8), masks=masks,
+                               cosine=rng.uniform(-1, 1, (2, len(CLASSES), 4, 4)), classes=CLASSES,
+                               meta={"model": model_names[0], "dataset": "fashion-mnist-scenes", "token": t, "block": 3})
+    return run_dir
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict] = []
+        self.imgs: list[dict] = []
+        self.scripts = 0
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "table":
+            self.tables.append(dict(attrs))
+        elif tag == "img":
+            self.imgs.append(dict(attrs))
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(path: Path) -> _Collector:
+    p = _Collector()
+    p.feed(path.read_text())
+    return p
+
+
+def test_report_tables_figures_and_self_contained(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    out = render_report(run)
+    assert out == run / "report.html"
+    html = parse(out)
+    heat = [t for t in html.tables if "heatmap" in t.get("class", "")]
+    # 2 models × (classification + segmentation) × 3 settings = 12 token × rule tables, + 2 direction tables
+    assert len([t for t in heat if "directions" not in t["class"]]) == 12
+    assert len([t for t in heat if "directions" in t["class"]]) == 2
+    assert any(t.get("id") == "paired-tests" for t in html.tables)
+    # few-shot bars (2 models × 2 datasets), direction maps (2 images), one block sweep
+    assert len(html.imgs) == 4 + 2 + 1
+    for img in html.imgs:
+        assert img["src"].startswith("data:image/png;base64,")  # embedded: readable offline
+        assert (run / img["data-file"]).is_file()
+    assert sorted(p.name for p in (run / "figures").glob("*.png")) == sorted(Path(i["data-file"]).name for i in html.imgs)
+    text = out.read_text()
+    assert text.count("★") >= 12  # every table marks its best cell
+    assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text
+
+
+def test_class_names_are_escaped(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", model_names=("<b>dino</b>", "mae-m"))
+    text = render_report(run).read_text()
+    assert "<script>alert(1)</script>" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<b>dino</b>" not in text and "&lt;b&gt;dino&lt;/b&gt;" in text
+    assert parse(run / "report.html").scripts == 0
+    assert "shirt &amp; tie" in text
+
+
+def test_best_cell_is_the_maximum(tmp_path: Path) -> None:
+    run = load_run(make_run(tmp_path / "run"))
+    main = main_rows(run.results, run.run_info)
+    assert set(main["metric"]) == {"accuracy", "miou"}  # pixel accuracy is not ranked
+    assert set(main["block"]) == {3}  # the sweep's blocks stay out of the main tables
+    for table in heat_tables(main):
+        cells = [c for _, row in table.rows for c in row]
+        best = [c for c in cells if c.best]
+        assert len(best) >= 1
+        top = max(float(c.text.split(" ")[0]) for c in cells if c.text != "–")
+        assert all(float(c.text.split(" ")[0]) == top for c in best)
+
+
+def test_main_block_defaults_to_last_without_run_json(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    (run / "run.json").unlink()
+    files = load_run(run)
+    assert set(main_rows(files.results, files.run_info)["block"]) == {3}
+
+
+def test_insights_find_planted_structure(tmp_path: Path) -> None:
+    files = load_run(make_run(tmp_path / "run"))
+    lines = insights(main_rows(files.results, files.run_info), files.directions)
+    joined = "\n".join(lines)
+    assert "classification · standard · dino: best is v·" in joined
+    assert "classification · standard · mae: best is ffn·" in joined and "hyperplane rule" in joined
+    assert "Objectives disagree on classification · standard" in joined
+    assert "On mae features the cosine rule trails the hyperplane" in joined
+
+
+def test_sweep_grid_takes_best_rule(tmp_path: Path) -> None:
+    files = load_run(make_run(tmp_path / "run"))
+    grids = sweep_grids(files.results)
+    assert [(g["model"], g["position"]) for g in grids] == [("dino-m", "cls")]
+    g = grids[0]
+    assert g["blocks"] == [0, 1, 2, 3] and g["tokens"] == list(TOKENS)
+    assert np.allclose(g["value"][:, 0], 0.3) and (g["value"][:, 3] >= 0.5).all()
+
+
+def test_report_without_side_files(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", with_side_files=False)
+    text = render_report(run).read_text()
+    assert "No paired tests were recorded" in text and "No direction maps were recorded" in text
+
+
+def test_summary_table_one_row_per_model_task_setting_rule(tmp_path: Path) -> None:
+    files = load_run(make_run(tmp_path / "run"))
+    table = summary_table(main_rows(files.results, files.run_info))
+    assert table.row_count == 2 * 2 * 3 * 2
+
+
+def test_report_errors(tmp_path: Path) -> None:
+    with pytest.raises(QkvprobeError, match="does not exist"):
+        render_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QkvprobeError, match=r"no results\.csv found"):
+        render_report(tmp_path / "empty")
+    run = make_run(tmp_path / "run")
+    (run / "paired.json").write_text("{not json")
+    with pytest.raises(QkvprobeError, match=r"paired\.json: not valid JSON"):
+        render_report(run)
+    (run / "paired.json").unlink()
+    (run / "maps" / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(QkvprobeError, match="not a direction map file"):
+        render_report(run)
+
+
+def test_cli_report_rerenders_from_saved_files(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    result = CliRunner().invoke(get_app(), ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "report.html").is_file()
+    assert "Best choice" in result.output
+    bad = CliRunner().invoke(get_app(), ["report", str(tmp_path / "missing")])
+    assert bad.exit_code == 1 and "does not exist" in bad.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["name"] == "synthetic"

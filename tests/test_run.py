@@ -1,0 +1,208 @@
+"""The study end to end on a reduced grid: tiny random-init built-in models, small Fashion-MNIST subsets.
+
+The built-in models are written into a temporary directory (``builtin_dir`` is monkeypatched; the killed-run
+test starts a subprocess that patches it the same way), so no test depends on the shipped weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("qkvprobe.protocols.classification", reason="waiting for the protocols module")
+
+from qkvprobe.config import load_config, validate_config
+from qkvprobe.errors import ConfigError
+from qkvprobe.results import read_results
+
+TOKENS = ["q", "ffn"]
+
+
+def _make_builtin(directory: Path, name: str, objective: str, seed: int) -> None:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    kwargs = {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 24, "depth": 2, "num_heads": 2,
+              "num_classes": 0, "dynamic_img_size": True}  # fmt: skip
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    path = directory / f"{name}.safetensors"
+    save_file(state, str(path))
+    card = {"name": name, "objective": objective, "timm_model": "vit_tiny_patch16_224", "model_kwargs": kwargs,
+            "data_config": {"mean": [0.5], "std": [0.5], "input_size": [1, 28, 28]},
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "params": 0, "data": "random init (test)",
+            "epochs": 0, "wall_time_s": 0, "hardware": "none", "final_loss": 0.0, "command": "tests", "loss_curve": []}
+    (directory / f"{name}.json").write_text(json.dumps(card))
+
+
+@pytest.fixture(scope="session")
+def builtin_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("builtin")
+    _make_builtin(directory, "tiny-dino", "dino", 0)
+    _make_builtin(directory, "tiny-mae", "mae", 1)
+    return directory
+
+
+def study_config(tmp_path: Path, **changes: object) -> dict:
+    """The default study's structure on a reduced grid (small subsets, few episodes)."""
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text())
+    data.update({
+        "name": "test", "out_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"), "batch_size": 64,
+        "models": ["builtin:tiny-dino", "builtin:tiny-mae"],
+        "datasets": [{"spec": "fashion-mnist?source=bundled", "train_size": 150, "test_size": 60},
+                     {"spec": "fashion-mnist-scenes?source=bundled", "train_size": 40, "test_size": 20}],
+        "tokens": ["q", "ffn"], "c_grid": [0.1, 1.0],
+        "fewshot": {"ways": 3, "shots": [1, 5], "queries": 3, "episodes": 10, "segmentation_episodes": 6},
+        "block_sweep": {"enabled": True, "blocks": "all", "position": "cls"},
+        "report": {"direction_map_images": 2, "max_fit_samples": 2000},
+    })  # fmt: skip
+    data.update(changes)
+    return data
+
+
+@pytest.fixture()
+def patched_builtins(builtin_models: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import qkvprobe.backbones as backbones
+
+    monkeypatch.setattr(backbones, "builtin_dir", lambda: builtin_models)
+    monkeypatch.setenv("QKVPROBE_CACHE", str(builtin_models.parent / "data-cache"))
+    return builtin_models
+
+
+def expected_keys(cfg) -> set[tuple]:
+    """(model, dataset, setting, shots, token, position, rule, block, metric) of every expected row."""
+    keys = set()
+    for m in cfg.models:
+        for d in cfg.datasets:
+            metrics = {"classification": {"standard": ["accuracy"], "fewshot": ["accuracy"]},
+                       "segmentation": {"standard": ["miou", "pixel_accuracy"], "fewshot": ["miou", "fb_iou"]}}[d.task]
+            for setting in cfg.settings:
+                for shots in [0] if setting == "standard" else cfg.fewshot.shots:
+                    for tok in cfg.tokens:
+                        for pos in d.positions:
+                            for rule in cfg.rules:
+                                for metric in metrics[setting]:
+                                    keys.add((m.name, d.spec, setting, shots, tok, pos, rule, 1, metric))
+    return keys
+
+
+class _Html(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict] = []
+        self.imgs: list[dict] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "table":
+            self.tables.append(dict(attrs))
+        elif tag == "img":
+            self.imgs.append(dict(attrs))
+
+
+def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
+    from qkvprobe.study import run_study
+
+    cfg = validate_config(study_config(tmp_path))
+    result = run_study(cfg, progress=False)
+    run_dir = result.run_dir
+    rows = read_results(run_dir / "results.csv")
+    keys = {(r.model, r.dataset, r.setting, r.shots, r.token, r.position, r.rule, r.block, r.metric) for r in rows}
+    missing = expected_keys(cfg) - keys
+    assert not missing, sorted(missing)[:5]
+    assert all(0.0 <= r.value <= 1.0 for r in rows)
+    assert len({r.key() for r in rows}) == len(rows)
+    # block sweep: the first model, cls, blocks 0 and 1 for every token and rule
+    sweep = {(r.token, r.rule) for r in rows if r.model == "builtin:tiny-dino" and r.block == 0}
+    assert sweep == {(t, ru) for t in TOKENS for ru in ("hyperplane", "cosine")}
+    assert not any(r.model == "builtin:tiny-mae" and r.block == 0 for r in rows)
+
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["episodes_seed"] == 0
+    assert info["config"]["fewshot"]["episodes"] == 10 and info["versions"]["torch"]
+    assert info["main_blocks"] == {"builtin:tiny-dino": [1], "builtin:tiny-mae": [1]}
+    assert any("bundled" in s for s in info["data_sources"].values()) and info["timings"]["total_s"] > 0
+    directions = json.loads((run_dir / "directions.json").read_text())["entries"]
+    assert {(e["model"], e["dataset"], e["token"]) for e in directions} == {
+        (m, d, t) for m in ("builtin:tiny-dino", "builtin:tiny-mae")
+        for d in ("fashion-mnist?source=bundled", "fashion-mnist-scenes?source=bundled") for t in TOKENS}
+    assert all(-1.0 <= c <= 1.0 for e in directions for c in e["cosine"])
+    assert len(list((run_dir / "maps").glob("*.npz"))) == 2 * len(TOKENS)
+    assert json.loads((run_dir / "paired.json").read_text())["tests"]
+
+    html = _Html()
+    html.feed((run_dir / "report.html").read_text())
+    assert len([t for t in html.tables if "heatmap" in t.get("class", "") and "directions" not in t["class"]]) == 2 * 2 * 3
+    assert html.imgs and all((run_dir / i["data-file"]).is_file() and i["src"].startswith("data:image/png;base64,")
+                             for i in html.imgs)  # fmt: skip
+    assert any("sweep" in i["data-file"] for i in html.imgs) and any("map__" in i["data-file"] for i in html.imgs)
+    assert result.summary.row_count == 2 * 2 * 3 * 2
+
+    # a second run resumes: every unit is skipped, the table is unchanged
+    again = run_study(cfg, progress=False)
+    assert again.skipped_units > 0 and len(read_results(run_dir / "results.csv")) == len(rows)
+
+
+def test_changed_config_is_refused_without_fresh(tmp_path: Path, patched_builtins: Path) -> None:
+    from qkvprobe.study import run_study
+
+    small = study_config(tmp_path, datasets=[{"spec": "fashion-mnist?source=bundled", "train_size": 150, "test_size": 30}],
+                         settings=["standard"], tokens=["ffn"], rules=["cosine"], models=["builtin:tiny-dino"],
+                         block_sweep={"enabled": False}, report={"enabled": False})  # fmt: skip
+    run_study(validate_config(small), progress=False)
+    small["seed"] = 3
+    with pytest.raises(ConfigError, match=r"holds results of a different config .* pass --fresh"):
+        run_study(validate_config(small), progress=False)
+    result = run_study(validate_config(small), fresh=True, progress=False)
+    assert {r.seed for r in result.rows} == {3}
+
+
+def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, builtin_models: Path) -> None:
+    config = tmp_path / "study.yaml"
+    # one model, no sweep, no report: resuming is about units and rows, and the test must stay quick
+    data = study_config(tmp_path, models=["builtin:tiny-dino"], block_sweep={"enabled": False}, report={"enabled": False})
+    data["datasets"] = data["datasets"][:1]
+    config.write_text(yaml.safe_dump(data))
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        import qkvprobe.backbones as backbones
+        backbones.builtin_dir = lambda: Path({str(builtin_models)!r})
+        from qkvprobe.cli import main
+        main(sys.argv[1:])
+    """)
+    env = {**os.environ, "QKVPROBE_CACHE": str(builtin_models.parent / "data-cache")}
+    cmd = [sys.executable, "-c", script, "run", str(config), "--quiet"]
+    results = tmp_path / "runs" / "test" / "results.csv"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not results.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert results.exists(), "the run ended before writing its first rows"
+    first = read_results(results)
+    progress = json.loads((tmp_path / "runs" / "test" / "progress.json").read_text())["done"] if (
+        tmp_path / "runs" / "test" / "progress.json").exists() else []
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    assert len(progress) < 3, progress  # killed before its last unit
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = read_results(results)
+    assert len({r.key() for r in rows}) == len(rows)  # no duplicates
+    assert {r.key() for r in first} <= {r.key() for r in rows}  # finished rows kept
+    cfg = load_config(config)
+    keys = {(r.model, r.dataset, r.setting, r.shots, r.token, r.position, r.rule, r.block, r.metric) for r in rows}
+    assert expected_keys(cfg) <= keys
+    assert json.loads((tmp_path / "runs" / "test" / "run.json").read_text())["resumed"] is True

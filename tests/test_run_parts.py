@@ -1,0 +1,98 @@
+"""Parts of the study that need no model: progress state, subsampling, side-file maths, paired verdicts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkvprobe.config import DatasetConfig
+from qkvprobe.errors import ConfigError
+from qkvprobe.results import ResultRow
+from qkvprobe.study.data import scenes_spec, subset_indices
+from qkvprobe.study.sides import direction_cosines, lookup_C, paired_verdicts
+from qkvprobe.study.state import Progress, unit_id
+
+
+def test_progress_binds_run_dir_to_config(tmp_path: Path) -> None:
+    p = Progress(tmp_path, "aaa")
+    assert not p.resumed and (tmp_path / "progress.json").exists()
+    assert Progress(tmp_path, "aaa").resumed  # bound before any unit finished: a restart resumes
+    uid = unit_id("evaluate", model="m", shots=1)
+    assert uid == unit_id("evaluate", shots=1, model="m")  # order-independent
+    p.mark(uid)
+    p.mark(uid)
+    again = Progress(tmp_path, "aaa")
+    assert again.resumed and again.done == [uid] and again.is_done(uid)
+    with pytest.raises(ConfigError, match=r"holds results of a different config \(fingerprint aaa vs bbb\); pass --fresh"):
+        Progress(tmp_path, "bbb")
+    (tmp_path / "results.csv").write_text("x")
+    (tmp_path / "notes.txt").write_text("mine")
+    fresh = Progress(tmp_path, "bbb", fresh=True)
+    assert not fresh.resumed and not (tmp_path / "results.csv").exists() and (tmp_path / "notes.txt").exists()
+
+
+def test_stratified_subset_is_seeded_and_balanced() -> None:
+    labels = np.repeat(np.arange(10), 600)
+    a = subset_indices(len(labels), 1000, 0, labels)
+    assert a is not None and len(a) == 1000 and len(np.unique(a)) == 1000 and (np.diff(a) > 0).all()
+    assert (np.bincount(labels[a]) == 100).all()
+    assert np.array_equal(a, subset_indices(len(labels), 1000, 0, labels))
+    assert not np.array_equal(a, subset_indices(len(labels), 1000, 1, labels))
+    uneven = np.array([0] * 7 + [1] * 3)
+    assert len(subset_indices(10, 5, 0, uneven)) == 5
+    assert subset_indices(100, None, 0) is None and subset_indices(100, 100, 0) is None
+
+
+def test_scenes_are_generated_at_the_configured_size() -> None:
+    cfg = DatasetConfig(spec="fashion-mnist-scenes", train_size=100, test_size=20)
+    assert scenes_spec(cfg) == "fashion-mnist-scenes?train=100&test=20"
+    cfg = DatasetConfig(spec="fashion-mnist-scenes?source=bundled&test=5", train_size=100, test_size=20)
+    assert scenes_spec(cfg) == "fashion-mnist-scenes?source=bundled&test=5&train=100"
+    assert scenes_spec(DatasetConfig(spec="fashion-mnist-scenes")) == "fashion-mnist-scenes"
+
+
+def test_direction_cosines_match_a_numpy_reference() -> None:
+    from qkvprobe.rules import CosineRule, HyperplaneRule
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120)
+    X = rng.normal(size=(2, 120, 8)) + 3 * np.eye(8)[y][None]
+    classes, cos = direction_cosines(X.astype(np.float32), y, [1.0, 0.1])
+    assert classes.tolist() == [0, 1, 2] and cos.shape == (2, 3)
+    for g, C in enumerate([1.0, 0.1]):
+        w = HyperplaneRule(C=C).fit(X[g], y).coef_
+        mu = CosineRule().fit(X[g], y).directions_
+        ref = np.sum(w * mu, 1) / np.linalg.norm(w, axis=1) / np.linalg.norm(mu, axis=1)
+        assert np.allclose(cos[g], ref, atol=2e-2)
+    assert (cos > 0.5).all()  # well-separated classes: both rules look the same way
+
+
+def _row(token: str, rule: str, value: float, C: float = math.nan) -> ResultRow:
+    return ResultRow("m", "dino", "d", "classification", "fewshot", 1, token, "cls", rule, 5, 1, 50, "accuracy",
+                     value, 0.01, 0, C)  # fmt: skip
+
+
+def test_paired_verdicts_between_top_choices() -> None:
+    rng = np.random.default_rng(0)
+    rows = [_row("v", "cosine", 0.9), _row("q", "cosine", 0.89), _row("k", "cosine", 0.5)]
+
+    from qkvprobe.protocols.classification import Evaluation
+
+    per_episode = {("v", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50), ("q", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
+                   ("k", "cls", "cosine", 1): rng.uniform(0.3, 0.6, 50)}  # fmt: skip
+
+    tests = paired_verdicts(rows, Evaluation(rows, per_episode=per_episode), None)
+    assert [(t["a"]["token"], t["b"]["token"]) for t in tests] == [("v", "q"), ("v", "k")]
+    assert tests[0]["verdict"] == "no significant difference" and tests[1]["verdict"].startswith("A better")
+    assert tests[1]["test"] == "wilcoxon" and tests[1]["p_value"] < 0.05
+    assert paired_verdicts(rows[:1], Evaluation(rows[:1]), None) == []
+
+
+def test_lookup_C_takes_the_protocols_choice() -> None:
+    rows = [ResultRow("m", "dino", "d", "classification", "standard", 1, "v", "cls", "hyperplane", 0, 0, 0,
+                      "accuracy", 0.8, math.nan, 0, 0.01)]  # fmt: skip
+    assert lookup_C(rows, "m", "d", "v", "cls", 1) == 0.01
+    assert lookup_C(rows, "m", "d", "q", "cls", 1) == 1.0
