@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("qkvprobe.protocols.classification", reason="waiting for the protocols module")
-
 from qkvprobe.config import load_config, validate_config
 from qkvprobe.errors import ConfigError
 from qkvprobe.results import read_results
