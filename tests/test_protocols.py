@@ -26,6 +26,15 @@ from qkvprobe.rules import CosineRule, HyperplaneRule
 GRID, PATCH = (4, 4), 4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: on a busy machine, spinning intra-op threads make every solver step many times slower."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
 class FakeStore:
     """In-memory stand-in for qkvprobe.features.store.FeatureStore (read API only)."""
 
@@ -254,3 +263,62 @@ def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     assert bad.exit_code == 1 and "--blocks must be comma-separated integers" in bad.output
     bad = CliRunner().invoke(get_app(), ["evaluate", "--test-store", str(tmp_path / "te")])
     assert bad.exit_code == 1 and "--train-store and --test-store" in bad.output
+
+
+def test_standard_C_sweep_spread_over_ranks(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C grid split round-robin over ranks and merged gives the single-process choice and accuracy."""
+    import torch.distributed as dist
+
+    from qkvprobe.protocols import classification as cls
+
+    Xtr, ytr = cls_data(240, 1)
+    Xte, yte = cls_data(120, 2)
+    Cs = (1e-4, 1e-3, 0.01, 0.1, 1.0)
+    alone = standard_classification([Xtr, 2 * Xtr], ytr, [Xte, 2 * Xte], yte, rule="hyperplane", Cs=Cs)
+    # A real (gloo, one-process) group: the sweep goes through shard_for_rank and all_gather_objects.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        grouped = standard_classification([Xtr, 2 * Xtr], ytr, [Xte, 2 * Xte], yte, rule="hyperplane", Cs=Cs)
+    finally:
+        dist.destroy_process_group()
+    # Two ranks, simulated: this process is rank 0; rank 1's share is swept here when rank 0 gathers.
+    sweeps, shares = [], []
+    real_sweep, real_shard = cls._c_sweep, cls.shard_for_rank
+
+    def sweep(*args):
+        sweeps.append(args)
+        return real_sweep(*args)
+
+    def gather(obj):
+        args = sweeps[-1]
+        return [obj, real_sweep(*args[:5], real_shard(Cs, 1, 2), args[6])]
+
+    monkeypatch.setattr(cls, "_group_size", lambda: 2)
+    monkeypatch.setattr(cls, "_c_sweep", sweep)
+    monkeypatch.setattr(cls, "all_gather_objects", gather)
+    monkeypatch.setattr(cls, "shard_for_rank", lambda items: shares.append(list(items)) or list(items)[0::2])
+    spread = standard_classification([Xtr, 2 * Xtr], ytr, [Xte, 2 * Xte], yte, rule="hyperplane", Cs=Cs)
+    assert shares == [list(Cs)] and [a[5] for a in sweeps] == [[1e-4, 0.01, 1.0]]
+    for a, b, c in zip(alone, grouped, spread, strict=True):
+        assert a.C == b.C == c.C and a.accuracy == b.accuracy
+        assert abs(a.accuracy - c.accuracy) <= 1 / len(yte)  # other warm starts: equal up to the solver tolerance
+        assert list(c.val_accuracy) == list(Cs)
+        np.testing.assert_allclose(list(c.val_accuracy.values()), list(a.val_accuracy.values()), atol=1 / 24)
+
+
+def test_fewshot_cosine_any_support_order_and_unequal_shots() -> None:
+    """The cosine fast path (label-sorted support, K rows per class) and the general path (unequal counts)
+    both equal per-episode CosineRule fits."""
+    Xtr, ytr = cls_data(120, 3)
+    Xte, yte = cls_data(60, 4)
+    ep = episodes(ytr, yte, shots=3)
+    rng = np.random.default_rng(1)
+    perm = np.stack([rng.permutation(ep.support.shape[1]) for _ in ep.support])  # shuffled support rows
+    support, labels = np.take_along_axis(ep.support, perm, 1), np.take_along_axis(ep.support_labels, perm, 1)
+    unequal = labels.copy()
+    unequal[:, 0] = (unequal[:, 0] + 1) % 3  # one row relabelled: 4 + 2 rows for two classes
+    for lab in (labels, unequal):
+        res = fewshot_classification(Xtr, Xte, ep.classes, support, lab, ep.query, ep.query_labels, rule="cosine")
+        ref = [CosineRule().fit(Xtr[support[e]], lab[e]).score(Xte[ep.query[e]], ep.query_labels[e])
+               for e in range(len(support))]  # fmt: skip
+        np.testing.assert_allclose(res.per_episode, ref)

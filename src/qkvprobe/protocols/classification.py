@@ -6,7 +6,9 @@ Standard protocol (after DINOv2's log_regression): a stratified ``VAL_FRACTION``
 for every C of ``C_GRID`` (ascending, each solve warm-started from the previous C), the C with the best
 held-out accuracy is kept (ties → the smaller C), and the rule is refitted on the whole training split with
 it. The cosine rule has no hyper-parameter and is fitted on the whole training split. All token types that
-share a feature width are solved together as one batched problem.
+share a feature width are solved together as one batched problem. Under ``torchrun`` (an initialised process
+group) the C grid is split round-robin over the ranks (``shard_for_rank``) and the held-out scores and solutions
+are merged with ``all_gather_objects``, so every rank chooses the same C; alone, nothing changes.
 
 Few-shot protocol: every episode's rule is fitted on its support set and scored on its queries; the hyperplane
 rule uses ``FEWSHOT_C`` (no validation data exists in a 1-shot episode). Episodes are solved in batches;
@@ -25,8 +27,10 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from ..errors import FeatureError, RuleError
+from ..features.distributed import all_gather_objects, shard_for_rank
 from ..results import ResultRow
 from ..rules._checks import as_features, check_C
+from ..rules.cosine import EPS as COS_EPS
 from ..rules.cosine import cosine_directions, cosine_scores
 from ..rules.hyperplane import (
     SpanReduction,
@@ -52,6 +56,8 @@ FEWSHOT_C = 1.0
 EPISODE_BATCH = 2000
 #: Episodes gathered at a time (their support/query features stay in cache).
 CACHE_EPISODES = 32
+#: Bytes of support + query rows gathered per chunk by the few-shot cosine rule (fits in L2/L3 cache).
+COSINE_CHUNK_BYTES = 4 * 1024**2
 #: Byte budget of one standard-protocol batch of token types in the solver's dtype.
 STANDARD_BATCH_BYTES = 1024**3
 
@@ -89,6 +95,14 @@ class Evaluation(list):
     @property
     def rows(self) -> list[ResultRow]:
         return list(self)
+
+
+def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Features (numpy, memmap or torch) → ``dtype`` on ``device``. Store arrays are read-only memmaps, which
+    torch.as_tensor would wrap with a warning; torch.tensor copies (a cast copies anyway)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, dtype)
+    return torch.tensor(np.asarray(x), dtype=dtype, device=device)
 
 
 def _encode(y_train: np.ndarray, y_test: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,8 +150,8 @@ def standard_classification(
     for members in groups.values():
         for lo in range(0, len(members), batch):
             ids = members[lo : lo + batch]
-            Xtr = torch.stack([torch.as_tensor(np.asarray(train[g])).to(dev, dt) for g in ids])
-            Xte = torch.stack([torch.as_tensor(np.asarray(test[g])).to(dev, dt) for g in ids])
+            Xtr = torch.stack([_as_tensor(train[g], dev, dt) for g in ids])
+            Xte = torch.stack([_as_tensor(test[g], dev, dt) for g in ids])
             for g, res in zip(ids, _standard_batch(Xtr, ytr, Xte, yte, K, rule, Cs, val_fraction, seed,
                                                    max_iter, tol), strict=True):  # fmt: skip
                 results[g] = StandardResult(res[0], res[1], res[2], classes[res[3]])
@@ -160,13 +174,18 @@ def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: 
     opts = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
     fit_idx, val_idx = train_test_split(np.arange(len(ytr)), test_size=val_fraction, stratify=ytr, random_state=seed)
     fit_idx, val_idx = torch.as_tensor(np.sort(fit_idx), device=dev), torch.as_tensor(np.sort(val_idx), device=dev)
-    path = fit_hyperplane_path(Xtr[:, fit_idx], y_all[:, fit_idx], K, Cs, **opts)
-    yval = y_all[:, val_idx]
-    val_acc = torch.stack([(hyperplane_scores(Xtr[:, val_idx], c, b).argmax(2) == yval).double().mean(1)
-                           for c, b, _ in path], 1)  # [G, len(Cs)]  # fmt: skip
+    # Under torchrun (an initialised process group) every rank sweeps its round-robin share of the grid and the
+    # shares are merged: all ranks then hold the whole sweep and make the same choice. Alone: the whole grid.
+    if _group_size() > 1:
+        parts = all_gather_objects(_c_sweep(Xtr, y_all, fit_idx, val_idx, K, shard_for_rank(Cs), opts))
+    else:
+        parts = [_c_sweep(Xtr, y_all, fit_idx, val_idx, K, Cs, opts)]
+    sweep = sorted(((C, part["val"][:, j], part["coef"][j], part["intercept"][j])
+                    for part in parts for j, C in enumerate(part["Cs"])), key=lambda item: item[0])  # fmt: skip
+    val_acc = torch.as_tensor(np.stack([v for _, v, _, _ in sweep], 1))  # [G, len(Cs)]
     best = val_acc.argmax(1)  # first maximum = smallest C among ties
-    coef0 = torch.stack([path[int(j)][0][g] for g, j in enumerate(best)])
-    b0 = torch.stack([path[int(j)][1][g] for g, j in enumerate(best)])
+    coef0 = torch.stack([sweep[int(j)][2][g] for g, j in enumerate(best)]).to(dev)
+    b0 = torch.stack([sweep[int(j)][3][g] for g, j in enumerate(best)]).to(dev)
     C_best = torch.tensor([Cs[int(j)] for j in best], dtype=Xtr.dtype, device=dev)
     coef, intercept, _, _ = fit_hyperplane_batched(Xtr, y_all, K, C_best, coef_init=coef0, intercept_init=b0,
                                                    reduce=False, **opts)  # fmt: skip
@@ -174,6 +193,27 @@ def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: 
     va = val_acc.cpu().numpy()
     return [(float(np.mean(pred[g] == yte)), Cs[int(best[g])], dict(zip(Cs, va[g].tolist(), strict=True)), pred[g])
             for g in range(G)]  # fmt: skip
+
+
+def _group_size() -> int:
+    """World size of an initialised process group; 1 without one (env vars alone do not spread the sweep)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _c_sweep(Xtr: torch.Tensor, y_all: torch.Tensor, fit_idx: torch.Tensor, val_idx: torch.Tensor, K: int,
+             Cs: Sequence[float], opts: dict) -> dict:  # fmt: skip
+    """Warm-started path over ``Cs`` (ascending) on the fit rows → held-out accuracy ``val [G, len(Cs)]`` and the
+    solutions (on the CPU, so they can be gathered from other ranks)."""
+    if not Cs:  # more ranks than C values
+        return {"Cs": [], "val": np.zeros((Xtr.shape[0], 0)), "coef": [], "intercept": []}
+    path = fit_hyperplane_path(Xtr[:, fit_idx], y_all[:, fit_idx], K, Cs, **opts)
+    yval = y_all[:, val_idx]
+    val = torch.stack([(hyperplane_scores(Xtr[:, val_idx], c, b).argmax(2) == yval).double().mean(1)
+                       for c, b, _ in path], 1)  # fmt: skip
+    return {"Cs": list(Cs), "val": val.cpu().numpy(), "coef": [c.cpu() for c, _, _ in path],
+            "intercept": [b.cpu() for _, b, _ in path]}  # fmt: skip
 
 
 def _check_episodes(support: np.ndarray, support_labels: np.ndarray, query: np.ndarray, query_labels: np.ndarray,
@@ -222,8 +262,8 @@ def fewshot_classification(
     # Features are gathered and projected in float32 (CPU and GPU): only argmaxes of scores depend on them,
     # and the hyperplane's reduced n×n problems are solved in the solver dtype (float64 on CPU) anyway.
     dt = dtype or torch.float32
-    Ftr = torch.as_tensor(np.asarray(train_features)).to(dev, dt)
-    Fte = torch.as_tensor(np.asarray(test_features)).to(dev, dt)
+    Ftr = _as_tensor(train_features, dev, dt)
+    Fte = _as_tensor(test_features, dev, dt)
     ways = int(support_labels.max()) + 1
     opts = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
     s_idx, q_idx = torch.as_tensor(support, device=dev), torch.as_tensor(query, device=dev)
@@ -232,13 +272,7 @@ def fewshot_classification(
     # Gathered episode features are touched in cache-sized slices of `CACHE_EPISODES` (gathering all queries
     # of 10 000 episodes at once would write ~1 GB); the L-BFGS runs on all reduced problems of a batch.
     if rule == "cosine":
-        Fte = torch.nn.functional.normalize(Fte, dim=1)  # once, not per gathered query
-        correct = []
-        for lo in range(0, E, CACHE_EPISODES):
-            sl = slice(lo, lo + CACHE_EPISODES)
-            mu = torch.nn.functional.normalize(cosine_directions(Ftr[s_idx[sl]], ys[sl], ways), dim=2)
-            correct.append((torch.bmm(Fte[q_idx[sl]], mu.transpose(1, 2)).argmax(2) == yq[sl]).sum(1))
-        acc = (torch.cat(correct).double() / query.shape[1]).cpu().numpy()
+        acc = _fewshot_cosine(Ftr, Fte, s_idx, ys, q_idx, yq, ways).cpu().numpy()
         mean, ci = mean_ci95(acc)
         return FewshotResult(acc, mean, ci)
     solve_dt = default_dtype(device)
@@ -247,17 +281,52 @@ def fewshot_classification(
         hi = min(E, lo + batch)
         slices = [slice(a, min(hi, a + CACHE_EPISODES)) for a in range(lo, hi, CACHE_EPISODES)]
         ones = torch.ones(support.shape[1], dtype=dt, device=dev)
-        reds = [span_reduce(Ftr[s_idx[sl]], ones.expand(sl.stop - sl.start, -1), solve_dt) for sl in slices]
+        reds = [span_reduce(_rows(Ftr, s_idx[sl]), ones.expand(sl.stop - sl.start, -1), solve_dt) for sl in slices]
         red = SpanReduction(*(torch.cat([getattr(r, f) for r in reds]) for f in ("X", "proj", "mean")))
         C_t = torch.full((hi - lo,), C, dtype=solve_dt, device=dev)
         W, _, _ = solve_logistic(red.X, ys[lo:hi], ways, C_t, torch.ones_like(red.X[..., 0]), diagonal=True, **opts)
         for sl, r in zip(slices, reds, strict=True):
             part = slice(sl.start - lo, sl.stop - lo)
-            coef, intercept = span_expand(r, Ftr[s_idx[sl]], ones.expand(sl.stop - sl.start, -1), W[part])
-            scores = hyperplane_scores(Fte[q_idx[sl]], coef, intercept)
+            coef, intercept = span_expand(r, _rows(Ftr, s_idx[sl]), ones.expand(sl.stop - sl.start, -1), W[part])
+            scores = hyperplane_scores(_rows(Fte, q_idx[sl]), coef, intercept)
             acc[sl] = (scores.argmax(2) == yq[sl]).to(torch.float64).mean(1).cpu().numpy()
     mean, ci = mean_ci95(acc)
     return FewshotResult(acc, mean, ci)
+
+
+def _rows(F: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``F[idx]`` for ``idx [E, m]`` → ``[E, m, D]``; index_select on the flat indices is several times faster
+    than advanced indexing on CPU."""
+    return F.index_select(0, idx.reshape(-1)).view(*idx.shape, F.shape[1])
+
+
+def _fewshot_cosine(Ftr: torch.Tensor, Fte: torch.Tensor, s_idx: torch.Tensor, ys: torch.Tensor, q_idx: torch.Tensor,
+                    yq: torch.Tensor, ways: int) -> torch.Tensor:  # fmt: skip
+    """Per-episode accuracy ``[E]`` of the cosine rule. Both splits are normalised once; per chunk of episodes only
+    the chunk's support and query rows are gathered (a chunk's queries stay in cache: gathering the queries of all
+    episodes at once would write ~1 GB for 10 000 episodes and dominate the run)."""
+    Ftr = torch.nn.functional.normalize(Ftr, dim=1, eps=COS_EPS)
+    Fte = torch.nn.functional.normalize(Fte, dim=1, eps=COS_EPS)
+    E, NK = s_idx.shape
+    NQ, D = q_idx.shape[1], Ftr.shape[1]
+    # With K rows of every class (the samplers' layout, up to order), a class sum is a reshape + sum over a
+    # label-sorted support: several times faster than the one-hot matmul that handles unequal counts.
+    order = torch.sort(ys, dim=1, stable=True).indices
+    s_sorted, ys_sorted = s_idx.gather(1, order), ys.gather(1, order)
+    equal = NK % ways == 0 and bool((ys_sorted == torch.arange(ways, device=ys.device).repeat_interleave(NK // ways)).all())
+    step = max(1, COSINE_CHUNK_BYTES // ((NQ + NK) * D * Fte.element_size()))
+    correct = torch.empty(E, dtype=torch.int64, device=Fte.device)
+    for lo in range(0, E, step):
+        hi = min(E, lo + step)
+        S = _rows(Ftr, s_sorted[lo:hi])
+        if equal:
+            mu = S.view(hi - lo, ways, NK // ways, D).sum(2)
+        else:
+            mu = torch.nn.functional.one_hot(ys_sorted[lo:hi], ways).to(S.dtype).transpose(1, 2) @ S
+        mu = torch.nn.functional.normalize(mu, dim=2, eps=COS_EPS)  # the mean's 1/K does not change a cosine
+        Q = _rows(Fte, q_idx[lo:hi])
+        correct[lo:hi] = (torch.bmm(Q, mu.transpose(1, 2)).argmax(2) == yq[lo:hi]).sum(1)
+    return correct.double() / NQ
 
 
 # -- feature stores ---------------------------------------------------------------------------------------

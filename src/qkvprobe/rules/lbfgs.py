@@ -117,18 +117,34 @@ def minimize_lbfgs(
             rho[bad] = 0.0
 
         # Armijo backtracking from the unit (quasi-Newton) step, per problem.
-        t = torch.ones(len(w), dtype=dt, device=dev)
         searching = active.clone()
-        w_new, f_new, g_new = w.clone(), f.clone(), g.clone()
-        for _ in range(max_ls):
-            trial = w + t[:, None] * d
-            ft, gt = objective.value_grad(trial)
-            ok = searching & (ft <= f + 1e-4 * t * gd)  # NaN compares False → backtrack
-            w_new[ok], f_new[ok], g_new[ok] = trial[ok], ft[ok], gt[ok]
-            searching &= ~ok
-            if not bool(searching.any()):
-                break
-            t = torch.where(searching, 0.5 * t, t)
+        trial = w + d
+        ft, gt = objective.value_grad(trial)
+        ok = searching & (ft <= f + 1e-4 * gd)  # NaN compares False → backtrack
+        # torch.where, not masked assignment: index_put with a boolean mask costs several times more here.
+        w_new = torch.where(ok[:, None], trial, w)
+        f_new = torch.where(ok, ft, f)
+        g_new = torch.where(ok[:, None], gt, g)
+        searching &= ~ok
+        if bool(searching.any()):
+            # Usually few problems backtrack: shorter steps are evaluated on those problems only.
+            sub = searching.nonzero().squeeze(1)
+            sub_objective = objective.select(sub) if len(sub) < len(w) else objective
+            ws, ds, fs, gds = w[sub], d[sub], f[sub], gd[sub]
+            wn, fn, gn, looking = w_new[sub], f_new[sub], g_new[sub], searching[sub]
+            ts = torch.full_like(fs, 0.5)
+            for _ in range(max_ls - 1):
+                trial = ws + ts[:, None] * ds
+                ft, gt = sub_objective.value_grad(trial)
+                ok = looking & (ft <= fs + 1e-4 * ts * gds)
+                wn = torch.where(ok[:, None], trial, wn)
+                fn = torch.where(ok, ft, fn)
+                gn = torch.where(ok[:, None], gt, gn)
+                looking &= ~ok
+                if not bool(looking.any()):
+                    break
+                ts = torch.where(looking, 0.5 * ts, ts)
+            w_new[sub], f_new[sub], g_new[sub], searching[sub] = wn, fn, gn, looking
         failed = searching
         accepted = active & ~failed
 
