@@ -322,3 +322,11 @@ def test_fewshot_cosine_any_support_order_and_unequal_shots() -> None:
         ref = [CosineRule().fit(Xtr[support[e]], lab[e]).score(Xte[ep.query[e]], ep.query_labels[e])
                for e in range(len(support))]  # fmt: skip
         np.testing.assert_allclose(res.per_episode, ref)
+
+
+def test_standard_held_out_split_too_small_for_classes() -> None:
+    Xtr, ytr = cls_data(240, 1)
+    Xte, yte = cls_data(120, 2)
+    few = np.concatenate([np.flatnonzero(ytr == c)[:3] for c in np.unique(ytr)])  # 3 per class: 10 % < K
+    with pytest.raises(RuleError, match="held-out split of .* cannot hold all"):
+        standard_classification([Xtr[few]], ytr[few], [Xte], yte, rule="hyperplane", Cs=(1.0,))

@@ -172,6 +172,15 @@ def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: 
     if not Cs:
         raise RuleError("the C grid is empty; pass at least one C value")
     opts = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
+    num_val = math.ceil(val_fraction * len(ytr))
+    counts = np.bincount(ytr)
+    if num_val < K or counts.min() < 2:
+        # sklearn's own message for this case is a multi-line ValueError about test_size; say what to change.
+        raise RuleError(
+            f"the stratified {val_fraction:.0%} held-out split of {len(ytr)} training samples cannot hold all {K} "
+            f"classes (held out: {num_val}, smallest class: {counts.min()} samples); use more training samples "
+            f"(at least {math.ceil(K / val_fraction)} and 2 per class)"
+        )
     fit_idx, val_idx = train_test_split(np.arange(len(ytr)), test_size=val_fraction, stratify=ytr, random_state=seed)
     fit_idx, val_idx = torch.as_tensor(np.sort(fit_idx), device=dev), torch.as_tensor(np.sort(val_idx), device=dev)
     # Under torchrun (an initialised process group) every rank sweeps its round-robin share of the grid and the
