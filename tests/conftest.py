@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,6 +17,19 @@ os.environ.setdefault("QKVPROBE_OFFLINE", "1")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep every cache (Scenes arrays, feature stores, downloads) of a test session out of the user's home."""
     os.environ["QKVPROBE_CACHE"] = str(tmp_path_factory.mktemp("qkvprobe-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for the whole session: the tests' problems are tiny, and on a shared 2-core machine
+    spinning torch/BLAS threads made single solver steps and forward passes 10-80x slower."""
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -26,16 +26,6 @@ from qkvprobe.backbones import list_models
 from qkvprobe.backbones.specs import objective_of
 from qkvprobe.errors import ModelError, SpecError, WeightsError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine thread spinning costs 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4)
 HF_MODELS = {
     "vit": (ViTModel, lambda: ViTConfig(**TINY, intermediate_size=64)),

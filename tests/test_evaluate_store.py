@@ -27,13 +27,6 @@ TOKENS = ("q", "k", "v", "ffn")
 PER_CLASS_TRAIN = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: on a busy machine, spinning intra-op threads make every solver step many times slower."""
-    with threadpool_limits(1):
-        yield
-
-
 class Subset(Dataset):
     """The first rows of a dataset; its own fingerprint, so a store of the subset is keyed on the selection."""
 

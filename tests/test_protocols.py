@@ -26,15 +26,6 @@ from qkvprobe.rules import CosineRule, HyperplaneRule
 GRID, PATCH = (4, 4), 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: on a busy machine, spinning intra-op threads make every solver step many times slower."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        yield
-
-
 class FakeStore:
     """In-memory stand-in for qkvprobe.features.store.FeatureStore (read API only)."""
 
@@ -328,5 +319,5 @@ def test_standard_held_out_split_too_small_for_classes() -> None:
     Xtr, ytr = cls_data(240, 1)
     Xte, yte = cls_data(120, 2)
     few = np.concatenate([np.flatnonzero(ytr == c)[:3] for c in np.unique(ytr)])  # 3 per class: 10 % < K
-    with pytest.raises(RuleError, match="held-out split of .* cannot hold all"):
+    with pytest.raises(RuleError, match=r"held-out split of .* cannot hold all"):
         standard_classification([Xtr[few]], ytr[few], [Xte], yte, rule="hyperplane", Cs=(1.0,))

@@ -14,13 +14,6 @@ from qkvprobe.errors import FeatureError, NotFittedError, RuleError
 from qkvprobe.rules import CosineRule, HyperplaneRule, fit_hyperplane_batched, fit_hyperplane_path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: on a busy machine, spinning intra-op threads make every solver step many times slower."""
-    with threadpool_limits(1):
-        yield
-
-
 def blobs(n: int, dim: int, num_classes: int, seed: int = 0, offset: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
     """Overlapping Gaussian classes with a common offset (raw-feature-like, not separable)."""
     rng = np.random.default_rng(seed)

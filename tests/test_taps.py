@@ -12,16 +12,6 @@ from qkvprobe.backbones.timm_backbone import TimmBackbone
 from qkvprobe.errors import DataError, FeatureError, ModelError, QkvprobeError
 from qkvprobe.taps import select_positions
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine thread spinning costs 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 ATOL = 1e-4  # float32 on CPU, outputs of order 1: fused SDPA vs explicit softmax differ by ~1e-6
 
 

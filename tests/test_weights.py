@@ -17,16 +17,6 @@ from qkvprobe import load_backbone
 from qkvprobe.backbones.weights import load_weights, state_dict_digest
 from qkvprobe.errors import WeightsError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine thread spinning costs 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 KWARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=0,
               dynamic_img_size=True)  # fmt: skip
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
