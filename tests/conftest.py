@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +54,25 @@ def tiny_vit() -> torch.nn.Module:
         dynamic_img_size=True,
     )
     return model.eval()
+
+
+def write_tiny_builtin(model: torch.nn.Module, directory: Path, *, name: str = "tiny", mean: float = 0.286,
+                       std: float = 0.353) -> Path:
+    """Save the ``tiny_vit`` fixture as a ``builtin:`` card + float16 safetensors in ``directory`` (the format of
+    ``src/qkvprobe/backbones/builtin``), so tests load it through the real loader."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"{name}.safetensors"
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    card = {
+        "name": name, "objective": "dino", "timm_model": "vit_tiny_patch16_224",
+        "model_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        "data_config": {"mean": [mean], "std": [std], "input_size": [1, 28, 28]},
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }  # fmt: skip
+    (directory / f"{name}.json").write_text(json.dumps(card))
+    return directory
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,7 +5,6 @@ stores, checked against scikit-learn and against metrics recomputed here from th
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
+from conftest import write_tiny_builtin
 from qkvprobe import load_backbone, open_dataset
 from qkvprobe.data import Dataset, sample_classification_episodes, sample_segmentation_episodes
 from qkvprobe.features import extract_features
@@ -50,17 +50,7 @@ class Subset(Dataset):
 def backbone(tiny_vit: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory):
     """The session's tiny random-init timm ViT, written as a ``builtin:`` card + float16 safetensors and loaded
     through the real loader."""
-    from safetensors.torch import save_file
-
-    models = tmp_path_factory.mktemp("builtin")
-    save_file({k: v.half().contiguous() for k, v in tiny_vit.state_dict().items()}, str(models / "tiny.safetensors"))
-    card = {
-        "name": "tiny", "objective": "dino", "timm_model": "vit_tiny_patch16_224",
-        "model_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2},
-        "data_config": {"mean": [0.286], "std": [0.353], "input_size": [1, 28, 28]},
-        "sha256": hashlib.sha256((models / "tiny.safetensors").read_bytes()).hexdigest(),
-    }  # fmt: skip
-    (models / "tiny.json").write_text(json.dumps(card))
+    models = write_tiny_builtin(tiny_vit, tmp_path_factory.mktemp("builtin"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("qkvprobe.backbones.builtin_dir", lambda: models)
         yield load_backbone("builtin:tiny")

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import write_tiny_builtin
 from qkvprobe.cli import get_app
 from qkvprobe.features import FeatureStore
 from test_store import ToyBackbone, single_thread  # noqa: F401
@@ -91,23 +92,9 @@ def test_cli_real_builtin_backbone(
     tmp_path: Path, folder: Path, tiny_vit: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """End to end with the real loader: a ``builtin:`` card + float16 safetensors of the tiny timm ViT."""
-    import hashlib
-    import json
 
-    from safetensors.torch import save_file
 
-    models = tmp_path / "builtin"
-    models.mkdir()
-    save_file(
-        {k: v.half().contiguous() for k, v in tiny_vit.state_dict().items()}, str(models / "tiny.safetensors")
-    )
-    card = {
-        "name": "tiny", "objective": "dino", "timm_model": "vit_tiny_patch16_224",
-        "model_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2},
-        "data_config": {"mean": [0.5], "std": [0.25], "input_size": [1, 28, 28]},
-        "sha256": hashlib.sha256((models / "tiny.safetensors").read_bytes()).hexdigest(),
-    }  # fmt: skip
-    (models / "tiny.json").write_text(json.dumps(card))
+    models = write_tiny_builtin(tiny_vit, tmp_path / "builtin", mean=0.5, std=0.25)
     monkeypatch.setattr("qkvprobe.backbones.builtin_dir", lambda: models)
     result = invoke("--model", "builtin:tiny", "--data", f"imagefolder:{folder}", "--tokens", "k,ffn_norm",
                     "--positions", "avg,patch", "--blocks", "0,-1", "--out", str(tmp_path / "s"), "--batch-size", "4")  # fmt: skip
