@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import yaml
 from qkvprobe.config import load_config, validate_config
 from qkvprobe.errors import ConfigError
 from qkvprobe.results import read_results
+from test_report import _Collector as _Html
 
 TOKENS = ["q", "ffn"]
 
@@ -94,19 +94,6 @@ def expected_keys(cfg) -> set[tuple]:
                                 for metric in metrics[setting]:
                                     keys.add((m.name, d.spec, setting, shots, tok, pos, rule, 1, metric))
     return keys
-
-
-class _Html(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: list[dict] = []
-        self.imgs: list[dict] = []
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag == "table":
-            self.tables.append(dict(attrs))
-        elif tag == "img":
-            self.imgs.append(dict(attrs))
 
 
 def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
