@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from qkvprobe.errors import ConfigError, DataError, SpecError
 from qkvprobe.pretrain import PretrainConfig, pretrain
 from qkvprobe.pretrain.card import sha256_file
-from qkvprobe.pretrain.common import load_train_images
+from qkvprobe.pretrain.common import load_train_images, scene_crops
 from qkvprobe.pretrain.dino import dino_loss, ema_update
 from qkvprobe.pretrain.mae import patchify, random_masking
 
@@ -82,6 +82,27 @@ def test_one_epoch_runs_and_loss_falls(objective: str, data_root: str, tmp_path:
     state = load_file(str(tmp_path / "model.safetensors"))
     assert all(v.dtype == torch.float16 for v in state.values())
     assert not any(k.startswith(("head", "decoder")) for k in state)
+
+
+def test_scene_crops_match_a_per_cell_roll_loop() -> None:
+    """The vectorised canvas builder equals the obvious loop (torch.roll per cell, slice per crop)."""
+    images = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8)
+    got = scene_crops(images, 37, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the same draws, in the same order, as scene_crops
+    idx = torch.randint(0, 50, (37, 4), generator=gen)
+    keep = torch.rand(37, 4, generator=gen) >= 0.25
+    shift = torch.randint(-4, 5, (37, 4, 2), generator=gen)
+    off = torch.randint(0, 29, (37, 2), generator=gen)
+    want = torch.zeros(37, 1, 28, 28, dtype=torch.uint8)
+    for i in range(37):
+        canvas = torch.zeros(1, 56, 56, dtype=torch.uint8)
+        for c in range(4):
+            if keep[i, c]:
+                r, col = divmod(c, 2)
+                g = torch.roll(images[idx[i, c]], shifts=tuple(shift[i, c].tolist()), dims=(1, 2))
+                canvas[:, 28 * r : 28 * r + 28, 28 * col : 28 * col + 28] = g
+        want[i] = canvas[:, off[i, 0] : off[i, 0] + 28, off[i, 1] : off[i, 1] + 28]
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
 
 
 def test_ema_update_is_exact() -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import color_jitter, gaussian_blur, normalize, random_resized_crop, solarize
+from .augment import color_jitter, gaussian_blur, normalize, random_resized_crop, solarize, to_device
 from .common import Objective, PretrainConfig, build_encoder
 
 
@@ -106,7 +106,7 @@ class DINO(Objective):
 
     def step(self, x: torch.Tensor, gen: torch.Generator, it: float, total: int) -> torch.Tensor:
         dev = next(self.encoder.parameters()).device
-        glob, local = self.crops(x.to(dev), gen)
+        glob, local = self.crops(to_device(x, dev), gen)
         g = torch.cat(glob)
         student, teacher = self.modules["student"], self.modules["teacher"]
         with torch.no_grad():

@@ -3,6 +3,7 @@ exact resume, time budget, progress output."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from .common import (
     save_checkpoint,
     validate,
 )
+
+SYNC_EVERY = 20  # steps between reading losses back from an accelerator
 
 
 def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConfig], Objective], *,
@@ -56,7 +59,8 @@ def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConf
     decay = [p for p in params if p.ndim > 1 and p.shape[0] != 1]
     no_decay = [p for p in params if not (p.ndim > 1 and p.shape[0] != 1)]
     opt = torch.optim.AdamW(
-        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
+        fused=device.type == "cuda",  # one kernel for the whole update instead of one per tensor group
     )
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, losses, wall = 0, [], 0.0
@@ -74,7 +78,23 @@ def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConf
         torch.set_rng_state(state["torch_rng"])
         step, losses, wall = state["step"], list(state["losses"]), float(state["wall_time_s"])
 
+    # Losses stay on the device and are read back every SYNC_EVERY steps: reading each step's loss (and
+    # testing it for NaN) makes the CPU wait for the GPU every step, so it can never queue the next step.
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        first = step - len(values)
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise ConfigError(f"loss became {v} at step {first + i}; lower --lr (now {lr:g})")
+        losses.extend(values)
+
     def checkpoint() -> None:
+        flush()
         save_checkpoint(ckpt_path, {
             "config": cfg.identity(), "modules": obj.modules.state_dict(), "optimizer": opt.state_dict(),
             "extra": obj.extra_state(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -110,8 +130,6 @@ def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConf
                     loss = obj.step(x, gen, t, total)
             else:
                 loss = obj.step(x, gen, t, total)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"loss became {loss.item()} at step {step}; lower --lr (now {lr:g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
@@ -119,9 +137,11 @@ def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConf
             opt.step()
             obj.after_step(t, total)
             step += 1
-            losses.append(float(loss.detach()))
+            pending.append(loss.detach().float())
+            if len(pending) >= SYNC_EVERY or device.type == "cpu":
+                flush()
+                progress.update(step, losses[-1], cfg.batch_size, epoch)
             wall = wall0 + time.perf_counter() - t0
-            progress.update(step, losses[-1], cfg.batch_size, epoch)
             if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < total:
                 stopped = f"stopped after {step} of {total} steps (--stop-after-steps)"
             elif cfg.time_budget_min is not None and wall >= cfg.time_budget_min * 60 and step < total:
@@ -136,6 +156,7 @@ def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConf
         checkpoint()
         if stopped:
             break
+    flush()
     progress.close()
     card = write_outputs(
         out, cfg, obj, losses, wall, step, total, steps_per_epoch, len(images), command, stopped
@@ -148,7 +169,7 @@ class _Progress:
 
     def __init__(self, *, enabled: bool, total: int, start: int) -> None:
         self.enabled, self.total, self.t0, self.s0 = enabled, total, time.perf_counter(), start
-        self.bar = None
+        self.bar, self.printed = None, start
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -164,7 +185,8 @@ class _Progress:
         info = f"epoch {epoch} loss {loss:.4f} {rate:.0f} img/s"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
-        elif step % 20 == 0 or step == self.total:
+        elif step - self.printed >= 20 or step == self.total:
+            self.printed = step
             print(f"[{time.strftime('%H:%M:%S')}] step {step}/{self.total} {info}", flush=True)
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .augment import normalize, random_resized_crop
+from .augment import normalize, random_resized_crop, to_device
 from .common import Objective, PretrainConfig, build_encoder
 
 
@@ -21,7 +21,7 @@ def random_masking(num_images: int, num_patches: int, mask_ratio: float, gen: to
     Exactly ``num_patches - int(num_patches * (1 - mask_ratio))`` patches are masked in every image.
     """
     num_keep = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(num_images, num_patches, generator=gen).to(device)
+    noise = to_device(torch.rand(num_images, num_patches, generator=gen), torch.device(device))
     shuffle = noise.argsort(dim=1)
     restore = shuffle.argsort(dim=1)
     mask = torch.ones(num_images, num_patches, device=device)
@@ -91,7 +91,7 @@ class MAE(Objective):
 
     def step(self, x: torch.Tensor, gen: torch.Generator, it: float, total: int) -> torch.Tensor:
         dev = next(self.encoder.parameters()).device
-        x = normalize(random_resized_crop(x.to(dev), 28, (0.35, 1.0), gen))
+        x = normalize(random_resized_crop(to_device(x, dev), 28, (0.35, 1.0), gen))
         target = patchify(x, self.patch)
         keep, restore, mask = random_masking(x.shape[0], target.shape[1], self.cfg.mask_ratio, gen, dev)
         pred = self.decoder(self.encode(x, keep), restore).float()
