@@ -246,7 +246,7 @@ def bench_gpu(n: int = 1_280_000, dim: int = 768, num_classes: int = 1000, max_i
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator(device=dev).manual_seed(0)
     y = torch.randint(0, num_classes, (1, n), device=dev, generator=gen)
-    means = torch.randn(num_classes, dim, device=dev, generator=gen) * 0.3
+    means = torch.randn(num_classes, dim, device=dev, generator=gen) * 0.1  # overlapping classes
     X = means[y] + torch.randn(1, n, dim, device=dev, generator=gen)
     sw = torch.ones(1, n, device=dev)
     C = torch.ones(1, device=dev)

@@ -142,6 +142,11 @@ def test_C_must_be_positive(C: object) -> None:
 def test_hyperplane_on_gpu_matches_cpu() -> None:
     X, y = blobs(400, 16, 4)
     cpu = HyperplaneRule(C=0.5, tol=1e-6).fit(X, y)
-    gpu = HyperplaneRule(C=0.5, tol=1e-6, device="cuda").fit(X, y)  # float32 on accelerators
-    np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=1e-3 * np.abs(cpu.coef_).max())
+    # float64 on the GPU: the same solver, so the same solution up to summation order.
+    gpu64 = HyperplaneRule(C=0.5, tol=1e-6, device="cuda", dtype=torch.float64).fit(X, y)
+    np.testing.assert_allclose(gpu64.coef_, cpu.coef_, atol=1e-5 * np.abs(cpu.coef_).max())
+    # float32 (the accelerator default) stops earlier on its rounding noise: measured on an H200, the largest
+    # coefficient gap was 0.4 % of the largest coefficient, so 1 % is the bound; predictions agree.
+    gpu = HyperplaneRule(C=0.5, tol=1e-6, device="cuda").fit(X, y)
+    np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=1e-2 * np.abs(cpu.coef_).max())
     assert np.mean(gpu.predict(X) == cpu.predict(X)) >= 0.99
