@@ -321,3 +321,33 @@ def test_standard_held_out_split_too_small_for_classes() -> None:
     few = np.concatenate([np.flatnonzero(ytr == c)[:3] for c in np.unique(ytr)])  # 3 per class: 10 % < K
     with pytest.raises(RuleError, match=r"held-out split of .* cannot hold all"):
         standard_classification([Xtr[few]], ytr[few], [Xte], yte, rule="hyperplane", Cs=(1.0,))
+
+
+def test_fewshot_float32_solves_equal_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The few-shot hyperplane's float32 span-reduced solves give float64's per-episode accuracies, also when some
+    episodes miss the stopping test in float32 and are finished in float64."""
+    from qkvprobe.protocols import classification as cls
+
+    Xtr, ytr = cls_data(240, 3, dim=40)
+    Xte, yte = cls_data(120, 4, dim=40)
+    ep = episodes(ytr, yte, ways=4, shots=3, queries=5, episodes=40)
+    args = (Xtr, Xte, ep.classes, ep.support, ep.support_labels, ep.query, ep.query_labels)
+    f32 = fewshot_classification(*args, rule="hyperplane")
+    monkeypatch.setattr(cls, "FEWSHOT_SOLVE_DTYPE", torch.float64)
+    f64 = fewshot_classification(*args, rule="hyperplane")
+    np.testing.assert_array_equal(f32.per_episode, f64.per_episode)
+    monkeypatch.setattr(cls, "FEWSHOT_SOLVE_DTYPE", torch.float32)
+    real, dtypes = cls.solve_logistic, []
+
+    def flaky(X, *a, **k):  # float32 reports every other episode unconverged → those are redone in float64
+        W, n_iter, obj, conv = real(X, *a, **k)
+        dtypes.append(X.dtype)
+        if X.dtype == torch.float32:
+            conv = conv.clone()
+            conv[::2] = False
+        return W, n_iter, obj, conv
+
+    monkeypatch.setattr(cls, "solve_logistic", flaky)
+    redone = fewshot_classification(*args, rule="hyperplane")
+    assert dtypes == [torch.float32, torch.float64]
+    np.testing.assert_array_equal(redone.per_episode, f64.per_episode)

@@ -52,6 +52,11 @@ VAL_FRACTION = 0.1
 #: so with n = N·K ≤ 100 support samples the ½‖W‖² term is weak next to C·Σloss: the rule is close to the
 #: max-margin separator of the (always separable) support set and its predictions change little with C.
 FEWSHOT_C = 1.0
+#: dtype of the few-shot hyperplane's span-reduced solves (CPU and accelerators); see ``_solve_episodes``.
+FEWSHOT_SOLVE_DTYPE = torch.float32
+#: Relative-decrease stopping tolerance of those solves: scikit-learn's float64 value (64·eps64), whatever
+#: the solve dtype, so float32 solves stop where float64 ones do (on the gradient test) rather than early.
+FEWSHOT_FTOL = 64 * float(np.finfo(np.float64).eps)
 #: Episodes whose reduced problems are solved in one batched L-BFGS.
 EPISODE_BATCH = 2000
 #: Episodes gathered at a time (their support/query features stay in cache).
@@ -284,23 +289,37 @@ def fewshot_classification(
         acc = _fewshot_cosine(Ftr, Fte, s_idx, ys, q_idx, yq, ways).cpu().numpy()
         mean, ci = mean_ci95(acc)
         return FewshotResult(acc, mean, ci)
-    solve_dt = default_dtype(device)
     acc = np.empty(E)
     for lo in range(0, E, batch):
         hi = min(E, lo + batch)
         slices = [slice(a, min(hi, a + CACHE_EPISODES)) for a in range(lo, hi, CACHE_EPISODES)]
-        ones = torch.ones(support.shape[1], dtype=dt, device=dev)
-        reds = [span_reduce(_rows(Ftr, s_idx[sl]), ones.expand(sl.stop - sl.start, -1), solve_dt) for sl in slices]
+        reds = [span_reduce(_rows(Ftr, s_idx[sl]), None, FEWSHOT_SOLVE_DTYPE) for sl in slices]
         red = SpanReduction(*(torch.cat([getattr(r, f) for r in reds]) for f in ("X", "proj", "mean")))
-        C_t = torch.full((hi - lo,), C, dtype=solve_dt, device=dev)
-        W, _, _ = solve_logistic(red.X, ys[lo:hi], ways, C_t, torch.ones_like(red.X[..., 0]), diagonal=True, **opts)
+        W = _solve_episodes(red.X, ys[lo:hi], ways, C, opts)
         for sl, r in zip(slices, reds, strict=True):
             part = slice(sl.start - lo, sl.stop - lo)
-            coef, intercept = span_expand(r, _rows(Ftr, s_idx[sl]), ones.expand(sl.stop - sl.start, -1), W[part])
+            coef, intercept = span_expand(r, _rows(Ftr, s_idx[sl]), None, W[part])
             scores = hyperplane_scores(_rows(Fte, q_idx[sl]), coef, intercept)
             acc[sl] = (scores.argmax(2) == yq[sl]).to(torch.float64).mean(1).cpu().numpy()
     mean, ci = mean_ci95(acc)
     return FewshotResult(acc, mean, ci)
+
+
+def _solve_episodes(X: torch.Tensor, y: torch.Tensor, ways: int, C: float, opts: dict) -> torch.Tensor:
+    """Span-reduced episode problems ``X [E, n, n]`` → ``W [E, n+1, Kf]``, solved in ``X``'s dtype (float32).
+
+    float32 halves the memory traffic of these bandwidth-bound solves; with float64's relative-decrease
+    tolerance the stopping point is float64's (tested: same per-episode accuracies). An episode that does not
+    meet the stopping test in float32 (a line search lost in rounding noise) is finished in float64 from there."""
+    C_t = torch.full((len(X),), C, dtype=X.dtype, device=X.device)
+    ones = torch.ones_like(X[..., 0])
+    W, _, _, converged = solve_logistic(X, y, ways, C_t, ones, diagonal=True, ftol=FEWSHOT_FTOL, **opts)
+    if X.dtype != torch.float64 and not bool(converged.all()):
+        redo = (~converged).nonzero().squeeze(1)
+        W64, _, _, _ = solve_logistic(X[redo].double(), y[redo], ways, C_t[redo].double(), ones[redo].double(),
+                                      W0=W[redo].double(), diagonal=True, **opts)  # fmt: skip
+        W[redo] = W64.to(W.dtype)
+    return W
 
 
 def _rows(F: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -327,10 +346,12 @@ def _fewshot_cosine(Ftr: torch.Tensor, Fte: torch.Tensor, s_idx: torch.Tensor, y
     correct = torch.empty(E, dtype=torch.int64, device=Fte.device)
     for lo in range(0, E, step):
         hi = min(E, lo + step)
-        S = _rows(Ftr, s_sorted[lo:hi])
         if equal:
-            mu = S.view(hi - lo, ways, NK // ways, D).sum(2)
+            # embedding_bag sums every class's K rows straight from the table, without materialising them.
+            mu = torch.nn.functional.embedding_bag(s_sorted[lo:hi].reshape(-1, NK // ways), Ftr, mode="sum")
+            mu = mu.view(hi - lo, ways, D)
         else:
+            S = _rows(Ftr, s_sorted[lo:hi])
             mu = torch.nn.functional.one_hot(ys_sorted[lo:hi], ways).to(S.dtype).transpose(1, 2) @ S
         mu = torch.nn.functional.normalize(mu, dim=2, eps=COS_EPS)  # the mean's 1/K does not change a cosine
         Q = _rows(Fte, q_idx[lo:hi])

@@ -3,12 +3,20 @@
 torch.optim.LBFGS solves one problem; here every problem keeps its own curvature history, step size,
 line search and stopping test, so a problem's iterates do not depend on which other problems share the
 batch (batched results equal one-at-a-time results up to floating-point summation order). Finished
-problems are dropped from the working set (``Objective.select``) once at most half remain, so stragglers
-do not pay for the whole batch.
+problems are dropped from the working set (``Objective.select``) once a quarter of it has finished, so
+stragglers do not pay for the whole batch.
 
 Stopping mirrors scipy's L-BFGS-B as scikit-learn calls it: ``max|grad| <= tol`` (gtol), or a relative
 decrease of the objective below ``ftol``, or ``max_iter`` iterations; a problem whose Armijo backtracking
 fails stops where it is.
+
+Cost model (why it is hand-written this way): with thousands of tiny problems (few-shot episodes, P ≈ 100
+parameters each) every tensor operation touches only a few hundred kB, so the run time is the number of
+operations per iteration, not arithmetic. The history is stored slot-major (``[m, G, P]``, each slot
+contiguous); the scaling ``γ = sᵀy / yᵀPy`` of the newest pair is computed once when the pair is stored
+rather than in every two-loop; rejected pairs are marked by ``ρ = 0`` (a no-op in the two-loop) instead of
+masked copies; and accept/reject blends use a ``[G, 1]`` mask (``torch.where`` with a full ``[G, P]`` bool
+mask is several times slower on CPU).
 """
 
 from __future__ import annotations
@@ -55,11 +63,14 @@ def minimize_lbfgs(
     ftol: float | None = None,
     compact_min: int = 16,
 ) -> LbfgsResult:
-    """Minimise every problem of ``objective`` from ``w0 [G, P]``; returns per-problem results."""
+    """Minimise every problem of ``objective`` from ``w0 [G, P]``; returns per-problem results.
+
+    ``ftol`` defaults to ``64·eps`` of ``w0``'s dtype (scikit-learn's choice for scipy's L-BFGS-B)."""
     if ftol is None:
-        ftol = 64 * torch.finfo(w0.dtype).eps  # scikit-learn's choice for scipy's L-BFGS-B
+        ftol = 64 * torch.finfo(w0.dtype).eps
     G, P = w0.shape
     dev, dt = w0.device, w0.dtype
+    tiny = torch.finfo(dt).tiny
     out_w, out_f = w0.clone(), torch.zeros(G, dtype=dt, device=dev)
     out_n = torch.zeros(G, dtype=torch.int64, device=dev)
     out_conv = torch.zeros(G, dtype=torch.bool, device=dev)
@@ -67,12 +78,14 @@ def minimize_lbfgs(
     ids = torch.arange(G, device=dev)  # working set → original problem index
     w = w0.clone()
     f, g = objective.value_grad(w)
-    S = torch.zeros(G, history, P, dtype=dt, device=dev)
+    S = torch.zeros(history, G, P, dtype=dt, device=dev)  # slot-major: S[s] is a contiguous [G, P]
     Yh = torch.zeros_like(S)
-    rho = torch.zeros(G, history, dtype=dt, device=dev)
+    rho = torch.zeros(history, G, dtype=dt, device=dev)  # 1/sᵀy of a valid pair, 0 for an empty/rejected slot
+    gam = torch.ones(history, G, dtype=dt, device=dev)  # sᵀy / yᵀPy of the pair (1 where invalid)
     n_iter = torch.zeros(G, dtype=torch.int64, device=dev)
     conv = g.abs().amax(1) <= tol
     active = ~conv
+    num_active = int(active.sum())
 
     def flush(mask: Tensor) -> None:
         out_w[ids[mask]] = w[mask]
@@ -81,51 +94,55 @@ def minimize_lbfgs(
         out_conv[ids[mask]] = conv[mask]
 
     for k in range(max_iter):
-        if not bool(active.any()):
+        if num_active == 0:
             break
-        if len(active) >= compact_min and int(active.sum()) <= len(active) // 2:
+        if len(active) >= compact_min and num_active <= 3 * len(active) // 4:
             flush(~active)
             keep = active.nonzero().squeeze(1)
-            w, f, g, S, Yh, rho = w[keep], f[keep], g[keep], S[keep], Yh[keep], rho[keep]
+            w, f, g = w[keep], f[keep], g[keep]
+            S, Yh, rho, gam = S[:, keep], Yh[:, keep], rho[:, keep], gam[:, keep]
             ids, n_iter, conv, active = ids[keep], n_iter[keep], conv[keep], active[keep]
             objective = objective.select(keep)
+        all_active = num_active == len(active)
+        act = active[:, None]
 
-        # Two-loop recursion, newest pair first; invalid slots (empty, or skipped for bad curvature) are no-ops.
+        # Two-loop recursion, newest pair first; invalid slots (empty, or rejected for bad curvature) have ρ = 0,
+        # which makes them no-ops.
         num_pairs = min(k, history)
         slots = [(k - 1 - j) % history for j in range(num_pairs)]
         q = g.clone()
         alphas = []
-        for s in slots:  # rho is 0 on invalid slots, which makes them no-ops
-            a = rho[:, s] * torch.linalg.vecdot(S[:, s], q)
-            q.addcmul_(a[:, None], Yh[:, s], value=-1.0)
+        for s in slots:
+            a = rho[s] * torch.linalg.vecdot(S[s], q)
+            q.addcmul_(a[:, None], Yh[s], value=-1.0)
             alphas.append(a)
         r = objective.precondition(q)
         if num_pairs:
-            s = slots[0]
-            yPy = torch.linalg.vecdot(Yh[:, s], objective.precondition(Yh[:, s]))
-            gamma = torch.where((rho[:, s] > 0) & (yPy > 0), 1.0 / (rho[:, s] * yPy).clamp_min(1e-300), 1.0)
-            r.mul_(gamma[:, None])
+            r.mul_(gam[slots[0]][:, None])
         for s, a in zip(reversed(slots), reversed(alphas), strict=True):
-            b = rho[:, s] * torch.linalg.vecdot(Yh[:, s], r)
-            r.addcmul_((a - b)[:, None], S[:, s])
-        d = -r
-        gd = (g * d).sum(1)
+            b = rho[s] * torch.linalg.vecdot(Yh[s], r)
+            r.addcmul_((a - b)[:, None], S[s])
+        d = r.neg_()
+        gd = torch.linalg.vecdot(g, d)
         bad = gd >= 0  # not a descent direction: restart from the preconditioned gradient
         if bool(bad.any()):
             d[bad] = -objective.precondition(g)[bad]
-            gd = (g * d).sum(1)
-            rho[bad] = 0.0
+            gd = torch.linalg.vecdot(g, d)
+            rho[:, bad] = 0.0  # forget the history (and its scaling) of those problems
+            gam[:, bad] = 1.0
 
         # Armijo backtracking from the unit (quasi-Newton) step, per problem.
-        searching = active.clone()
         trial = w + d
         ft, gt = objective.value_grad(trial)
-        ok = searching & (ft <= f + 1e-4 * gd)  # NaN compares False → backtrack
-        # torch.where, not masked assignment: index_put with a boolean mask costs several times more here.
-        w_new = torch.where(ok[:, None], trial, w)
-        f_new = torch.where(ok, ft, f)
-        g_new = torch.where(ok[:, None], gt, g)
-        searching &= ~ok
+        ok = ft <= f + 1e-4 * gd  # NaN compares False → backtrack
+        if not all_active:
+            ok &= active
+        searching = active & ~ok
+        if bool(ok.all()):  # the usual case: no blend needed
+            w_new, f_new, g_new = trial, ft, gt
+        else:
+            okc = ok[:, None]
+            w_new, f_new, g_new = torch.where(okc, trial, w), torch.where(ok, ft, f), torch.where(okc, gt, g)
         if bool(searching.any()):
             # Usually few problems backtrack: shorter steps are evaluated on those problems only.
             sub = searching.nonzero().squeeze(1)
@@ -148,20 +165,26 @@ def minimize_lbfgs(
         failed = searching
         accepted = active & ~failed
 
-        step, dgrad = w_new - w, g_new - g
-        sy = (step * dgrad).sum(1)
+        # New curvature pair (s, y) in slot k mod m; a pair failing the curvature test gets ρ = 0 (ignored).
         slot = k % history
-        update = accepted & (sy > 1e-10 * (dgrad * dgrad).sum(1))
-        S[:, slot] = torch.where(update[:, None], step, S[:, slot])
-        Yh[:, slot] = torch.where(update[:, None], dgrad, Yh[:, slot])
-        rho[:, slot] = torch.where(update, 1.0 / sy.clamp_min(1e-300), 0.0)
+        step = torch.sub(w_new, w, out=S[slot])
+        dgrad = torch.sub(g_new, g, out=Yh[slot])
+        if not all_active:  # finished problems keep w: their pair is zero and must read as invalid
+            step.mul_(act)
+            dgrad.mul_(act)
+        sy = torch.linalg.vecdot(step, dgrad)
+        update = accepted & (sy > 1e-10 * torch.linalg.vecdot(dgrad, dgrad))
+        rho[slot] = torch.where(update, 1.0 / sy.clamp_min(tiny), 0.0)
+        yPy = torch.linalg.vecdot(dgrad, objective.precondition(dgrad))
+        gam[slot] = torch.where(update & (yPy > 0), sy / yPy.clamp_min(tiny), 1.0)
 
         rel_decrease = (f - f_new) / torch.maximum(torch.maximum(f.abs(), f_new.abs()), torch.ones_like(f))
         w, f, g = w_new, f_new, g_new
         n_iter += accepted.long()
         done = accepted & ((g.abs().amax(1) <= tol) | (rel_decrease <= ftol))
         conv |= done
-        active = active & ~done & ~failed
+        active &= ~done & ~failed
+        num_active = int(active.sum())
 
     flush(torch.ones(len(w), dtype=torch.bool, device=dev))
     return LbfgsResult(out_w, out_f, out_n, out_conv)
