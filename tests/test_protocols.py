@@ -91,6 +91,14 @@ def test_standard_classification_batched_matches_single_rules() -> None:
     cos = standard_classification(feats_tr, ytr, feats_te, yte, rule="cosine")
     np.testing.assert_array_equal(cos[0].predictions, CosineRule().fit(Xtr, ytr).predict(Xte))
     assert np.isnan(cos[0].C)
+    # The fitted class vectors come back with each result: the refit rule's normals and the class means.
+    np.testing.assert_allclose(cos[1].weights, CosineRule().fit(feats_tr[1], ytr).directions_, atol=1e-5)
+    for g in range(2):
+        ref = HyperplaneRule(C=hyp[g].C).fit(feats_tr[g], ytr).coef_
+        np.testing.assert_allclose(hyp[g].weights, ref, atol=1e-3 * np.abs(ref).max())
+    binary = standard_classification([Xtr[ytr < 2]], ytr[ytr < 2], [Xte[yte < 2]], yte[yte < 2], rule="hyperplane")
+    w = HyperplaneRule(C=binary[0].C).fit(Xtr[ytr < 2], ytr[ytr < 2]).coef_[0]
+    np.testing.assert_allclose(binary[0].weights, np.stack([-w, w]), atol=1e-3 * np.abs(w).max())
     with pytest.raises(RuleError, match="does not occur in the training split"):
         standard_classification([Xtr], ytr, [Xte], yte + 10, rule="cosine")
     with pytest.raises(FeatureError, match="test width 5 != train width 12"):
@@ -188,6 +196,19 @@ def test_standard_segmentation_streaming_equals_in_memory(rule: str, monkeypatch
     assert in_ram.miou > 0.8 and 0 <= in_ram.pixel_accuracy <= 1
     assert streamed.miou == pytest.approx(in_ram.miou, abs=1e-3)
     assert (rule == "cosine") == np.isnan(in_ram.C)
+    # Fitted class vectors, against an in-memory fit on the labelled training patches (both solved tightly:
+    # at the default tol the two L-BFGS paths, warm-started differently, stop ~1 % apart).
+    X, y = ftr.reshape(-1, ftr.shape[-1]).astype(np.float64), pltr.reshape(-1)
+    X, y = X[y != 255], y[y != 255]
+    if rule == "cosine":
+        got = in_ram.weights
+        ref = CosineRule().fit(X, y).directions_
+        ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    else:
+        got = standard_segmentation(tr, te, **kw, tol=1e-9, max_iter=2000).weights
+        ref = HyperplaneRule(C=1.0, tol=1e-9, max_iter=2000).fit(X, y).coef_
+    assert got.shape == (len(tr.classes), X.shape[1])
+    np.testing.assert_allclose(got[np.unique(y)], ref, atol=1e-4 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("rule", ["hyperplane", "cosine"])

@@ -20,7 +20,9 @@ import yaml
 
 from qkvprobe.config import load_config, validate_config
 from qkvprobe.errors import ConfigError
+from qkvprobe.report.figures import slug
 from qkvprobe.results import read_results
+from qkvprobe.study.sides import fitted_direction_cosines
 from test_report import _Collector as _Html
 
 TOKENS = ["q", "ffn"]
@@ -123,6 +125,12 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
         (m, d, t) for m in ("builtin:tiny-dino", "builtin:tiny-mae")
         for d in ("fashion-mnist?source=bundled", "fashion-mnist-scenes?source=bundled") for t in TOKENS}
     assert all(-1.0 <= c <= 1.0 for e in directions for c in e["cosine"])
+    # The angles are those of the standard protocol's own fits, saved per model × dataset (no second fit).
+    assert len(list((run_dir / "fits").glob("*.npz"))) == 2 * 2
+    for e in directions:
+        fits = run_dir / "fits" / (slug(e["model"], e["dataset"]) + ".npz")
+        classes, cos = fitted_direction_cosines(fits, [e["token"]], e["position"], e["block"])
+        assert e["cosine"] == pytest.approx(cos[0].tolist(), abs=1e-6) and len(classes) == len(e["classes"])
     assert len(list((run_dir / "maps").glob("*.npz"))) == 2 * len(TOKENS)
     assert json.loads((run_dir / "paired.json").read_text())["tests"]
 

@@ -12,7 +12,13 @@ from qkvprobe.config import DatasetConfig
 from qkvprobe.errors import ConfigError
 from qkvprobe.results import ResultRow
 from qkvprobe.study.data import scenes_spec, subset_indices
-from qkvprobe.study.sides import direction_cosines, lookup_C, paired_verdicts
+from qkvprobe.study.sides import (
+    direction_cosines,
+    fitted_direction_cosines,
+    lookup_C,
+    paired_verdicts,
+    save_fits,
+)
 from qkvprobe.study.state import Progress, unit_id
 
 
@@ -68,6 +74,25 @@ def test_direction_cosines_match_a_numpy_reference() -> None:
         ref = np.sum(w * mu, 1) / np.linalg.norm(w, axis=1) / np.linalg.norm(mu, axis=1)
         assert np.allclose(cos[g], ref, atol=2e-2)
     assert (cos > 0.5).all()  # well-separated classes: both rules look the same way
+
+
+def test_saved_fits_give_the_direction_cosines(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    W, mu = rng.normal(size=(2, 4, 6)), rng.normal(size=(2, 4, 6))
+    mu[:, 2] = 0  # a class without training samples (segmentation) has no direction: left out
+    weights = {(t, "cls", r, 5): (W if r == "hyperplane" else mu)[g] for g, t in enumerate(["q", "k"])
+               for r in ("hyperplane", "cosine")}  # fmt: skip
+    path = tmp_path / "fits" / "m__d.npz"
+    save_fits(path, weights, np.array([3, 4, 7, 9]))
+    classes, cos = fitted_direction_cosines(path, ["q", "k"], "cls", 5)
+    assert classes.tolist() == [3, 4, 9] and cos.shape == (2, 3)
+    for g in range(2):
+        for j, c in enumerate([0, 1, 3]):
+            ref = W[g, c] @ mu[g, c] / np.linalg.norm(W[g, c]) / np.linalg.norm(mu[g, c])
+            assert cos[g, j] == pytest.approx(ref, abs=1e-12)
+    assert fitted_direction_cosines(path, ["q", "v"], "cls", 5) is None  # a token that was not fitted
+    assert fitted_direction_cosines(path, ["q"], "avg", 5) is None
+    assert fitted_direction_cosines(tmp_path / "missing.npz", ["q"], "cls", 5) is None
 
 
 def _row(token: str, rule: str, value: float, C: float = math.nan) -> ResultRow:

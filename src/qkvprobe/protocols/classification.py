@@ -70,12 +70,15 @@ STANDARD_BATCH_BYTES = 1024**3
 @dataclass
 class StandardResult:
     """One feature set under the standard protocol: test accuracy, chosen C (NaN for cosine), held-out
-    accuracy per C of the grid, and test predictions ``[m]`` (for McNemar)."""
+    accuracy per C of the grid, test predictions ``[m]`` (for McNemar) and the fitted rule's class vectors
+    ``weights [K, D]`` float32 (rows in the order of the sorted training labels): the hyperplane normals
+    ``w_c`` (two classes: ``-w, w``) or the cosine rule's class directions ``μ_c``."""
 
     accuracy: float
     C: float
     val_accuracy: dict[float, float]
     predictions: np.ndarray
+    weights: np.ndarray | None = None
 
 
 @dataclass
@@ -89,13 +92,19 @@ class FewshotResult:
 
 class Evaluation(list):
     """``list[ResultRow]`` plus, for paired tests, per-episode scores (few-shot) and test predictions
-    (standard) keyed by ``(token, position, rule, block)`` — with ``shots`` appended when several shots ran."""
+    (standard) keyed by ``(token, position, rule, block)`` — with ``shots`` appended when several shots ran.
+
+    Standard setting only: ``weights`` (same keys) holds the fitted class vectors ``[K, D]`` of each rule
+    (hyperplane normals / cosine class directions), rows labelled by ``classes`` (the label values), so the
+    "which direction?" angles need no second fit."""
 
     def __init__(self, rows: Sequence[ResultRow] = (), per_episode: dict | None = None,
                  predictions: dict | None = None) -> None:  # fmt: skip
         super().__init__(rows)
         self.per_episode: dict[tuple[str, str, str, int], np.ndarray] = per_episode or {}
         self.predictions: dict[tuple[str, str, str, int], np.ndarray] = predictions or {}
+        self.weights: dict[tuple[str, str, str, int], np.ndarray] = {}
+        self.classes: np.ndarray | None = None
 
     @property
     def rows(self) -> list[ResultRow]:
@@ -159,18 +168,20 @@ def standard_classification(
             Xte = torch.stack([_as_tensor(test[g], dev, dt) for g in ids])
             for g, res in zip(ids, _standard_batch(Xtr, ytr, Xte, yte, K, rule, Cs, val_fraction, seed,
                                                    max_iter, tol), strict=True):  # fmt: skip
-                results[g] = StandardResult(res[0], res[1], res[2], classes[res[3]])
+                results[g] = StandardResult(res[0], res[1], res[2], classes[res[3]], res[4])
     return results  # type: ignore[return-value]
 
 
 def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: np.ndarray, K: int, rule: str,
                     Cs: Sequence[float], val_fraction: float, seed: int, max_iter: int | None,
-                    tol: float | None) -> list[tuple[float, float, dict, np.ndarray]]:  # fmt: skip
+                    tol: float | None) -> list[tuple[float, float, dict, np.ndarray, np.ndarray]]:  # fmt: skip
     G, dev = Xtr.shape[0], Xtr.device
     y_all = torch.as_tensor(ytr, device=dev).expand(G, -1)
     if rule == "cosine":
-        pred = cosine_scores(Xte, cosine_directions(Xtr, y_all, K)).argmax(2).cpu().numpy()
-        return [(float(np.mean(p == yte)), math.nan, {}, p) for p in pred]
+        mu = cosine_directions(Xtr, y_all, K)
+        pred = cosine_scores(Xte, mu).argmax(2).cpu().numpy()
+        weights = mu.float().cpu().numpy()
+        return [(float(np.mean(p == yte)), math.nan, {}, p, w) for p, w in zip(pred, weights, strict=True)]
     if rule != "hyperplane":
         raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
     Cs = sorted(check_C(C) for C in Cs)
@@ -205,8 +216,15 @@ def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: 
                                                    reduce=False, **opts)  # fmt: skip
     pred = hyperplane_scores(Xte, coef, intercept).argmax(2).cpu().numpy()
     va = val_acc.cpu().numpy()
-    return [(float(np.mean(pred[g] == yte)), Cs[int(best[g])], dict(zip(Cs, va[g].tolist(), strict=True)), pred[g])
-            for g in range(G)]  # fmt: skip
+    weights = class_normals(coef).float().cpu().numpy()
+    return [(float(np.mean(pred[g] == yte)), Cs[int(best[g])], dict(zip(Cs, va[g].tolist(), strict=True)), pred[g],
+             weights[g]) for g in range(G)]  # fmt: skip
+
+
+def class_normals(coef: torch.Tensor) -> torch.Tensor:
+    """Hyperplane ``coef [..., Kf, D]`` → one normal per class ``[..., K, D]``: binary logistic regression has
+    the single normal w of class 1; its softmax-equivalent form gives class 0 the normal -w."""
+    return torch.cat([-coef, coef], dim=-2) if coef.shape[-2] == 1 else coef
 
 
 def _group_size() -> int:
@@ -411,6 +429,9 @@ def evaluate_classification(
                         out.append(make(block=b, token=token, position=position, rule=rule, ways=0, shots=0,
                                         episodes=0, metric="accuracy", value=res.accuracy, C=res.C))  # fmt: skip
                         out.predictions[(token, position, rule, b)] = res.predictions
+                        if res.weights is not None:
+                            out.weights[(token, position, rule, b)] = res.weights
+        out.classes = np.unique(ytr)
         return out
     if episode_sampler is None:
         from ..data.episodes import sample_classification_episodes as episode_sampler

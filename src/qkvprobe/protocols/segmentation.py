@@ -48,7 +48,16 @@ from ..rules.hyperplane import (
 )
 from ..rules.lbfgs import minimize_lbfgs
 from ..vocab import IGNORE_INDEX
-from .classification import C_GRID, FEWSHOT_C, VAL_FRACTION, Evaluation, as_list, row_maker, store_block
+from .classification import (
+    C_GRID,
+    FEWSHOT_C,
+    VAL_FRACTION,
+    Evaluation,
+    as_list,
+    class_normals,
+    row_maker,
+    store_block,
+)
 from .metrics import ConfusionMatrix, fb_iou, fewshot_miou, mean_ci95, mean_iou
 
 #: Patches per compute chunk of the streaming solver and of scoring.
@@ -64,13 +73,15 @@ Masks = Callable[[int], np.ndarray]
 @dataclass
 class SegmentationResult:
     """Standard protocol outcome: ``miou``, ``pixel_accuracy``, per-class IoU ``[K]``, chosen C (NaN for
-    cosine) and the held-out patch mIoU per C."""
+    cosine), the held-out patch mIoU per C, and the fitted class vectors ``weights [K, D]`` float32 (hyperplane
+    normals, or cosine class directions — zero for a class without training patches)."""
 
     miou: float
     pixel_accuracy: float
     iou: np.ndarray
     C: float
     val_miou: dict[float, float]
+    weights: np.ndarray | None = None
 
 
 @dataclass
@@ -250,7 +261,8 @@ def standard_segmentation(
         raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
     cm = score_store(test_store, token, block, rule, params, num_classes, masks, dt, dev)
     out = cm.compute()
-    return SegmentationResult(out["miou"], out["pixel_accuracy"], out["iou"], C_best, val)
+    weights = F.normalize(params, dim=1) if rule == "cosine" else class_normals(params[:-1].T)
+    return SegmentationResult(out["miou"], out["pixel_accuracy"], out["iou"], C_best, val, weights.float().cpu().numpy())
 
 
 def fewshot_segmentation(
@@ -369,6 +381,9 @@ def evaluate_segmentation(
                     for metric in ("miou", "pixel_accuracy"):
                         out.append(make(block=b, token=token, position="patch", rule=rule, ways=0, shots=0,
                                         episodes=0, metric=metric, value=getattr(res, metric), C=res.C))  # fmt: skip
+                    if res.weights is not None:
+                        out.weights[(token, "patch", rule, b)] = res.weights
+        out.classes = np.arange(len(train_store.classes))
         return out
     if episode_sampler is None:
         from ..data.episodes import sample_segmentation_episodes as episode_sampler

@@ -37,6 +37,7 @@ RUN_JSON = "run.json"
 DIRECTIONS = "directions.json"
 PAIRED = "paired.json"
 MAPS = "maps"
+FITS = "fits"  # the standard protocol's class vectors per model × dataset (study side file, not read by the report)
 FIGURES = "figures"
 REPORT = "report.html"
 

@@ -25,6 +25,7 @@ from ..config import DatasetConfig, ModelConfig, StudyConfig, dump_config
 from ..errors import QkvprobeError
 from ..report.files import (
     DIRECTIONS,
+    FITS,
     MAPS,
     PAIRED,
     RESULTS,
@@ -240,6 +241,10 @@ class _Study:
         if not rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
         write_results(self.run_dir / RESULTS, rows)
+        if setting == "standard" and paired and getattr(rows, "weights", None):
+            from .sides import save_fits
+
+            save_fits(self._fits_path(m, d), rows.weights, rows.classes)
         if paired:  # the block sweep is a map, not a contest: no tests there
             from .sides import paired_verdicts
 
@@ -255,19 +260,35 @@ class _Study:
         kept = [e for e in old if tuple(e.get(k) for k in ident) not in new_ids]
         write_json(path, {key: kept + list(entries)})
 
+    def _fits_path(self, m: ModelConfig, d: DatasetConfig) -> Path:
+        from ..report.figures import slug
+
+        return self.run_dir / FITS / (slug(m.name, d.spec) + ".npz")
+
     def directions(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
         import numpy as np
 
-        from .sides import direction_cosines, lookup_C, sample_rows, training_features
+        from .sides import (
+            direction_cosines,
+            fitted_direction_cosines,
+            lookup_C,
+            sample_rows,
+            training_features,
+        )
 
         train = stores["train"]
         position = (d.positions or ["patch"])[0]
         rows = read_results(self.run_dir / RESULTS)
         tokens = list(self.cfg.tokens)
-        keep, y = sample_rows(train, self.cfg.report.max_fit_samples, self.cfg.seed)
-        X = np.stack([training_features(train, t, position, block, keep) for t in tokens])
         Cs = [lookup_C(rows, m.name, d.spec, t, position, block) for t in tokens]
-        classes, cos = direction_cosines(X, y, Cs, self.device)
+        # The standard protocol's own fits when saved (no second fit); otherwise refit on a subsample.
+        fitted = fitted_direction_cosines(self._fits_path(m, d), tokens, position, block)
+        if fitted is not None:
+            classes, cos = fitted
+        else:
+            keep, y = sample_rows(train, self.cfg.report.max_fit_samples, self.cfg.seed)
+            X = np.stack([training_features(train, t, position, block, keep) for t in tokens])
+            classes, cos = direction_cosines(X, y, Cs, self.device)
         entries = [{"model": m.name, "objective": bb.objective, "dataset": d.spec, "block": block, "token": t,
                     "position": position, "C": C, "classes": [str(train.classes[int(c)]) for c in classes],
                     "cosine": cos[g].tolist()} for g, (t, C) in enumerate(zip(tokens, Cs, strict=True))]  # fmt: skip

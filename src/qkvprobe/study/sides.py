@@ -1,12 +1,17 @@
 """Side files of a run: "which direction?" angles between w_c and μ_c, and direction maps over images.
 
-Both refit the two rules on (a seeded subsample of) the standard training features of the main block, so
-they cost a few seconds per model × dataset; the report only reads their outputs.
+The angles come from the class vectors the standard protocol fitted (saved by the evaluate unit in
+``fits/<model>__<dataset>.npz``); only when those are missing (a run without one of the two rules, or a run
+directory from an older version) are the two rules refit on a seeded subsample of the standard training
+features of the main block. Direction maps fit the cosine rule on such a subsample. The report only reads
+the outputs.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +70,32 @@ def direction_cosines(X: np.ndarray, y: np.ndarray, Cs: list[float], device: str
         W = np.concatenate([-W, W], axis=1)
     mu = cosine_directions(Xt, yt, K).cpu().numpy()
     return classes, np.sum(_unit(W) * _unit(mu), axis=-1)
+
+
+def save_fits(path: Path, weights: dict[tuple, np.ndarray], classes: np.ndarray) -> None:
+    """Save the standard protocol's class vectors (``Evaluation.weights``, keyed (token, position, rule, block))
+    and their class labels to one ``.npz``, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"|".join(map(str, key)): w for key, w in weights.items()}
+    tmp = path.with_name("." + path.name + ".tmp.npz")
+    np.savez(tmp, __classes__=np.asarray(classes), **arrays)
+    os.replace(tmp, path)
+
+
+def fitted_direction_cosines(path: Path, tokens: list[str], position: str, block: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """cos(w_c, μ_c) per token from a :func:`save_fits` file → ``(classes [K'], cosine [G, K'])``, over the
+    classes that had training samples; ``None`` when the file or one of the needed fits is missing."""
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        keys = [(f"{t}|{position}|hyperplane|{block}", f"{t}|{position}|cosine|{block}") for t in tokens]
+        if any(h not in saved or c not in saved for h, c in keys):
+            return None
+        W = np.stack([saved[h] for h, _ in keys])  # [G, K, D]
+        mu = np.stack([saved[c] for _, c in keys])
+        classes = saved["__classes__"]
+    present = np.linalg.norm(mu, axis=-1).min(0) > 0  # a class without training samples has no direction
+    return classes[present], np.sum(_unit(W) * _unit(mu), axis=-1)[:, present]
 
 
 def class_direction_map(train: FeatureStore, test: FeatureStore, token: str, block: int, num_images: int,
