@@ -113,33 +113,21 @@ class _LogisticObjective:
     ``X [G, n, D1]`` has a trailing column of ones; ``Kf`` = K (multinomial) or 1 (binary)."""
 
     def __init__(self, X: Tensor, y: Tensor, sw: Tensor, C: Tensor, num_classes: int,
-                 moment: Tensor | None = None, diagonal: bool = False) -> None:  # fmt: skip
+                 moment: Tensor | None = None) -> None:  # fmt: skip
         self.X, self.y, self.sw, self.C = X, y, sw, C
         self.num_classes = num_classes
         self.kf = 1 if num_classes == 2 else num_classes
         self.sw_sum = sw.sum(1)  # [G]
         self.reg = 1.0 / (C * self.sw_sum)  # [G] l2 strength of the scaled objective
         self.weights = sw / self.sw_sum[:, None]
-        self.diagonal = diagonal
-        if diagonal:
-            # Centred, orthogonal columns (the few-shot span basis): the second moment is diagonal, and an
-            # elementwise product is far cheaper than thousands of tiny batched matmuls.
-            self.moment = moment if moment is not None else (X * X * self.weights[..., None]).sum(1)  # [G, D1]
-            ridge = torch.ones_like(self.moment)
-            ridge[:, -1] = 0.0
-            curvature = 0.25 if num_classes == 2 else 1.0 / num_classes
-            self.P = 1.0 / (curvature * self.moment + self.reg[:, None] * ridge).clamp_min(1e-300)
-        else:
-            self.moment = second_moment(X, sw) if moment is None else moment
-            self.P = preconditioner(self.moment, self.reg, num_classes)
+        self.moment = second_moment(X, sw) if moment is None else moment
+        self.P = preconditioner(self.moment, self.reg, num_classes)
 
     def select(self, keep: Tensor) -> _LogisticObjective:
         return _LogisticObjective(self.X[keep], self.y[keep], self.sw[keep], self.C[keep], self.num_classes,
-                                  self.moment[keep], self.diagonal)  # fmt: skip
+                                  self.moment[keep])  # fmt: skip
 
     def precondition(self, v: Tensor) -> Tensor:
-        if self.diagonal:
-            return (self.P[..., None] * v.view(v.shape[0], -1, self.kf)).reshape(v.shape)
         return (self.P @ v.view(v.shape[0], -1, self.kf)).reshape(v.shape)
 
     def value_grad(self, w: Tensor) -> tuple[Tensor, Tensor]:
