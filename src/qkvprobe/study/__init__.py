@@ -241,7 +241,7 @@ class _Study:
         if not rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
         write_results(self.run_dir / RESULTS, rows)
-        if setting == "standard" and paired and getattr(rows, "weights", None):
+        if setting == "standard" and paired and rows.weights:
             from .sides import save_fits
 
             save_fits(self._fits_path(m, d), rows.weights, rows.classes)
