@@ -205,3 +205,59 @@ def test_lbfgs_matches_scipy_on_logistic_problems() -> None:
         # the multinomial optimum is unique up to a shift shared by the classes' intercepts: compare coefficients
         ours, theirs = res.w[g].view(D + 1, K)[:-1].numpy(), ref.x.reshape(D + 1, K)[:-1]
         np.testing.assert_allclose(ours, theirs, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_small_bmm_equals_torch_matmul() -> None:
+    """The numpy-backed batched product (few-shot shapes) equals torch.matmul, for transposed and strided views,
+    broadcast batches, float64, and falls back to torch for integer tensors and autograd."""
+    from qkvprobe.rules._matmul import bmm
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 7, 9, generator=g), torch.randn(6, 5, 9, generator=g)
+    cases = [
+        (a, b.transpose(1, 2)),  # transposed right operand (BLAS-ready view)
+        (a[:, ::2, ::3], torch.randn(6, 3, 4, generator=g)),  # strides with no unit stride: copied first
+        (a.double(), b.double().transpose(1, 2)),
+        (a, torch.randn(9, 2, generator=g)),  # broadcast right operand
+    ]
+    for x, y in cases:
+        out = bmm(x, y)
+        assert out.dtype == x.dtype and out.shape == torch.matmul(x, y).shape
+        torch.testing.assert_close(out, torch.matmul(x, y), rtol=1e-5, atol=1e-5)
+    ints = torch.arange(24).view(2, 3, 4)
+    assert torch.equal(bmm(ints, ints.transpose(1, 2)), torch.matmul(ints, ints.transpose(1, 2)))
+    w = a.clone().requires_grad_(True)
+    bmm(w, b.transpose(1, 2)).sum().backward()  # autograd path: torch.matmul
+    assert w.grad is not None
+
+
+def test_cholesky_basis_gives_the_eigen_basis_solution() -> None:
+    """Few-shot problems solved in the Cholesky basis reach the eigen basis's (exact) solution, including problems
+    with duplicated support rows and with more rows than dimensions, which fall back to the eigen basis."""
+    from qkvprobe.rules.hyperplane import _cholesky_basis, _eigen_basis, solve_logistic, span_expand, span_reduce
+
+    rng = np.random.default_rng(3)
+    G, n, D, K = 5, 12, 30, 3
+    X = rng.normal(size=(G, n, D)) * np.linspace(0.5, 3, D) + 4
+    X[1, 6:] = X[1, :6]  # duplicated rows: rank-deficient Gram matrix
+    X[2, :, 10:] = 4.0  # rows that vary in 10 < n - 1 dimensions only
+    X = torch.as_tensor(X)
+    y = torch.as_tensor(np.tile(np.arange(K), (G, n // K)))
+    sw, C = torch.ones(G, n, dtype=torch.float64), torch.full((G,), 0.7, dtype=torch.float64)
+    fits = {}
+    for basis in ("eigen", "cholesky"):
+        red = span_reduce(X, None, torch.float64, basis=basis)
+        W, _, _, conv = solve_logistic(red.X, y, K, C, sw, diagonal=True, tol=1e-10, max_iter=2000)
+        assert bool(conv.all())
+        fits[basis] = span_expand(red, X, None, W)
+    for ref, got in zip(fits["eigen"], fits["cholesky"], strict=True):
+        torch.testing.assert_close(got - got.mean(1, keepdim=True), ref - ref.mean(1, keepdim=True), rtol=1e-6,
+                                   atol=1e-6 * float(ref.abs().max()))  # fmt: skip
+    # The rank-deficient problems took the eigen basis; the others the Cholesky factor.
+    Xm = X - X.mean(1, keepdim=True)
+    gram = Xm @ Xm.transpose(1, 2)
+    Z, _ = _cholesky_basis(gram, 1e-12)
+    Ze, _ = _eigen_basis(gram, 1e-12)
+    assert [bool(torch.allclose(Z[g], Ze[g])) for g in range(G)] == [False, True, True, False, False]
+    with pytest.raises(ValueError, match="basis='qr'"):
+        span_reduce(X, None, basis="qr")
