@@ -318,12 +318,21 @@ def test_standard_C_sweep_spread_over_ranks(tmp_path, monkeypatch: pytest.Monkey
         np.testing.assert_allclose(list(c.val_accuracy.values()), list(a.val_accuracy.values()), atol=1 / 24)
 
 
-def test_fewshot_cosine_any_support_order_and_unequal_shots() -> None:
+@pytest.mark.parametrize("tiny_blocks", [False, True])
+def test_fewshot_cosine_any_support_order_and_unequal_shots(tiny_blocks: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cosine fast path (label-sorted support, K rows per class) and the general path (unequal counts)
-    both equal per-episode CosineRule fits."""
+    both equal per-episode CosineRule fits, also when the episodes are split into many support blocks and
+    query chunks (with remainders)."""
     Xtr, ytr = cls_data(120, 3)
     Xte, yte = cls_data(60, 4)
     ep = episodes(ytr, yte, shots=3)
+    if tiny_blocks:  # blocks of 5 episodes, query chunks of 2 (float32 rows of width D)
+        from qkvprobe.protocols import classification as cls
+
+        row = 4 * Xtr.shape[1]
+        monkeypatch.setattr(cls, "COSINE_SUPPORT_BYTES", 5 * ep.support.shape[1] * row)
+        monkeypatch.setattr(cls, "COSINE_QUERY_BYTES", 2 * ep.query.shape[1] * row)
+        assert len(ep.support) % 5 and len(ep.support) > 10
     rng = np.random.default_rng(1)
     perm = np.stack([rng.permutation(ep.support.shape[1]) for _ in ep.support])  # shuffled support rows
     support, labels = np.take_along_axis(ep.support, perm, 1), np.take_along_axis(ep.support_labels, perm, 1)

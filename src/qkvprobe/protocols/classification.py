@@ -64,8 +64,10 @@ FEWSHOT_BASIS = "cholesky"
 EPISODE_BATCH = 2000
 #: Episodes gathered at a time (their support/query features stay in cache).
 CACHE_EPISODES = 32
-#: Bytes of support + query rows gathered per chunk by the few-shot cosine rule (fits in L2/L3 cache).
-COSINE_CHUNK_BYTES = 4 * 1024**2
+#: Few-shot cosine rule: support rows per block of episodes whose class directions are built at once, and
+#: query rows gathered per chunk (kept in L2/L3 cache; smaller chunks pay more per-call overhead).
+COSINE_SUPPORT_BYTES = 32 * 1024**2
+COSINE_QUERY_BYTES = 3 * 1024**2
 #: Byte budget of one standard-protocol batch of token types in the solver's dtype.
 STANDARD_BATCH_BYTES = 1024**3
 
@@ -356,9 +358,9 @@ def _rows(F: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -
 
 def _fewshot_cosine(Ftr: torch.Tensor, Fte: torch.Tensor, s_idx: torch.Tensor, ys: torch.Tensor, q_idx: torch.Tensor,
                     yq: torch.Tensor, ways: int) -> torch.Tensor:  # fmt: skip
-    """Per-episode accuracy ``[E]`` of the cosine rule. Both splits are normalised once; per chunk of episodes only
-    the chunk's support and query rows are gathered (a chunk's queries stay in cache: gathering the queries of all
-    episodes at once would write ~1 GB for 10 000 episodes and dominate the run)."""
+    """Per-episode accuracy ``[E]`` of the cosine rule. Both splits are normalised once; the class directions are
+    built for a block of episodes at a time, and the queries are gathered a cache-sized chunk at a time (gathering
+    the queries of all episodes at once would write ~1 GB for 10 000 episodes and dominate the run)."""
     Ftr = torch.nn.functional.normalize(Ftr, dim=1, eps=COS_EPS)
     Fte = torch.nn.functional.normalize(Fte, dim=1, eps=COS_EPS)
     E, NK = s_idx.shape
@@ -368,25 +370,29 @@ def _fewshot_cosine(Ftr: torch.Tensor, Fte: torch.Tensor, s_idx: torch.Tensor, y
     order = torch.sort(ys, dim=1, stable=True).indices
     s_sorted, ys_sorted = s_idx.gather(1, order), ys.gather(1, order)
     equal = NK % ways == 0 and bool((ys_sorted == torch.arange(ways, device=ys.device).repeat_interleave(NK // ways)).all())
-    step = max(1, COSINE_CHUNK_BYTES // ((NQ + NK) * D * Fte.element_size()))
+    block = max(1, COSINE_SUPPORT_BYTES // (NK * D * Fte.element_size()))
+    step = max(1, COSINE_QUERY_BYTES // (NQ * D * Fte.element_size()))
+    q_flat = q_idx.reshape(-1)
     pred = torch.empty(E, NQ, dtype=torch.int64, device=Fte.device)
     # One gather buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults (the allocator
-    # returns it to the system on free), ~25 % of the whole run on CPU.
+    # returns it to the system on free), ~25 % of the whole run on CPU. The loop body is four torch calls: at
+    # ~30 episodes per chunk, per-call overhead is a sizeable share of the run.
     qbuf = Fte.new_empty(step * NQ, D)
-    for lo in range(0, E, step):
-        hi = min(E, lo + step)
+    for b_lo in range(0, E, block):
+        b_hi = min(E, b_lo + block)
         if equal:
             # embedding_bag sums every class's K rows straight from the table, without materialising them.
-            mu = torch.nn.functional.embedding_bag(s_sorted[lo:hi].reshape(-1, NK // ways), Ftr, mode="sum")
-            mu = mu.view(hi - lo, ways, D)
+            mu = torch.nn.functional.embedding_bag(s_sorted[b_lo:b_hi].reshape(-1, NK // ways), Ftr, mode="sum")
+            mu = mu.view(b_hi - b_lo, ways, D)
         else:
-            S = _rows(Ftr, s_sorted[lo:hi])
-            mu = torch.nn.functional.one_hot(ys_sorted[lo:hi], ways).to(S.dtype).transpose(1, 2) @ S
-        # The mean's 1/K does not change a cosine. (Few, cheap torch calls per chunk: at ~27 episodes per chunk
-        # the per-call overhead is a sizeable share of the run.)
-        mu = mu / torch.linalg.vector_norm(mu, dim=2, keepdim=True).clamp_min_(COS_EPS)
-        Q = _rows(Fte, q_idx[lo:hi], out=qbuf)
-        torch.argmax(bmm(Q, mu.transpose(1, 2)), 2, out=pred[lo:hi])
+            S = _rows(Ftr, s_sorted[b_lo:b_hi])
+            mu = torch.nn.functional.one_hot(ys_sorted[b_lo:b_hi], ways).to(S.dtype).transpose(1, 2) @ S
+        # The mean's 1/K does not change a cosine.
+        mu_t = mu.div_(torch.linalg.vector_norm(mu, dim=2, keepdim=True).clamp_min_(COS_EPS)).transpose(1, 2)
+        for lo in range(b_lo, b_hi, step):
+            hi = min(b_hi, lo + step)
+            Q = torch.index_select(Fte, 0, q_flat[lo * NQ : hi * NQ], out=qbuf[: (hi - lo) * NQ])
+            torch.argmax(bmm(Q.view(hi - lo, NQ, D), mu_t[lo - b_lo : hi - b_lo]), 2, out=pred[lo:hi])
     return (pred == yq).sum(1).double() / NQ
 
 
