@@ -30,6 +30,7 @@ streams one shard at a time (memory bounded by one shard), and a hyperparameter 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Sequence
@@ -82,8 +83,19 @@ def init_distributed(device: str = "cpu") -> DistInfo:
             # NCCL collectives (barrier, object gathers) run on the current device: one GPU per process.
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
+        # Leave the group at exit even when the caller does not: a live gloo group torn down by interpreter
+        # shutdown aborted a rank now and then ("terminate called without an active exception", exit -6)
+        # when the other rank had already exited.
+        atexit.register(_leave_group)
         info = dist_info()
     return info
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: str) -> str:
