@@ -5,8 +5,10 @@
 # fixed slot; the lr / weight-decay / EMA schedules follow the wall-clock, so they complete anyway.
 #
 # Batch 2048: at batch 512 the tiny ViT's step is bound by per-kernel overhead, not arithmetic (~40 ms per step
-# for an estimated ~0.7 TFLOP, a few % of the GPU's bf16 peak), so a 4x batch buys more images per second (measured on an H200: 25.9k img/s against
-# ~12.8k at 512); the peak lr is set by hand (2e-3, the square-root scaling of DINO's 5e-4 per 256 from batch
+# for an estimated ~0.7 TFLOP, a few % of the GPU's bf16 peak), so a larger batch buys images per
+# second. Measured on an H200 (21-s runs, mean img/s incl. start-up): batch 1024 13.5k, 2048 23.8k, 4096 26.2k,
+# 8192 27.3k (the 6.3-min run at 2048: 25.9k; ~12.8k at 512): 2048 is the knee, beyond it fewer steps for
+# little gain; the peak lr is set by hand (2e-3, the square-root scaling of DINO's 5e-4 per 256 from batch
 # 512's 1e-3) instead of the linear rule. MAE stays at batch 512: at 2048 a 1.5-min run took too few steps
 # (513; quick-check accuracy 0.74 against 0.82 for 1 586 steps at 512).
 #

@@ -381,3 +381,18 @@ def test_fewshot_float32_solves_equal_float64(monkeypatch: pytest.MonkeyPatch) -
     redone = fewshot_classification(*args, rule="hyperplane")
     assert dtypes == [torch.float32, torch.float64]
     np.testing.assert_array_equal(redone.per_episode, f64.per_episode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["hyperplane", "cosine"])
+def test_fewshot_on_gpu_matches_cpu(rule: str) -> None:
+    """The few-shot protocol on CUDA (torch products instead of numpy's, Cholesky basis on the device) gives the
+    CPU's per-episode accuracies, up to rare float32 ties (at most one episode in 40 differs)."""
+    Xtr, ytr = cls_data(240, 3, dim=40)
+    Xte, yte = cls_data(120, 4, dim=40)
+    ep = episodes(ytr, yte, ways=4, shots=5, queries=5, episodes=40)
+    args = (Xtr, Xte, ep.classes, ep.support, ep.support_labels, ep.query, ep.query_labels)
+    cpu = fewshot_classification(*args, rule=rule)
+    gpu = fewshot_classification(*args, rule=rule, device="cuda")
+    assert np.sum(np.abs(gpu.per_episode - cpu.per_episode) > 1e-9) <= 1
+    assert gpu.mean == pytest.approx(cpu.mean, abs=0.01)
