@@ -234,7 +234,13 @@ def test_small_bmm_equals_torch_matmul() -> None:
 def test_cholesky_basis_gives_the_eigen_basis_solution() -> None:
     """Few-shot problems solved in the Cholesky basis reach the eigen basis's (exact) solution, including problems
     with duplicated support rows and with more rows than dimensions, which fall back to the eigen basis."""
-    from qkvprobe.rules.hyperplane import _cholesky_basis, _eigen_basis, solve_logistic, span_expand, span_reduce
+    from qkvprobe.rules.hyperplane import (
+        _cholesky_basis,
+        _eigen_basis,
+        solve_logistic,
+        span_expand,
+        span_reduce,
+    )
 
     rng = np.random.default_rng(3)
     G, n, D, K = 5, 12, 30, 3
