@@ -198,4 +198,6 @@ def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, builtin_model
     cfg = load_config(config)
     keys = {(r.model, r.dataset, r.setting, r.shots, r.token, r.position, r.rule, r.block, r.metric) for r in rows}
     assert expected_keys(cfg) <= keys
-    assert json.loads((tmp_path / "runs" / "test" / "run.json").read_text())["resumed"] is True
+    info = json.loads((tmp_path / "runs" / "test" / "run.json").read_text())
+    assert info["resumed"] is True and info["timings"]["total_s"] > 0
+    assert len(info["timings_earlier"]) == 1 and "total_s" not in info["timings_earlier"][0]  # the killed one

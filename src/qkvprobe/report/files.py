@@ -2,7 +2,8 @@
 
 ``runs/<name>/``:
     results.csv      the long results table (:mod:`qkvprobe.results`)
-    run.json         resolved config, versions, timings, data sources, episode seed, subsampling, ``main_blocks``
+    run.json         resolved config, versions, timings (``timings_earlier``: interrupted invocations of a resumed
+                     run), data sources, episode seed, subsampling, ``main_blocks``
                      (model -> block indices of the main tables; other blocks are the block sweep)
     directions.json  ``{"entries": [{model, objective, dataset, block, token, position, C, classes: [..],
                      cosine: [..]}]}`` — per class, cos(w_c, μ_c) between the hyperplane normal and the class

@@ -90,7 +90,9 @@ def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
         rows.append(("episodes' seed", str(info["episodes_seed"])))
     timings = info.get("timings") or {}
     if "total_s" in timings:
-        rows.append(("wall time", f"{timings['total_s']:.1f} s"))
+        earlier = len(info.get("timings_earlier") or [])
+        note = f" (this invocation; {earlier} earlier interrupted one(s) in run.json)" if earlier else ""
+        rows.append(("wall time", f"{timings['total_s']:.1f} s{note}"))
     versions = info.get("versions") or {}
     if versions:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))

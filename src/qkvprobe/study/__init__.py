@@ -104,6 +104,9 @@ class _Study:
             "device": self.device, "host": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
             "episodes_seed": cfg.seed, "subsampling": self._subsampling(), "data_sources": previous.get("data_sources", {}),
             "main_blocks": previous.get("main_blocks", {}), "timings": {},
+            # A resumed run's "timings" are this invocation's; the interrupted ones' (partial) timings are kept.
+            "timings_earlier": [*previous.get("timings_earlier", []), previous.get("timings") or {}]
+            if self.progress.resumed else [],
         }  # fmt: skip
 
     # ---- helpers ----------------------------------------------------------------------------------------
