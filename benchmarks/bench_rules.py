@@ -1,6 +1,6 @@
 """Speed and memory of the rules and protocols against scikit-learn (issue 4). CPU, one process.
 
-Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|all]``;
+Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|all]``;
 ``python benchmarks/bench_rules.py gpu [N DIM CLASSES MAX_ITER]`` on a CUDA machine (1.28 M × 768, 1 000 classes).
 
 Features are synthetic but shaped like ViT tokens: class means in a low-dimensional subspace, anisotropic
@@ -141,6 +141,38 @@ def bench_fewshot(episodes: int = 2000, ways: int = 5, shots: int = 5, queries: 
           f"± {res.ci95 * 100:.2f}; reference now: materialising the {q.numel()} query vectors takes {floor:.3f} s, "
           f"memory copy bandwidth {bandwidth:.1f} GB/s (reading the {query_gb:.2f} GB of query features once at "
           f"that rate: {query_gb / bandwidth:.3f} s)")
+
+
+def bench_kernels(repeats: int = 62) -> None:
+    """The few-shot building blocks behind two design choices: numpy's batched matmul against torch.bmm at the
+    few-shot shapes (``rules._matmul``), and the n×n Cholesky factor against the eigendecomposition
+    (``span_reduce(basis="cholesky")``)."""
+    from qkvprobe.rules._matmul import bmm
+
+    g = torch.Generator().manual_seed(0)
+    print("[kernels] ms for the calls of 2 000 episodes (5-way 5-shot, 15 queries, D = 384)")
+    shapes = [((32, 75, 384), (32, 5, 384), True, 62), ((32, 25, 384), (32, 25, 384), True, 62),
+              ((2000, 5, 26), (2000, 26, 25), False, 18)]  # fmt: skip
+    for a_shape, b_shape, transposed, calls in shapes:
+        a, b = torch.randn(*a_shape, generator=g), torch.randn(*b_shape, generator=g)
+        b = b.transpose(1, 2) if transposed else b
+        times = {}
+        for name, fn in (("torch.bmm", torch.bmm), ("numpy", bmm)):
+            fn(a, b)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(a, b)
+            times[name] = (time.perf_counter() - t0) * 1e3
+        print(f"  {list(a.shape)} @ {list(b.shape)} x{calls}: torch.bmm {times['torch.bmm']:.1f}, "
+              f"numpy {times['numpy']:.1f}")
+    x = torch.randn(2000, 25, 384, generator=g)
+    x = x - x.mean(1, keepdim=True)
+    gram = x @ x.transpose(1, 2)
+    for name, fn in (("eigh", torch.linalg.eigh), ("cholesky", lambda m: torch.linalg.cholesky_ex(m + 1.0))):
+        fn(gram)
+        t0 = time.perf_counter()
+        fn(gram)
+        print(f"  {name} of 2000 centred 25x25 Gram matrices: {(time.perf_counter() - t0) * 1e3:.1f}")
 
 
 def _timed(run, repeats: int = 3):
@@ -300,6 +332,8 @@ def main(argv: list[str]) -> None:
         bench_standard()
     if which in ("fewshot", "cosine", "all"):
         bench_fewshot()
+    if which == "kernels":
+        bench_kernels()
     if which == "gpu":  # needs CUDA; not part of "all"
         bench_gpu(*(int(a) for a in argv[2:6]))
     if which == "segmentation":

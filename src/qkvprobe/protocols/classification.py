@@ -58,7 +58,7 @@ FEWSHOT_SOLVE_DTYPE = torch.float32
 #: the solve dtype, so float32 solves stop where float64 ones do (on the gradient test) rather than early.
 FEWSHOT_FTOL = 64 * float(np.finfo(np.float64).eps)
 #: Basis of the few-shot hyperplane's span-reduced problems (``rules.hyperplane.span_reduce``): Cholesky
-#: factors cost ~10× less than the eigendecompositions for 25×25 Gram matrices, which were a fifth of the run.
+#: factors cost ~6× less than the eigendecompositions for 25×25 Gram matrices, which were a fifth of the run.
 FEWSHOT_BASIS = "cholesky"
 #: Episodes whose reduced problems are solved in one batched L-BFGS.
 EPISODE_BATCH = 2000

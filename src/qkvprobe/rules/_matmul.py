@@ -2,8 +2,8 @@
 
 Why not always ``torch.matmul``: on CPU, torch 2.14's batched GEMM is 2–3× slower than numpy's ``matmul``
 (OpenBLAS, one GEMM per matrix of the stack) for the skinny shapes of few-shot work, measured single-threaded
-on this project's benchmark shapes: ``[32, 75, 384] @ [32, 384, 5]`` 20.8 vs 7.1 ms, ``[32, 25, 384] @
-[32, 384, 25]`` 24.8 vs 10.2 ms, ``[2000, 5, 26] @ [2000, 26, 25]`` 11.4 vs 6.4 ms. Both are float32/float64
+by ``benchmarks/bench_rules.py kernels`` (2 000 episodes' calls): ``[32, 75, 384] @ [32, 384, 5]`` 20.6 vs
+7.2 ms, ``[32, 25, 384] @ [32, 384, 25]`` 22.2 vs 10.2 ms, ``[2000, 5, 26] @ [2000, 26, 25]`` 10.1 vs 6.4 ms. Both are float32/float64
 BLAS products; only the batching differs. Accelerators and autograd keep torch.
 """
 
