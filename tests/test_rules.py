@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 import qkvprobe
 from qkvprobe.errors import FeatureError, NotFittedError, RuleError
 from qkvprobe.rules import CosineRule, HyperplaneRule, fit_hyperplane_batched, fit_hyperplane_path
+from qkvprobe.rules.hyperplane import balanced_sample_weight
 
 
 def blobs(n: int, dim: int, num_classes: int, seed: int = 0, offset: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +101,50 @@ def test_warm_started_path_equals_cold_fits() -> None:
         for g in range(2):
             cold = HyperplaneRule(C=C, tol=1e-8, max_iter=2000).fit(Xt[g].numpy(), y)
             np.testing.assert_allclose(coef[g].numpy(), cold.coef_, atol=1e-4 * np.abs(cold.coef_).max())
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+@pytest.mark.parametrize("class_weight", ["balanced", "dict"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_class_weight_matches_sklearn(num_classes: int, class_weight: str, weighted: bool) -> None:
+    rng = np.random.default_rng(num_classes)
+    freq = [0.8, 0.2] if num_classes == 2 else [0.7, 0.2, 0.1]
+    y = rng.choice(num_classes, 300, p=freq)
+    X = rng.normal(size=(300, 5)) + 0.7 * y[:, None] + 2
+    sw = rng.uniform(0.5, 2.0, 300) if weighted else None
+    cw = "balanced" if class_weight == "balanced" else {0: 1.0, 1: 3.0}
+    with threadpool_limits(1):
+        sk = LogisticRegression(C=0.5, class_weight=cw, tol=1e-10, max_iter=5000).fit(X, y, sample_weight=sw)
+    ours = HyperplaneRule(C=0.5, class_weight=cw, tol=1e-10, max_iter=5000).fit(X, y, sample_weight=sw)
+    np.testing.assert_allclose(ours.coef_, sk.coef_, atol=1e-5 * np.abs(sk.coef_).max())
+    plain = HyperplaneRule(C=0.5, tol=1e-10, max_iter=5000).fit(X, y, sample_weight=sw)
+    assert np.abs(plain.coef_ - ours.coef_).max() > 0.01 * np.abs(sk.coef_).max()
+
+
+def test_balanced_sample_weight_is_sklearns_on_the_unpadded_rows() -> None:
+    # Batched "balanced" weights of G problems with padding (weight 0) rows = scikit-learn's compute_class_weight
+    # on each problem's real rows, times the sample weights.
+    from sklearn.utils.class_weight import compute_class_weight
+
+    rng = np.random.default_rng(0)
+    y = rng.choice(3, (4, 50), p=[0.6, 0.3, 0.1])
+    y[1] = np.where(y[1] == 2, 0, y[1])  # a problem with a class absent
+    sw = rng.uniform(0.5, 2.0, (4, 50)) * (rng.uniform(size=(4, 50)) > 0.2)
+    got = balanced_sample_weight(torch.as_tensor(y), torch.as_tensor(sw), 3).numpy()
+    for g in range(4):
+        real = sw[g] > 0
+        cls = np.unique(y[g][real])
+        cw = compute_class_weight("balanced", classes=cls, y=y[g][real], sample_weight=sw[g][real])
+        np.testing.assert_allclose(got[g][real], sw[g][real] * cw[np.searchsorted(cls, y[g][real])], rtol=1e-12)
+        assert (got[g][~real] == 0).all()
+
+
+def test_bad_class_weight() -> None:
+    X, y = blobs(60, 4, 3)
+    with pytest.raises(RuleError, match=r"class_weight='heavy' is not usable.*pass None, 'balanced' or a dict"):
+        HyperplaneRule(class_weight="heavy").fit(X, y)
+    with pytest.raises(RuleError, match=r"class_weight=\{7: 2.0\} is not usable.*labels among \[0, 1, 2\]"):
+        HyperplaneRule(class_weight={7: 2.0}).fit(X, y)
 
 
 @pytest.mark.parametrize("make", [HyperplaneRule, CosineRule])

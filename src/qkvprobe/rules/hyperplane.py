@@ -18,6 +18,10 @@ problem in an orthonormal basis of that span (from the eigen-decomposition of th
 centred rows; the mean goes into the unpenalised intercept): n instead of D unknowns per class,
 ``‖W‖ = ‖Z‖``, W = Q·Z afterwards, and a diagonal preconditioner because the reduced columns are uncorrelated.
 
+Class weights (``class_weight="balanced"`` or a ``{label: weight}`` dict) multiply the sample weights as in
+scikit-learn: "balanced" gives class k the weight ``Σsw / (K · Σ_{y_i=k} sw_i)`` (scikit-learn ≥ 1.6 also counts
+classes by sample weight), so every class carries the same total weight whatever its number of samples.
+
 ``max_iter`` defaults to 300 (scikit-learn: 100): the stopping rule is the same, and a fit that converges
 stops long before; scikit-learn often stops at 100 unconverged for large C on raw features.
 """
@@ -33,6 +37,7 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import Tensor
 
+from ..errors import RuleError
 from ._checks import as_features, check_C, check_fitted, check_labels_known, check_width, encode_labels
 from ._matmul import bmm
 from .lbfgs import minimize_lbfgs
@@ -45,6 +50,25 @@ DEFAULT_TOL = 1e-4
 CPU_BLOCK_BYTES = 3 * 1024**2 // 2
 #: L-BFGS curvature pairs kept for span-reduced (few-shot) problems, see ``solve_logistic``.
 SPAN_HISTORY = 5
+
+
+def balanced_sample_weight(y: Tensor, sample_weight: Tensor, num_classes: int) -> Tensor:
+    """``class_weight="balanced"`` for G problems at once: ``y [G, n]`` codes, ``sample_weight [G, n]`` (0 = padding
+    or ignored, so not counted) → ``sample_weight · Σsw / (K_g · Σ_{y=k} sw)`` ``[G, n]``, K_g = classes present."""
+    counts = torch.zeros(y.shape[0], num_classes, dtype=sample_weight.dtype, device=sample_weight.device)
+    counts.scatter_add_(1, y, sample_weight)
+    present = (counts > 0).sum(1, keepdim=True).clamp(min=1)
+    per_class = counts.sum(1, keepdim=True) / (present * counts.clamp(min=torch.finfo(counts.dtype).tiny))
+    return sample_weight * per_class.gather(1, y)
+
+
+def check_class_weight(class_weight: Any) -> str | None:
+    """The protocols take ``None`` (plain logistic regression, PAPER.md) or ``"balanced"``."""
+    if class_weight in (None, "none"):
+        return None
+    if class_weight == "balanced":
+        return "balanced"
+    raise RuleError(f"class_weight must be None or 'balanced', got {class_weight!r}; e.g. class_weight='balanced'")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -438,11 +462,12 @@ class HyperplaneRule(BaseEstimator):
 
     Same objective and stopping rule as ``LogisticRegression(C=C, tol=tol)`` (lbfgs). Fitted attributes:
     ``classes_ [K]``, ``coef_ [K, D]`` (``[1, D]`` for K = 2), ``intercept_ [K]`` (``[1]``), ``n_iter_ [1]``,
-    ``n_features_in_``."""
+    ``n_features_in_``. ``class_weight``: None, ``"balanced"`` or ``{label: weight}``, as scikit-learn's."""
 
     def __init__(self, *, C: float = 1.0, max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
-                 device: str = "cpu", dtype: Any = None) -> None:  # fmt: skip
+                 device: str = "cpu", dtype: Any = None, class_weight: Any = None) -> None:  # fmt: skip
         self.C = C
+        self.class_weight = class_weight
         self.max_iter = max_iter
         self.tol = tol
         self.device = device
@@ -459,6 +484,9 @@ class HyperplaneRule(BaseEstimator):
         dt, dev = self._torch_dtype(), torch.device(self.device)
         Xt = torch.as_tensor(X).to(dev, dt)[None]
         sw = None if sample_weight is None else torch.as_tensor(np.asarray(sample_weight)).to(dev, dt)[None]
+        if self.class_weight is not None:
+            cw = torch.as_tensor(self._class_weights(y, sample_weight)[codes], device=dev, dtype=dt)[None]
+            sw = cw if sw is None else sw * cw
         coef, intercept, n_iter, _ = fit_hyperplane_batched(
             Xt, torch.as_tensor(codes, device=dev)[None], len(self.classes_), C,
             sample_weight=sw, max_iter=self.max_iter, tol=self.tol,
@@ -468,6 +496,20 @@ class HyperplaneRule(BaseEstimator):
         self.n_iter_ = n_iter.cpu().numpy()
         self.n_features_in_ = X.shape[1]
         return self
+
+    def _class_weights(self, y: Any, sample_weight: Any) -> np.ndarray:
+        """Weight of each class of ``classes_`` ``[K]``, from scikit-learn's own ``compute_class_weight``."""
+        from sklearn.utils.class_weight import compute_class_weight
+
+        y = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
+        sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        try:
+            return compute_class_weight(self.class_weight, classes=self.classes_, y=y, sample_weight=sw)
+        except (ValueError, TypeError) as e:  # scikit-learn names the bad value; we add what is accepted
+            raise RuleError(
+                f"class_weight={self.class_weight!r} is not usable ({e}); pass None, 'balanced' or a dict "
+                f"mapping labels among {self.classes_.tolist()} to weights"
+            ) from None
 
     def decision_function(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → scores ``[m, K]`` (``[m]`` for K = 2, as scikit-learn)."""
