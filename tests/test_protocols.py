@@ -105,6 +105,30 @@ def test_standard_classification_batched_matches_single_rules() -> None:
         standard_classification([Xtr], ytr, [Xte[:, :5]], yte, rule="cosine")
 
 
+def test_standard_classification_balanced_equals_balanced_rules() -> None:
+    # Imbalanced training split (class k keeps 1/(k+1) of its rows): both the C sweep and the refit must be
+    # HyperplaneRule(class_weight="balanced") fits, i.e. scikit-learn's weighting.
+    from sklearn.model_selection import train_test_split
+
+    Xtr, ytr = cls_data(240, 7)
+    keep = np.random.default_rng(0).uniform(size=len(ytr)) < 1.0 / (ytr + 1)
+    Xtr, ytr = Xtr[keep], ytr[keep]
+    Xte, yte = cls_data(120, 8)
+    res = standard_classification([Xtr], ytr, [Xte], yte, rule="hyperplane", Cs=(0.001, 0.1), tol=1e-9,
+                                  max_iter=2000, class_weight="balanced")[0]  # fmt: skip
+    fit, val = train_test_split(np.arange(len(ytr)), test_size=0.1, stratify=ytr, random_state=0)
+    fit, val = np.sort(fit), np.sort(val)
+    for C, acc in res.val_accuracy.items():
+        ref = HyperplaneRule(C=C, tol=1e-9, max_iter=2000, class_weight="balanced").fit(Xtr[fit], ytr[fit])
+        assert acc == pytest.approx(ref.score(Xtr[val], ytr[val]))
+    ref = HyperplaneRule(C=res.C, tol=1e-9, max_iter=2000, class_weight="balanced").fit(Xtr, ytr)
+    np.testing.assert_allclose(res.weights, ref.coef_, atol=1e-4 * np.abs(ref.coef_).max())
+    plain = HyperplaneRule(C=res.C, tol=1e-9, max_iter=2000).fit(Xtr, ytr)
+    assert np.abs(plain.coef_ - ref.coef_).max() > 0.05 * np.abs(ref.coef_).max()
+    with pytest.raises(RuleError, match="class_weight must be None or 'balanced'"):
+        standard_classification([Xtr], ytr, [Xte], yte, rule="hyperplane", class_weight={0: 2.0})
+
+
 @pytest.mark.parametrize("rule", ["hyperplane", "cosine"])
 def test_fewshot_batched_equals_per_episode_rules(rule: str) -> None:
     Xtr, ytr = cls_data(120, 3)
@@ -162,11 +186,13 @@ def test_evaluate_classification_on_store_rows() -> None:
 
 
 # -- segmentation -------------------------------------------------------------------------------------------
-def seg_data(num: int, seed: int, dim: int = 8):
-    """Patch features = class embedding + noise; masks = patch labels upsampled ×PATCH (nearest)."""
+def seg_data(num: int, seed: int, dim: int = 8, probs: list[float] | None = None):
+    """Patch features = class embedding + noise; masks = patch labels upsampled ×PATCH (nearest). ``probs``:
+    class frequencies (default uniform)."""
     geo, rng = np.random.default_rng(0), np.random.default_rng(seed)
     emb = geo.normal(size=(4, dim)) * 2
-    pl = rng.integers(0, 4, (num, GRID[0] * GRID[1]))
+    shape = (num, GRID[0] * GRID[1])
+    pl = rng.integers(0, 4, shape) if probs is None else rng.choice(4, shape, p=probs)
     feats = (emb[pl] + 0.7 * rng.normal(size=(num, pl.shape[1], dim)) + 2).astype(np.float32)
     masks = np.kron(pl.reshape(num, *GRID), np.ones((PATCH, PATCH), dtype=np.int64))
     pl = pl.copy()
@@ -232,6 +258,45 @@ def test_fewshot_segmentation(rule: str) -> None:
                              masks=lambda i: mte[i])  # fmt: skip
 
 
+def test_balanced_segmentation_equals_balanced_rule_fits() -> None:
+    # Imbalanced classes (class 0 = "background" on 70 % of the patches): the protocols' class_weight="balanced"
+    # must be scikit-learn's, i.e. HyperplaneRule(class_weight="balanced") on the labelled (non-255) patches.
+    probs = [0.7, 0.2, 0.07, 0.03]
+    ftr, pltr, _ = seg_data(20, 1, probs=probs)
+    fte, plte, mte = seg_data(10, 2, probs=probs)
+    tr = FakeStore({("q", "patch"): ftr}, patch_labels=pltr, task="segmentation")
+    te = FakeStore({("q", "patch"): fte}, patch_labels=plte, task="segmentation")
+    masks = lambda i: mte[i - 100]  # noqa: E731
+    X, y = ftr.reshape(-1, ftr.shape[-1]).astype(np.float64), pltr.reshape(-1)
+    X, y = X[y != 255], y[y != 255]
+    kw = dict(token="q", rule="hyperplane", masks=masks, Cs=(0.01,), tol=1e-9, max_iter=2000)
+    got = standard_segmentation(tr, te, **kw, class_weight="balanced").weights
+    ref = HyperplaneRule(C=0.01, tol=1e-9, max_iter=2000, class_weight="balanced").fit(X, y).coef_
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+    plain = HyperplaneRule(C=0.01, tol=1e-9, max_iter=2000).fit(X, y).coef_
+    assert np.abs(plain - ref).max() > 0.05 * np.abs(ref).max()  # the weighting does change this problem
+    with pytest.raises(RuleError, match="class_weight must be None or 'balanced'"):
+        standard_segmentation(tr, te, **kw, class_weight="auto")
+
+    # Few-shot: each episode's foreground IoU equals a balanced binary HyperplaneRule on its support patches.
+    classes = np.array([1, 2, 3, 1])
+    support = np.stack([np.flatnonzero((pltr == c).any(1))[[j, j + 1]] for j, c in enumerate(classes)])
+    query = np.array([np.flatnonzero((plte == c).any(1))[j] for j, c in enumerate(classes)])
+    res = fewshot_segmentation(ftr, pltr, fte, np.arange(10), GRID, classes, support, query, rule="hyperplane",
+                               masks=lambda i: mte[i], C=0.1, tol=1e-10, max_iter=3000, class_weight="balanced")  # fmt: skip
+    for e, c in enumerate(classes):
+        Xs, ys = ftr[support[e]].reshape(-1, ftr.shape[-1]).astype(np.float64), pltr[support[e]].reshape(-1)
+        keep = ys != 255
+        rule = HyperplaneRule(C=0.1, tol=1e-10, max_iter=3000, class_weight="balanced").fit(Xs[keep], ys[keep] == c)
+        s = torch.as_tensor(rule.decision_function(fte[query[e]].astype(np.float64)))
+        up = F.interpolate(s.reshape(1, 1, *GRID), size=mte[0].shape, mode="bilinear", align_corners=False)[0, 0]
+        pred, gt, valid = up.numpy() > 0, mte[query[e]] == c, mte[query[e]] != 255
+        assert res.per_episode[e] == pytest.approx(((pred & gt & valid).sum()) / ((pred | gt) & valid).sum())
+    with pytest.raises(RuleError, match="class_weight must be None or 'balanced'"):
+        fewshot_segmentation(ftr, pltr, fte, np.arange(10), GRID, classes, support, query, rule="hyperplane",
+                             masks=lambda i: mte[i], class_weight="Balanced")  # fmt: skip
+
+
 def test_evaluate_segmentation_rows() -> None:
     ftr, pltr, _ = seg_data(12, 5)
     fte, plte, mte = seg_data(6, 6)
@@ -275,6 +340,12 @@ def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     assert bad.exit_code == 1 and "--blocks must be comma-separated integers" in bad.output
     bad = CliRunner().invoke(get_app(), ["evaluate", "--test-store", str(tmp_path / "te")])
     assert bad.exit_code == 1 and "--train-store and --test-store" in bad.output
+    hyp = [*args[:-6], "--rules", "hyperplane", "--blocks", "-1", "--out", str(tmp_path / "balanced.csv")]
+    ok = CliRunner().invoke(get_app(), [*hyp, "--class-weight", "balanced"])
+    assert ok.exit_code == 0, ok.output
+    assert read_results(tmp_path / "balanced.csv")[0].rule == "hyperplane"
+    bad = CliRunner().invoke(get_app(), [*hyp, "--class-weight", "auto"])
+    assert bad.exit_code == 1 and "--class-weight must be none or balanced" in bad.output
 
 
 def test_standard_C_sweep_spread_over_ranks(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,6 +42,11 @@ def evaluate(
     episodes: int = typer.Option(None, "--episodes", help="Few-shot episodes (default 2000 cls / 1000 seg)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of the episodes."),
     device: str = typer.Option("cpu", "--device", help="torch device of the solvers."),
+    class_weight: str = typer.Option(
+        "none", "--class-weight",
+        help="none|balanced: weigh the hyperplane rule's classes by n / (K·n_class), as scikit-learn "
+        "(standard fits and few-shot segmentation). Rows do not record it: write them to their own --out.",
+    ),
     out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
 ) -> None:
     """Evaluate decision rules on token features of existing stores; write rows of the results table."""
@@ -60,7 +65,9 @@ def evaluate(
                           "pass --task classification or segmentation matching how they were extracted")  # fmt: skip
     if setting not in ("standard", "fewshot"):
         raise ConfigError(f"--setting must be standard or fewshot, got {setting!r}")
-    kw = dict(setting=setting, rules=_split(rules, "rules"), tokens=_split(tokens, "tokens"),
+    if class_weight not in ("none", "balanced"):
+        raise ConfigError(f"--class-weight must be none or balanced, got {class_weight!r}")
+    kw = dict(class_weight=None if class_weight == "none" else class_weight, setting=setting, rules=_split(rules, "rules"), tokens=_split(tokens, "tokens"),
               blocks=_ints(blocks, "blocks"), shots=_ints(shots, "shots"), seed=seed, device=device)  # fmt: skip
     if task == "classification":
         rows = evaluate_classification(train, test, positions=_split(positions or "cls", "positions"), ways=ways,

@@ -34,6 +34,8 @@ from ..rules._matmul import bmm
 from ..rules.cosine import EPS as COS_EPS
 from ..rules.cosine import cosine_directions, cosine_scores
 from ..rules.hyperplane import (
+    balanced_sample_weight,
+    check_class_weight,
     default_dtype,
     fit_hyperplane_batched,
     fit_hyperplane_path,
@@ -141,10 +143,12 @@ def _encode(y_train: np.ndarray, y_test: np.ndarray) -> tuple[np.ndarray, np.nda
 def standard_classification(
     train: Sequence[Any], y_train: np.ndarray, test: Sequence[Any], y_test: np.ndarray, *, rule: str,
     Cs: Sequence[float] = C_GRID, val_fraction: float = VAL_FRACTION, seed: int = 0, device: str = "cpu",
-    max_iter: int | None = None, tol: float | None = None,
+    max_iter: int | None = None, tol: float | None = None, class_weight: str | None = None,
 ) -> list[StandardResult]:  # fmt: skip
     """Standard protocol for G feature sets sharing labels: ``train[g] [n, D_g]``, ``test[g] [m, D_g]`` →
-    one :class:`StandardResult` per feature set (same order)."""
+    one :class:`StandardResult` per feature set (same order). ``class_weight="balanced"`` weighs the hyperplane
+    rule's classes by n / (K · n_k) (scikit-learn's) in the C sweep and the refit; None = plain (PAPER.md)."""
+    class_weight = check_class_weight(class_weight)
     if len(train) != len(test) or not train:
         raise FeatureError(f"need one test array per train array, got {len(train)} and {len(test)}")
     classes, ytr, yte = _encode(y_train, np.asarray(y_test))
@@ -172,14 +176,15 @@ def standard_classification(
             Xtr = torch.stack([_as_tensor(train[g], dev, dt) for g in ids])
             Xte = torch.stack([_as_tensor(test[g], dev, dt) for g in ids])
             for g, res in zip(ids, _standard_batch(Xtr, ytr, Xte, yte, K, rule, Cs, val_fraction, seed,
-                                                   max_iter, tol), strict=True):  # fmt: skip
+                                                   max_iter, tol, class_weight), strict=True):  # fmt: skip
                 results[g] = StandardResult(res[0], res[1], res[2], classes[res[3]], res[4])
     return results  # type: ignore[return-value]
 
 
 def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: np.ndarray, K: int, rule: str,
                     Cs: Sequence[float], val_fraction: float, seed: int, max_iter: int | None,
-                    tol: float | None) -> list[tuple[float, float, dict, np.ndarray, np.ndarray]]:  # fmt: skip
+                    tol: float | None, class_weight: str | None = None,
+                    ) -> list[tuple[float, float, dict, np.ndarray, np.ndarray]]:  # fmt: skip
     G, dev = Xtr.shape[0], Xtr.device
     y_all = torch.as_tensor(ytr, device=dev).expand(G, -1)
     if rule == "cosine":
@@ -192,7 +197,7 @@ def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: 
     Cs = sorted(check_C(C) for C in Cs)
     if not Cs:
         raise RuleError("the C grid is empty; pass at least one C value")
-    opts = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
+    opts: dict[str, Any] = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
     num_val = math.ceil(val_fraction * len(ytr))
     counts = np.bincount(ytr)
     if num_val < K or counts.min() < 2:
@@ -204,12 +209,13 @@ def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: 
         )
     fit_idx, val_idx = train_test_split(np.arange(len(ytr)), test_size=val_fraction, stratify=ytr, random_state=seed)
     fit_idx, val_idx = torch.as_tensor(np.sort(fit_idx), device=dev), torch.as_tensor(np.sort(val_idx), device=dev)
+    balanced = class_weight == "balanced"
     # Under torchrun (an initialised process group) every rank sweeps its round-robin share of the grid and the
     # shares are merged: all ranks then hold the whole sweep and make the same choice. Alone: the whole grid.
     if _group_size() > 1:
-        parts = all_gather_objects(_c_sweep(Xtr, y_all, fit_idx, val_idx, K, shard_for_rank(Cs), opts))
+        parts = all_gather_objects(_c_sweep(Xtr, y_all, fit_idx, val_idx, K, shard_for_rank(Cs), opts, balanced))
     else:
-        parts = [_c_sweep(Xtr, y_all, fit_idx, val_idx, K, Cs, opts)]
+        parts = [_c_sweep(Xtr, y_all, fit_idx, val_idx, K, Cs, opts, balanced)]
     sweep = sorted(((C, part["val"][:, j], part["coef"][j], part["intercept"][j])
                     for part in parts for j, C in enumerate(part["Cs"])), key=lambda item: item[0])  # fmt: skip
     val_acc = torch.as_tensor(np.stack([v for _, v, _, _ in sweep], 1))  # [G, len(Cs)]
@@ -218,7 +224,8 @@ def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: 
     b0 = torch.stack([sweep[int(j)][3][g] for g, j in enumerate(best)]).to(dev)
     C_best = torch.tensor([Cs[int(j)] for j in best], dtype=Xtr.dtype, device=dev)
     coef, intercept, _, _ = fit_hyperplane_batched(Xtr, y_all, K, C_best, coef_init=coef0, intercept_init=b0,
-                                                   reduce=False, **opts)  # fmt: skip
+                                                   reduce=False, sample_weight=_balanced(y_all, K, balanced, Xtr),
+                                                   **opts)  # fmt: skip
     pred = hyperplane_scores(Xte, coef, intercept).argmax(2).cpu().numpy()
     va = val_acc.cpu().numpy()
     weights = class_normals(coef).float().cpu().numpy()
@@ -239,13 +246,21 @@ def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _balanced(y: torch.Tensor, K: int, balanced: bool, like: torch.Tensor) -> torch.Tensor | None:
+    """Sample weights ``[G, n]`` of ``class_weight="balanced"`` (None when not balanced)."""
+    if not balanced:
+        return None
+    return balanced_sample_weight(y, torch.ones(y.shape, dtype=like.dtype, device=like.device), K)
+
+
 def _c_sweep(Xtr: torch.Tensor, y_all: torch.Tensor, fit_idx: torch.Tensor, val_idx: torch.Tensor, K: int,
-             Cs: Sequence[float], opts: dict) -> dict:  # fmt: skip
+             Cs: Sequence[float], opts: dict, balanced: bool = False) -> dict:  # fmt: skip
     """Warm-started path over ``Cs`` (ascending) on the fit rows → held-out accuracy ``val [G, len(Cs)]`` and the
     solutions (on the CPU, so they can be gathered from other ranks)."""
     if not Cs:  # more ranks than C values
         return {"Cs": [], "val": np.zeros((Xtr.shape[0], 0)), "coef": [], "intercept": []}
-    path = fit_hyperplane_path(Xtr[:, fit_idx], y_all[:, fit_idx], K, Cs, **opts)
+    y_fit = y_all[:, fit_idx]
+    path = fit_hyperplane_path(Xtr[:, fit_idx], y_fit, K, Cs, sample_weight=_balanced(y_fit, K, balanced, Xtr), **opts)
     yval = y_all[:, val_idx]
     val = torch.stack([(hyperplane_scores(Xtr[:, val_idx], c, b).argmax(2) == yval).double().mean(1)
                        for c, b, _ in path], 1)  # fmt: skip
@@ -423,11 +438,14 @@ def evaluate_classification(
     tokens: Sequence[str] = ("q", "k", "v", "ffn"), positions: Sequence[str] = ("cls",), blocks: Sequence[int] = (-1,),
     ways: int = 5, shots: int | Sequence[int] = (1, 5), queries: int = 15, episodes: int = 2000, seed: int = 0,
     model: str | None = None, dataset: str | None = None, device: str = "cpu", Cs: Sequence[float] = C_GRID,
-    C: float = FEWSHOT_C, episode_sampler: Any = None,
+    C: float = FEWSHOT_C, episode_sampler: Any = None, class_weight: str | None = None,
 ) -> Evaluation:  # fmt: skip
     """Evaluate every (block, position, token, rule) of two classification stores → rows of the results
     table (``accuracy``), with per-episode accuracies (few-shot) / test predictions (standard) attached.
-    ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_classification_episodes``."""
+    ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_classification_episodes``.
+    ``class_weight`` (None or "balanced") applies to the standard hyperplane fits; few-shot episodes hold the same
+    number of shots per class, where balanced weights are all 1."""
+    check_class_weight(class_weight)
     if setting not in ("standard", "fewshot"):
         raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
     for r in rules:
@@ -443,7 +461,8 @@ def evaluate_classification(
                 train = [train_store.get(t, position, block) for t in tokens]
                 test = [test_store.get(t, position, block) for t in tokens]
                 for rule in rules:
-                    results = standard_classification(train, ytr, test, yte, rule=rule, Cs=Cs, seed=seed, device=device)
+                    results = standard_classification(train, ytr, test, yte, rule=rule, Cs=Cs, seed=seed, device=device,
+                                                      class_weight=class_weight)  # fmt: skip
                     for token, res in zip(tokens, results, strict=True):
                         out.append(make(block=b, token=token, position=position, rule=rule, ways=0, shots=0,
                                         episodes=0, metric="accuracy", value=res.accuracy, C=res.C))  # fmt: skip

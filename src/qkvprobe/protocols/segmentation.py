@@ -14,6 +14,9 @@ the store (~2·20M·769·150 ≈ 4.6 TFLOP of matmul plus the read); with ~20–
 Scoring: per-patch scores ``[K, h, w]`` → bilinear upsampling (align_corners=False) to the mask's
 ``H × W`` → argmax → a dataset-level confusion matrix (ignore 255) → mIoU and pixel accuracy.
 
+``class_weight="balanced"`` (default ``CLASS_WEIGHT`` = None) weighs the hyperplane rule's patches by
+n / (K · n_class), as scikit-learn; the cosine rule's class means do not depend on class counts.
+
 Few-shot (1-way K-shot): per episode, support patches are labelled foreground (majority = class c),
 background (any other label) or ignored (255); the binary hyperplane rule (``FEWSHOT_C``) or the cosine rule
 with a foreground and a background direction is fitted on them and predicts the query's binary mask at
@@ -41,6 +44,8 @@ from ..rules.hyperplane import (
     DEFAULT_TOL,
     PRECOND_ROWS,
     augment,
+    balanced_sample_weight,
+    check_class_weight,
     default_dtype,
     fit_hyperplane_batched,
     logistic_sums,
@@ -66,6 +71,10 @@ CHUNK_ROWS = 65_536
 MEMORY_BUDGET_BYTES = 512 * 1024**2
 #: Bytes of gathered support features per few-shot batch of episodes.
 EPISODE_BATCH_BYTES = 256 * 1024**2
+#: Class weighting of the hyperplane rule: None = plain logistic regression (PAPER.md); "balanced" weighs each
+#: class by n / (K · n_k), as scikit-learn. Few-shot supports are mostly background (on the Scenes, ~74 % of the
+#: patches), and at a fixed C the plain fit then under-predicts the foreground; see the README's solver notes.
+CLASS_WEIGHT: str | None = None
 
 Masks = Callable[[int], np.ndarray]
 
@@ -100,8 +109,11 @@ class _StreamingLogistic:
     """One logistic-regression problem whose data arrive in chunks; loss and gradient are accumulated."""
 
     def __init__(self, chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], num_rows: int,
-                 num_classes: int, C: float, moment: torch.Tensor) -> None:  # fmt: skip
+                 num_classes: int, C: float, moment: torch.Tensor,
+                 class_w: torch.Tensor | None = None) -> None:  # fmt: skip
         self.chunks, self.num_classes = chunks, num_classes
+        # Row weight: class weight / n (balanced weights sum to n, so the objective's scale stays C · n).
+        self.row_w = None if class_w is None else class_w.to(moment) / num_rows
         self.kf = 1 if num_classes == 2 else num_classes
         self.reg = torch.tensor([1.0 / (C * num_rows)], dtype=moment.dtype, device=moment.device)
         self.inv_n = 1.0 / num_rows
@@ -118,8 +130,8 @@ class _StreamingLogistic:
         f = torch.zeros(1, dtype=w.dtype, device=w.device)
         grad = torch.zeros_like(W)
         for X, y in self.chunks():
-            fs, gs = logistic_sums(X[None], y[None], torch.full(y.shape, self.inv_n, dtype=X.dtype,
-                                                                device=X.device)[None], W, self.num_classes)  # fmt: skip
+            rw = torch.full(y.shape, self.inv_n, dtype=X.dtype, device=X.device) if self.row_w is None else self.row_w[y]
+            fs, gs = logistic_sums(X[None], y[None], rw[None], W, self.num_classes)
             f, grad = f + fs, grad + gs
         Wf = W[:, :-1]
         f = f + 0.5 * self.reg * (Wf * Wf).sum((1, 2))
@@ -160,6 +172,14 @@ class _PatchSource:
     def __call__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.cache) if self.cache is not None else self._read()
 
+    def balanced_weights(self, num_classes: int) -> torch.Tensor:
+        """scikit-learn's "balanced" class weights of the labelled patches ``[K]`` (absent classes: 0)."""
+        labels = self.patch_labels[self.in_subset]
+        counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
+        present = max(1, int((counts > 0).sum()))
+        w = np.where(counts > 0, counts.sum() / (present * np.maximum(counts, 1)), 0.0)
+        return torch.as_tensor(w, dtype=self.dtype, device=self.device)
+
     def moment(self) -> torch.Tensor:
         """Second moments of the first ``PRECOND_ROWS`` patches (preconditioner) ``[1, D+1, D+1]``."""
         acc, count = None, 0
@@ -175,9 +195,10 @@ class _PatchSource:
 
 
 def _fit_streaming(source: _PatchSource, num_classes: int, C: float, W0: torch.Tensor | None,
-                   moment: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:  # fmt: skip
+                   moment: torch.Tensor, max_iter: int, tol: float, class_weight: str | None = None) -> torch.Tensor:  # fmt: skip
     kf = 1 if num_classes == 2 else num_classes
-    objective = _StreamingLogistic(source, source.num_rows, num_classes, C, moment)
+    class_w = source.balanced_weights(num_classes) if class_weight == "balanced" else None
+    objective = _StreamingLogistic(source, source.num_rows, num_classes, C, moment, class_w)
     if W0 is None:
         W0 = torch.zeros(1, moment.shape[-1] * kf, dtype=moment.dtype, device=moment.device)
     return minimize_lbfgs(objective, W0, max_iter=max_iter, tol=tol).w  # [1, (D+1)·Kf]
@@ -216,9 +237,10 @@ def score_store(store: Any, token: str, block: int, rule: str, params: torch.Ten
 def standard_segmentation(
     train_store: Any, test_store: Any, *, token: str, block: int = -1, rule: str, masks: Masks,
     Cs: Sequence[float] = C_GRID, val_fraction: float = VAL_FRACTION, seed: int = 0, device: str = "cpu",
-    max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, class_weight: str | None = CLASS_WEIGHT,
 ) -> SegmentationResult:  # fmt: skip
     """Standard protocol for one (token, block) of two patch stores; see the module docstring."""
+    class_weight = check_class_weight(class_weight)
     num_classes = len(train_store.classes)
     dev, dt = torch.device(device), default_dtype(device)
     labels = train_store.patch_labels()
@@ -244,7 +266,7 @@ def standard_segmentation(
         moment = fit_src.moment()
         W, val, best = None, {}, (-1.0, None, None)
         for C in Cs:
-            W = _fit_streaming(fit_src, num_classes, C, W, moment, max_iter, tol)
+            W = _fit_streaming(fit_src, num_classes, C, W, moment, max_iter, tol, class_weight)
             Wm = W.view(moment.shape[-1], -1)
             cm = ConfusionMatrix(num_classes)
             for X, y in val_src():
@@ -255,7 +277,7 @@ def standard_segmentation(
         C_best = best[1]
         del fit_src, val_src  # drop their cached patches before caching the full training set
         all_src = _PatchSource(train_store, token, block, rows, labels, dt, dev)
-        W = _fit_streaming(all_src, num_classes, C_best, best[2], moment, max_iter, tol)
+        W = _fit_streaming(all_src, num_classes, C_best, best[2], moment, max_iter, tol, class_weight)
         params = W.view(moment.shape[-1], -1)
     else:
         raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
@@ -269,6 +291,7 @@ def fewshot_segmentation(
     train_patches: Any, train_patch_labels: np.ndarray, test_patches: Any, test_indices: np.ndarray,
     grid: tuple[int, int], classes: np.ndarray, support: np.ndarray, query: np.ndarray, *, rule: str,
     masks: Masks, C: float = FEWSHOT_C, device: str = "cpu", max_iter: int | None = None, tol: float | None = None,
+    class_weight: str | None = CLASS_WEIGHT,
 ) -> FewshotSegmentationResult:  # fmt: skip
     """1-way K-shot protocol. ``train_patches [Ntr, h·w, D]`` and ``test_patches [Nte, h·w, D]`` (memmaps are
     fine: only episode rows are read), ``train_patch_labels [Ntr, h·w]``, ``test_indices [Nte]`` dataset
@@ -282,6 +305,7 @@ def fewshot_segmentation(
         raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
     if rule == "hyperplane":
         C = check_C(C)
+    class_weight = check_class_weight(class_weight)
     if train_patches.shape[-1] != test_patches.shape[-1]:
         raise FeatureError(f"test patch features have width {test_patches.shape[-1]} but train "
                            f"{train_patches.shape[-1]}; use the same token/block/model")  # fmt: skip
@@ -307,7 +331,8 @@ def fewshot_segmentation(
         num_fg, num_bg = (y * sw).sum(1), ((1 - y) * sw).sum(1)
         Xq = torch.as_tensor(np.array(test_patches[query[sl]])).to(dev, dt)  # [e, h·w, D]
         if rule == "hyperplane":
-            coef, intercept, _, _ = fit_hyperplane_batched(X, y, 2, C, sample_weight=sw, **opts)
+            fit_sw = balanced_sample_weight(y, sw, 2) if class_weight == "balanced" else sw
+            coef, intercept, _, _ = fit_hyperplane_batched(X, y, 2, C, sample_weight=fit_sw, **opts)
             s = (Xq @ coef.transpose(1, 2))[..., 0] + intercept  # [e, h·w] foreground logit
         else:
             mu = cosine_directions(X, y, 2, sample_weight=sw)
@@ -358,16 +383,18 @@ def evaluate_segmentation(
     blocks: Sequence[int] = (-1,), ways: int = 1, shots: int | Sequence[int] = (1, 5), queries: int = 1,
     episodes: int = 1000, seed: int = 0, model: str | None = None, dataset: str | None = None,
     device: str = "cpu", Cs: Sequence[float] = C_GRID, C: float = FEWSHOT_C, masks: Masks | None = None,
-    episode_sampler: Any = None,
+    episode_sampler: Any = None, class_weight: str | None = CLASS_WEIGHT,
 ) -> Evaluation:  # fmt: skip
     """Evaluate every (block, token, rule) of two segmentation stores → rows (standard: ``miou`` and
     ``pixel_accuracy``; few-shot: ``miou`` with the CI of per-episode foreground IoU, and ``fb_iou``).
     ``masks(i)`` gives the test split's full-resolution mask of dataset index i (default: opened from the
-    store's dataset); ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_segmentation_episodes``."""
+    store's dataset); ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_segmentation_episodes``;
+    ``class_weight`` (None or "balanced") weighs the hyperplane rule's classes (see the module docstring)."""
     if setting not in ("standard", "fewshot"):
         raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
     if any(p != "patch" for p in positions):
         raise RuleError(f"segmentation uses patch tokens, got positions {list(positions)}; pass --positions patch")
+    class_weight = check_class_weight(class_weight)
     masks = masks or dataset_masks(test_store)
     make = row_maker(train_store, model=model, dataset=dataset, task="segmentation", setting=setting, seed=seed)
     out = Evaluation()
@@ -377,7 +404,8 @@ def evaluate_segmentation(
             for token in tokens:
                 for rule in rules:
                     res = standard_segmentation(train_store, test_store, token=token, block=block, rule=rule,
-                                                masks=masks, Cs=Cs, seed=seed, device=device)  # fmt: skip
+                                                masks=masks, Cs=Cs, seed=seed, device=device,
+                                                class_weight=class_weight)  # fmt: skip
                     for metric in ("miou", "pixel_accuracy"):
                         out.append(make(block=b, token=token, position="patch", rule=rule, ways=0, shots=0,
                                         episodes=0, metric=metric, value=getattr(res, metric), C=res.C))  # fmt: skip
@@ -400,7 +428,7 @@ def evaluate_segmentation(
                 for rule in rules:
                     res = fewshot_segmentation(Ftr, tr_labels, Fte, test_store.indices(), test_store.grid,
                                                ep.classes, ep.support, ep.query, rule=rule, masks=masks, C=C,
-                                               device=device)  # fmt: skip
+                                               device=device, class_weight=class_weight)  # fmt: skip
                     Cv = C if rule == "hyperplane" else math.nan
                     common = dict(block=b, token=token, position="patch", rule=rule, ways=1, shots=k,
                                   episodes=len(res.per_episode), C=Cv)  # fmt: skip
