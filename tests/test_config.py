@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,12 @@ def test_fingerprint_ignores_cosmetic_keys() -> None:
     base = load_config()
     assert load_config(None, ["device=cuda", "batch_size=8", "cache_dir=/x"]).fingerprint() == base.fingerprint()
     assert load_config(None, ["seed=1"]).fingerprint() != base.fingerprint()
+    # class_weight came later: its default leaves earlier runs' fingerprints alone, "balanced" changes it.
+    old = base.model_dump(exclude={"device", "batch_size", "cache_dir", "out_dir", "report", "name", "class_weight"})
+    assert base.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert load_config(None, ["class_weight=balanced"]).fingerprint() != base.fingerprint()
+    with pytest.raises(ConfigError, match="class_weight"):
+        load_config(None, ["class_weight=heavy"])
 
 
 @pytest.mark.parametrize(

@@ -193,6 +193,9 @@ class StudyConfig(_Strict):
     blocks: list[int] = [-1]
     #: C grid of the standard hyperplane protocol (None = the protocol's own log-spaced grid).
     c_grid: list[float] | None = None
+    #: Class weighting of the hyperplane rule (standard fits, few-shot segmentation): None = plain logistic
+    #: regression (PAPER.md); "balanced" = n / (K·n_class) per class, as scikit-learn's class_weight.
+    class_weight: Literal["balanced"] | None = None
     fewshot: FewShotConfig = FewShotConfig()
     block_sweep: BlockSweepConfig = BlockSweepConfig()
     report: ReportConfig = ReportConfig()
@@ -277,6 +280,8 @@ class StudyConfig(_Strict):
     def fingerprint(self) -> str:
         """Digest of everything that changes results (not device, batch size, cache dir, out dir, report)."""
         data = self.model_dump(exclude={"device", "batch_size", "cache_dir", "out_dir", "report", "name"})
+        if data["class_weight"] is None:  # added later: runs started before it keep their fingerprint
+            del data["class_weight"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

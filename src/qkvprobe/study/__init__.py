@@ -235,7 +235,7 @@ class _Study:
             fn, train_store=stores["train"], test_store=stores["test"], setting=setting, rules=list(rules or self.cfg.rules),
             tokens=list(self.cfg.tokens), positions=list(positions or ["patch"]), blocks=list(blocks), ways=fs.ways,
             shots=shots, queries=fs.queries, episodes=episodes, seed=self.cfg.seed, model=m.name, dataset=d.spec,
-            device=self.device, **extra,
+            device=self.device, class_weight=self.cfg.class_weight, **extra,
         )  # fmt: skip
         if excluded.get(shots):
             names = [stores["train"].classes[c] for c in excluded[shots]]
