@@ -130,6 +130,15 @@ def test_report_tables_figures_and_self_contained(tmp_path: Path) -> None:
     text = out.read_text()
     assert text.count("★") >= 12  # every table marks its best cell
     assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text
+    assert "hyperplane class weights" in text and "balanced (n" not in text  # the config has no class_weight
+
+
+def test_report_names_balanced_class_weights(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["class_weight"] = "balanced"
+    write_json(run / "run.json", info)
+    assert "balanced (n / (K·n_class) per class)" in render_report(run).read_text()
 
 
 def test_class_names_are_escaped(tmp_path: Path) -> None:

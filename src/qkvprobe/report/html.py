@@ -78,6 +78,9 @@ def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
     if cfg:
         rows.append(("models", ", ".join(str(m.get("label") or m.get("spec")) for m in cfg.get("models", []))))
         rows.append(("tokens / rules", f"{', '.join(cfg.get('tokens', []))} / {', '.join(cfg.get('rules', []))}"))
+        if "hyperplane" in cfg.get("rules", []):
+            weighting = "balanced (n / (K·n_class) per class)" if cfg.get("class_weight") == "balanced" else "none"
+            rows.append(("hyperplane class weights", weighting))
     for name, src in (info.get("data_sources") or {}).items():
         rows.append((f"data: {name}", str(src)))
     sub = info.get("subsampling") or {}
