@@ -74,6 +74,13 @@ def test_direction_cosines_match_a_numpy_reference() -> None:
         ref = np.sum(w * mu, 1) / np.linalg.norm(w, axis=1) / np.linalg.norm(mu, axis=1)
         assert np.allclose(cos[g], ref, atol=2e-2)
     assert (cos > 0.5).all()  # well-separated classes: both rules look the same way
+    # Imbalanced classes and class_weight="balanced": the normals are HyperplaneRule(class_weight="balanced")'s.
+    keep = rng.uniform(size=120) < 1.0 / (y + 1)
+    classes, cos = direction_cosines(X[:, keep].astype(np.float32), y[keep], [0.1, 0.1], class_weight="balanced")
+    w = HyperplaneRule(C=0.1, class_weight="balanced").fit(X[0, keep], y[keep]).coef_
+    mu = CosineRule().fit(X[0, keep], y[keep]).directions_
+    ref = np.sum(w * mu, 1) / np.linalg.norm(w, axis=1) / np.linalg.norm(mu, axis=1)
+    assert np.allclose(cos[0], ref, atol=1e-4)  # the plain fit is 8e-3 away here
 
 
 def test_saved_fits_give_the_direction_cosines(tmp_path: Path) -> None:

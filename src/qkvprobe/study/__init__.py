@@ -291,7 +291,7 @@ class _Study:
         else:
             keep, y = sample_rows(train, self.cfg.report.max_fit_samples, self.cfg.seed)
             X = np.stack([training_features(train, t, position, block, keep) for t in tokens])
-            classes, cos = direction_cosines(X, y, Cs, self.device)
+            classes, cos = direction_cosines(X, y, Cs, self.device, self.cfg.class_weight)
         entries = [{"model": m.name, "objective": bb.objective, "dataset": d.spec, "block": block, "token": t,
                     "position": position, "C": C, "classes": [str(train.classes[int(c)]) for c in classes],
                     "cosine": cos[g].tolist()} for g, (t, C) in enumerate(zip(tokens, Cs, strict=True))]  # fmt: skip

@@ -48,23 +48,27 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
-def direction_cosines(X: np.ndarray, y: np.ndarray, Cs: list[float], device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def direction_cosines(X: np.ndarray, y: np.ndarray, Cs: list[float], device: str = "cpu",
+                      class_weight: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Per feature set g and class c: cos(w_c, μ_c) between the hyperplane normal and the cosine rule's class
-    direction. ``X [G, n, D]`` (G token types on the same samples), ``y [n]``, ``Cs [G]``.
+    direction. ``X [G, n, D]`` (G token types on the same samples), ``y [n]``, ``Cs [G]``, ``class_weight`` of
+    the hyperplane fit (None or "balanced", as the study's protocols).
 
     Returns ``(classes [K], cosine [G, K])``. All G problems are solved as one batched L-BFGS. For two
     classes the single logistic normal w is class 1's and -w class 0's (the softmax-equivalent form)."""
     import torch
 
     from ..rules.cosine import cosine_directions
-    from ..rules.hyperplane import default_dtype, fit_hyperplane_batched
+    from ..rules.hyperplane import balanced_sample_weight, default_dtype, fit_hyperplane_batched
 
     classes, codes = np.unique(y, return_inverse=True)
     G, K = X.shape[0], len(classes)
     dt = default_dtype(device)
     Xt = torch.as_tensor(X).to(device, dt)
     yt = torch.as_tensor(codes.astype(np.int64), device=device).expand(G, -1).contiguous()
-    coef, _, _, _ = fit_hyperplane_batched(Xt, yt, K, torch.as_tensor(Cs, dtype=dt, device=device), max_iter=DIRECTION_MAX_ITER)
+    sw = balanced_sample_weight(yt, torch.ones(yt.shape, dtype=dt, device=device), K) if class_weight == "balanced" else None
+    coef, _, _, _ = fit_hyperplane_batched(Xt, yt, K, torch.as_tensor(Cs, dtype=dt, device=device), sample_weight=sw,
+                                           max_iter=DIRECTION_MAX_ITER)  # fmt: skip
     W = coef.cpu().numpy()
     if W.shape[1] == 1:
         W = np.concatenate([-W, W], axis=1)
