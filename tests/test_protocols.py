@@ -173,12 +173,20 @@ def test_evaluate_classification_on_store_rows() -> None:
     Xte, yte = cls_data(60, 6)
     tr = FakeStore({("q", "cls"): Xtr, ("k", "cls"): Xtr * 3}, labels=ytr)
     te = FakeStore({("q", "cls"): Xte, ("k", "cls"): Xte * 3}, labels=yte)
-    std = evaluate_classification(tr, te, setting="standard", tokens=("q", "k"), Cs=(0.1, 1.0))
+    told: list[tuple[str, int, int]] = []
+    std = evaluate_classification(tr, te, setting="standard", tokens=("q", "k"), Cs=(0.1, 1.0),
+                                  progress=lambda *a: told.append(a))  # fmt: skip
+    # One unit per block × position × rule (the token types are fitted together), then the end.
+    assert told == [("block 1 · cls · hyperplane (2 tokens)", 0, 2), ("block 1 · cls · cosine (2 tokens)", 1, 2),
+                    ("done", 2, 2)]  # fmt: skip
     assert len(std) == 4 and all(r.ways == r.shots == r.episodes == 0 and r.block == 1 for r in std)
     assert {(r.token, r.rule) for r in std} == {(t, r) for t in "qk" for r in ("hyperplane", "cosine")}
     assert std.rows[0].model == "fake:vit" and std.predictions[("q", "cls", "cosine", 1)].shape == (60,)
+    told.clear()
     fs = evaluate_classification(tr, te, setting="fewshot", tokens=("q",), ways=3, shots=2, queries=4, episodes=10,
-                                 episode_sampler=episodes)  # fmt: skip
+                                 episode_sampler=episodes, progress=lambda *a: told.append(a))  # fmt: skip
+    assert [d for _, d, _ in told] == [0, 1, 2] and {t for _, _, t in told} == {2}
+    assert told[0][0] == "3-way 2-shot · block 1 · q·cls · hyperplane"
     assert [(r.rule, r.ways, r.shots, r.episodes) for r in fs] == [("hyperplane", 3, 2, 10), ("cosine", 3, 2, 10)]
     assert all(r.ci95 >= 0 for r in fs) and fs.per_episode[("q", "cls", "cosine", 1)].shape == (10,)
     with pytest.raises(RuleError, match="unknown setting"):
@@ -303,15 +311,22 @@ def test_evaluate_segmentation_rows() -> None:
     tr = FakeStore({("v", "patch"): ftr}, patch_labels=pltr, task="segmentation")
     te = FakeStore({("v", "patch"): fte}, patch_labels=plte, task="segmentation")
     masks = lambda i: mte[i - 100]  # noqa: E731
-    std = evaluate_segmentation(tr, te, setting="standard", tokens=("v",), rules=("cosine",), masks=masks)
+    told: list[tuple[str, int, int]] = []
+    std = evaluate_segmentation(tr, te, setting="standard", tokens=("v",), rules=("cosine",), masks=masks,
+                                progress=lambda *a: told.append(a))  # fmt: skip
+    assert told == [("block 1 · v·patch · cosine", 0, 1), ("done", 1, 1)]
     assert [r.metric for r in std] == ["miou", "pixel_accuracy"] and std[0].task == "segmentation"
 
     def sampler(tr_counts, te_counts, *, shots, episodes, seed):
         assert tr_counts.shape == (12, 4) and tr_counts.sum() == (pltr != 255).sum() * PATCH**2
         return SimpleNamespace(classes=np.array([1, 2]), support=np.array([[0] * shots, [1] * shots]), query=np.array([0, 1]))
 
-    fs = evaluate_segmentation(tr, te, setting="fewshot", tokens=("v",), rules=("cosine",), shots=1, masks=masks,
-                               episode_sampler=sampler)  # fmt: skip
+    told.clear()
+    fs = evaluate_segmentation(tr, te, setting="fewshot", tokens=("v",), rules=("cosine", "hyperplane"), shots=1,
+                               masks=masks, episode_sampler=sampler, progress=lambda *a: told.append(a))  # fmt: skip
+    assert told == [("1-shot · block 1 · v·patch · cosine", 0, 2), ("1-shot · block 1 · v·patch · hyperplane", 1, 2),
+                    ("done", 2, 2)]  # fmt: skip
+    fs = fs[:2]  # the cosine rule's rows
     assert [(r.metric, r.ways, r.shots, r.episodes) for r in fs] == [("miou", 1, 1, 2), ("fb_iou", 1, 1, 2)]
     with pytest.raises(RuleError, match="pass --positions patch"):
         evaluate_segmentation(tr, te, setting="standard", positions=("cls",), masks=masks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -22,6 +24,21 @@ def _ints(text: str, name: str) -> list[int]:
         return [int(t) for t in _split(text, name)]
     except ValueError:
         raise ConfigError(f"--{name} must be comma-separated integers, got {text!r}; e.g. --{name} -1") from None
+
+
+@contextmanager
+def _bar(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich bar on stderr (a terminal only) fed by the protocols' ``progress(label, done, total)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=console, transient=True,
+                   disable=not (enabled and console.is_terminal))  # fmt: skip
+    with bar:
+        task = bar.add_task("", total=None)
+        yield lambda label, done, total: bar.update(task, description=label, completed=done, total=total)
 
 
 @app.command("evaluate")
@@ -48,6 +65,7 @@ def evaluate(
         "(standard fits and few-shot segmentation). Rows do not record it: write them to their own --out.",
     ),
     out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (only on a terminal)."),
 ) -> None:
     """Evaluate decision rules on token features of existing stores; write rows of the results table."""
     from ..features.store import FeatureStore
@@ -69,12 +87,13 @@ def evaluate(
         raise ConfigError(f"--class-weight must be none or balanced, got {class_weight!r}")
     kw = dict(class_weight=None if class_weight == "none" else class_weight, setting=setting, rules=_split(rules, "rules"), tokens=_split(tokens, "tokens"),
               blocks=_ints(blocks, "blocks"), shots=_ints(shots, "shots"), seed=seed, device=device)  # fmt: skip
-    if task == "classification":
-        rows = evaluate_classification(train, test, positions=_split(positions or "cls", "positions"), ways=ways,
-                                       queries=queries, episodes=episodes or 2000, **kw)  # fmt: skip
-    else:
-        rows = evaluate_segmentation(train, test, positions=_split(positions or "patch", "positions"),
-                                     episodes=episodes or 1000, **kw)  # fmt: skip
+    with _bar(progress) as tell:
+        if task == "classification":
+            rows = evaluate_classification(train, test, positions=_split(positions or "cls", "positions"), ways=ways,
+                                           queries=queries, episodes=episodes or 2000, progress=tell, **kw)  # fmt: skip
+        else:
+            rows = evaluate_segmentation(train, test, positions=_split(positions or "patch", "positions"),
+                                         episodes=episodes or 1000, progress=tell, **kw)  # fmt: skip
     write_results(out, rows)
     for r in rows:
         ci = "" if r.ci95 != r.ci95 else f" ± {100 * r.ci95:.2f}"

@@ -18,7 +18,7 @@ the same index arrays are used for every token type and rule, so per-episode acc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,26 @@ COSINE_SUPPORT_BYTES = 32 * 1024**2
 COSINE_QUERY_BYTES = 3 * 1024**2
 #: Byte budget of one standard-protocol batch of token types in the solver's dtype.
 STANDARD_BATCH_BYTES = 1024**3
+
+
+#: ``progress(label, done, total)``: called before each unit of an evaluation, and with ``done == total`` at the end.
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Steps:
+    """Counts the units of one evaluation for an optional progress callback (``qkvprobe evaluate``'s bar)."""
+
+    def __init__(self, progress: ProgressFn | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress(label, self.done, self.total)
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress("done", self.total, self.total)
 
 
 @dataclass
@@ -439,12 +459,14 @@ def evaluate_classification(
     ways: int = 5, shots: int | Sequence[int] = (1, 5), queries: int = 15, episodes: int = 2000, seed: int = 0,
     model: str | None = None, dataset: str | None = None, device: str = "cpu", Cs: Sequence[float] = C_GRID,
     C: float = FEWSHOT_C, episode_sampler: Any = None, class_weight: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> Evaluation:  # fmt: skip
     """Evaluate every (block, position, token, rule) of two classification stores → rows of the results
     table (``accuracy``), with per-episode accuracies (few-shot) / test predictions (standard) attached.
     ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_classification_episodes``.
     ``class_weight`` (None or "balanced") applies to the standard hyperplane fits; few-shot episodes hold the same
-    number of shots per class, where balanced weights are all 1."""
+    number of shots per class, where balanced weights are all 1. ``progress(label, done, total)`` is told of each
+    unit (one batched fit per block × position × rule; few-shot: per shots × block × position × token × rule)."""
     check_class_weight(class_weight)
     if setting not in ("standard", "fewshot"):
         raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
@@ -455,12 +477,14 @@ def evaluate_classification(
     make = row_maker(train_store, model=model, dataset=dataset, task="classification", setting=setting, seed=seed)
     out = Evaluation()
     if setting == "standard":
+        step = Steps(progress, len(blocks) * len(positions) * len(rules))
         for block in blocks:
             b = store_block(train_store, block)
             for position in positions:
                 train = [train_store.get(t, position, block) for t in tokens]
                 test = [test_store.get(t, position, block) for t in tokens]
                 for rule in rules:
+                    step(f"block {b} · {position} · {rule} ({len(tokens)} tokens)")
                     results = standard_classification(train, ytr, test, yte, rule=rule, Cs=Cs, seed=seed, device=device,
                                                       class_weight=class_weight)  # fmt: skip
                     for token, res in zip(tokens, results, strict=True):
@@ -470,9 +494,11 @@ def evaluate_classification(
                         if res.weights is not None:
                             out.weights[(token, position, rule, b)] = res.weights
         out.classes = np.unique(ytr)
+        step.finish()
         return out
     if episode_sampler is None:
         from ..data.episodes import sample_classification_episodes as episode_sampler
+    step = Steps(progress, len(as_list(shots)) * len(blocks) * len(positions) * len(tokens) * len(rules))
     for k in as_list(shots):
         ep = episode_sampler(ytr, yte, ways=ways, shots=k, queries=queries, episodes=episodes, seed=seed)
         for block in blocks:
@@ -481,6 +507,7 @@ def evaluate_classification(
                 for token in tokens:
                     Ftr, Fte = train_store.get(token, position, block), test_store.get(token, position, block)
                     for rule in rules:
+                        step(f"{ways}-way {k}-shot · block {b} · {token}·{position} · {rule}")
                         res = fewshot_classification(Ftr, Fte, ep.classes, ep.support, ep.support_labels, ep.query,
                                                      ep.query_labels, rule=rule, C=C, device=device)  # fmt: skip
                         out.append(make(block=b, token=token, position=position, rule=rule, ways=ways, shots=k,
@@ -488,4 +515,5 @@ def evaluate_classification(
                                         ci95=res.ci95, C=C if rule == "hyperplane" else math.nan))  # fmt: skip
                         out.per_episode[(token, position, rule, b) if len(as_list(shots)) == 1
                                         else (token, position, rule, b, k)] = res.per_episode  # fmt: skip
+    step.finish()
     return out

@@ -58,6 +58,8 @@ from .classification import (
     FEWSHOT_C,
     VAL_FRACTION,
     Evaluation,
+    ProgressFn,
+    Steps,
     as_list,
     class_normals,
     row_maker,
@@ -383,13 +385,14 @@ def evaluate_segmentation(
     blocks: Sequence[int] = (-1,), ways: int = 1, shots: int | Sequence[int] = (1, 5), queries: int = 1,
     episodes: int = 1000, seed: int = 0, model: str | None = None, dataset: str | None = None,
     device: str = "cpu", Cs: Sequence[float] = C_GRID, C: float = FEWSHOT_C, masks: Masks | None = None,
-    episode_sampler: Any = None, class_weight: str | None = CLASS_WEIGHT,
+    episode_sampler: Any = None, class_weight: str | None = CLASS_WEIGHT, progress: ProgressFn | None = None,
 ) -> Evaluation:  # fmt: skip
     """Evaluate every (block, token, rule) of two segmentation stores → rows (standard: ``miou`` and
     ``pixel_accuracy``; few-shot: ``miou`` with the CI of per-episode foreground IoU, and ``fb_iou``).
     ``masks(i)`` gives the test split's full-resolution mask of dataset index i (default: opened from the
     store's dataset); ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_segmentation_episodes``;
-    ``class_weight`` (None or "balanced") weighs the hyperplane rule's classes (see the module docstring)."""
+    ``class_weight`` (None or "balanced") weighs the hyperplane rule's classes (see the module docstring);
+    ``progress(label, done, total)`` is told of each (shots ×) block × token × rule."""
     if setting not in ("standard", "fewshot"):
         raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
     if any(p != "patch" for p in positions):
@@ -399,10 +402,12 @@ def evaluate_segmentation(
     make = row_maker(train_store, model=model, dataset=dataset, task="segmentation", setting=setting, seed=seed)
     out = Evaluation()
     if setting == "standard":
+        step = Steps(progress, len(blocks) * len(tokens) * len(rules))
         for block in blocks:
             b = store_block(train_store, block)
             for token in tokens:
                 for rule in rules:
+                    step(f"block {b} · {token}·patch · {rule}")
                     res = standard_segmentation(train_store, test_store, token=token, block=block, rule=rule,
                                                 masks=masks, Cs=Cs, seed=seed, device=device,
                                                 class_weight=class_weight)  # fmt: skip
@@ -412,6 +417,7 @@ def evaluate_segmentation(
                     if res.weights is not None:
                         out.weights[(token, "patch", rule, b)] = res.weights
         out.classes = np.arange(len(train_store.classes))
+        step.finish()
         return out
     if episode_sampler is None:
         from ..data.episodes import sample_segmentation_episodes as episode_sampler
@@ -419,6 +425,7 @@ def evaluate_segmentation(
     tr_labels, te_labels = train_store.patch_labels(), test_store.patch_labels()
     tr_counts = patch_pixel_counts(tr_labels, num_classes, train_store.patch_size)
     te_counts = patch_pixel_counts(te_labels, num_classes, test_store.patch_size)
+    step = Steps(progress, len(as_list(shots)) * len(blocks) * len(tokens) * len(rules))
     for k in as_list(shots):
         ep = episode_sampler(tr_counts, te_counts, shots=k, episodes=episodes, seed=seed)
         for block in blocks:
@@ -426,6 +433,7 @@ def evaluate_segmentation(
             for token in tokens:
                 Ftr, Fte = train_store.get(token, "patch", block), test_store.get(token, "patch", block)
                 for rule in rules:
+                    step(f"{k}-shot · block {b} · {token}·patch · {rule}")
                     res = fewshot_segmentation(Ftr, tr_labels, Fte, test_store.indices(), test_store.grid,
                                                ep.classes, ep.support, ep.query, rule=rule, masks=masks, C=C,
                                                device=device, class_weight=class_weight)  # fmt: skip
@@ -436,4 +444,5 @@ def evaluate_segmentation(
                     out.append(make(**common, metric="fb_iou", value=res.fb_iou))
                     key = (token, "patch", rule, b) if len(as_list(shots)) == 1 else (token, "patch", rule, b, k)
                     out.per_episode[key] = res.per_episode
+    step.finish()
     return out
