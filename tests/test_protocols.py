@@ -361,6 +361,14 @@ def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     assert read_results(tmp_path / "balanced.csv")[0].rule == "hyperplane"
     bad = CliRunner().invoke(get_app(), [*hyp, "--class-weight", "auto"])
     assert bad.exit_code == 1 and "--class-weight must be none or balanced" in bad.output
+    few = [*hyp, "--setting", "fewshot", "--ways", "3", "--shots", "1", "--queries", "2", "--episodes", "5"]
+    ok = CliRunner().invoke(get_app(), [*few, "--fewshot-c", "0.25"])
+    assert ok.exit_code == 0, ok.output
+    assert {r.C for r in read_results(tmp_path / "balanced.csv") if r.setting == "fewshot"} == {0.25}
+    bad = CliRunner().invoke(get_app(), [*hyp, "--fewshot-c", "0.1"])
+    assert bad.exit_code == 1 and "--fewshot-c sets the few-shot C" in bad.output
+    bad = CliRunner().invoke(get_app(), [*hyp, "--setting", "fewshot", "--fewshot-c", "-1"])
+    assert bad.exit_code == 1 and "C must be a positive finite number" in bad.output
 
 
 def test_standard_C_sweep_spread_over_ranks(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,6 +58,9 @@ def evaluate(
     queries: int = typer.Option(15, "--queries", help="Few-shot classification: queries per class."),
     episodes: int = typer.Option(None, "--episodes", help="Few-shot episodes (default 2000 cls / 1000 seg)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of the episodes."),
+    fewshot_c: float = typer.Option(
+        None, "--fewshot-c", help="Few-shot: the hyperplane rule's fixed C (default FEWSHOT_C = 1.0)."
+    ),
     device: str = typer.Option("cpu", "--device", help="torch device of the solvers."),
     class_weight: str = typer.Option(
         "none", "--class-weight",
@@ -71,6 +74,7 @@ def evaluate(
     from ..features.store import FeatureStore
     from ..protocols import evaluate_classification, evaluate_segmentation
     from ..results import write_results
+    from ..rules._checks import check_C
 
     if store is not None:
         train_store, test_store = train_store or store / "train", test_store or store / "test"
@@ -85,8 +89,14 @@ def evaluate(
         raise ConfigError(f"--setting must be standard or fewshot, got {setting!r}")
     if class_weight not in ("none", "balanced"):
         raise ConfigError(f"--class-weight must be none or balanced, got {class_weight!r}")
+    if fewshot_c is not None:
+        if setting != "fewshot":
+            raise ConfigError("--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split")
+        check_C(fewshot_c)
     kw = dict(class_weight=None if class_weight == "none" else class_weight, setting=setting, rules=_split(rules, "rules"), tokens=_split(tokens, "tokens"),
               blocks=_ints(blocks, "blocks"), shots=_ints(shots, "shots"), seed=seed, device=device)  # fmt: skip
+    if fewshot_c is not None:
+        kw["C"] = fewshot_c
     with _bar(progress) as tell:
         if task == "classification":
             rows = evaluate_classification(train, test, positions=_split(positions or "cls", "positions"), ways=ways,
