@@ -93,8 +93,9 @@ def evaluate(
         if setting != "fewshot":
             raise ConfigError("--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split")
         check_C(fewshot_c)
-    kw = dict(class_weight=None if class_weight == "none" else class_weight, setting=setting, rules=_split(rules, "rules"), tokens=_split(tokens, "tokens"),
-              blocks=_ints(blocks, "blocks"), shots=_ints(shots, "shots"), seed=seed, device=device)  # fmt: skip
+    kw = dict(setting=setting, rules=_split(rules, "rules"), tokens=_split(tokens, "tokens"),
+              blocks=_ints(blocks, "blocks"), shots=_ints(shots, "shots"), seed=seed, device=device,
+              class_weight=None if class_weight == "none" else class_weight)  # fmt: skip
     if fewshot_c is not None:
         kw["C"] = fewshot_c
     with _bar(progress) as tell:

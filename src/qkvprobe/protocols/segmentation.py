@@ -44,6 +44,7 @@ from ..rules.hyperplane import (
     DEFAULT_TOL,
     PRECOND_ROWS,
     augment,
+    balanced_class_weights,
     balanced_sample_weight,
     check_class_weight,
     default_dtype,
@@ -75,7 +76,7 @@ MEMORY_BUDGET_BYTES = 512 * 1024**2
 EPISODE_BATCH_BYTES = 256 * 1024**2
 #: Class weighting of the hyperplane rule: None = plain logistic regression (PAPER.md); "balanced" weighs each
 #: class by n / (K · n_k), as scikit-learn. Few-shot supports are mostly background (on the Scenes, ~74 % of the
-#: patches), and at a fixed C the plain fit then under-predicts the foreground; see the README's solver notes.
+#: patches), and at a fixed C the plain fit then under-predicts the foreground; see the README's "Class weights".
 CLASS_WEIGHT: str | None = None
 
 Masks = Callable[[int], np.ndarray]
@@ -178,9 +179,7 @@ class _PatchSource:
         """scikit-learn's "balanced" class weights of the labelled patches ``[K]`` (absent classes: 0)."""
         labels = self.patch_labels[self.in_subset]
         counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
-        present = max(1, int((counts > 0).sum()))
-        w = np.where(counts > 0, counts.sum() / (present * np.maximum(counts, 1)), 0.0)
-        return torch.as_tensor(w, dtype=self.dtype, device=self.device)
+        return balanced_class_weights(torch.as_tensor(counts, dtype=self.dtype, device=self.device))
 
     def moment(self) -> torch.Tensor:
         """Second moments of the first ``PRECOND_ROWS`` patches (preconditioner) ``[1, D+1, D+1]``."""

@@ -52,14 +52,20 @@ CPU_BLOCK_BYTES = 3 * 1024**2 // 2
 SPAN_HISTORY = 5
 
 
+def balanced_class_weights(counts: Tensor) -> Tensor:
+    """scikit-learn's "balanced" weights from (weighted) class counts ``[..., K]``: ``Σcounts / (K' · count_k)``,
+    K' = classes present; absent classes get 0 (they have no rows to weigh)."""
+    present = (counts > 0).sum(-1, keepdim=True).clamp(min=1)
+    w = counts.sum(-1, keepdim=True) / (present * counts.clamp(min=torch.finfo(counts.dtype).tiny))
+    return torch.where(counts > 0, w, torch.zeros_like(w))
+
+
 def balanced_sample_weight(y: Tensor, sample_weight: Tensor, num_classes: int) -> Tensor:
     """``class_weight="balanced"`` for G problems at once: ``y [G, n]`` codes, ``sample_weight [G, n]`` (0 = padding
     or ignored, so not counted) → ``sample_weight · Σsw / (K_g · Σ_{y=k} sw)`` ``[G, n]``, K_g = classes present."""
     counts = torch.zeros(y.shape[0], num_classes, dtype=sample_weight.dtype, device=sample_weight.device)
     counts.scatter_add_(1, y, sample_weight)
-    present = (counts > 0).sum(1, keepdim=True).clamp(min=1)
-    per_class = counts.sum(1, keepdim=True) / (present * counts.clamp(min=torch.finfo(counts.dtype).tiny))
-    return sample_weight * per_class.gather(1, y)
+    return sample_weight * balanced_class_weights(counts).gather(1, y)
 
 
 def check_class_weight(class_weight: Any) -> str | None:
