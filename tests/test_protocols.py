@@ -358,13 +358,18 @@ def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     hyp = [*args[:-6], "--rules", "hyperplane", "--blocks", "-1", "--out", str(tmp_path / "balanced.csv")]
     ok = CliRunner().invoke(get_app(), [*hyp, "--class-weight", "balanced"])
     assert ok.exit_code == 0, ok.output
-    assert read_results(tmp_path / "balanced.csv")[0].rule == "hyperplane"
+    assert "hyperplane (balanced)" in ok.output
+    ok = CliRunner().invoke(get_app(), hyp)  # plain rows join the balanced ones instead of replacing them
+    assert ok.exit_code == 0, ok.output
+    assert sorted((r.rule, r.class_weight) for r in read_results(tmp_path / "balanced.csv")) == [
+        ("hyperplane", "balanced"), ("hyperplane", "none")]
     bad = CliRunner().invoke(get_app(), [*hyp, "--class-weight", "auto"])
     assert bad.exit_code == 1 and "--class-weight must be none or balanced" in bad.output
     few = [*hyp, "--setting", "fewshot", "--ways", "3", "--shots", "1", "--queries", "2", "--episodes", "5"]
     ok = CliRunner().invoke(get_app(), [*few, "--fewshot-c", "0.25"])
     assert ok.exit_code == 0, ok.output
     assert {r.C for r in read_results(tmp_path / "balanced.csv") if r.setting == "fewshot"} == {0.25}
+    assert {r.class_weight for r in read_results(tmp_path / "balanced.csv") if r.setting == "fewshot"} == {"none"}
     bad = CliRunner().invoke(get_app(), [*hyp, "--fewshot-c", "0.1"])
     assert bad.exit_code == 1 and "--fewshot-c sets the few-shot C" in bad.output
     bad = CliRunner().invoke(get_app(), [*hyp, "--setting", "fewshot", "--fewshot-c", "-1"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from qkvprobe.cli import get_app
 from qkvprobe.errors import QkvprobeError
 from qkvprobe.report import load_run, main_rows, render_report, save_direction_map, summary_table, write_json
 from qkvprobe.report.insights import insights
-from qkvprobe.report.tables import heat_tables, sweep_grids
-from qkvprobe.results import ResultRow, write_results
+from qkvprobe.report.tables import BALANCED_RULE, heat_tables, sweep_grids
+from qkvprobe.results import ResultRow, read_results, write_results
 
 TOKENS = ("q", "k", "v", "ffn", "ffn_norm")
 CLASSES = ["background", "<script>alert(1)</script>", "shirt & tie", "coat $x$"]
@@ -133,12 +134,48 @@ def test_report_tables_figures_and_self_contained(tmp_path: Path) -> None:
     assert "hyperplane class weights" in text and "balanced (n" not in text  # the config has no class_weight
 
 
+def _reweigh(run: Path, keep_plain: bool) -> None:
+    """Give the run's hyperplane rows balanced twins (value + 0.01), and drop the plain ones unless keep_plain."""
+    rows = read_results(run / "results.csv")
+    twins = [replace(r, class_weight="balanced", value=min(1.0, r.value + 0.01)) for r in rows if r.rule == "hyperplane"]
+    keep = [r for r in rows if keep_plain or r.rule != "hyperplane"]
+    (run / "results.csv").unlink()
+    write_results(run / "results.csv", keep + twins)
+
+
 def test_report_names_balanced_class_weights(tmp_path: Path) -> None:
+    # All hyperplane rows balanced: the run table says so and the rule keeps its name.
     run = make_run(tmp_path / "run")
+    _reweigh(run, keep_plain=False)
+    text = render_report(run).read_text()
+    assert "balanced (n / (K·n_class) per class)" in text and BALANCED_RULE not in text
+    # No hyperplane rows at all: the run's config says which weighting was asked for.
+    rows = [r for r in read_results(run / "results.csv") if r.rule == "cosine"]
+    (run / "results.csv").unlink()
+    write_results(run / "results.csv", rows)
     info = json.loads((run / "run.json").read_text())
     info["config"]["class_weight"] = "balanced"
     write_json(run / "run.json", info)
     assert "balanced (n / (K·n_class) per class)" in render_report(run).read_text()
+
+
+def test_report_shows_plain_and_balanced_hyperplanes_apart(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    _reweigh(run, keep_plain=True)
+    frame = load_run(run).results
+    assert set(frame["rule"]) == {"hyperplane", BALANCED_RULE, "cosine"}
+    assert (frame.loc[frame["rule"] == BALANCED_RULE, "class_weight"] == "balanced").all()
+    html = render_report(run)
+    text = html.read_text()
+    assert "none and balanced (n / (K·n_class) per class) (balanced rows shown as rule hyperplane·balanced)" in text
+    # Each token × rule table has a column per (position, rule): 3 rules now, in the report's order.
+    tables = heat_tables(main_rows(frame, load_run(run).run_info))
+    assert len(tables) == 12
+    for table in tables:
+        rules = list(dict.fromkeys(h.split(" · ")[0] for h in table.col_headers))
+        assert rules == ["hyperplane", BALANCED_RULE, "cosine"]
+    bars = [i for i in parse(html).imgs if "fewshot" in i["data-file"]]
+    assert bars  # the few-shot figures still render with the third rule
 
 
 def test_class_names_are_escaped(tmp_path: Path) -> None:

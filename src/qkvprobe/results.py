@@ -1,5 +1,8 @@
 """The results table (``results.csv``): one row per measurement, long format (DESIGN.md §3).
 
+Columns added after the first release (``class_weight``) are filled in when an older table is read, so
+tables written by earlier versions stay readable and mergeable.
+
 Rows are appended atomically (the whole file is rewritten to a temporary name and renamed), and a row whose
 key columns equal an existing row's replaces it, so a resumed run never duplicates measurements.
 """
@@ -10,7 +13,7 @@ import csv
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -18,8 +21,12 @@ from .errors import QkvprobeError
 
 COLUMNS: tuple[str, ...] = (
     "model", "objective", "dataset", "task", "setting", "block", "token", "position", "rule",
-    "ways", "shots", "episodes", "metric", "value", "ci95", "seed", "C",
+    "ways", "shots", "episodes", "metric", "value", "ci95", "seed", "C", "class_weight",
 )  # fmt: skip
+#: The hyperplane rule's class weighting ("none" = PAPER.md's plain fit, "balanced" = scikit-learn's
+#: n / (K·n_class)); "" for the cosine rule, which has no weights. A key column: plain and balanced fits of the
+#: same token are different measurements and live side by side in one table.
+CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced", "")
 #: Columns that identify a measurement; the rest (value, ci95, C) are its outcome.
 KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("value", "ci95", "C"))
 
@@ -27,7 +34,8 @@ KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("value", "c
 @dataclass(frozen=True)
 class ResultRow:
     """One measurement. ``value``/``ci95`` are fractions in [0, 1]; ``ways``/``shots``/``episodes`` are 0 in
-    the standard setting; ``ci95`` is NaN where no interval exists; ``C`` is NaN for the cosine rule."""
+    the standard setting; ``ci95`` is NaN where no interval exists; ``C`` is NaN and ``class_weight`` is "" for
+    the cosine rule."""
 
     model: str
     objective: str
@@ -46,8 +54,16 @@ class ResultRow:
     ci95: float = math.nan
     seed: int = 0
     C: float = math.nan
+    class_weight: str = ""
 
     def __post_init__(self) -> None:
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise QkvprobeError(f"result class_weight {self.class_weight!r} is not one of {list(CLASS_WEIGHTS)}")
+        if self.rule == "hyperplane" and not self.class_weight:
+            object.__setattr__(self, "class_weight", "none")  # frozen: the default of a hyperplane row
+        elif self.rule != "hyperplane" and self.class_weight:
+            raise QkvprobeError(f"result class_weight {self.class_weight!r} given for rule {self.rule!r}; only "
+                                "hyperplane rows are weighted")
         if not (0.0 <= self.value <= 1.0):
             raise QkvprobeError(f"result value {self.value!r} for metric {self.metric!r} is outside [0, 1]")
 
@@ -56,6 +72,10 @@ class ResultRow:
 
 
 _TYPES = {f.name: f.type for f in fields(ResultRow)}
+#: Columns newer than the first tables, with the value an older row implies (its hyperplane fits were plain).
+_ADDED: dict[str, Callable[[dict], object]] = {
+    "class_weight": lambda row: "",  # ResultRow makes it "none" for a hyperplane row
+}
 
 
 def _parse(name: str, text: str) -> object:
@@ -74,10 +94,18 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
         return []
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        present = set(reader.fieldnames or [])
+        missing = [c for c in COLUMNS if c not in present and c not in _ADDED]
         if missing:
             raise QkvprobeError(f"{path}: not a qkvprobe results table, columns {missing} are missing")
-        return [ResultRow(**{c: _parse(c, rec[c]) for c in COLUMNS}) for rec in reader]
+        added = [c for c in _ADDED if c not in present]
+        rows = []
+        for rec in reader:
+            kw = {c: _parse(c, rec[c]) for c in COLUMNS if c not in added}
+            for c in added:
+                kw[c] = _ADDED[c](kw)
+            rows.append(ResultRow(**kw))
+        return rows
 
 
 def write_results(path: str | os.PathLike, rows: Iterable[ResultRow]) -> list[ResultRow]:

@@ -65,7 +65,8 @@ def evaluate(
     class_weight: str = typer.Option(
         "none", "--class-weight",
         help="none|balanced: weigh the hyperplane rule's classes by n / (K·n_class), as scikit-learn "
-        "(standard fits and few-shot segmentation). Rows do not record it: write them to their own --out.",
+        "(standard fits and few-shot segmentation). Rows record it in their class_weight column, so plain and "
+        "balanced rows of one token live side by side in one table.",
     ),
     out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (only on a terminal)."),
@@ -108,6 +109,7 @@ def evaluate(
     write_results(out, rows)
     for r in rows:
         ci = "" if r.ci95 != r.ci95 else f" ± {100 * r.ci95:.2f}"
-        typer.echo(f"{r.token:>8} {r.position:<5} {r.rule:<10} block {r.block} shots {r.shots}: "
+        rule = f"{r.rule} ({r.class_weight})" if r.class_weight == "balanced" else r.rule
+        typer.echo(f"{r.token:>8} {r.position:<5} {rule:<10} block {r.block} shots {r.shots}: "
                    f"{r.metric} {100 * r.value:.2f}{ci}")  # fmt: skip
     typer.echo(f"wrote {len(rows)} rows to {out}")

@@ -442,13 +442,16 @@ def store_block(store: Any, block: int) -> int:
     return int(store.resolve_block(block)) if hasattr(store, "resolve_block") else int(block)
 
 
-def row_maker(store: Any, *, model: str | None, dataset: str | None, task: str, setting: str, seed: int):
-    """A ``ResultRow`` factory with the columns shared by one evaluation filled in."""
+def row_maker(store: Any, *, model: str | None, dataset: str | None, task: str, setting: str, seed: int,
+              class_weight: str | None = None):  # fmt: skip
+    """A ``ResultRow`` factory with the columns shared by one evaluation filled in; hyperplane rows record
+    ``class_weight`` ("none" or "balanced"), cosine rows leave it empty."""
     common = {"model": model or store.backbone_spec, "objective": getattr(store, "objective", "unknown"),
               "dataset": dataset or store.dataset_spec, "task": task, "setting": setting, "seed": seed}  # fmt: skip
+    weighting = "balanced" if class_weight == "balanced" else "none"
 
     def make(**kw: Any) -> ResultRow:
-        return ResultRow(**common, **kw)
+        return ResultRow(**common, **kw, class_weight=weighting if kw["rule"] == "hyperplane" else "")
 
     return make
 
@@ -474,7 +477,8 @@ def evaluate_classification(
         if r not in ("hyperplane", "cosine"):
             raise RuleError(f"unknown rule {r!r}; use 'hyperplane' or 'cosine'")
     ytr, yte = train_store.labels(), test_store.labels()
-    make = row_maker(train_store, model=model, dataset=dataset, task="classification", setting=setting, seed=seed)
+    make = row_maker(train_store, model=model, dataset=dataset, task="classification", setting=setting, seed=seed,
+                     class_weight=class_weight)  # fmt: skip
     out = Evaluation()
     if setting == "standard":
         step = Steps(progress, len(blocks) * len(positions) * len(rules))

@@ -398,7 +398,8 @@ def evaluate_segmentation(
         raise RuleError(f"segmentation uses patch tokens, got positions {list(positions)}; pass --positions patch")
     class_weight = check_class_weight(class_weight)
     masks = masks or dataset_masks(test_store)
-    make = row_maker(train_store, model=model, dataset=dataset, task="segmentation", setting=setting, seed=seed)
+    make = row_maker(train_store, model=model, dataset=dataset, task="segmentation", setting=setting, seed=seed,
+                     class_weight=class_weight)  # fmt: skip
     out = Evaluation()
     if setting == "standard":
         step = Steps(progress, len(blocks) * len(tokens) * len(rules))

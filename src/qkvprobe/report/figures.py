@@ -19,13 +19,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..vocab import POSITIONS, RULES, TOKENS
+from ..vocab import POSITIONS, TOKENS
 from .files import DirectionMap
-from .tables import setting_label
+from .tables import BALANCED_RULE, REPORT_RULES, order_present, setting_label
 
 # User text (class names, model labels) must never be read as mathtext ("$" in a name would crash).
 _RC = {"text.parse_math": False, "font.size": 8, "axes.titlesize": 9, "figure.dpi": 100}
-RULE_COLOURS = {"hyperplane": "#3b6ea8", "cosine": "#e08a2c"}
+RULE_COLOURS = {"hyperplane": "#3b6ea8", BALANCED_RULE: "#7fa7d4", "cosine": "#e08a2c"}
+#: The sweep heatmap names each cell's best rule by a letter.
+RULE_LETTERS = {"hyperplane": "H", BALANCED_RULE: "Hb", "cosine": "C"}
 
 
 @dataclass
@@ -50,11 +52,6 @@ def _save(fig: plt.Figure, figures_dir: Path, name: str, caption: str) -> Figure
     return Figure(name, caption, "data:image/png;base64," + base64.b64encode(png).decode("ascii"))
 
 
-def _ordered(values: pd.Series, canon: tuple[str, ...]) -> list[str]:
-    present = list(dict.fromkeys(values))
-    return [v for v in canon if v in present] + [v for v in present if v not in canon]
-
-
 def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
     """Per model × dataset: one panel per shot count, bars = token (· position) × rule, 95 % CI error bars."""
     out: list[Figure] = []
@@ -65,9 +62,9 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
             fig, axes = plt.subplots(1, len(shots), figsize=(max(4.0, 3.6 * len(shots)), 3.0), squeeze=False, sharey=True)
             for ax, k in zip(axes[0], shots, strict=True):
                 cur = sub[sub["shots"] == k]
-                positions = _ordered(cur["position"], POSITIONS)
-                xs = [(t, p) for p in positions for t in _ordered(cur["token"], TOKENS)]
-                rules = _ordered(cur["rule"], RULES)
+                positions = order_present(cur["position"], POSITIONS)
+                xs = [(t, p) for p in positions for t in order_present(cur["token"], TOKENS)]
+                rules = order_present(cur["rule"], REPORT_RULES)
                 width = 0.8 / max(1, len(rules))
                 for j, r in enumerate(rules):
                     vals, errs = [], []
@@ -92,7 +89,7 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
 
 
 def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
-    """Token × block heatmap of the best rule's score; each cell names the rule (H hyperplane, C cosine)."""
+    """Token × block heatmap of the best rule's score; each cell names the rule (``RULE_LETTERS``)."""
     value, tokens, blocks = grid["value"], grid["tokens"], grid["blocks"]
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(blocks) + 1.5), 0.45 * len(tokens) + 1.2))
@@ -100,7 +97,7 @@ def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
         for i in range(len(tokens)):
             for j in range(len(blocks)):
                 if np.isfinite(value[i, j]):
-                    rule = str(grid["rule"][i, j])[:1].upper()
+                    rule = RULE_LETTERS.get(str(grid["rule"][i, j]), "?")
                     colour = "white" if value[i, j] < np.nanmean(value) else "black"
                     ax.text(j, i, f"{100 * value[i, j]:.0f}{rule}", ha="center", va="center", fontsize=6.5, color=colour)
         ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
@@ -110,7 +107,8 @@ def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
         ax.set_title(f"{grid['model']} · {grid['dataset']} · {grid['position']}: best rule per token and block")
     return _save(fig, figures_dir, slug("sweep", grid["model"], grid["dataset"], grid["position"]) + ".png",
                  f"Block sweep of {grid['model']} on {grid['dataset']} ({grid['position']}): the best rule's "
-                 f"{grid['metric']} (×100; H = hyperplane, C = cosine).")
+                 f"{grid['metric']} (×100; H = hyperplane, "
+                 + ("Hb = balanced hyperplane, " if BALANCED_RULE in set(grid["rule"].ravel()) else "") + "C = cosine).")
 
 
 def _upsample(cos: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -15,7 +15,17 @@ from ..vocab import TOKENS
 from . import figures as figs
 from .files import FIGURES, REPORT, RESULTS, RunFiles, load_run
 from .insights import insights
-from .tables import Cell, HeatTable, fmt, heat_style, heat_tables, main_rows, setting_label, sweep_grids
+from .tables import (
+    BALANCED_RULE,
+    Cell,
+    HeatTable,
+    fmt,
+    heat_style,
+    heat_tables,
+    main_rows,
+    setting_label,
+    sweep_grids,
+)
 
 
 def _env() -> jinja2.Environment:
@@ -78,9 +88,15 @@ def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
     if cfg:
         rows.append(("models", ", ".join(str(m.get("label") or m.get("spec")) for m in cfg.get("models", []))))
         rows.append(("tokens / rules", f"{', '.join(cfg.get('tokens', []))} / {', '.join(cfg.get('rules', []))}"))
-        if "hyperplane" in cfg.get("rules", []):
-            weighting = "balanced (n / (K·n_class) per class)" if cfg.get("class_weight") == "balanced" else "none"
-            rows.append(("hyperplane class weights", weighting))
+    # The rows' own class_weight column says which weightings the table holds; a run's config says it when there
+    # are no hyperplane rows yet.
+    used = [w for w in ("none", "balanced") if w in set(df.get("class_weight", ()))]
+    if not used and cfg and "hyperplane" in cfg.get("rules", []):
+        used = ["balanced" if cfg.get("class_weight") == "balanced" else "none"]
+    if used:
+        label = {"none": "none", "balanced": "balanced (n / (K·n_class) per class)"}
+        note = f" (balanced rows shown as rule {BALANCED_RULE})" if len(used) > 1 else ""
+        rows.append(("hyperplane class weights", " and ".join(label[w] for w in used) + note))
     for name, src in (info.get("data_sources") or {}).items():
         rows.append((f"data: {name}", str(src)))
     sub = info.get("subsampling") or {}

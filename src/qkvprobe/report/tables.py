@@ -21,7 +21,27 @@ def setting_label(setting: str, ways: int, shots: int) -> str:
     return "standard" if setting == "standard" else f"{int(ways)}-way {int(shots)}-shot"
 
 
-def _order(values: pd.Series, canon: tuple[str, ...]) -> list[str]:
+#: The rule label of class-balanced hyperplane rows in a table that also holds plain ones.
+BALANCED_RULE = "hyperplane·balanced"
+#: The rules in the order the report shows them.
+REPORT_RULES: tuple[str, ...] = (RULES[0], BALANCED_RULE, *RULES[1:])
+
+
+def label_class_weights(df: pd.DataFrame) -> pd.DataFrame:
+    """Show balanced hyperplane rows as their own rule when the table mixes plain and balanced fits.
+
+    Every table, figure and summary of the report groups by ``rule``; without this, a token's plain and balanced
+    fits would fall into one cell and one would hide the other. A table of one weighting keeps the rule's name
+    (the run table says which weighting it was)."""
+    hyper = df["rule"] == "hyperplane"
+    if df.loc[hyper, "class_weight"].nunique() > 1:
+        df = df.copy()
+        df.loc[hyper & (df["class_weight"] == "balanced"), "rule"] = BALANCED_RULE
+    return df
+
+
+def order_present(values: pd.Series, canon: tuple[str, ...]) -> list[str]:
+    """The distinct ``values`` in ``canon``'s order, unknown ones after them in order of appearance."""
     present = list(dict.fromkeys(values))
     return [v for v in canon if v in present] + [v for v in present if v not in canon]
 
@@ -86,9 +106,9 @@ def heat_tables(main: pd.DataFrame) -> list[HeatTable]:
         return tables
     for key, sub in main.groupby(GROUP, sort=False):
         g = dict(zip(GROUP, key, strict=True))
-        positions = _order(sub["position"], POSITIONS)
-        rules = _order(sub["rule"], RULES)
-        tokens = _order(sub["token"], TOKENS)
+        positions = order_present(sub["position"], POSITIONS)
+        rules = order_present(sub["rule"], REPORT_RULES)
+        tokens = order_present(sub["token"], TOKENS)
         blocks = sorted(sub["block"].unique())
         cols = [(p, r) for p in positions for r in rules]
         best_value = sub["value"].max()
@@ -138,7 +158,7 @@ def sweep_grids(df: pd.DataFrame) -> list[dict]:
         blocks = sorted(sub["block"].unique())
         if len(blocks) < 2:
             continue
-        tokens = _order(sub["token"], TOKENS)
+        tokens = order_present(sub["token"], TOKENS)
         value = np.full((len(tokens), len(blocks)), np.nan)
         rule = np.full((len(tokens), len(blocks)), "", dtype=object)
         for (tok, b), cell in sub.groupby(["token", "block"]):
