@@ -265,3 +265,14 @@ def test_cli_report_rerenders_from_saved_files(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "does not exist" in bad.output
     info = json.loads((run / "run.json").read_text())
     assert info["name"] == "synthetic"
+
+
+def test_report_names_the_fewshot_C(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["settings"] = ["standard", "fewshot"]
+    write_json(run / "run.json", info)
+    assert "few-shot hyperplane C</th><td class=\"label\">1 (fixed)" in render_report(run).read_text()
+    info["config"]["fewshot"] = {"C": "auto"}
+    write_json(run / "run.json", info)
+    assert "chosen per token on training-split episodes" in render_report(run).read_text()

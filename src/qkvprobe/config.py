@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -138,6 +139,16 @@ class FewShotConfig(_Strict):
     queries: int = Field(default=15, ge=1)
     episodes: int = Field(default=2000, ge=1)
     segmentation_episodes: int = Field(default=1000, ge=1)
+    #: The hyperplane rule's C: fixed (PAPER.md; 1.0 = ``FEWSHOT_C``) or "auto", chosen per token on
+    #: validation episodes from the training split alone (``qkvprobe.protocols.fewshot_c``).
+    C: float | Literal["auto"] = 1.0
+
+    @field_validator("C")
+    @classmethod
+    def _check_C(cls, v: float | str) -> float | str:
+        if v != "auto" and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"C must be a positive finite number or 'auto', got {v}")
+        return v
 
     @field_validator("shots")
     @classmethod
@@ -280,8 +291,11 @@ class StudyConfig(_Strict):
     def fingerprint(self) -> str:
         """Digest of everything that changes results (not device, batch size, cache dir, out dir, report)."""
         data = self.model_dump(exclude={"device", "batch_size", "cache_dir", "out_dir", "report", "name"})
-        if data["class_weight"] is None:  # added later: runs started before it keep their fingerprint
+        # Added later: at their defaults they leave the fingerprints of runs started before them alone.
+        if data["class_weight"] is None:
             del data["class_weight"]
+        if data["fewshot"]["C"] == 1.0:
+            del data["fewshot"]["C"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

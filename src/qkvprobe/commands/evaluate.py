@@ -58,8 +58,11 @@ def evaluate(
     queries: int = typer.Option(15, "--queries", help="Few-shot classification: queries per class."),
     episodes: int = typer.Option(None, "--episodes", help="Few-shot episodes (default 2000 cls / 1000 seg)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of the episodes."),
-    fewshot_c: float = typer.Option(
-        None, "--fewshot-c", help="Few-shot: the hyperplane rule's fixed C (default FEWSHOT_C = 1.0)."
+    fewshot_c: str = typer.Option(
+        None, "--fewshot-c",
+        help="Few-shot: the hyperplane rule's fixed C (default FEWSHOT_C = 1.0), or 'auto' to choose it from "
+        "FEWSHOT_C_GRID on 300 validation episodes drawn from the training split alone (halved into support "
+        "and query pools); the rows' C column holds the chosen C.",
     ),
     device: str = typer.Option("cpu", "--device", help="torch device of the solvers."),
     class_weight: str = typer.Option(
@@ -74,8 +77,8 @@ def evaluate(
     """Evaluate decision rules on token features of existing stores; write rows of the results table."""
     from ..features.store import FeatureStore
     from ..protocols import evaluate_classification, evaluate_segmentation
+    from ..protocols.fewshot_c import check_fewshot_C
     from ..results import write_results
-    from ..rules._checks import check_C
 
     if store is not None:
         train_store, test_store = train_store or store / "train", test_store or store / "test"
@@ -93,7 +96,7 @@ def evaluate(
     if fewshot_c is not None:
         if setting != "fewshot":
             raise ConfigError("--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split")
-        check_C(fewshot_c)
+        fewshot_c = check_fewshot_C(fewshot_c)
     kw = dict(setting=setting, rules=_split(rules, "rules"), tokens=_split(tokens, "tokens"),
               blocks=_ints(blocks, "blocks"), shots=_ints(shots, "shots"), seed=seed, device=device,
               class_weight=None if class_weight == "none" else class_weight)  # fmt: skip
@@ -110,6 +113,7 @@ def evaluate(
     for r in rows:
         ci = "" if r.ci95 != r.ci95 else f" ± {100 * r.ci95:.2f}"
         rule = f"{r.rule} ({r.class_weight})" if r.class_weight == "balanced" else r.rule
+        C = f" (C {r.C:g})" if r.rule == "hyperplane" and r.C == r.C else ""
         typer.echo(f"{r.token:>8} {r.position:<5} {rule:<10} block {r.block} shots {r.shots}: "
-                   f"{r.metric} {100 * r.value:.2f}{ci}")  # fmt: skip
+                   f"{r.metric} {100 * r.value:.2f}{ci}{C}")  # fmt: skip
     typer.echo(f"wrote {len(rows)} rows to {out}")

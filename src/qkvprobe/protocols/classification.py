@@ -11,7 +11,8 @@ group) the C grid is split round-robin over the ranks (``shard_for_rank``) and t
 are merged with ``all_gather_objects``, so every rank chooses the same C; alone, nothing changes.
 
 Few-shot protocol: every episode's rule is fitted on its support set and scored on its queries; the hyperplane
-rule uses ``FEWSHOT_C`` (no validation data exists in a 1-shot episode). Episodes are solved in batches;
+rule uses ``FEWSHOT_C`` (no validation data exists in a 1-shot episode), or with ``C="auto"`` a C chosen on
+validation episodes drawn from the training split alone (``protocols.fewshot_c``, beyond PAPER.md). Episodes are solved in batches;
 the same index arrays are used for every token type and rule, so per-episode accuracies are paired.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,7 @@ from ..rules.hyperplane import (
     span_expand,
     span_reduce,
 )
+from .fewshot_c import AUTO, ChosenC, check_fewshot_C, choose_C, validation_episodes
 from .metrics import mean_ci95
 
 #: Log-spaced C grid of the standard protocol (objective C·Σloss + ½‖W‖² on raw features, as scikit-learn).
@@ -132,6 +135,8 @@ class Evaluation(list):
         self.predictions: dict[tuple[str, str, str, int], np.ndarray] = predictions or {}
         self.weights: dict[tuple[str, str, str, int], np.ndarray] = {}
         self.classes: np.ndarray | None = None
+        #: Few-shot ``C="auto"``: the chosen C and its validation scores per (token, position, block, shots).
+        self.chosen_C: dict[tuple[str, str, int, int], ChosenC] = {}
 
     @property
     def rows(self) -> list[ResultRow]:
@@ -456,12 +461,18 @@ def row_maker(store: Any, *, model: str | None, dataset: str | None, task: str, 
     return make
 
 
+def _validation_accuracy(train_features: Any, val: Any, device: str, C: float) -> float:
+    """Mean accuracy of the hyperplane rule at ``C`` on training-split validation episodes."""
+    return fewshot_classification(train_features, train_features, val.classes, val.support, val.support_labels,
+                                  val.query, val.query_labels, rule="hyperplane", C=C, device=device).mean  # fmt: skip
+
+
 def evaluate_classification(
     train_store: Any, test_store: Any, *, setting: str, rules: Sequence[str] = ("hyperplane", "cosine"),
     tokens: Sequence[str] = ("q", "k", "v", "ffn"), positions: Sequence[str] = ("cls",), blocks: Sequence[int] = (-1,),
     ways: int = 5, shots: int | Sequence[int] = (1, 5), queries: int = 15, episodes: int = 2000, seed: int = 0,
     model: str | None = None, dataset: str | None = None, device: str = "cpu", Cs: Sequence[float] = C_GRID,
-    C: float = FEWSHOT_C, episode_sampler: Any = None, class_weight: str | None = None,
+    C: float | str = FEWSHOT_C, episode_sampler: Any = None, class_weight: str | None = None,
     progress: ProgressFn | None = None,
 ) -> Evaluation:  # fmt: skip
     """Evaluate every (block, position, token, rule) of two classification stores → rows of the results
@@ -469,8 +480,10 @@ def evaluate_classification(
     ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_classification_episodes``.
     ``class_weight`` (None or "balanced") applies to the standard hyperplane fits; few-shot episodes hold the same
     number of shots per class, where balanced weights are all 1. ``progress(label, done, total)`` is told of each
-    unit (one batched fit per block × position × rule; few-shot: per shots × block × position × token × rule)."""
+    unit (one batched fit per block × position × rule; few-shot: per shots × block × position × token × rule).
+    Few-shot ``C="auto"`` chooses the hyperplane's C on training-split episodes (``protocols.fewshot_c``)."""
     check_class_weight(class_weight)
+    C = check_fewshot_C(C)
     if setting not in ("standard", "fewshot"):
         raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
     for r in rules:
@@ -502,21 +515,31 @@ def evaluate_classification(
         return out
     if episode_sampler is None:
         from ..data.episodes import sample_classification_episodes as episode_sampler
-    step = Steps(progress, len(as_list(shots)) * len(blocks) * len(positions) * len(tokens) * len(rules))
+    auto = C == AUTO and "hyperplane" in rules
+    step = Steps(progress, len(as_list(shots)) * len(blocks) * len(positions) * len(tokens) * (len(rules) + auto))
     for k in as_list(shots):
+        if auto:  # before the evaluation's episodes: a sampler that records what it left out then ends on those
+            val = validation_episodes(episode_sampler, lambda rows: ytr[rows], len(ytr), episodes=episodes,
+                                      seed=seed, ways=ways, shots=k, queries=queries)  # fmt: skip
         ep = episode_sampler(ytr, yte, ways=ways, shots=k, queries=queries, episodes=episodes, seed=seed)
         for block in blocks:
             b = store_block(train_store, block)
             for position in positions:
                 for token in tokens:
                     Ftr, Fte = train_store.get(token, position, block), test_store.get(token, position, block)
+                    C_used = FEWSHOT_C if C == AUTO else C
+                    if auto:
+                        step(f"{ways}-way {k}-shot · block {b} · {token}·{position} · choosing C")
+                        chosen = choose_C(partial(_validation_accuracy, Ftr, val, device))
+                        out.chosen_C[(token, position, b, k)] = chosen
+                        C_used = chosen.C
                     for rule in rules:
                         step(f"{ways}-way {k}-shot · block {b} · {token}·{position} · {rule}")
                         res = fewshot_classification(Ftr, Fte, ep.classes, ep.support, ep.support_labels, ep.query,
-                                                     ep.query_labels, rule=rule, C=C, device=device)  # fmt: skip
+                                                     ep.query_labels, rule=rule, C=C_used, device=device)  # fmt: skip
                         out.append(make(block=b, token=token, position=position, rule=rule, ways=ways, shots=k,
                                         episodes=len(res.per_episode), metric="accuracy", value=res.mean,
-                                        ci95=res.ci95, C=C if rule == "hyperplane" else math.nan))  # fmt: skip
+                                        ci95=res.ci95, C=C_used if rule == "hyperplane" else math.nan))  # fmt: skip
                         out.per_episode[(token, position, rule, b) if len(as_list(shots)) == 1
                                         else (token, position, rule, b, k)] = res.per_episode  # fmt: skip
     step.finish()

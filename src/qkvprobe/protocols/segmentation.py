@@ -18,7 +18,8 @@ Scoring: per-patch scores ``[K, h, w]`` → bilinear upsampling (align_corners=F
 n / (K · n_class), as scikit-learn; the cosine rule's class means do not depend on class counts.
 
 Few-shot (1-way K-shot): per episode, support patches are labelled foreground (majority = class c),
-background (any other label) or ignored (255); the binary hyperplane rule (``FEWSHOT_C``) or the cosine rule
+background (any other label) or ignored (255); the binary hyperplane rule (``FEWSHOT_C``; ``C="auto"`` chooses it on training-split
+episodes, see ``protocols.fewshot_c``) or the cosine rule
 with a foreground and a background direction is fitted on them and predicts the query's binary mask at
 full resolution. Foreground IoU per class accumulated over its episodes → mIoU; FB-IoU from a 2×2 confusion
 matrix accumulated over all episodes. A support set without foreground (or background) patches predicts
@@ -30,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -66,6 +68,7 @@ from .classification import (
     row_maker,
     store_block,
 )
+from .fewshot_c import AUTO, check_fewshot_C, choose_C, validation_episodes
 from .metrics import ConfusionMatrix, fb_iou, fewshot_miou, mean_ci95, mean_iou
 
 #: Patches per compute chunk of the streaming solver and of scoring.
@@ -378,25 +381,37 @@ def patch_pixel_counts(patch_labels: np.ndarray, num_classes: int, patch_size: i
     return counts * patch_size * patch_size
 
 
+def _validation_miou(train_patches: Any, train_patch_labels: np.ndarray, train_store: Any, val: Any, train_masks: Masks,
+                     device: str, class_weight: str | None, C: float) -> float:  # fmt: skip
+    """Few-shot mIoU of the hyperplane rule at ``C`` on training-split validation episodes."""
+    return fewshot_segmentation(train_patches, train_patch_labels, train_patches, train_store.indices(),
+                                train_store.grid, val.classes, val.support, val.query, rule="hyperplane",
+                                masks=train_masks, C=C, device=device, class_weight=class_weight).miou  # fmt: skip
+
+
 def evaluate_segmentation(
     train_store: Any, test_store: Any, *, setting: str, rules: Sequence[str] = ("hyperplane", "cosine"),
     tokens: Sequence[str] = ("q", "k", "v", "ffn"), positions: Sequence[str] = ("patch",),
     blocks: Sequence[int] = (-1,), ways: int = 1, shots: int | Sequence[int] = (1, 5), queries: int = 1,
     episodes: int = 1000, seed: int = 0, model: str | None = None, dataset: str | None = None,
-    device: str = "cpu", Cs: Sequence[float] = C_GRID, C: float = FEWSHOT_C, masks: Masks | None = None,
+    device: str = "cpu", Cs: Sequence[float] = C_GRID, C: float | str = FEWSHOT_C, masks: Masks | None = None,
     episode_sampler: Any = None, class_weight: str | None = CLASS_WEIGHT, progress: ProgressFn | None = None,
+    train_masks: Masks | None = None,
 ) -> Evaluation:  # fmt: skip
     """Evaluate every (block, token, rule) of two segmentation stores → rows (standard: ``miou`` and
     ``pixel_accuracy``; few-shot: ``miou`` with the CI of per-episode foreground IoU, and ``fb_iou``).
     ``masks(i)`` gives the test split's full-resolution mask of dataset index i (default: opened from the
     store's dataset); ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_segmentation_episodes``;
     ``class_weight`` (None or "balanced") weighs the hyperplane rule's classes (see the module docstring);
-    ``progress(label, done, total)`` is told of each (shots ×) block × token × rule."""
+    ``progress(label, done, total)`` is told of each (shots ×) block × token × rule. Few-shot ``C="auto"``
+    chooses the hyperplane's C on training-split episodes (``protocols.fewshot_c``), scored against
+    ``train_masks(i)``, the training split's full-resolution masks (default: opened from the store's dataset)."""
     if setting not in ("standard", "fewshot"):
         raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
     if any(p != "patch" for p in positions):
         raise RuleError(f"segmentation uses patch tokens, got positions {list(positions)}; pass --positions patch")
     class_weight = check_class_weight(class_weight)
+    C = check_fewshot_C(C)
     masks = masks or dataset_masks(test_store)
     make = row_maker(train_store, model=model, dataset=dataset, task="segmentation", setting=setting, seed=seed,
                      class_weight=class_weight)  # fmt: skip
@@ -425,19 +440,32 @@ def evaluate_segmentation(
     tr_labels, te_labels = train_store.patch_labels(), test_store.patch_labels()
     tr_counts = patch_pixel_counts(tr_labels, num_classes, train_store.patch_size)
     te_counts = patch_pixel_counts(te_labels, num_classes, test_store.patch_size)
-    step = Steps(progress, len(as_list(shots)) * len(blocks) * len(tokens) * len(rules))
+    auto = C == AUTO and "hyperplane" in rules
+    if auto:
+        train_masks = train_masks or dataset_masks(train_store)
+    step = Steps(progress, len(as_list(shots)) * len(blocks) * len(tokens) * (len(rules) + auto))
     for k in as_list(shots):
+        if auto:  # before the evaluation's episodes: a sampler that records what it left out then ends on those
+            val = validation_episodes(episode_sampler, lambda rows: tr_counts[rows], len(tr_counts),
+                                      episodes=episodes, seed=seed, shots=k)  # fmt: skip
         ep = episode_sampler(tr_counts, te_counts, shots=k, episodes=episodes, seed=seed)
         for block in blocks:
             b = store_block(train_store, block)
             for token in tokens:
                 Ftr, Fte = train_store.get(token, "patch", block), test_store.get(token, "patch", block)
+                C_used = FEWSHOT_C if C == AUTO else C
+                if auto:
+                    step(f"{k}-shot · block {b} · {token}·patch · choosing C")
+                    chosen = choose_C(partial(_validation_miou, Ftr, tr_labels, train_store, val, train_masks,
+                                              device, class_weight))  # fmt: skip
+                    out.chosen_C[(token, "patch", b, k)] = chosen
+                    C_used = chosen.C
                 for rule in rules:
                     step(f"{k}-shot · block {b} · {token}·patch · {rule}")
                     res = fewshot_segmentation(Ftr, tr_labels, Fte, test_store.indices(), test_store.grid,
-                                               ep.classes, ep.support, ep.query, rule=rule, masks=masks, C=C,
+                                               ep.classes, ep.support, ep.query, rule=rule, masks=masks, C=C_used,
                                                device=device, class_weight=class_weight)  # fmt: skip
-                    Cv = C if rule == "hyperplane" else math.nan
+                    Cv = C_used if rule == "hyperplane" else math.nan
                     common = dict(block=b, token=token, position="patch", rule=rule, ways=1, shots=k,
                                   episodes=len(res.per_episode), C=Cv)  # fmt: skip
                     out.append(make(**common, metric="miou", value=res.miou, ci95=res.ci95))

@@ -97,6 +97,10 @@ def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
         label = {"none": "none", "balanced": "balanced (n / (K·n_class) per class)"}
         note = f" (balanced rows shown as rule {BALANCED_RULE})" if len(used) > 1 else ""
         rows.append(("hyperplane class weights", " and ".join(label[w] for w in used) + note))
+    if cfg and "fewshot" in cfg.get("settings", []) and "hyperplane" in cfg.get("rules", []):
+        C = (cfg.get("fewshot") or {}).get("C", 1.0)
+        rows.append(("few-shot hyperplane C", "chosen per token on training-split episodes (the rows' C column)"
+                     if C == "auto" else f"{C:g} (fixed)"))  # fmt: skip
     for name, src in (info.get("data_sources") or {}).items():
         rows.append((f"data: {name}", str(src)))
     sub = info.get("subsampling") or {}

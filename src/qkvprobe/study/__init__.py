@@ -77,7 +77,7 @@ def _device(name: str) -> str:
 def _call(fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Call a protocol with the contract's arguments plus the optional extras it accepts (device, progress)."""
     params = inspect.signature(fn).parameters
-    optional = {"device", "progress", "queries", "ways", "episode_sampler", "Cs"}
+    optional = {"device", "progress", "queries", "ways", "episode_sampler", "Cs", "C"}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return fn(**kwargs)
     return fn(**{k: v for k, v in kwargs.items() if k in params or k not in optional})
@@ -226,6 +226,8 @@ class _Study:
         label = "standard" if setting == "standard" else f"{fs.ways}-way {shots}-shot" if d.task == "classification" else f"{shots}-shot"
         self.log(f"{m.name} · {d.spec} · {label}: blocks {blocks}, {len(self.cfg.tokens)} tokens × {len(self.cfg.rules)} rules")
         extra: dict[str, Any] = {} if self.cfg.c_grid is None else {"Cs": list(self.cfg.c_grid)}
+        if setting == "fewshot" and fs.C != 1.0:
+            extra["C"] = fs.C
         excluded: dict[int, list[int]] = {}
         if d.task == "segmentation" and setting == "fewshot":
             from .sides import tolerant_segmentation_sampler
