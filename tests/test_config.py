@@ -78,7 +78,7 @@ def test_fingerprint_ignores_cosmetic_keys() -> None:
     assert (auto.fewshot.C, small.fewshot.C) == ("auto", 0.01)
     assert len({base.fingerprint(), auto.fingerprint(), small.fingerprint()}) == 3
     for bad in ("-1", "tuned"):
-        with pytest.raises(ConfigError, match="fewshot.C"):
+        with pytest.raises(ConfigError, match=r"fewshot\.C"):
             load_config(None, [f"fewshot.C={bad}"])
 
 
