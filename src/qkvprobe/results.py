@@ -13,7 +13,7 @@ import csv
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -72,10 +72,9 @@ class ResultRow:
 
 
 _TYPES = {f.name: f.type for f in fields(ResultRow)}
-#: Columns newer than the first tables, with the value an older row implies (its hyperplane fits were plain).
-_ADDED: dict[str, Callable[[dict], object]] = {
-    "class_weight": lambda row: "",  # ResultRow makes it "none" for a hyperplane row
-}
+#: Columns newer than the first tables, and the value an older row gets ("" → a hyperplane row's "none": its
+#: fits were plain).
+_ADDED: dict[str, object] = {"class_weight": ""}
 
 
 def _parse(name: str, text: str) -> object:
@@ -98,14 +97,8 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
         missing = [c for c in COLUMNS if c not in present and c not in _ADDED]
         if missing:
             raise QkvprobeError(f"{path}: not a qkvprobe results table, columns {missing} are missing")
-        added = [c for c in _ADDED if c not in present]
-        rows = []
-        for rec in reader:
-            kw = {c: _parse(c, rec[c]) for c in COLUMNS if c not in added}
-            for c in added:
-                kw[c] = _ADDED[c](kw)
-            rows.append(ResultRow(**kw))
-        return rows
+        fill = {c: v for c, v in _ADDED.items() if c not in present}
+        return [ResultRow(**{c: _parse(c, rec[c]) for c in COLUMNS if c not in fill}, **fill) for rec in reader]
 
 
 def write_results(path: str | os.PathLike, rows: Iterable[ResultRow]) -> list[ResultRow]:
