@@ -104,6 +104,38 @@ def test_fewshot_classification_on_real_stores(cls_stores) -> None:
     np.testing.assert_allclose(out.per_episode[("k", "cls", "cosine", 1, 5)], ref)
 
 
+def test_per_head_tokens_on_real_stores(cls_stores, backbone: Any, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from qkvprobe.cli import get_app
+    from qkvprobe.results import read_results
+
+    train, test = cls_stores
+    H = backbone.num_heads
+    d = backbone.model.blocks[-1].attn.head_dim  # timm's own head width
+    assert train.num_heads == H > 1 and train.head_tokens(["q", "ffn"]) == [f"q.h{h}" for h in range(H)]
+    tokens = ("q.h0", f"q.h{H - 1}", "ffn")  # two widths (d and D) in one standard evaluation
+    with threadpool_limits(1):
+        rows = evaluate_classification(train, test, setting="standard", tokens=tokens, positions=("cls",))
+    Xtr, Xte = train.get("q", "cls").astype(np.float64), test.get("q", "cls").astype(np.float64)
+    for h in (0, H - 1):
+        cols = slice(h * d, (h + 1) * d)
+        hyp = next(r for r in rows if r.token == f"q.h{h}" and r.rule == "hyperplane")
+        with threadpool_limits(1):
+            sk = LogisticRegression(C=hyp.C, tol=1e-8, max_iter=5000).fit(Xtr[:, cols], train.labels())
+        assert abs(hyp.value - sk.score(Xte[:, cols], test.labels())) <= 0.003
+        cos = next(r for r in rows if r.token == f"q.h{h}" and r.rule == "cosine")
+        ref = CosineRule().fit(Xtr[:, cols], train.labels()).score(Xte[:, cols], test.labels())
+        assert cos.value == pytest.approx(ref, abs=1e-12)
+    # The command line: --heads adds every head of the attention tokens asked for.
+    out = tmp_path / "heads.csv"
+    res = CliRunner().invoke(get_app(), ["evaluate", "--train-store", str(train.path), "--test-store", str(test.path),
+                                         "--tokens", "q,ffn", "--heads", "--rules", "cosine", "--out", str(out),
+                                         "--no-progress"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert [r.token for r in read_results(out)] == ["q", "ffn", *(f"q.h{h}" for h in range(H))]
+
+
 def miou_from_predictions(store: Any, token: str, scores_of: Any) -> float:
     """mIoU recomputed here: patch scores ``scores_of(x [h·w, D]) -> [h·w, K]`` → bilinear to each full mask →
     argmax → one confusion matrix over the split."""

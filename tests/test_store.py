@@ -304,3 +304,47 @@ def test_manifest_complete_only_when_every_shard_is_on_disk(tmp_path: Path) -> N
     (store.path / "shard-00002" / "b1.q.cls.npy").unlink()  # one file short = shard not complete
     m = mark_shards(store.path, read_manifest(store.path))
     assert m["complete"] is False and m["num_complete_shards"] == 2 and m["shards"][2]["state"] == "pending"
+
+
+@pytest.mark.parametrize("shard_size", [4, 100])  # several shards (concatenated) and one (a memmap view)
+def test_per_head_tokens_are_column_slices(tmp_path: Path, shard_size: int) -> None:
+    bb, ds = ToyBackbone(), SyntheticDataset(10)
+    bb.num_heads = 4  # D = 16: heads of 4 columns, concatenated in head order (test_taps rebuilds attention so)
+    store = extract_features(bb, ds, tmp_path / "s", tokens="q,v,ffn", positions="cls,patch", dtype="float32",
+                             shard_size=shard_size, progress=False)  # fmt: skip
+    assert store.num_heads == 4
+    assert store.head_tokens() == [f"{t}.h{h}" for t in ("q", "v") for h in range(4)]
+    assert store.head_tokens(["ffn", "v", "k"]) == ["v.h0", "v.h1", "v.h2", "v.h3"]
+    for position in ("cls", "patch"):
+        whole = reference_features(bb, ds, "v", position, -1, 4)
+        for h in range(4):
+            got = store.get(f"v.h{h}", position)
+            assert got.shape == (*whole.shape[:-1], 4)
+            np.testing.assert_array_equal(got, whole[..., 4 * h : 4 * h + 4])
+            chunks = np.concatenate([c for _, c in store.iter_chunks(f"v.h{h}", position, chunk_size=3)])
+            np.testing.assert_array_equal(chunks, whole[..., 4 * h : 4 * h + 4])
+    with pytest.raises(StoreError, match=r"'q.h4': the model has 4 heads \(h0 … h3\)"):
+        store.get("q.h4", "cls")
+    with pytest.raises(StoreError, match=r"'ffn.h0': per-head tokens exist for q, k, v only"):
+        store.get("ffn.h0", "cls")
+    with pytest.raises(StoreError, match=r"token 'k' is not in feature store"):
+        store.get("k.h0", "cls")
+
+
+def test_per_head_tokens_need_a_store_that_records_heads(tmp_path: Path) -> None:
+    store = extract_features(ToyBackbone(), SyntheticDataset(4), tmp_path / "s", tokens="q", positions="cls",
+                             progress=False)  # fmt: skip
+    m = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    del m["backbone"]["num_heads"]  # as written before per-head tokens existed
+    write_json_atomic(tmp_path / "s" / MANIFEST, m)
+    old = FeatureStore.open(tmp_path / "s")
+    assert old.num_heads is None and old.get("q", "cls").shape == store.get("q", "cls").shape
+    with pytest.raises(StoreError, match=r"does not record the number of attention heads.*re-run its extract"):
+        old.get("q.h0", "cls")
+    with pytest.raises(StoreError, match="does not record the number of attention heads"):
+        old.head_tokens()
+    # Re-running the extract command reuses the store (nothing recomputed) and records the heads.
+    bb = ToyBackbone()
+    again = extract_features(bb, SyntheticDataset(4), tmp_path / "s", tokens="q", positions="cls", progress=False)
+    assert bb.calls == 0 and again.num_heads == 1 and again.head_tokens() == ["q.h0"]
+    np.testing.assert_array_equal(again.get("q.h0", "cls"), store.get("q", "cls"))

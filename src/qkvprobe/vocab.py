@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 Token = Literal["q", "k", "v", "ffn", "ffn_norm"]
@@ -19,6 +20,23 @@ RULES: tuple[str, ...] = ("hyperplane", "cosine")
 TASKS: tuple[str, ...] = ("classification", "segmentation")
 SETTINGS: tuple[str, ...] = ("standard", "fewshot")
 METRICS: tuple[str, ...] = ("accuracy", "miou", "fb_iou", "pixel_accuracy")
+
+#: Token types with attention heads: ``q``, ``k`` and ``v`` are the heads' vectors concatenated in head order, so
+#: head ``h`` of a ``D``-wide token is its columns ``h·D/H … (h+1)·D/H - 1``.
+HEAD_TOKENS: tuple[str, ...] = ("q", "k", "v")
+_HEAD = re.compile(r"^(q|k|v)\.h(\d+)$")
+
+
+def head_token(token: str, head: int) -> str:
+    """The name of one head of an attention token type: ``head_token("q", 3) == "q.h3"``."""
+    return f"{token}.h{head}"
+
+
+def split_head(token: str) -> tuple[str, int | None]:
+    """``"q.h3"`` → ``("q", 3)``; a whole token type → ``(token, None)``."""
+    m = _HEAD.match(token)
+    return (m.group(1), int(m.group(2))) if m else (token, None)
+
 
 #: Label value ignored by segmentation training and scoring.
 IGNORE_INDEX = 255

@@ -71,6 +71,11 @@ def evaluate(
         "(standard fits and few-shot segmentation). Rows record it in their class_weight column, so plain and "
         "balanced rows of one token live side by side in one table.",
     ),
+    heads: bool = typer.Option(
+        False, "--heads",
+        help="Also evaluate every attention head of q, k and v in --tokens on its own (tokens q.h0 … v.h{H-1}: "
+        "the head's D/H columns). Single heads can be named in --tokens too, e.g. q.h3.",
+    ),
     out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (only on a terminal)."),
 ) -> None:
@@ -97,7 +102,10 @@ def evaluate(
         if setting != "fewshot":
             raise ConfigError("--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split")
         fewshot_c = check_fewshot_C(fewshot_c)
-    kw = dict(setting=setting, rules=_split(rules, "rules"), tokens=_split(tokens, "tokens"),
+    token_list = _split(tokens, "tokens")
+    if heads:
+        token_list += [t for t in train.head_tokens(token_list) if t not in token_list]
+    kw = dict(setting=setting, rules=_split(rules, "rules"), tokens=token_list,
               blocks=_ints(blocks, "blocks"), shots=_ints(shots, "shots"), seed=seed, device=device,
               class_weight=None if class_weight == "none" else class_weight)  # fmt: skip
     if fewshot_c is not None:

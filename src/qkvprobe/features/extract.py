@@ -226,6 +226,7 @@ def plan_store(
             "objective": backbone.objective,
             "weights_digest": backbone.weights_digest,
             "embed_dim": int(backbone.embed_dim),
+            "num_heads": int(backbone.num_heads),
             "num_blocks": int(backbone.num_blocks),
             "num_prefix_tokens": int(backbone.num_prefix_tokens),
             "has_cls_token": bool(backbone.has_cls_token),
@@ -446,6 +447,11 @@ def extract_features(
     _prepare_dir(out, info)
     existing = _store_state(out, planned)
     if existing is not None and existing.get("complete"):
+        if "num_heads" not in existing["backbone"] and info.is_main:
+            # Stores from before num_heads was recorded learn it from the same backbone (per-head tokens).
+            existing["backbone"]["num_heads"] = planned["backbone"]["num_heads"]
+            write_json_atomic(out / MANIFEST, existing)
+        qdist.barrier()
         return FeatureStore.open(out)  # same key and complete: reuse, never recompute
     # A resumed store keeps its own shard layout (it may come from another shard_size default).
     manifest = existing if existing is not None else planned

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
+from ..vocab import HEAD_TOKENS, head_token, split_head
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -209,6 +210,8 @@ class FeatureStore:
         self.image_size: tuple[int, int] = (int(m["image_size"][0]), int(m["image_size"][1]))
         self.patch_size: int = int(m["patch_size"])
         self.embed_dim: int = int(m["backbone"]["embed_dim"])
+        #: Attention heads (None in stores extracted before it was recorded: no per-head tokens there).
+        self.num_heads: int | None = m["backbone"].get("num_heads")
         self.dtype: str = m["dtype"]
         self.num_shards: int = len(m["shards"])
 
@@ -254,6 +257,10 @@ class FeatureStore:
         return resolved
 
     def _array_stem(self, token: str, position: str, block: int) -> str:
+        base, head = split_head(token)
+        if head is None and ".h" in token:
+            raise StoreError(f"token {token!r}: per-head tokens exist for {', '.join(HEAD_TOKENS)} only, e.g. q.h0")
+        token = base  # a head's columns live in its token type's array
         if token not in self.tokens:
             raise StoreError(
                 f"token {token!r} is not in feature store {self.path} (it holds {self.tokens}); "
@@ -285,9 +292,36 @@ class FeatureStore:
         """Features of one (token, position, block): cls/avg ``[N, D]``, patch ``[N, h*w, D]``, store dtype.
 
         Memory-mapped (read-only) when the store has one shard; with several shards the shards are
-        concatenated in memory — use :meth:`iter_chunks` for bounded memory.
+        concatenated in memory — use :meth:`iter_chunks` for bounded memory. A per-head token (``"q.h3"``,
+        see :meth:`head_tokens`) is its head's ``D/H`` columns of the stored token type.
         """
-        return self._concat(self._array_stem(token, position, block))
+        stem, cols = self._array_stem(token, position, block), self._head_columns(token)
+        if cols is not None and self.num_shards == 1:
+            return self._load(0, stem)[..., cols]  # a strided view of the memmap, no copy
+        full = self._concat(stem)
+        return full if cols is None else np.ascontiguousarray(full[..., cols])
+
+    def head_tokens(self, tokens: Sequence[str] | None = None) -> list[str]:
+        """The per-head tokens (``q.h0`` … ``v.h{H-1}``) of the stored attention token types among ``tokens``."""
+        wanted = [t for t in (self.tokens if tokens is None else tokens) if t in HEAD_TOKENS and t in self.tokens]
+        if wanted and not self.num_heads:
+            raise StoreError(f"feature store {self.path} does not record the number of attention heads (it was "
+                             "extracted before per-head tokens existed); re-run its extract command, which records them")  # fmt: skip
+        return [head_token(t, h) for t in wanted for h in range(self.num_heads or 0)]
+
+    def _head_columns(self, token: str) -> slice | None:
+        head = split_head(token)[1]
+        if head is None:
+            return None
+        if not self.num_heads:
+            raise StoreError(f"feature store {self.path} does not record the number of attention heads (it was "
+                             f"extracted before per-head tokens existed); re-run its extract command (it records them "
+                             f"without recomputing) to use {token!r}")  # fmt: skip
+        if head >= self.num_heads:
+            raise StoreError(f"token {token!r}: the model has {self.num_heads} heads (h0 … h{self.num_heads - 1}); "
+                             f"pick a head below {self.num_heads}")  # fmt: skip
+        d = self.embed_dim // self.num_heads
+        return slice(head * d, (head + 1) * d)
 
     def iter_chunks(
         self,
@@ -303,10 +337,12 @@ class FeatureStore:
         ``chunk_size`` splits shards further (rows); ``shards`` restricts to some shard ids (e.g.
         ``shard_for_rank(range(store.num_shards), rank, world)`` to spread a read over ranks).
         """
-        stem = self._array_stem(token, position, block)
+        stem, cols = self._array_stem(token, position, block), self._head_columns(token)
         for i in range(self.num_shards) if shards is None else shards:
             start = int(self.manifest["shards"][i]["start"])
             array = self._load(i, stem)
+            if cols is not None:
+                array = array[..., cols]
             step = len(array) if chunk_size is None else max(1, int(chunk_size))
             for offset in range(0, len(array), max(step, 1)):
                 yield start + offset, array[offset : offset + step]

@@ -193,9 +193,9 @@ def standard_classification(
     groups: dict[int, list[int]] = {}
     for g, X in enumerate(train):
         groups.setdefault(X.shape[1], []).append(g)
-    per_set_bytes = len(ytr) * (next(iter(groups)) + 1) * torch.finfo(dt).bits // 8
-    batch = max(1, STANDARD_BATCH_BYTES // max(per_set_bytes, 1))
-    for members in groups.values():
+    for width, members in groups.items():  # whole token types and per-head ones differ in width
+        per_set_bytes = len(ytr) * (width + 1) * torch.finfo(dt).bits // 8
+        batch = max(1, STANDARD_BATCH_BYTES // max(per_set_bytes, 1))
         for lo in range(0, len(members), batch):
             ids = members[lo : lo + batch]
             Xtr = torch.stack([_as_tensor(train[g], dev, dt) for g in ids])
