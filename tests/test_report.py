@@ -16,7 +16,7 @@ from qkvprobe.cli import get_app
 from qkvprobe.errors import QkvprobeError
 from qkvprobe.report import load_run, main_rows, render_report, save_direction_map, summary_table, write_json
 from qkvprobe.report.insights import insights
-from qkvprobe.report.tables import BALANCED_RULE, heat_tables, sweep_grids
+from qkvprobe.report.tables import BALANCED_RULE, head_grids, heat_tables, is_head, sweep_grids
 from qkvprobe.results import ResultRow, read_results, write_results
 
 TOKENS = ("q", "k", "v", "ffn", "ffn_norm")
@@ -276,3 +276,28 @@ def test_report_names_the_fewshot_C(tmp_path: Path) -> None:
     info["config"]["fewshot"] = {"C": "auto"}
     write_json(run / "run.json", info)
     assert "chosen per token on training-split episodes" in render_report(run).read_text()
+
+
+def test_report_attention_heads(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    base = [r for r in read_results(run / "results.csv") if r.model == "dino-m" and r.setting == "standard"
+            and r.task == "classification" and r.position == "cls" and r.block == 3 and r.token in ("q", "v")]  # fmt: skip
+    heads = [replace(r, token=f"{r.token}.h{h}", value=round(0.1 * h + (0.3 if r.token == "v" else 0.2), 3))
+             for r in base for h in range(3)]  # fmt: skip
+    write_results(run / "results.csv", heads)
+    frame = load_run(run)
+    main = main_rows(frame.results, frame.run_info)
+    grids = head_grids(main)
+    assert [(g["model"], g["rule"], g["tokens"], g["value"].shape) for g in grids] == [
+        ("dino-m", "hyperplane", ["q", "v"], (2, 3)), ("dino-m", "cosine", ["q", "v"], (2, 3))]
+    hyp = grids[0]
+    np.testing.assert_allclose(hyp["value"], [[0.2, 0.3, 0.4], [0.3, 0.4, 0.5]])
+    whole = {r.token: r.value for r in base if r.rule == "hyperplane"}
+    np.testing.assert_allclose(hyp["whole"], [whole["q"], whole["v"]])
+    html = render_report(run)
+    text = html.read_text()
+    assert "Attention heads" in text and text.count("<figcaption>Attention heads of dino-m") == 2
+    # Single heads are figures, not extra rows of the token × rule tables.
+    assert all("q.h" not in label for t in heat_tables(main[~is_head(main["token"])]) for label, _ in t.rows)
+    assert ">q.h0<" not in text
+    assert sum("heads" in i["data-file"] for i in parse(html).imgs) == 2

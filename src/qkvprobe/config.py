@@ -207,6 +207,8 @@ class StudyConfig(_Strict):
     #: Class weighting of the hyperplane rule (standard fits, few-shot segmentation): None = plain logistic
     #: regression (PAPER.md); "balanced" = n / (K·n_class) per class, as scikit-learn's class_weight.
     class_weight: Literal["balanced"] | None = None
+    #: Also evaluate every attention head of q, k and v alone (its D/H columns; the report draws head maps).
+    heads: bool = False
     fewshot: FewShotConfig = FewShotConfig()
     block_sweep: BlockSweepConfig = BlockSweepConfig()
     report: ReportConfig = ReportConfig()
@@ -296,6 +298,8 @@ class StudyConfig(_Strict):
             del data["class_weight"]
         if data["fewshot"]["C"] == 1.0:
             del data["fewshot"]["C"]
+        if not data["heads"]:
+            del data["heads"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

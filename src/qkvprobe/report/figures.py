@@ -111,6 +111,34 @@ def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
                  + ("Hb = balanced hyperplane, " if BALANCED_RULE in set(grid["rule"].ravel()) else "") + "C = cosine).")
 
 
+def head_heatmap(grid: dict, figures_dir: Path) -> Figure:
+    """Token type × attention head heatmap of one rule's score, with the whole token type in the last column."""
+    value, whole, tokens = grid["value"], grid["whole"], grid["tokens"]
+    H = value.shape[1]
+    table = np.concatenate([value, whole[:, None]], axis=1)
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * (H + 1) + 1.5), 0.45 * len(tokens) + 1.3))
+        im = ax.imshow(table, cmap="viridis", aspect="auto")
+        ax.axvline(H - 0.5, color="white", linewidth=2)
+        for i in range(len(tokens)):
+            best = int(np.nanargmax(value[i])) if np.isfinite(value[i]).any() else -1
+            for j in range(H + 1):
+                if np.isfinite(table[i, j]):
+                    colour = "white" if table[i, j] < np.nanmean(table) else "black"
+                    mark = "*" if j == best else ""
+                    ax.text(j, i, f"{100 * table[i, j]:.0f}{mark}", ha="center", va="center", fontsize=6.5, color=colour)
+        ax.set_xticks(range(H + 1), [str(h) for h in range(H)] + ["all"])
+        ax.set_yticks(range(len(tokens)), tokens)
+        ax.set_xlabel("attention head (all = the whole token type)")
+        fig.colorbar(im, ax=ax, fraction=0.04, label=grid["metric"])
+        ax.set_title(f"{grid['model']} · {grid['dataset']} · {grid['slabel']} · {grid['position']} · {grid['rule']}")
+    name = slug("heads", grid["model"], grid["dataset"], grid["slabel"], grid["position"], grid["rule"]) + ".png"
+    return _save(fig, figures_dir, name,
+                 f"Attention heads of {grid['model']} on {grid['dataset']} ({grid['slabel']}, {grid['position']}, "
+                 f"{grid['rule']} rule): {grid['metric']} ×100 of each head's D/H columns of q, k and v alone; * = the "
+                 "best head of the token type; the last column is the whole token type.")
+
+
 def _upsample(cos: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest upsampling of a [h, w] patch grid to [H, W] (each patch drawn as a block)."""
     h, w = cos.shape

@@ -20,8 +20,10 @@ from .tables import (
     Cell,
     HeatTable,
     fmt,
+    head_grids,
     heat_style,
     heat_tables,
+    is_head,
     main_rows,
     setting_label,
     sweep_grids,
@@ -132,6 +134,8 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
 def render_run(run: RunFiles, out: Path) -> Path:
     fig_dir = run.run_dir / FIGURES
     main = main_rows(run.results, run.run_info)
+    heads = main[is_head(main["token"])]
+    main = main[~is_head(main["token"])]  # single heads get their own figures, not rows in every table
     context = {
         "title": run.run_info.get("name") or run.run_dir.name,
         "created": run.run_info.get("finished", ""),
@@ -143,6 +147,7 @@ def render_run(run: RunFiles, out: Path) -> Path:
         "direction_tables": direction_tables(run.directions),
         "map_figures": figs.direction_maps(run.maps, fig_dir),
         "sweep_figures": [figs.sweep_heatmap(g, fig_dir) for g in sweep_grids(run.results)],
+        "head_figures": [figs.head_heatmap(g, fig_dir) for g in head_grids(pd.concat([heads, main]))],
         "version": __version__,
         "results_file": RESULTS,
     }

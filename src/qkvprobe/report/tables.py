@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
 
-from ..vocab import POSITIONS, RULES, TOKENS
+from ..vocab import HEAD_TOKENS, POSITIONS, RULES, TOKENS, split_head
 
 #: The metric each task is ranked by (others are shown, not ranked).
 PRIMARY_METRIC: dict[str, str] = {"classification": "accuracy", "segmentation": "miou"}
@@ -167,4 +167,32 @@ def sweep_grids(df: pd.DataFrame) -> list[dict]:
             rule[tokens.index(tok), blocks.index(b)] = cell.at[i, "rule"]
         out.append({"model": model, "dataset": dataset, "position": position, "metric": sub["metric"].iloc[0],
                     "tokens": tokens, "blocks": [int(b) for b in blocks], "value": value, "rule": rule})
+    return out
+
+
+def is_head(tokens: pd.Series) -> pd.Series:
+    """Which rows' tokens are single attention heads (``q.h3``)."""
+    return tokens.map(lambda t: split_head(str(t))[1] is not None)
+
+
+def head_grids(main: pd.DataFrame) -> list[dict]:
+    """Per model × dataset × task × setting × position × rule with per-head rows: a token type (q, k, v) × head
+    grid of the primary metric, and beside it the whole token type's value (``whole``, NaN when not measured)."""
+    out: list[dict] = []
+    heads = main[is_head(main["token"])]
+    if heads.empty:
+        return out
+    parts = heads["token"].map(lambda t: split_head(str(t)))
+    heads = heads.assign(base=parts.map(lambda p: p[0]), head=parts.map(lambda p: p[1]))
+    keys = [*GROUP, "position", "rule"]
+    whole_of = {(*key, token): float(v) for *key, token, v in main[[*keys, "token", "value"]].itertuples(index=False)}
+    for key, sub in heads.groupby(keys, sort=False):
+        g = dict(zip(keys, key, strict=True))
+        bases = [t for t in HEAD_TOKENS if t in set(sub["base"])]
+        value = np.full((len(bases), int(sub["head"].max()) + 1), np.nan)
+        for row in sub.itertuples():
+            value[bases.index(row.base), int(row.head)] = row.value
+        whole = np.array([whole_of.get((*key, t), np.nan) for t in bases])
+        out.append({**g, "metric": PRIMARY_METRIC[g["task"]], "tokens": bases, "value": value, "whole": whole,
+                    "slabel": setting_label(g["setting"], g["ways"], g["shots"])})
     return out

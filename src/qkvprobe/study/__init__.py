@@ -233,9 +233,12 @@ class _Study:
             from .sides import tolerant_segmentation_sampler
 
             extra["episode_sampler"] = tolerant_segmentation_sampler(excluded)
+        tokens = list(self.cfg.tokens)
+        if self.cfg.heads and paired:  # single heads at the main block(s), not in the block sweep
+            tokens += stores["train"].head_tokens(tokens)
         rows = _call(
             fn, train_store=stores["train"], test_store=stores["test"], setting=setting, rules=list(rules or self.cfg.rules),
-            tokens=list(self.cfg.tokens), positions=list(positions or ["patch"]), blocks=list(blocks), ways=fs.ways,
+            tokens=tokens, positions=list(positions or ["patch"]), blocks=list(blocks), ways=fs.ways,
             shots=shots, queries=fs.queries, episodes=episodes, seed=self.cfg.seed, model=m.name, dataset=d.spec,
             device=self.device, class_weight=self.cfg.class_weight, **extra,
         )  # fmt: skip
