@@ -15,7 +15,7 @@ from qkvprobe.protocols import evaluate_classification, evaluate_segmentation, f
 from qkvprobe.protocols.fewshot_c import FEWSHOT_C_GRID, check_fewshot_C, choose_C, split_pools
 from qkvprobe.protocols.segmentation import fewshot_segmentation
 from qkvprobe.results import read_results
-from test_protocols import FakeStore, cls_data, seg_data
+from test_protocols import FakeStore, cls_data, fake_cli_stores, seg_data
 
 
 def test_choose_C_best_score_ties_and_nan_go_to_the_smaller_C() -> None:
@@ -131,16 +131,10 @@ def test_auto_C_segmentation() -> None:
 
 def test_cli_fewshot_c_auto(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from qkvprobe.cli import get_app
-    from qkvprobe.features import store as store_mod
 
-    Xtr, ytr = cls_data(120, 7)
-    Xte, yte = cls_data(60, 8)
-    stores = {"tr": FakeStore({("q", "cls"): Xtr}, labels=ytr), "te": FakeStore({("q", "cls"): Xte}, labels=yte)}
-    monkeypatch.setattr(store_mod.FeatureStore, "open", classmethod(lambda cls, p: stores[str(p).rsplit("/", 1)[-1]]))
     out = tmp_path / "results.csv"
-    args = ["evaluate", "--train-store", str(tmp_path / "tr"), "--test-store", str(tmp_path / "te"), "--tokens", "q",
-            "--rules", "hyperplane", "--setting", "fewshot", "--ways", "3", "--shots", "1", "--queries", "3",
-            "--episodes", "20", "--out", str(out)]  # fmt: skip
+    args = [*fake_cli_stores(tmp_path, monkeypatch, 120, 60), "--rules", "hyperplane", "--setting", "fewshot",
+            "--ways", "3", "--shots", "1", "--queries", "3", "--episodes", "20", "--out", str(out)]  # fmt: skip
     ok = CliRunner().invoke(get_app(), [*args, "--fewshot-c", "auto"])
     assert ok.exit_code == 0, ok.output
     (row,) = read_results(out)

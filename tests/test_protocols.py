@@ -332,17 +332,23 @@ def test_evaluate_segmentation_rows() -> None:
         evaluate_segmentation(tr, te, setting="standard", positions=("cls",), masks=masks)
 
 
-def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qkvprobe.cli import get_app
+def fake_cli_stores(tmp_path, monkeypatch: pytest.MonkeyPatch, n_train: int, n_test: int) -> list[str]:
+    """``FeatureStore.open`` of ``tmp_path/tr`` and ``tmp_path/te`` gives in-memory classification stores (token q·cls);
+    returns the ``evaluate`` arguments naming them."""
     from qkvprobe.features import store as store_mod
 
-    Xtr, ytr = cls_data(60, 7)
-    Xte, yte = cls_data(30, 8)
+    Xtr, ytr = cls_data(n_train, 7)
+    Xte, yte = cls_data(n_test, 8)
     stores = {"tr": FakeStore({("q", "cls"): Xtr}, labels=ytr), "te": FakeStore({("q", "cls"): Xte}, labels=yte)}
     monkeypatch.setattr(store_mod.FeatureStore, "open", classmethod(lambda cls, p: stores[str(p).rsplit("/", 1)[-1]]))
+    return ["evaluate", "--train-store", str(tmp_path / "tr"), "--test-store", str(tmp_path / "te"), "--tokens", "q"]
+
+
+def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qkvprobe.cli import get_app
+
     out = tmp_path / "results.csv"
-    args = ["evaluate", "--train-store", str(tmp_path / "tr"), "--test-store", str(tmp_path / "te"), "--tokens", "q",
-            "--rules", "cosine", "--blocks", "-1", "--out", str(out)]  # fmt: skip
+    args = [*fake_cli_stores(tmp_path, monkeypatch, 60, 30), "--rules", "cosine", "--blocks", "-1", "--out", str(out)]
     result = CliRunner().invoke(get_app(), args)
     assert result.exit_code == 0, result.output
     rows = read_results(out)

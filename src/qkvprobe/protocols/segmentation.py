@@ -18,11 +18,11 @@ Scoring: per-patch scores ``[K, h, w]`` → bilinear upsampling (align_corners=F
 n / (K · n_class), as scikit-learn; the cosine rule's class means do not depend on class counts.
 
 Few-shot (1-way K-shot): per episode, support patches are labelled foreground (majority = class c),
-background (any other label) or ignored (255); the binary hyperplane rule (``FEWSHOT_C``; ``C="auto"`` chooses it on training-split
-episodes, see ``protocols.fewshot_c``) or the cosine rule
-with a foreground and a background direction is fitted on them and predicts the query's binary mask at
-full resolution. Foreground IoU per class accumulated over its episodes → mIoU; FB-IoU from a 2×2 confusion
-matrix accumulated over all episodes. A support set without foreground (or background) patches predicts
+background (any other label) or ignored (255); the binary hyperplane rule (``FEWSHOT_C``; ``C="auto"``
+chooses it on training-split episodes, see ``protocols.fewshot_c``) or the cosine rule with a foreground and a
+background direction is fitted on them and predicts the query's binary mask at full resolution. Foreground
+IoU per class accumulated over its episodes → mIoU; FB-IoU from a 2×2 confusion matrix accumulated over all
+episodes. A support set without foreground (or background) patches predicts
 background (foreground) everywhere.
 """
 

@@ -224,7 +224,10 @@ class _Study:
         fn = evaluate_classification if d.task == "classification" else evaluate_segmentation
         episodes = 0 if setting == "standard" else (fs.episodes if d.task == "classification" else fs.segmentation_episodes)
         label = "standard" if setting == "standard" else f"{fs.ways}-way {shots}-shot" if d.task == "classification" else f"{shots}-shot"
-        self.log(f"{m.name} · {d.spec} · {label}: blocks {blocks}, {len(self.cfg.tokens)} tokens × {len(self.cfg.rules)} rules")
+        tokens = list(self.cfg.tokens)
+        if self.cfg.heads and paired:  # single heads at the main block(s), not in the block sweep
+            tokens += stores["train"].head_tokens(tokens)
+        self.log(f"{m.name} · {d.spec} · {label}: blocks {blocks}, {len(tokens)} tokens × {len(self.cfg.rules)} rules")
         extra: dict[str, Any] = {} if self.cfg.c_grid is None else {"Cs": list(self.cfg.c_grid)}
         if setting == "fewshot" and fs.C != 1.0:
             extra["C"] = fs.C
@@ -233,9 +236,6 @@ class _Study:
             from .sides import tolerant_segmentation_sampler
 
             extra["episode_sampler"] = tolerant_segmentation_sampler(excluded)
-        tokens = list(self.cfg.tokens)
-        if self.cfg.heads and paired:  # single heads at the main block(s), not in the block sweep
-            tokens += stores["train"].head_tokens(tokens)
         rows = _call(
             fn, train_store=stores["train"], test_store=stores["test"], setting=setting, rules=list(rules or self.cfg.rules),
             tokens=tokens, positions=list(positions or ["patch"]), blocks=list(blocks), ways=fs.ways,
