@@ -124,4 +124,19 @@ def evaluate(
         C = f" (C {r.C:g})" if r.rule == "hyperplane" and r.C == r.C else ""
         typer.echo(f"{r.token:>8} {r.position:<5} {rule:<10} block {r.block} shots {r.shots}: "
                    f"{r.metric} {100 * r.value:.2f}{ci}{C}")  # fmt: skip
+    _print_summary(rows)
     typer.echo(f"wrote {len(rows)} rows to {out}")
+
+
+def _print_summary(rows: list) -> None:
+    """The best token per rule among the rows just measured (the table `qkvprobe run` ends with)."""
+    import pandas as pd
+    from rich.console import Console
+
+    from ..report import main_rows, summary_table
+    from ..report.tables import label_class_weights
+    from ..results import COLUMNS
+
+    df = label_class_weights(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
+    every_block = {m: sorted(int(b) for b in sub["block"].unique()) for m, sub in df.groupby("model")}
+    Console().print(summary_table(main_rows(df, {"main_blocks": every_block}), title="Best token per rule"))
