@@ -304,19 +304,22 @@ class FeatureStore:
     def head_tokens(self, tokens: Sequence[str] | None = None) -> list[str]:
         """The per-head tokens (``q.h0`` … ``v.h{H-1}``) of the stored attention token types among ``tokens``."""
         wanted = [t for t in (self.tokens if tokens is None else tokens) if t in HEAD_TOKENS and t in self.tokens]
-        if wanted and not self.num_heads:
-            raise StoreError(f"feature store {self.path} does not record the number of attention heads (it was "
-                             "extracted before per-head tokens existed); re-run its extract command, which records them")  # fmt: skip
+        if wanted:
+            self._require_heads("per-head tokens")
         return [head_token(t, h) for t in wanted for h in range(self.num_heads or 0)]
+
+    def _require_heads(self, what: str) -> None:
+        if not self.num_heads:
+            raise StoreError(f"feature store {self.path} does not record the number of attention heads (it was "
+                             f"extracted before per-head tokens existed); re-run its extract command (it records "
+                             f"them without recomputing) to use {what}")  # fmt: skip
 
     def _head_columns(self, token: str) -> slice | None:
         head = split_head(token)[1]
         if head is None:
             return None
-        if not self.num_heads:
-            raise StoreError(f"feature store {self.path} does not record the number of attention heads (it was "
-                             f"extracted before per-head tokens existed); re-run its extract command (it records them "
-                             f"without recomputing) to use {token!r}")  # fmt: skip
+        self._require_heads(repr(token))
+        assert self.num_heads is not None
         if head >= self.num_heads:
             raise StoreError(f"token {token!r}: the model has {self.num_heads} heads (h0 … h{self.num_heads - 1}); "
                              f"pick a head below {self.num_heads}")  # fmt: skip
