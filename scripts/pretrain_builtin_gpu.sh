@@ -14,7 +14,8 @@
 #
 #   scripts/pretrain_builtin_gpu.sh [OUT_ROOT]
 #   env: DINO_MIN (6.3), MAE_MIN (3) (0 skips that model), DEVICE (cuda), BATCH (2048, DINO), MAE_BATCH (512), DINO_LR (2e-3),
-#        EPOCHS (1000), PYTHON
+#        EPOCHS (1000), ARCH (vit-nano-p4; the models are named fmnist-{dino,mae}-<ARCH without -p4>),
+#        DATA_ROOT (folder with the Fashion-MNIST *-ubyte.gz files; default: the Debian package's), PYTHON
 #
 # Then copy OUT_ROOT/<name>/{model.safetensors,card.json,card.md,loss.png} over
 # src/qkvprobe/backbones/builtin/<name>.{safetensors,json,md} and <name>_loss.png, and run the quality check
@@ -28,21 +29,25 @@ batch=${BATCH:-2048}
 mae_batch=${MAE_BATCH:-512}
 dino_lr=${DINO_LR:-2e-3}
 epochs=${EPOCHS:-1000}
+arch=${ARCH:-vit-nano-p4}
+short=${arch%-p4}
+data=(--data fashion-mnist+scenes)
+[[ -n ${DATA_ROOT:-} ]] && data+=(--data-root "$DATA_ROOT")
 amp=()
 [[ $device == cuda* ]] && amp=(--amp bf16)
 py=${PYTHON:-python3}
 mkdir -p "$out"
 
 if [[ $dino_min != 0 ]]; then  # a budget of 0 minutes skips a model (e.g. DINO_MIN=9 MAE_MIN=0: DINO alone)
-"$py" -m qkvprobe pretrain --objective dino --data fashion-mnist+scenes --arch vit-nano-p4 --epochs "$epochs" \
+"$py" -m qkvprobe pretrain --objective dino "${data[@]}" --arch "$arch" --epochs "$epochs" \
   --batch-size "$batch" --lr "$dino_lr" --num-local-crops 6 --seed 0 --device "$device" "${amp[@]}" \
-  --time-budget-min "$dino_min" --name fmnist-dino-vit-nano --out "$out/fmnist-dino-vit-nano" \
+  --time-budget-min "$dino_min" --name "fmnist-dino-$short" --out "$out/fmnist-dino-$short" \
   >"$out/dino.log" 2>&1 || { tail -n 20 "$out/dino.log"; exit 1; }
 tail -n 2 "$out/dino.log"
 fi
 if [[ $mae_min != 0 ]]; then
-"$py" -m qkvprobe pretrain --objective mae --data fashion-mnist+scenes --arch vit-nano-p4 --epochs "$epochs" \
+"$py" -m qkvprobe pretrain --objective mae "${data[@]}" --arch "$arch" --epochs "$epochs" \
   --batch-size "$mae_batch" --seed 0 --device "$device" "${amp[@]}" --time-budget-min "$mae_min" \
-  --name fmnist-mae-vit-nano --out "$out/fmnist-mae-vit-nano" >"$out/mae.log" 2>&1 || { tail -n 20 "$out/mae.log"; exit 1; }
+  --name "fmnist-mae-$short" --out "$out/fmnist-mae-$short" >"$out/mae.log" 2>&1 || { tail -n 20 "$out/mae.log"; exit 1; }
 tail -n 2 "$out/mae.log"
 fi
