@@ -6,7 +6,7 @@
 # model × task × rule and the two DINO targets.
 #
 #   scripts/builtin_quality.sh [OUT]
-#   env: MODELS ("fmnist-dino-vit-nano fmnist-mae-vit-nano"), DEVICE (cpu), BATCH (256),
+#   env: MODELS ("fmnist-dino-vit-tiny fmnist-mae-vit-tiny"), DEVICE (cpu), BATCH (256),
 #        SCENES (fashion-mnist-scenes = 10 000 / 2 000 scenes; e.g. "fashion-mnist-scenes?train=500&test=100"),
 #        QKVPROBE (qkvprobe), PYTHON (python3)
 #
@@ -14,7 +14,7 @@
 # `qkvprobe report OUT` renders them.
 set -euo pipefail
 out=${1:-runs/builtin-quality}
-models=${MODELS:-fmnist-dino-vit-nano fmnist-mae-vit-nano}
+models=${MODELS:-fmnist-dino-vit-tiny fmnist-mae-vit-tiny}
 device=${DEVICE:-cpu}
 batch=${BATCH:-256}
 scenes=${SCENES:-fashion-mnist-scenes}

@@ -101,7 +101,7 @@ def test_fingerprint_ignores_cosmetic_keys() -> None:
         (["datasets.0.spec=fashin-mnist"], r"datasets.0.spec: unknown dataset kind 'fashin-mnist' \(did you mean 'fashion-mnist'\?\)"),
         (["datasets.0.spec=imagefolder"], r"datasets.0.spec: dataset spec 'imagefolder' needs a path: imagefolder:PATH"),
         (["models.0.spec=vit_small"], r"models.0.spec: model spec 'vit_small' must be one of timm:<name>, hf:<name>, builtin:<name>"),
-        (["models.1.spec=builtin:fmnist-dino-vit-nano"], r"model label listed twice"),
+        (["models.1.spec=builtin:fmnist-dino-vit-tiny"], r"model label listed twice"),
         (["models=[]"], r"models: List should have at least 1 item"),
         (["name=../evil"], r"name: run name '../evil' must be letters"),
         (["device=tpu"], r"device: device 'tpu' is not one of cpu, auto, mps, cuda, cuda:N"),
