@@ -20,8 +20,8 @@
 #        DATA_ROOT (folder with the Fashion-MNIST *-ubyte.gz files; default: the Debian package's), PYTHON
 #
 # Then copy OUT_ROOT/<name>/{model.safetensors,card.json,card.md,loss.png} over
-# src/qkvprobe/backbones/builtin/<name>.{safetensors,json,md} and <name>_loss.png, and run the quality check
-# written in the card.
+# src/qkvprobe/backbones/builtin/<name>.{safetensors,json,md} and <name>_loss.png, and re-measure with
+# scripts/builtin_quality.sh.
 set -euo pipefail
 out=${1:-runs}
 dino_min=${DINO_MIN:-7.9}
