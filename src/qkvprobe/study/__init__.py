@@ -57,13 +57,15 @@ class StudyResult:
 
 
 def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import numpy
     import sklearn
-    import timm
     import torch
 
+    # timm's version from its metadata: importing timm takes seconds, and a run on cached features needs no model.
     return {"qkvprobe": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}  # fmt: skip
+            "timm": version("timm"), "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}  # fmt: skip
 
 
 def _device(name: str) -> str:
