@@ -502,3 +502,30 @@ def test_fewshot_on_gpu_matches_cpu(rule: str) -> None:
     gpu = fewshot_classification(*args, rule=rule, device="cuda")
     assert np.sum(np.abs(gpu.per_episode - cpu.per_episode) > 1e-9) <= 1
     assert gpu.mean == pytest.approx(cpu.mean, abs=0.01)
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_streaming_curvature_preconditioner_equals_in_memory(balanced: bool) -> None:
+    """A warm start's curvature preconditioner summed over streamed chunks equals the in-memory objective's
+    (the refit and every C after the first of a segmentation sweep use it)."""
+    from qkvprobe.rules.hyperplane import _LogisticObjective, augment, balanced_sample_weight, second_moment
+
+    rng = np.random.default_rng(4)
+    n, D, K = 300, 6, 3
+    X = augment(torch.as_tensor(rng.normal(size=(n, D)) + 3.0))
+    y = torch.as_tensor(rng.choice(K, n, p=[0.6, 0.3, 0.1]))
+    start = torch.as_tensor(rng.normal(size=(1, (D + 1) * K)) * 0.2)
+    sw = torch.ones(1, n, dtype=torch.float64)
+    class_w = None
+    if balanced:
+        sw = balanced_sample_weight(y[None], sw, K)
+        class_w = torch.as_tensor([float(sw[0][y == k][0]) for k in range(K)], dtype=torch.float64)
+    moment = second_moment(X[None], torch.ones(1, n, dtype=torch.float64))
+    chunks = lambda: iter([(X[a : a + 70], y[a : a + 70]) for a in range(0, n, 70)])  # noqa: E731
+    streamed = seg._StreamingLogistic(chunks, n, K, 0.5, moment, class_w, start=start)
+    in_ram = _LogisticObjective(X[None], y[None], sw, torch.tensor([0.5], dtype=torch.float64), K, moment,
+                                start=start.view(1, D + 1, K))  # fmt: skip
+    assert streamed.P.shape == (1, K, D + 1, D + 1)
+    torch.testing.assert_close(streamed.P, in_ram.P)
+    v = torch.as_tensor(rng.normal(size=(1, (D + 1) * K)))
+    torch.testing.assert_close(streamed.precondition(v), in_ram.precondition(v))

@@ -45,10 +45,14 @@ from ..rules.hyperplane import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     PRECOND_ROWS,
+    apply_preconditioner,
     augment,
     balanced_class_weights,
     balanced_sample_weight,
     check_class_weight,
+    class_curvature,
+    curvature_preconditioner,
+    curvature_stride,
     default_dtype,
     fit_hyperplane_batched,
     logistic_sums,
@@ -112,31 +116,46 @@ class FewshotSegmentationResult:
 
 
 class _StreamingLogistic:
-    """One logistic-regression problem whose data arrive in chunks; loss and gradient are accumulated."""
+    """One logistic-regression problem whose data arrive in chunks; loss and gradient are accumulated.
+    ``start``: the warm start ``w [1, (D+1)·Kf]``; its per-class curvature then preconditions (as in
+    ``rules.hyperplane``, from strided rows of every chunk, one extra pass)."""
 
     def __init__(self, chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], num_rows: int,
                  num_classes: int, C: float, moment: torch.Tensor,
-                 class_w: torch.Tensor | None = None) -> None:  # fmt: skip
+                 class_w: torch.Tensor | None = None, start: torch.Tensor | None = None) -> None:  # fmt: skip
         self.chunks, self.num_classes = chunks, num_classes
         # Row weight: class weight / n (balanced weights sum to n, so the objective's scale stays C · n).
         self.row_w = None if class_w is None else class_w.to(moment) / num_rows
         self.kf = 1 if num_classes == 2 else num_classes
         self.reg = torch.tensor([1.0 / (C * num_rows)], dtype=moment.dtype, device=moment.device)
         self.inv_n = 1.0 / num_rows
-        self.P = preconditioner(moment, self.reg, num_classes)
+        P = None
+        step = 0 if start is None else curvature_stride(num_rows, moment.shape[-1])
+        if step:
+            W = start.view(1, -1, self.kf).to(moment)
+            curv, picked, total = torch.zeros(()), 0.0, 0.0
+            for X, y in self.chunks():
+                rw = self._row_weights(X, y)
+                curv = curv + class_curvature(X[None, ::step], rw[None, ::step], W, num_classes)
+                picked, total = picked + float(rw[::step].sum()), total + float(rw.sum())
+            P = curvature_preconditioner(curv * (total / max(picked, 1e-300)), self.reg)  # strided rows stand for all
+        self.P = preconditioner(moment, self.reg, num_classes) if P is None else P
+
+    def _row_weights(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.full(y.shape, self.inv_n, dtype=X.dtype, device=X.device) if self.row_w is None else self.row_w[y]
 
     def select(self, keep: torch.Tensor) -> _StreamingLogistic:
         return self  # a single problem is never compacted
 
     def precondition(self, v: torch.Tensor) -> torch.Tensor:
-        return (self.P @ v.view(1, -1, self.kf)).reshape(v.shape)
+        return apply_preconditioner(self.P, v, self.kf)
 
     def value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         W = w.view(1, -1, self.kf)
         f = torch.zeros(1, dtype=w.dtype, device=w.device)
         grad = torch.zeros_like(W)
         for X, y in self.chunks():
-            rw = torch.full(y.shape, self.inv_n, dtype=X.dtype, device=X.device) if self.row_w is None else self.row_w[y]
+            rw = self._row_weights(X, y)
             fs, gs = logistic_sums(X[None], y[None], rw[None], W, self.num_classes)
             f, grad = f + fs, grad + gs
         Wf = W[:, :-1]
@@ -202,7 +221,7 @@ def _fit_streaming(source: _PatchSource, num_classes: int, C: float, W0: torch.T
                    moment: torch.Tensor, max_iter: int, tol: float, class_weight: str | None = None) -> torch.Tensor:  # fmt: skip
     kf = 1 if num_classes == 2 else num_classes
     class_w = source.balanced_weights(num_classes) if class_weight == "balanced" else None
-    objective = _StreamingLogistic(source, source.num_rows, num_classes, C, moment, class_w)
+    objective = _StreamingLogistic(source, source.num_rows, num_classes, C, moment, class_w, start=W0)
     if W0 is None:
         W0 = torch.zeros(1, moment.shape[-1] * kf, dtype=moment.dtype, device=moment.device)
     return minimize_lbfgs(objective, W0, max_iter=max_iter, tol=tol).w  # [1, (D+1)·Kf]
