@@ -16,7 +16,7 @@ A warm-started solve (the next C of a path, the refit at the chosen C) starts wh
 classified with confidence and barely curve the loss, so the Hessian is far from its W = 0 form. There, when
 the data are large enough for it to be cheap (``CURVATURE_MAX_EVALS``), the preconditioner is instead the inverse
 of the per-class blocks of the Hessian at the starting point, ``Σ_i w_i p_ik (1 − p_ik) x_i x_iᵀ + reg`` (class
-couplings dropped), from at most ``CURVATURE_ROWS`` strided rows. Measured on this CPU: the built-in DINO model's
+couplings dropped), from at most ``CURVATURE_ROWS`` strided rows. Measured on a 2-core CPU: the built-in DINO model's
 ``q`` and ``ffn`` tokens on all 54 000 Fashion-MNIST fit images, standard protocol with a 4-value C grid,
 60.7 → 24.1 s; its ``ffn`` patch tokens of 2 000 Scenes (98 000 rows), C = 0.01, 0.1, 1 after the previous C,
 69, 95, 25 → 10, 8, 10 iterations. At tolerances far below the protocol's (1e-7) it can need more iterations
@@ -57,10 +57,12 @@ from .lbfgs import minimize_lbfgs
 PRECOND_ROWS = 20_000
 #: Rows used to estimate a warm start's per-class curvature blocks (K Gram matrices: kept cheaper).
 CURVATURE_ROWS = 4_096
-#: Use the curvature preconditioner when its K Gram matrices cost at most this many loss/gradient evaluations
-#: (about rows·D / 2n); with few rows they cost more than the iterations they save (the default study's
-#: 2 000-image fits: ~100 evaluations for ~80 saved), with many rows a few evaluations for hundreds saved.
-CURVATURE_MAX_EVALS = 32
+#: Use the curvature preconditioner when its K Gram matrices cost at most this many loss/gradient evaluations,
+#: estimated as rows·D / (7·n) (measured on a 2-core CPU, D = 193, K = 10–11: 21–30 evaluations for
+#: 1 800–5 300 rows). Measured in the default study: the Scenes sweeps (5 300 patch rows, estimate 21) ran
+#: 19.2 → 11.0 s with it, the batched Fashion-MNIST sweeps (1 800 rows, estimate 28) 10.0 → 12.7 s, so the
+#: line is between; with many rows (all of Fashion-MNIST: estimate 2) it costs a few evaluations for hundreds saved.
+CURVATURE_MAX_EVALS = 24
 DEFAULT_MAX_ITER = 300
 DEFAULT_TOL = 1e-4
 #: Bytes of X per block of rows in a CPU loss/gradient pass (see ``logistic_sums``): fits the last-level cache.
@@ -172,7 +174,7 @@ def curvature_stride(num_rows: int, width: int) -> int:
     """Row stride for a warm start's curvature preconditioner over ``num_rows`` rows of ``width`` columns, or 0
     when it would cost more than ``CURVATURE_MAX_EVALS`` evaluations (then the W = 0 preconditioner is kept)."""
     rows = min(num_rows, CURVATURE_ROWS)
-    if rows * width > 2 * CURVATURE_MAX_EVALS * num_rows:
+    if rows * width > 7 * CURVATURE_MAX_EVALS * num_rows:
         return 0
     return max(1, num_rows // CURVATURE_ROWS)
 
