@@ -435,6 +435,7 @@ def solve_logistic(
     diagonal and the objective is :class:`_SpanLogistic`. ``ftol`` as in :func:`.lbfgs.minimize_lbfgs`."""
     G = X.shape[0]
     kf = 1 if num_classes == 2 else num_classes
+    start = None if W0 is None else W0.to(X.dtype)  # a warm start (W = 0 has the moment preconditioner)
     if W0 is None:
         W0 = torch.zeros(G, X.shape[2] + 1, kf, dtype=X.dtype, device=X.device)
     if diagonal:
@@ -444,7 +445,6 @@ def solve_logistic(
         res = minimize_lbfgs(span, W0.transpose(1, 2).reshape(G, -1).to(X.dtype), max_iter=max_iter, tol=tol,
                              history=SPAN_HISTORY, ftol=ftol)  # fmt: skip
         return res.w.view(G, kf, -1).transpose(1, 2), res.n_iter, span, res.converged
-    start = None if W0 is None else W0.to(X.dtype)
     if objective is None:
         objective = _LogisticObjective(augment(X), y, sw, C, num_classes, start=start)
     else:
