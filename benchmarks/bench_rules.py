@@ -1,6 +1,7 @@
 """Speed and memory of the rules and protocols against scikit-learn (issue 4). CPU, one process.
 
 Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|all]``;
+``python benchmarks/bench_rules.py precond [STORE [TOKENS [POSITION]]]`` (the curvature preconditioner on and off);
 ``python benchmarks/bench_rules.py gpu [N DIM CLASSES MAX_ITER]`` on a CUDA machine (1.28 M × 768, 1 000 classes).
 
 Features are synthetic but shaped like ViT tokens: class means in a low-dimensional subspace, anisotropic
@@ -321,6 +322,43 @@ def bench_gpu(n: int = 1_280_000, dim: int = 768, num_classes: int = 1000, max_i
           f"100 000) {acc:.3f}; peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else 0:.1f} GiB")
 
 
+def bench_precond(store: str | None = None, tokens: str = "q,ffn", position: str = "cls") -> None:
+    """The hyperplane solver with and without a warm start's curvature preconditioner (everything else equal),
+    side by side: the standard classification protocol (C grid, held-out 10 %, refit) on a feature store's
+    ``STORE/train`` and ``STORE/test`` (e.g. ``qkvprobe extract … --out STORE/train``), or, without a store, a
+    warm-started C path on synthetic ViT-like features (60 000 × 192, 10 classes, 2 tokens)."""
+    from qkvprobe.protocols.classification import standard_classification
+    from qkvprobe.rules import hyperplane
+
+    with_curvature = hyperplane.curvature_stride
+    for label in ("moments only", "curvature"):
+        hyperplane.curvature_stride = with_curvature if label == "curvature" else (lambda num_rows, width: 0)
+        if store is None:
+            data = [vit_like(60_000, 192, 10, seed=10 * t) for t in range(2)]
+            X = torch.stack([torch.from_numpy(x) for x, _ in data]).double()
+            y = torch.stack([torch.from_numpy(t) for _, t in data])
+            t0 = time.perf_counter()
+            path = fit_hyperplane_path(X, y, 10, list(C_GRID))
+            took = time.perf_counter() - t0
+            iters = [[int(i) for i in it] for _, _, it in path]
+            print(f"[precond] synthetic 2 x 60000 x 192, C path {list(C_GRID)}, {label}: {took:.1f} s; iterations "
+                  f"per C (token 0): {[it[0] for it in iters]}")
+            continue
+        from qkvprobe.features.store import FeatureStore
+
+        train, test = FeatureStore.open(Path(store) / "train"), FeatureStore.open(Path(store) / "test")
+        names = tokens.split(",")
+        tr = [np.asarray(train.get(t, position)) for t in names]
+        te = [np.asarray(test.get(t, position)) for t in names]
+        t0 = time.perf_counter()
+        res = standard_classification(tr, train.labels(), te, test.labels(), rule="hyperplane")
+        took = time.perf_counter() - t0
+        accs = ", ".join(f"{t}·{position} {r.accuracy:.4f} (C {r.C:g})" for t, r in zip(names, res, strict=True))
+        print(f"[precond] {store}: {len(tr[0])} train rows, standard protocol, C grid {list(C_GRID)}, {label}: "
+              f"{took:.1f} s; test accuracy {accs}")
+    hyperplane.curvature_stride = with_curvature
+
+
 def main(argv: list[str]) -> None:
     which = argv[1] if len(argv) > 1 else "all"
     # The benchmark machine is shared: one thread for torch and for scikit-learn/BLAS keeps the ratio fair.
@@ -338,6 +376,8 @@ def main(argv: list[str]) -> None:
         bench_kernels()
     if which == "gpu":  # needs CUDA; not part of "all"
         bench_gpu(*(int(a) for a in argv[2:6]))
+    if which == "precond":  # not part of "all"
+        bench_precond(*argv[2:5])
     if which == "segmentation":
         bench_segmentation(*(int(a) for a in argv[2:4]))
     elif which == "all":  # own process, so ru_maxrss is the protocol's peak alone

@@ -21,7 +21,7 @@ from qkvprobe.protocols import (
 )
 from qkvprobe.protocols import segmentation as seg
 from qkvprobe.results import read_results
-from qkvprobe.rules import CosineRule, HyperplaneRule
+from qkvprobe.rules import CosineRule, HyperplaneRule, fit_hyperplane_batched, fit_hyperplane_path
 
 GRID, PATCH = (4, 4), 4
 
@@ -91,13 +91,18 @@ def test_standard_classification_batched_matches_single_rules() -> None:
     cos = standard_classification(feats_tr, ytr, feats_te, yte, rule="cosine")
     np.testing.assert_array_equal(cos[0].predictions, CosineRule().fit(Xtr, ytr).predict(Xte))
     assert np.isnan(cos[0].C)
-    # The fitted class vectors come back with each result: the refit rule's normals and the class means.
+    # The fitted class vectors come back with each result: the refit rule's normals and the class means. Both
+    # solved tightly: at the default tol the refit (warm-started from the held-out split's solution) and a fit
+    # from W = 0 stop up to a few % apart.
     np.testing.assert_allclose(cos[1].weights, CosineRule().fit(feats_tr[1], ytr).directions_, atol=1e-5)
+    tight = dict(tol=1e-9, max_iter=5000)
+    hyp = standard_classification(feats_tr, ytr, feats_te, yte, rule="hyperplane", Cs=(0.01, 1.0), **tight)
     for g in range(2):
-        ref = HyperplaneRule(C=hyp[g].C).fit(feats_tr[g], ytr).coef_
-        np.testing.assert_allclose(hyp[g].weights, ref, atol=1e-3 * np.abs(ref).max())
-    binary = standard_classification([Xtr[ytr < 2]], ytr[ytr < 2], [Xte[yte < 2]], yte[yte < 2], rule="hyperplane")
-    w = HyperplaneRule(C=binary[0].C).fit(Xtr[ytr < 2], ytr[ytr < 2]).coef_[0]
+        ref = HyperplaneRule(C=hyp[g].C, **tight).fit(feats_tr[g], ytr).coef_
+        np.testing.assert_allclose(hyp[g].weights, ref, atol=1e-4 * np.abs(ref).max())
+    binary = standard_classification([Xtr[ytr < 2]], ytr[ytr < 2], [Xte[yte < 2]], yte[yte < 2], rule="hyperplane",
+                                     **tight)  # fmt: skip
+    w = HyperplaneRule(C=binary[0].C, **tight).fit(Xtr[ytr < 2], ytr[ytr < 2]).coef_[0]
     np.testing.assert_allclose(binary[0].weights, np.stack([-w, w]), atol=1e-3 * np.abs(w).max())
     with pytest.raises(RuleError, match="does not occur in the training split"):
         standard_classification([Xtr], ytr, [Xte], yte + 10, rule="cosine")
@@ -529,3 +534,22 @@ def test_streaming_curvature_preconditioner_equals_in_memory(balanced: bool) -> 
     torch.testing.assert_close(streamed.P, in_ram.P)
     v = torch.as_tensor(rng.normal(size=(1, (D + 1) * K)))
     torch.testing.assert_close(streamed.precondition(v), in_ram.precondition(v))
+
+
+def test_standard_C_sweep_fits_every_C_independently() -> None:
+    """Every C of the standard protocol's grid is its own fit from W = 0 (as a loop over scikit-learn fits):
+    warm-started from the previous C, a large C's fit could stop at once where the smaller C's solution already
+    met the stopping rule, and the held-out accuracy compared solutions of the wrong C."""
+    from qkvprobe.protocols import classification
+
+    X, y = cls_data(1200, 3)
+    Xt = torch.as_tensor(X)[None]
+    yt = torch.as_tensor(y)[None]
+    fit, val = torch.arange(0, 1200, 2), torch.arange(1, 1200, 2)
+    Cs = [0.01, 100.0]
+    sweep = classification._c_sweep(Xt, yt, fit, val, 6, Cs, {})
+    for j, C in enumerate(Cs):
+        coef, _, _, _ = fit_hyperplane_batched(Xt[:, fit], yt[:, fit], 6, C, reduce=False)
+        torch.testing.assert_close(sweep["coef"][j], coef, rtol=1e-9, atol=1e-9 * float(coef.abs().max()))
+    warm = fit_hyperplane_path(Xt[:, fit], yt[:, fit], 6, Cs)[1][0]  # what the sweep used to do
+    assert not torch.allclose(warm, sweep["coef"][1], rtol=1e-6, atol=1e-6 * float(warm.abs().max()))

@@ -6,11 +6,12 @@ L-BFGS (:mod:`qkvprobe.rules.lbfgs`) on the exact objective, whose loss and grad
 chunks of ``CHUNK_ROWS`` patches: if the labelled training patches fit ``MEMORY_BUDGET_BYTES`` (in the
 solver's dtype) they are converted once and kept in RAM, otherwise every evaluation re-reads the store
 shard by shard, so memory stays at one chunk + the label matrix + ``[D+1, K]`` parameters whatever the
-store size. C is chosen from ``C_GRID`` (ascending, warm-started) by patch-level mIoU on the patches of a
-seeded ``VAL_FRACTION`` of the training images, then the rule is refitted on all training images.
+store size. C is chosen from ``C_GRID`` (each C an independent fit from W = 0; see ``protocols.classification``
+for why not warm-started from the previous C) by patch-level mIoU on the patches of a seeded ``VAL_FRACTION`` of
+the training images, then the rule is refitted on all training images, warm-started from that C's solution.
 At ADE20K / ViT-B / 512 px scale (~20 M patches × 768, fp16 ≈ 30 GB) one evaluation is one pass over
 the store (~2·20M·769·150 ≈ 4.6 TFLOP of matmul plus the read); with ~20–50 L-BFGS iterations per C
-(warm starts), expect hours on CPU, minutes on a GPU: pass ``device="cuda"``.
+expect hours on CPU, minutes on a GPU: pass ``device="cuda"``.
 Scoring: per-patch scores ``[K, h, w]`` → bilinear upsampling (align_corners=False) to the mask's
 ``H × W`` → argmax → a dataset-level confusion matrix (ignore 255) → mIoU and pixel accuracy.
 
@@ -289,7 +290,7 @@ def standard_segmentation(
         moment = fit_src.moment()
         W, val, best = None, {}, (-1.0, None, None)
         for C in Cs:
-            W = _fit_streaming(fit_src, num_classes, C, W, moment, max_iter, tol, class_weight)
+            W = _fit_streaming(fit_src, num_classes, C, None, moment, max_iter, tol, class_weight)
             Wm = W.view(moment.shape[-1], -1)
             cm = ConfusionMatrix(num_classes)
             for X, y in val_src():
