@@ -553,3 +553,24 @@ def test_standard_C_sweep_fits_every_C_independently() -> None:
         torch.testing.assert_close(sweep["coef"][j], coef, rtol=1e-9, atol=1e-9 * float(coef.abs().max()))
     warm = fit_hyperplane_path(Xt[:, fit], yt[:, fit], 6, Cs)[1][0]  # what the sweep used to do
     assert not torch.allclose(warm, sweep["coef"][1], rtol=1e-6, atol=1e-6 * float(warm.abs().max()))
+
+
+def test_standard_segmentation_sweep_fits_every_C_from_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in classification: every C of the segmentation sweep starts from W = 0; only the refit on all training
+    images starts from the chosen C's solution."""
+    ftr, pltr, _ = seg_data(20, 1)
+    fte, plte, mte = seg_data(10, 2)
+    tr = FakeStore({("q", "patch"): ftr}, patch_labels=pltr, task="segmentation")
+    te = FakeStore({("q", "patch"): fte}, patch_labels=plte, task="segmentation")
+    starts: list[tuple[float, bool]] = []
+    fit = seg._fit_streaming
+
+    def spy(source: object, num_classes: int, C: float, W0: torch.Tensor | None, *args: object,
+            **kwargs: object) -> torch.Tensor:  # fmt: skip
+        starts.append((C, W0 is not None))
+        return fit(source, num_classes, C, W0, *args, **kwargs)
+
+    monkeypatch.setattr(seg, "_fit_streaming", spy)
+    res = standard_segmentation(tr, te, token="q", rule="hyperplane", masks=lambda i: mte[i - 100],
+                                Cs=(0.01, 1.0, 100.0))  # fmt: skip
+    assert starts == [(0.01, False), (1.0, False), (100.0, False), (res.C, True)]
