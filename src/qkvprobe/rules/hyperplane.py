@@ -16,12 +16,13 @@ A warm-started solve (the next C of a path, the refit at the chosen C) starts wh
 classified with confidence and barely curve the loss, so the Hessian is far from its W = 0 form. There, when
 the data are large enough for it to be cheap (``CURVATURE_MAX_EVALS``), the preconditioner is instead the inverse
 of the per-class blocks of the Hessian at the starting point, ``Σ_i w_i p_ik (1 − p_ik) x_i x_iᵀ + reg`` (class
-couplings dropped), from at most ``CURVATURE_ROWS`` strided rows. Measured on a 2-core CPU: the built-in DINO model's
-``q`` and ``ffn`` tokens on all 54 000 Fashion-MNIST fit images, standard protocol with a 4-value C grid,
-60.7 → 24.1 s; its ``ffn`` patch tokens of 2 000 Scenes (98 000 rows), C = 0.01, 0.1, 1 after the previous C,
-69, 95, 25 → 10, 8, 10 iterations. At tolerances far below the protocol's (1e-7) it can need more iterations
-than the W = 0 preconditioner near the optimum (121 → 192 on a synthetic 64-d problem); the protocol's 1e-4
-is where it pays.
+couplings dropped), from at most ``CURVATURE_ROWS`` strided rows. Measured on a 2-core CPU, along warm-started C
+paths: the built-in DINO model's ``ffn`` patch tokens of 2 000 Scenes (98 000 rows), C = 0.01, 0.1, 1 after the
+previous C, 69, 95, 25 → 10, 8, 10 iterations; ``benchmarks/bench_rules.py precond`` (synthetic, 2 × 60 000 × 192)
+39.4 → 25.2 s. The standard protocols fit each C from W = 0 and warm-start only the refit; there
+``bench_rules.py precond STORE`` (all of Fashion-MNIST, DINO ``q`` and ``ffn`` at cls, one thread) ran 87.5 →
+72.1 s. At tolerances far below the protocol's (1e-7) it can need more iterations than the W = 0 preconditioner
+near the optimum (121 → 192 on a synthetic 64-d problem); the protocol's 1e-4 is where it pays.
 
 Few samples, wide features (few-shot: n = N·K ≤ D): the optimal W lies in the span of the training features
 (representer theorem — every gradient of the loss and of the penalty does), so we solve exactly the same
@@ -59,9 +60,10 @@ PRECOND_ROWS = 20_000
 CURVATURE_ROWS = 4_096
 #: Use the curvature preconditioner when its K Gram matrices cost at most this many loss/gradient evaluations,
 #: estimated as rows·D / (7·n) (measured on a 2-core CPU, D = 193, K = 10–11: 21–30 evaluations for
-#: 1 800–5 300 rows). Measured in the default study: the Scenes sweeps (5 300 patch rows, estimate 21) ran
-#: 19.2 → 11.0 s with it, the batched Fashion-MNIST sweeps (1 800 rows, estimate 28) 10.0 → 12.7 s, so the
-#: line is between; with many rows (all of Fashion-MNIST: estimate 2) it costs a few evaluations for hundreds saved.
+#: 1 800–5 300 rows). Measured in the default study, then with warm-started C sweeps: the Scenes sweeps (5 300
+#: patch rows, estimate 21) ran 19.2 → 11.0 s with it, the batched Fashion-MNIST sweeps (1 800 rows, estimate 28)
+#: 10.0 → 12.7 s, so the line is between; with many rows (all of Fashion-MNIST: estimate 2) it costs a few
+#: evaluations for hundreds saved.
 CURVATURE_MAX_EVALS = 24
 DEFAULT_MAX_ITER = 300
 DEFAULT_TOL = 1e-4
