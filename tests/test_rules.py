@@ -393,6 +393,8 @@ def test_warm_start_curvature_preconditioner_saves_iterations(monkeypatch: pytes
     coef, b, _, cold_obj = fit_hyperplane_batched(Xt, yt, 10, 0.1, reduce=False)
     *_, warm_obj = fit_hyperplane_batched(Xt, yt, 10, 1.0, reduce=False, coef_init=coef, intercept_init=b)
     assert cold_obj.P.shape == (1, 65, 65) and warm_obj.P.shape == (1, 10, 65, 65)  # moments at W = 0, else curvature
+    assert warm_obj._moment is None  # not computed: the curvature solve does not need them
+    torch.testing.assert_close(warm_obj.moment, cold_obj.moment)  # computed when asked for (a later C reuses them)
     its = [int(p[2][0]) for p in fit_hyperplane_path(Xt, yt, 10, C_GRID)]
     _, (coef, b, _) = fit_hyperplane_path(Xt, yt, 10, [0.1, 1.0], tol=1e-7)  # C = 1 warm-started from C = 0.1
     monkeypatch.setattr(hyperplane, "curvature_stride", lambda num_rows, width: 0)

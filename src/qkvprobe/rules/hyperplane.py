@@ -217,7 +217,7 @@ class _LogisticObjective:
         self.sw_sum = sw.sum(1)  # [G]
         self.reg = 1.0 / (C * self.sw_sum)  # [G] l2 strength of the scaled objective
         self.weights = sw / self.sw_sum[:, None]
-        self.moment = second_moment(X, sw) if moment is None else moment
+        self._moment = moment
         P = None
         step = 0 if start is None else curvature_stride(X.shape[1], X.shape[2])
         if step:
@@ -226,13 +226,22 @@ class _LogisticObjective:
             P = curvature_preconditioner(class_curvature(X[:, ::step], w, start, num_classes), self.reg)
         self.P = preconditioner(self.moment, self.reg, num_classes) if P is None else P
 
+    @property
+    def moment(self) -> Tensor:
+        """Second moments of the rows (the W = 0 preconditioner's), computed when first needed: a solve
+        preconditioned with curvature never needs them, a later C of a path reuses them."""
+        if self._moment is None:
+            self._moment = second_moment(self.X, self.sw)
+        return self._moment
+
     def select(self, keep: Tensor) -> _LogisticObjective:
         # Index every per-problem tensor rather than re-deriving them (the preconditioner's Cholesky): the line
         # search selects its backtracking problems in many iterations.
         out = object.__new__(_LogisticObjective)
         out.num_classes, out.kf = self.num_classes, self.kf
-        for name in ("X", "y", "sw", "C", "sw_sum", "reg", "weights", "moment", "P"):
+        for name in ("X", "y", "sw", "C", "sw_sum", "reg", "weights", "P"):
             setattr(out, name, getattr(self, name).index_select(0, keep))
+        out._moment = None if self._moment is None else self._moment.index_select(0, keep)
         return out
 
     def precondition(self, v: Tensor) -> Tensor:
