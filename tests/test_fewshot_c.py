@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -14,7 +15,8 @@ from qkvprobe.errors import DataError, RuleError
 from qkvprobe.protocols import evaluate_classification, evaluate_segmentation, fewshot_classification
 from qkvprobe.protocols.fewshot_c import FEWSHOT_C_GRID, check_fewshot_C, choose_C, split_pools
 from qkvprobe.protocols.segmentation import fewshot_segmentation
-from qkvprobe.results import read_results
+from qkvprobe.report.tables import label_class_weights
+from qkvprobe.results import COLUMNS, read_results, write_results
 from test_protocols import FakeStore, cls_data, fake_cli_stores, seg_data
 
 
@@ -85,7 +87,7 @@ def test_auto_C_classification() -> None:
     hyper = next(r for r in out if r.rule == "hyperplane")
     test = fewshot_classification(Xtr, Xte * 4, ep.classes, ep.support, ep.support_labels, ep.query, ep.query_labels,
                                   rule="hyperplane", C=chosen.C)  # fmt: skip
-    assert hyper.C == chosen.C and hyper.value == pytest.approx(test.mean, abs=1e-12)
+    assert hyper.C == chosen.C and hyper.value == pytest.approx(test.mean, abs=1e-12) and hyper.C_choice == "auto"
     assert math.isnan(next(r for r in out if r.rule == "cosine").C)
     # The evaluation split plays no part in the choice.
     noise = FakeStore({("q", "cls"): np.random.default_rng(0).normal(size=Xte.shape)}, labels=yte)
@@ -141,3 +143,23 @@ def test_cli_fewshot_c_auto(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert row.C in FEWSHOT_C_GRID and f"(C {row.C:g})" in ok.output
     bad = CliRunner().invoke(get_app(), [*args, "--fewshot-c", "tuned"])
     assert bad.exit_code == 1 and "few-shot C must be a positive number or 'auto', got 'tuned'" in bad.output
+
+
+def test_fixed_and_auto_C_runs_share_one_table(tmp_path) -> None:
+    """A fixed-C and an auto few-shot evaluation of one token are kept apart in results.csv and in the report."""
+    Xtr, ytr = cls_data(180, 5)
+    Xte, yte = cls_data(60, 6)
+    tr, te = FakeStore({("q", "cls"): Xtr * 4}, labels=ytr), FakeStore({("q", "cls"): Xte * 4}, labels=yte)
+    kw = dict(setting="fewshot", tokens=("q",), ways=3, shots=2, queries=4, episodes=20, seed=2)
+    path = tmp_path / "results.csv"
+    fixed = evaluate_classification(tr, te, C=0.5, **kw)
+    assert {(r.rule, r.C_choice) for r in fixed} == {("hyperplane", "0.5"), ("cosine", "")}
+    write_results(path, fixed)
+    write_results(path, evaluate_classification(tr, te, C="auto", **kw))
+    rows = read_results(path)
+    assert sorted((r.rule, r.C_choice) for r in rows) == [("cosine", ""), ("hyperplane", "0.5"), ("hyperplane", "auto")]
+    frame = label_class_weights(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
+    assert sorted(frame["rule"]) == ["cosine", "hyperplane·C=0.5", "hyperplane·C=auto"]
+    # One C choice in the table: the rule keeps its name.
+    one = label_class_weights(pd.DataFrame([r.__dict__ for r in fixed], columns=list(COLUMNS)))
+    assert sorted(one["rule"]) == ["cosine", "hyperplane"]

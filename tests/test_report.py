@@ -301,3 +301,12 @@ def test_report_attention_heads(tmp_path: Path) -> None:
     assert all("q.h" not in label for t in heat_tables(main[~is_head(main["token"])]) for label, _ in t.rows)
     assert ">q.h0<" not in text
     assert sum("heads" in i["data-file"] for i in parse(html).imgs) == 2
+
+
+def test_rule_letters_of_hyperplane_variants() -> None:
+    from qkvprobe.report.figures import rule_letter
+
+    assert [rule_letter(r) for r in ("hyperplane", BALANCED_RULE, "cosine")] == ["H", "Hb", "C"]
+    assert rule_letter("hyperplane·C=0.01") == "H C=0.01"
+    assert rule_letter(f"{BALANCED_RULE}·C=auto") == "Hb C=auto"
+    assert rule_letter("knn") == "?"

@@ -1,6 +1,6 @@
 """The results table (``results.csv``): one row per measurement, long format (DESIGN.md §3).
 
-Columns added after the first release (``class_weight``) are filled in when an older table is read, so
+Columns added after the first release (``class_weight``, ``C_choice``) are filled in when an older table is read, so
 tables written by earlier versions stay readable and mergeable.
 
 Rows are appended atomically (the whole file is rewritten to a temporary name and renamed), and a row whose
@@ -21,12 +21,17 @@ from .errors import QkvprobeError
 
 COLUMNS: tuple[str, ...] = (
     "model", "objective", "dataset", "task", "setting", "block", "token", "position", "rule",
-    "ways", "shots", "episodes", "metric", "value", "ci95", "seed", "C", "class_weight",
+    "ways", "shots", "episodes", "metric", "value", "ci95", "seed", "C", "class_weight", "C_choice",
 )  # fmt: skip
 #: The hyperplane rule's class weighting ("none" = PAPER.md's plain fit, "balanced" = scikit-learn's
 #: n / (K·n_class)); "" for the cosine rule, which has no weights. A key column: plain and balanced fits of the
 #: same token are different measurements and live side by side in one table.
 CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced", "")
+#: How a hyperplane row's C was set, a key column: "auto" where the protocol chose it (the standard setting's
+#: held-out sweep, few-shot ``C="auto"``), the fixed value as text ("1", "0.01") where the caller set it, "" for
+#: the cosine rule. The C column holds the C used. A fixed-C and an auto few-shot run of one token are different
+#: measurements and live side by side in one table (before this column, the later one replaced the earlier).
+C_AUTO = "auto"
 #: Columns that identify a measurement; the rest (value, ci95, C) are its outcome.
 KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("value", "ci95", "C"))
 
@@ -34,8 +39,9 @@ KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("value", "c
 @dataclass(frozen=True)
 class ResultRow:
     """One measurement. ``value``/``ci95`` are fractions in [0, 1]; ``ways``/``shots``/``episodes`` are 0 in
-    the standard setting; ``ci95`` is NaN where no interval exists; ``C`` is NaN and ``class_weight`` is "" for
-    the cosine rule."""
+    the standard setting; ``ci95`` is NaN where no interval exists; ``C`` is NaN and ``class_weight`` and
+    ``C_choice`` are "" for the cosine rule. A hyperplane row's ``C_choice`` defaults to "auto" in the standard
+    setting and to its C as text in the few-shot one (see ``C_AUTO``)."""
 
     model: str
     objective: str
@@ -55,6 +61,7 @@ class ResultRow:
     seed: int = 0
     C: float = math.nan
     class_weight: str = ""
+    C_choice: str = ""
 
     def __post_init__(self) -> None:
         if self.class_weight not in CLASS_WEIGHTS:
@@ -64,6 +71,12 @@ class ResultRow:
         elif self.rule != "hyperplane" and self.class_weight:
             raise QkvprobeError(f"result class_weight {self.class_weight!r} given for rule {self.rule!r}; only "
                                 "hyperplane rows are weighted")
+        if self.rule == "hyperplane" and not self.C_choice:
+            chosen = self.setting == "standard" or math.isnan(self.C)
+            object.__setattr__(self, "C_choice", C_AUTO if chosen else fixed_C_text(self.C))
+        elif self.rule != "hyperplane" and self.C_choice:
+            raise QkvprobeError(f"result C_choice {self.C_choice!r} given for rule {self.rule!r}; only hyperplane "
+                                "rows have a C")
         if not (0.0 <= self.value <= 1.0):
             raise QkvprobeError(f"result value {self.value!r} for metric {self.metric!r} is outside [0, 1]")
 
@@ -71,10 +84,15 @@ class ResultRow:
         return tuple(getattr(self, c) for c in KEY_COLUMNS)
 
 
+def fixed_C_text(C: float) -> str:
+    """A fixed C as the ``C_choice`` key text: ``1.0`` → "1", ``0.01`` → "0.01"."""
+    return f"{float(C):g}"
+
+
 _TYPES = {f.name: f.type for f in fields(ResultRow)}
 #: Columns newer than the first tables, and the value an older row gets ("" → a hyperplane row's "none": its
-#: fits were plain).
-_ADDED: dict[str, object] = {"class_weight": ""}
+#: fits were plain; and its C_choice default: "auto" in the standard setting, the recorded C in the few-shot one).
+_ADDED: dict[str, object] = {"class_weight": "", "C_choice": ""}
 
 
 def _parse(name: str, text: str) -> object:

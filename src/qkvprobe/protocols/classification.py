@@ -35,7 +35,7 @@ from sklearn.model_selection import train_test_split
 
 from ..errors import FeatureError, RuleError
 from ..features.distributed import all_gather_objects, shard_for_rank
-from ..results import ResultRow
+from ..results import C_AUTO, ResultRow, fixed_C_text
 from ..rules._checks import as_features, check_C
 from ..rules._matmul import bmm
 from ..rules.cosine import EPS as COS_EPS
@@ -454,15 +454,18 @@ def store_block(store: Any, block: int) -> int:
 
 
 def row_maker(store: Any, *, model: str | None, dataset: str | None, task: str, setting: str, seed: int,
-              class_weight: str | None = None):  # fmt: skip
+              class_weight: str | None = None, C: float | str = AUTO):  # fmt: skip
     """A ``ResultRow`` factory with the columns shared by one evaluation filled in; hyperplane rows record
-    ``class_weight`` ("none" or "balanced"), cosine rows leave it empty."""
+    ``class_weight`` ("none" or "balanced") and ``C_choice`` (``C``: "auto", or the few-shot setting's fixed C),
+    cosine rows leave both empty."""
     common = {"model": model or store.backbone_spec, "objective": getattr(store, "objective", "unknown"),
               "dataset": dataset or store.dataset_spec, "task": task, "setting": setting, "seed": seed}  # fmt: skip
     weighting = "balanced" if class_weight == "balanced" else "none"
+    choice = C_AUTO if setting == "standard" or C == AUTO else fixed_C_text(float(C))
 
     def make(**kw: Any) -> ResultRow:
-        return ResultRow(**common, **kw, class_weight=weighting if kw["rule"] == "hyperplane" else "")
+        hyper = kw["rule"] == "hyperplane"
+        return ResultRow(**common, **kw, class_weight=weighting if hyper else "", C_choice=choice if hyper else "")
 
     return make
 
@@ -497,7 +500,7 @@ def evaluate_classification(
             raise RuleError(f"unknown rule {r!r}; use 'hyperplane' or 'cosine'")
     ytr, yte = train_store.labels(), test_store.labels()
     make = row_maker(train_store, model=model, dataset=dataset, task="classification", setting=setting, seed=seed,
-                     class_weight=class_weight)  # fmt: skip
+                     class_weight=class_weight, C=C)  # fmt: skip
     out = Evaluation()
     if setting == "standard":
         step = Steps(progress, len(blocks) * len(positions) * len(rules))

@@ -434,7 +434,7 @@ def evaluate_segmentation(
     C = check_fewshot_C(C)
     masks = masks or dataset_masks(test_store)
     make = row_maker(train_store, model=model, dataset=dataset, task="segmentation", setting=setting, seed=seed,
-                     class_weight=class_weight)  # fmt: skip
+                     class_weight=class_weight, C=C)  # fmt: skip
     out = Evaluation()
     if setting == "standard":
         step = Steps(progress, len(blocks) * len(tokens) * len(rules))

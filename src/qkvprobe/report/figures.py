@@ -30,6 +30,14 @@ RULE_COLOURS = {"hyperplane": "#3b6ea8", BALANCED_RULE: "#7fa7d4", "cosine": "#e
 RULE_LETTERS = {"hyperplane": "H", BALANCED_RULE: "Hb", "cosine": "C"}
 
 
+def rule_letter(rule: str) -> str:
+    """A rule's letter in the heatmap cells; a hyperplane variant of a mixed table ("hyperplane·C=0.01",
+    "hyperplane·balanced·C=auto") keeps its letter and adds what tells it apart ("H C=0.01", "Hb C=auto")."""
+    base, _, variant = rule.partition("·C=")
+    letter = RULE_LETTERS.get(base, "?")
+    return f"{letter} C={variant}" if variant else letter
+
+
 @dataclass
 class Figure:
     name: str  # file name under figures/
@@ -97,7 +105,7 @@ def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
         for i in range(len(tokens)):
             for j in range(len(blocks)):
                 if np.isfinite(value[i, j]):
-                    rule = RULE_LETTERS.get(str(grid["rule"][i, j]), "?")
+                    rule = rule_letter(str(grid["rule"][i, j]))
                     colour = "white" if value[i, j] < np.nanmean(value) else "black"
                     ax.text(j, i, f"{100 * value[i, j]:.0f}{rule}", ha="center", va="center", fontsize=6.5, color=colour)
         ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])

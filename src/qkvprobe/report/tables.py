@@ -28,15 +28,25 @@ REPORT_RULES: tuple[str, ...] = (RULES[0], BALANCED_RULE, *RULES[1:])
 
 
 def label_class_weights(df: pd.DataFrame) -> pd.DataFrame:
-    """Show balanced hyperplane rows as their own rule when the table mixes plain and balanced fits.
+    """Show hyperplane variants as their own rules when the table mixes them: balanced fits beside plain ones
+    (rule ``BALANCED_RULE``), and few-shot rows of one token fitted with different C choices (a fixed C beside
+    ``auto`` or another fixed C: rule ``hyperplane·C=<choice>``).
 
-    Every table, figure and summary of the report groups by ``rule``; without this, a token's plain and balanced
-    fits would fall into one cell and one would hide the other. A table of one weighting keeps the rule's name
-    (the run table says which weighting it was)."""
+    Every table, figure and summary of the report groups by ``rule``; without this, a token's variants would
+    fall into one cell and one would hide the other. A table of one variant keeps the rule's name (the run table
+    says which weighting and C it used). Standard rows always choose C (``C_choice`` "auto"), so only few-shot
+    rows can mix C choices."""
     hyper = df["rule"] == "hyperplane"
-    if df.loc[hyper, "class_weight"].nunique() > 1:
-        df = df.copy()
-        df.loc[hyper & (df["class_weight"] == "balanced"), "rule"] = BALANCED_RULE
+    balanced = hyper & (df["class_weight"] == "balanced") if df.loc[hyper, "class_weight"].nunique() > 1 else None
+    fewshot = hyper & (df["setting"] == "fewshot")
+    mixed_C = "C_choice" in df and df.loc[fewshot, "C_choice"].nunique() > 1
+    if balanced is None and not mixed_C:
+        return df
+    df = df.copy()
+    if balanced is not None:
+        df.loc[balanced, "rule"] = BALANCED_RULE
+    if mixed_C:
+        df.loc[fewshot, "rule"] = df.loc[fewshot, "rule"] + "·C=" + df.loc[fewshot, "C_choice"].astype(str)
     return df
 
 
