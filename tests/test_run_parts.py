@@ -18,6 +18,7 @@ from qkvprobe.study.sides import (
     lookup_C,
     paired_verdicts,
     save_fits,
+    tolerant_segmentation_sampler,
 )
 from qkvprobe.study.state import Progress, unit_id
 
@@ -128,3 +129,31 @@ def test_lookup_C_takes_the_protocols_choice() -> None:
                       "accuracy", 0.8, math.nan, 0, 0.01)]  # fmt: skip
     assert lookup_C(rows, "m", "d", "v", "cls", 1) == 0.01
     assert lookup_C(rows, "m", "d", "q", "cls", 1) == 1.0
+
+
+def test_tolerant_sampler_records_each_call_and_the_study_reports_validation_only_exclusions() -> None:
+    from types import SimpleNamespace
+
+    from qkvprobe.study import _Study
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(100, 200, size=(40, 4))  # 4 classes, class 0 is background (excluded by default)
+    counts[:, 3] = 0
+    counts[:2, 3] = 100  # class 3 in 2 training images: enough for 1 shot, not for 1 shot in both halves
+    excluded: dict[int, list[list[int]]] = {}
+    sampler = tolerant_segmentation_sampler(excluded)
+    half = counts[::2]  # a halved pool holding one of the two class-3 images
+    val = sampler(half[:10], half[10:], shots=1, episodes=20, seed=0)
+    assert 3 not in set(val.classes) and excluded == {1: [[3]]}
+    ev = sampler(counts, counts, shots=1, episodes=60, seed=0)
+    assert 3 in set(ev.classes) and excluded == {1: [[3], []]}
+    # The study logs and records the classes only the validation episodes lacked.
+    fake = SimpleNamespace(info={}, logged=[])
+    fake.log = fake.logged.append
+    _Study._note_excluded(fake, "scenes", 1, ["bg", "a", "b", "c"], excluded[1])
+    assert fake.info == {"fewshot_validation_excluded_classes": {"scenes 1-shot": ["c"]}}
+    assert len(fake.logged) == 1 and "validation episodes that choose C" in fake.logged[0]
+    fake = SimpleNamespace(info={}, logged=[])
+    fake.log = fake.logged.append
+    _Study._note_excluded(fake, "scenes", 1, ["bg", "a", "b", "c"], [[3], [3]])
+    assert fake.info == {"fewshot_excluded_classes": {"scenes 1-shot": ["c"]}} and len(fake.logged) == 1

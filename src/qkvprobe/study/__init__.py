@@ -116,6 +116,24 @@ class _Study:
         if self.verbose:
             self.console.log(msg)
 
+    def _note_excluded(self, spec: str, shots: int, classes: Any, calls: list[list[int]]) -> None:
+        """Log and record (run.json) the classes the tolerant few-shot segmentation sampler left out: of the
+        evaluation's episodes (its last call), and those left out of the C choice's validation episodes only
+        (earlier calls, halved training pools), which would otherwise go unnoticed."""
+        if not calls:
+            return
+        where = f"{spec} {shots}-shot"
+        if calls[-1]:
+            names = [classes[c] for c in calls[-1]]
+            self.info.setdefault("fewshot_excluded_classes", {})[where] = names
+            self.log(f"{where}: classes with too few images left out of the episodes: {names}")
+        only_val = sorted({c for call in calls[:-1] for c in call} - set(calls[-1]))
+        if only_val:
+            names = [classes[c] for c in only_val]
+            self.info.setdefault("fewshot_validation_excluded_classes", {})[where] = names
+            self.log(f"{where}: classes with too few images in the halved training pools, left out of the "
+                     f"validation episodes that choose C (not of the evaluation's): {names}")
+
     def _subsampling(self) -> dict[str, Any]:
         sizes = {d.spec: {"train": d.train_size, "test": d.test_size} for d in self.cfg.datasets}
         return {"how": SUBSAMPLING_NOTE, "sizes": sizes, "fewshot_episodes": self.cfg.fewshot.episodes,
@@ -233,7 +251,7 @@ class _Study:
         extra: dict[str, Any] = {} if self.cfg.c_grid is None else {"Cs": list(self.cfg.c_grid)}
         if setting == "fewshot" and fs.C != 1.0:
             extra["C"] = fs.C
-        excluded: dict[int, list[int]] = {}
+        excluded: dict[int, list[list[int]]] = {}
         if d.task == "segmentation" and setting == "fewshot":
             from .sides import tolerant_segmentation_sampler
 
@@ -244,10 +262,7 @@ class _Study:
             shots=shots, queries=fs.queries, episodes=episodes, seed=self.cfg.seed, model=m.name, dataset=d.spec,
             device=self.device, class_weight=self.cfg.class_weight, **extra,
         )  # fmt: skip
-        if excluded.get(shots):
-            names = [stores["train"].classes[c] for c in excluded[shots]]
-            self.info.setdefault("fewshot_excluded_classes", {})[f"{d.spec} {shots}-shot"] = names
-            self.log(f"{d.spec} {shots}-shot: classes with too few images left out of the episodes: {names}")
+        self._note_excluded(d.spec, shots, stores["train"].classes, excluded.get(shots, []))
         if not rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
         write_results(self.run_dir / RESULTS, rows)

@@ -181,9 +181,12 @@ def paired_verdicts(rows: list[Any], evaluation: Any, test_labels: np.ndarray | 
     return out
 
 
-def tolerant_segmentation_sampler(excluded: dict[int, list[int]]) -> Any:
-    """``sample_segmentation_episodes`` that leaves out (and records in ``excluded[shots]``) the classes
-    with too few images for ``shots``-shot episodes — subsampled splits miss rare, thin classes."""
+def tolerant_segmentation_sampler(excluded: dict[int, list[list[int]]]) -> Any:
+    """``sample_segmentation_episodes`` that leaves out the classes with too few images for ``shots``-shot
+    episodes — subsampled splits miss rare, thin classes — and records them, one list per call, in
+    ``excluded[shots]``. With the few-shot ``C="auto"`` the protocol calls it twice per shots: first for the
+    validation episodes (halved training pools, which lack more classes), then for the evaluation's; the last
+    list is the evaluation's."""
     from ..data.episodes import DEFAULT_MIN_PIXELS, sample_segmentation_episodes
 
     def sampler(train_counts: np.ndarray, test_counts: np.ndarray, *, shots: int, min_pixels: int = DEFAULT_MIN_PIXELS,
@@ -191,7 +194,7 @@ def tolerant_segmentation_sampler(excluded: dict[int, list[int]]) -> Any:
         train_ok = (np.asarray(train_counts) >= min_pixels).sum(0) >= shots
         test_ok = (np.asarray(test_counts) >= min_pixels).sum(0) >= 1
         lacking = [c for c in range(np.asarray(train_counts).shape[1]) if c not in exclude and not (train_ok[c] and test_ok[c])]
-        excluded[shots] = lacking
+        excluded.setdefault(shots, []).append(lacking)
         return sample_segmentation_episodes(train_counts, test_counts, shots=shots, min_pixels=min_pixels,
                                             exclude=(*exclude, *lacking), **kwargs)  # fmt: skip
 
