@@ -532,7 +532,13 @@ def fit_hyperplane_path(
     warm_start: bool = True,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Fit ``X [G, n, D]`` for every C of ``Cs`` (in the given order), each solve warm-started from the
-    previous C's solution. Returns ``[(coef [G, Kf, D], intercept [G, Kf], n_iter [G])]`` per C."""
+    previous C's solution (``warm_start=False``: each from W = 0). Returns ``[(coef [G, Kf, D],
+    intercept [G, Kf], n_iter [G])]`` per C.
+
+    A warm path is a regularisation path: each solution meets ``tol`` at its own C, but with many rows the
+    previous C's solution can already meet the (1/(C·n)-scaled) gradient rule at the next C, so that solve stops
+    at once, as scikit-learn's own warm-started path would. To *compare* Cs (choose one on held-out data), use
+    ``warm_start=False``, as the standard protocols do; see ``protocols.classification``."""
     out: list[tuple[Tensor, Tensor, Tensor]] = []
     coef = intercept = objective = None
     for C in Cs:
