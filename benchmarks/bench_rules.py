@@ -2,6 +2,8 @@
 
 Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|all]``;
 ``python benchmarks/bench_rules.py precond [STORE [TOKENS [POSITION]]]`` (the curvature preconditioner on and off);
+``python benchmarks/bench_rules.py grid [STORE [TOKENS [POSITION|patch [EVERY]]]]`` (a C grid one C at a time
+and as one batch sharing the features);
 ``python benchmarks/bench_rules.py gpu [N DIM CLASSES MAX_ITER]`` on a CUDA machine (1.28 M × 768, 1 000 classes).
 
 Features are synthetic but shaped like ViT tokens: class means in a low-dimensional subspace, anisotropic
@@ -359,6 +361,66 @@ def bench_precond(store: str | None = None, tokens: str = "q,ffn", position: str
     hyperplane.curvature_stride = with_curvature
 
 
+def bench_grid(store: str | None = None, tokens: str = "q,ffn", position: str = "cls", every: str = "5") -> None:
+    """The standard protocol's C grid, every C from W = 0, fitted one C at a time (as before the shared-X batch)
+    and as one batch of all Cs sharing each X (``fit_hyperplane_path(warm_start=False)``), side by side.
+    Without a store: synthetic ViT-like features, 2 tokens × 60 000 × 192, 10 classes. With ``STORE`` (a
+    classification store's parent, ``STORE/train``): its training split's tokens at ``POSITION``. With
+    ``POSITION`` = patch (a segmentation store's ``STORE/train``): the labelled patches of every ``EVERY``-th
+    image, one token at a time, through the streaming objective."""
+    from qkvprobe.rules.hyperplane import _LogisticObjective, augment, fit_hyperplane_batched
+
+    Cs = list(C_GRID)
+    if position == "patch":
+        from qkvprobe.features.store import FeatureStore
+        from qkvprobe.protocols import segmentation as seg
+
+        train = FeatureStore.open(Path(store) / "train")
+        labels = train.patch_labels()
+        rows = np.arange(0, len(labels), int(every))
+        for token in tokens.split(","):
+            src = seg._PatchSource(train, token, -1, rows, labels, torch.float64, torch.device("cpu"))
+            moment, K = src.moment(), len(train.classes)
+            t0 = time.perf_counter()
+            one = torch.cat([seg._fit_streaming(src, K, [C], None, moment, 300, 1e-4) for C in Cs])
+            t1 = time.perf_counter()
+            batch = seg._fit_streaming(src, K, Cs, None, moment, 300, 1e-4)
+            t2 = time.perf_counter()
+            obj = seg._StreamingLogistic(src, src.num_rows, K, Cs, moment)
+            f1, fb = obj.value_grad(one)[0], obj.value_grad(batch)[0]
+            print(f"[grid] {store} {token}·patch, {src.num_rows} patches, C grid {Cs}: one C at a time {t1 - t0:.1f} s, "
+                  f"one batch {t2 - t1:.1f} s (x{(t1 - t0) / (t2 - t1):.2f}); objective max rel. difference "
+                  f"{float(((fb - f1) / f1).abs().max()):.1e}")
+        return
+    if store is None:
+        data = [vit_like(60_000, 192, 10, seed=10 * t) for t in range(2)]
+        X = torch.stack([torch.from_numpy(x) for x, _ in data]).double()
+        y = torch.stack([torch.from_numpy(t) for _, t in data])
+        what = "synthetic 2 x 60000 x 192"
+    else:
+        from qkvprobe.features.store import FeatureStore
+
+        train = FeatureStore.open(Path(store) / "train")
+        names = tokens.split(",")
+        X = torch.stack([torch.from_numpy(np.asarray(train.get(t, position), np.float64)) for t in names])
+        y = torch.from_numpy(train.labels()).expand(len(names), -1)
+        what = f"{store} {tokens}·{position}, {X.shape[1]} rows"
+    K = int(y.max()) + 1
+    t0 = time.perf_counter()
+    one = [fit_hyperplane_batched(X, y, K, C, reduce=False)[:3] for C in Cs]
+    t1 = time.perf_counter()
+    batch = fit_hyperplane_path(X, y, K, Cs, warm_start=False)
+    t2 = time.perf_counter()
+    G = X.shape[0]
+    obj = _LogisticObjective(augment(X), y, torch.ones(y.shape, dtype=X.dtype), torch.tensor(Cs, dtype=X.dtype).repeat(G), K)
+    as_w = lambda fits: torch.stack([torch.cat([c.transpose(1, 2), b[:, None]], 1) for c, b, _ in fits], 1).reshape(G * len(Cs), -1)  # noqa: E731
+    f1, fb = obj.value_grad(as_w(one))[0], obj.value_grad(as_w(batch))[0]
+    iters = [[int(it[0]) for _, _, it in fits] for fits in (one, batch)]
+    print(f"[grid] {what}, C grid {Cs}: one C at a time {t1 - t0:.1f} s, one batch {t2 - t1:.1f} s "
+          f"(x{(t1 - t0) / (t2 - t1):.2f}); iterations per C (token 0) {iters[0]} / {iters[1]}; objective max rel. "
+          f"difference {float(((fb - f1) / f1).abs().max()):.1e}")
+
+
 def main(argv: list[str]) -> None:
     which = argv[1] if len(argv) > 1 else "all"
     # The benchmark machine is shared: one thread for torch and for scikit-learn/BLAS keeps the ratio fair.
@@ -378,6 +440,8 @@ def main(argv: list[str]) -> None:
         bench_gpu(*(int(a) for a in argv[2:6]))
     if which == "precond":  # not part of "all"
         bench_precond(*argv[2:5])
+    if which == "grid":  # not part of "all"
+        bench_grid(*argv[2:6])
     if which == "segmentation":
         bench_segmentation(*(int(a) for a in argv[2:4]))
     elif which == "all":  # own process, so ru_maxrss is the protocol's peak alone

@@ -527,7 +527,7 @@ def test_streaming_curvature_preconditioner_equals_in_memory(balanced: bool) -> 
         class_w = torch.as_tensor([float(sw[0][y == k][0]) for k in range(K)], dtype=torch.float64)
     moment = second_moment(X[None], torch.ones(1, n, dtype=torch.float64))
     chunks = lambda: iter([(X[a : a + 70], y[a : a + 70]) for a in range(0, n, 70)])  # noqa: E731
-    streamed = seg._StreamingLogistic(chunks, n, K, 0.5, moment, class_w, start=start)
+    streamed = seg._StreamingLogistic(chunks, n, K, [0.5], moment, class_w, start=start)
     in_ram = _LogisticObjective(X[None], y[None], sw, torch.tensor([0.5], dtype=torch.float64), K, moment,
                                 start=start.view(1, D + 1, K))  # fmt: skip
     assert streamed.P.shape == (1, K, D + 1, D + 1)
@@ -541,16 +541,26 @@ def test_standard_C_sweep_fits_every_C_independently() -> None:
     warm-started from the previous C, a large C's fit could stop at once where the smaller C's solution already
     met the stopping rule, and the held-out accuracy compared solutions of the wrong C."""
     from qkvprobe.protocols import classification
+    from qkvprobe.rules.hyperplane import _LogisticObjective, augment
 
     X, y = cls_data(1200, 3)
     Xt = torch.as_tensor(X)[None]
     yt = torch.as_tensor(y)[None]
     fit, val = torch.arange(0, 1200, 2), torch.arange(1, 1200, 2)
     Cs = [0.01, 100.0]
+    # All Cs are one batch sharing X; each solution is its own cold fit's, up to the stopping rule. (W itself is
+    # compared only at the small C: at C = 100 the optimum is flat, and the two fits, their products summed in
+    # another order, stop 3 iterations apart at the default tolerance: 6 % apart in W, 0.04 % in the objective.)
     sweep = classification._c_sweep(Xt, yt, fit, val, 6, Cs, {})
     for j, C in enumerate(Cs):
-        coef, _, _, _ = fit_hyperplane_batched(Xt[:, fit], yt[:, fit], 6, C, reduce=False)
-        torch.testing.assert_close(sweep["coef"][j], coef, rtol=1e-9, atol=1e-9 * float(coef.abs().max()))
+        coef, intercept, _, _ = fit_hyperplane_batched(Xt[:, fit], yt[:, fit], 6, C, reduce=False)
+        if C < 1:
+            torch.testing.assert_close(sweep["coef"][j], coef, rtol=1e-9, atol=1e-9 * float(coef.abs().max()))
+        objective = _LogisticObjective(augment(Xt[:, fit]), yt[:, fit], torch.ones(1, len(fit), dtype=Xt.dtype),
+                                       torch.tensor([C], dtype=Xt.dtype), 6)  # fmt: skip
+        values = [float(objective.value_grad(torch.cat([c.transpose(1, 2), b[:, None]], 1).reshape(1, -1))[0])
+                  for c, b in ((sweep["coef"][j], sweep["intercept"][j]), (coef, intercept))]  # fmt: skip
+        assert values[0] == pytest.approx(values[1], rel=1e-3)
     warm = fit_hyperplane_path(Xt[:, fit], yt[:, fit], 6, Cs)[1][0]  # what the sweep used to do
     assert not torch.allclose(warm, sweep["coef"][1], rtol=1e-6, atol=1e-6 * float(warm.abs().max()))
 
@@ -565,12 +575,17 @@ def test_standard_segmentation_sweep_fits_every_C_from_zero(monkeypatch: pytest.
     starts: list[tuple[float, bool]] = []
     fit = seg._fit_streaming
 
-    def spy(source: object, num_classes: int, C: float, W0: torch.Tensor | None, *args: object,
+    def spy(source: object, num_classes: int, Cs: list[float], W0: torch.Tensor | None, *args: object,
             **kwargs: object) -> torch.Tensor:  # fmt: skip
-        starts.append((C, W0 is not None))
-        return fit(source, num_classes, C, W0, *args, **kwargs)
+        starts.append((tuple(Cs), W0 is not None))
+        out = fit(source, num_classes, Cs, W0, *args, **kwargs)
+        if W0 is None:  # the batched sweep equals one cold fit per C
+            for C, w in zip(Cs, out, strict=True):
+                alone = fit(source, num_classes, [C], None, *args, **kwargs)[0]
+                torch.testing.assert_close(w, alone, rtol=1e-7, atol=1e-7 * float(alone.abs().max()))
+        return out
 
     monkeypatch.setattr(seg, "_fit_streaming", spy)
     res = standard_segmentation(tr, te, token="q", rule="hyperplane", masks=lambda i: mte[i - 100],
                                 Cs=(0.01, 1.0, 100.0))  # fmt: skip
-    assert starts == [(0.01, False), (1.0, False), (100.0, False), (res.C, True)]
+    assert starts == [((0.01, 1.0, 100.0), False), ((res.C,), True)]

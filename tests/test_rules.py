@@ -104,6 +104,53 @@ def test_warm_started_path_equals_cold_fits() -> None:
 
 
 @pytest.mark.parametrize("num_classes", [2, 3])
+def test_C_grid_of_shared_features_equals_cold_fits(num_classes: int) -> None:
+    """``warm_start=False``: all Cs of all feature sets are one batch, each X read once for its Cs; every
+    solution equals scikit-learn's fit at that C (as the warm path's test above)."""
+    X, y = blobs(150, 4, num_classes)
+    Xt = torch.as_tensor(X)[None].repeat(2, 1, 1)
+    Xt[1] *= 2.0
+    yt = torch.as_tensor(y)[None].repeat(2, 1)
+    Cs = [0.01, 1.0, 30.0]
+    grid = fit_hyperplane_path(Xt, yt, num_classes, Cs, tol=1e-8, max_iter=2000, warm_start=False)
+    for (coef, _, n_iter), C in zip(grid, Cs, strict=True):
+        assert coef.shape == (2, 1 if num_classes == 2 else num_classes, 4) and (n_iter > 0).all()
+        for g in range(2):
+            with threadpool_limits(1):
+                sk = LogisticRegression(C=C, tol=1e-10, max_iter=5000).fit(Xt[g].numpy(), y)
+            np.testing.assert_allclose(coef[g].numpy(), sk.coef_, atol=1e-4 * np.abs(sk.coef_).max())
+
+
+def test_objective_of_shared_features_selects_any_problems() -> None:
+    """``_LogisticObjective`` with R problems per X: any subset (as L-BFGS compaction and the line search pick
+    them) gives the values and gradients of those problems alone, and X is dropped only with all its problems."""
+    from qkvprobe.rules.hyperplane import _LogisticObjective, augment
+
+    rng = np.random.default_rng(3)
+    G, R, n, D, K = 3, 2, 80, 5, 4
+    X = augment(torch.as_tensor(rng.normal(size=(G, n, D))))
+    y = torch.as_tensor(rng.integers(0, K, (G, n)))
+    sw = torch.as_tensor(rng.uniform(0.5, 2.0, (G, n)))
+    C = torch.as_tensor(rng.uniform(0.1, 10.0, G * R))
+    shared = _LogisticObjective(X, y, sw, C, K)
+    w = torch.as_tensor(rng.normal(size=(G * R, (D + 1) * K)))
+    alone = [_LogisticObjective(X[p // R : p // R + 1], y[p // R : p // R + 1], sw[p // R : p // R + 1], C[p : p + 1], K)
+             for p in range(G * R)]  # fmt: skip
+    for keep in ([0, 1, 2, 3, 4, 5], [1, 2, 5], [4], [0, 1]):
+        sub = shared.select(torch.tensor(keep))
+        f, g = sub.value_grad(w[keep])
+        assert sub.X.shape[0] == len({p // R for p in keep})  # only the Xs with problems left
+        for j, p in enumerate(keep):
+            fa, ga = alone[p].value_grad(w[p : p + 1])
+            torch.testing.assert_close(f[j], fa[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(g[j], ga[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(sub.precondition(w[keep])[j], alone[p].precondition(w[p : p + 1])[0])
+    nested = shared.select(torch.tensor([0, 2, 3, 5])).select(torch.tensor([1, 3]))  # problems 2 and 5
+    torch.testing.assert_close(nested.value_grad(w[[2, 5]])[0], torch.cat([alone[2].value_grad(w[2:3])[0],
+                                                                           alone[5].value_grad(w[5:6])[0]]))  # fmt: skip
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
 @pytest.mark.parametrize("class_weight", ["balanced", "dict"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_class_weight_matches_sklearn(num_classes: int, class_weight: str, weighted: bool) -> None:

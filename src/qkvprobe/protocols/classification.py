@@ -9,8 +9,10 @@ with it, warm-started from that C's held-out-split solution. (The sweep used to 
 previous one. With many rows that start already met the stopping rule at the larger Cs — max|grad| ≤ 1e-4 of
 the objective scaled by 1/(C·n) — so C = 10 and 100 "converged" in 0 iterations to C = 1's solution, and the
 chosen C, on all of Fashion-MNIST, depended on that accident: the DINO model's ``k·avg``, held-out accuracy at
-C = 1, 10, 100, warm path 0.851, 0.851, 0.851, independent fits 0.851, 0.865, 0.874.) The cosine rule has no hyper-parameter and is fitted on the whole training split. All token types that
-share a feature width are solved together as one batched problem. Under ``torchrun`` (an initialised process
+C = 1, 10, 100, warm path 0.851, 0.851, 0.851, independent fits 0.851, 0.865, 0.874.) The cosine rule has no
+hyper-parameter and is fitted on the whole training split. All token types that share a feature width, at all
+the Cs of a rank, are solved together as one batched problem, each token's features read once per pass for all
+its Cs (``fit_hyperplane_path(warm_start=False)``). Under ``torchrun`` (an initialised process
 group) the C grid is split round-robin over the ranks (``shard_for_rank``) and the held-out scores and solutions
 are merged with ``all_gather_objects``, so every rank chooses the same C; alone, nothing changes.
 

@@ -7,7 +7,8 @@ chunks of ``CHUNK_ROWS`` patches: if the labelled training patches fit ``MEMORY_
 solver's dtype) they are converted once and kept in RAM, otherwise every evaluation re-reads the store
 shard by shard, so memory stays at one chunk + the label matrix + ``[D+1, K]`` parameters whatever the
 store size. C is chosen from ``C_GRID`` (each C an independent fit from W = 0; see ``protocols.classification``
-for why not warm-started from the previous C) by patch-level mIoU on the patches of a seeded ``VAL_FRACTION`` of
+for why not warm-started from the previous C; all Cs are one batch, so each pass reads the patches once for all
+of them) by patch-level mIoU on the patches of a seeded ``VAL_FRACTION`` of
 the training images, then the rule is refitted on all training images, warm-started from that C's solution.
 At ADE20K / ViT-B / 512 px scale (~20 M patches × 768, fp16 ≈ 30 GB) one evaluation is one pass over
 the store (~2·20M·769·150 ≈ 4.6 TFLOP of matmul plus the read); with ~20–50 L-BFGS iterations per C
@@ -29,6 +30,7 @@ background (foreground) everywhere.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from ..rules.cosine import cosine_directions, cosine_scores
 from ..rules.hyperplane import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
+    GRID_BYTES,
     PRECOND_ROWS,
     apply_preconditioner,
     augment,
@@ -117,20 +120,24 @@ class FewshotSegmentationResult:
 
 
 class _StreamingLogistic:
-    """One logistic-regression problem whose data arrive in chunks; loss and gradient are accumulated.
-    ``start``: the warm start ``w [1, (D+1)·Kf]``; its per-class curvature then preconditions (as in
-    ``rules.hyperplane``, from strided rows of every chunk, one extra pass)."""
+    """Logistic-regression problems on one set of patches whose data arrive in chunks; loss and gradient are
+    accumulated. One problem per C of ``Cs``: every chunk is read once for all of them (``logistic_sums`` with
+    R problems per X), so a whole C sweep costs about as many passes as its slowest C. ``start``: the warm start
+    ``w [1, (D+1)·Kf]`` of a single C; its per-class curvature then preconditions (as in ``rules.hyperplane``,
+    from strided rows of every chunk, one extra pass)."""
 
     def __init__(self, chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], num_rows: int,
-                 num_classes: int, C: float, moment: torch.Tensor,
+                 num_classes: int, Cs: Sequence[float], moment: torch.Tensor,
                  class_w: torch.Tensor | None = None, start: torch.Tensor | None = None) -> None:  # fmt: skip
         self.chunks, self.num_classes = chunks, num_classes
         # Row weight: class weight / n (balanced weights sum to n, so the objective's scale stays C · n).
         self.row_w = None if class_w is None else class_w.to(moment) / num_rows
         self.kf = 1 if num_classes == 2 else num_classes
-        self.reg = torch.tensor([1.0 / (C * num_rows)], dtype=moment.dtype, device=moment.device)
+        self.reg = torch.tensor([1.0 / (C * num_rows) for C in Cs], dtype=moment.dtype, device=moment.device)
         self.inv_n = 1.0 / num_rows
         P = None
+        if start is not None and len(Cs) != 1:
+            raise RuleError(f"a warm start is for one C, got {len(Cs)}")
         step = 0 if start is None else curvature_stride(num_rows, moment.shape[-1])
         if step:
             W = start.view(1, -1, self.kf).to(moment)
@@ -146,14 +153,17 @@ class _StreamingLogistic:
         return torch.full(y.shape, self.inv_n, dtype=X.dtype, device=X.device) if self.row_w is None else self.row_w[y]
 
     def select(self, keep: torch.Tensor) -> _StreamingLogistic:
-        return self  # a single problem is never compacted
+        # The Cs share the chunks: only the per-C tensors are indexed.
+        out = copy.copy(self)
+        out.reg, out.P = self.reg.index_select(0, keep), self.P.index_select(0, keep)
+        return out
 
     def precondition(self, v: torch.Tensor) -> torch.Tensor:
         return apply_preconditioner(self.P, v, self.kf)
 
     def value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        W = w.view(1, -1, self.kf)
-        f = torch.zeros(1, dtype=w.dtype, device=w.device)
+        W = w.view(w.shape[0], -1, self.kf)
+        f = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         grad = torch.zeros_like(W)
         for X, y in self.chunks():
             rw = self._row_weights(X, y)
@@ -218,14 +228,22 @@ class _PatchSource:
         return (acc / count)[None]
 
 
-def _fit_streaming(source: _PatchSource, num_classes: int, C: float, W0: torch.Tensor | None,
+def _fit_streaming(source: _PatchSource, num_classes: int, Cs: Sequence[float], W0: torch.Tensor | None,
                    moment: torch.Tensor, max_iter: int, tol: float, class_weight: str | None = None) -> torch.Tensor:  # fmt: skip
+    """Independent fits of every C of ``Cs`` from W = 0 (or one C from ``W0``) → ``[len(Cs), (D+1)·Kf]``."""
     kf = 1 if num_classes == 2 else num_classes
     class_w = source.balanced_weights(num_classes) if class_weight == "balanced" else None
-    objective = _StreamingLogistic(source, source.num_rows, num_classes, C, moment, class_w, start=W0)
-    if W0 is None:
-        W0 = torch.zeros(1, moment.shape[-1] * kf, dtype=moment.dtype, device=moment.device)
-    return minimize_lbfgs(objective, W0, max_iter=max_iter, tol=tol).w  # [1, (D+1)·Kf]
+    # Off the CPU (no row blocks in logistic_sums) the Cs are split so a chunk's logits stay within GRID_BYTES.
+    per_C = 3 * CHUNK_ROWS * kf * torch.finfo(moment.dtype).bits // 8
+    step = len(Cs) if moment.device.type == "cpu" else max(1, GRID_BYTES // per_C)
+    out = []
+    for lo in range(0, len(Cs), step):
+        part = list(Cs[lo : lo + step])
+        objective = _StreamingLogistic(source, source.num_rows, num_classes, part, moment, class_w, start=W0)
+        w0 = torch.zeros(len(part), moment.shape[-1] * kf, dtype=moment.dtype, device=moment.device) if W0 is None else W0
+        # compact_min=2: a C that has finished leaves the batch (its columns), the chunks are still read once.
+        out.append(minimize_lbfgs(objective, w0, max_iter=max_iter, tol=tol, compact_min=2).w)
+    return torch.cat(out)
 
 
 def _patch_scores(X: torch.Tensor, rule: str, params: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -288,9 +306,10 @@ def standard_segmentation(
         fit_src = _PatchSource(train_store, token, block, fit_rows, labels, dt, dev)
         val_src = _PatchSource(train_store, token, block, val_rows, labels, dt, dev)
         moment = fit_src.moment()
-        W, val, best = None, {}, (-1.0, None, None)
-        for C in Cs:
-            W = _fit_streaming(fit_src, num_classes, C, None, moment, max_iter, tol, class_weight)
+        val, best = {}, (-1.0, None, None)
+        # Every C an independent fit from W = 0, all Cs in one batch (one read of the patches per iteration).
+        sweep = _fit_streaming(fit_src, num_classes, Cs, None, moment, max_iter, tol, class_weight)
+        for C, W in zip(Cs, sweep.split(1), strict=True):
             Wm = W.view(moment.shape[-1], -1)
             cm = ConfusionMatrix(num_classes)
             for X, y in val_src():
@@ -301,7 +320,7 @@ def standard_segmentation(
         C_best = best[1]
         del fit_src, val_src  # drop their cached patches before caching the full training set
         all_src = _PatchSource(train_store, token, block, rows, labels, dt, dev)
-        W = _fit_streaming(all_src, num_classes, C_best, best[2], moment, max_iter, tol, class_weight)
+        W = _fit_streaming(all_src, num_classes, [C_best], best[2], moment, max_iter, tol, class_weight)
         params = W.view(moment.shape[-1], -1)
     else:
         raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")

@@ -69,6 +69,8 @@ DEFAULT_MAX_ITER = 300
 DEFAULT_TOL = 1e-4
 #: Bytes of X per block of rows in a CPU loss/gradient pass (see ``logistic_sums``): fits the last-level cache.
 CPU_BLOCK_BYTES = 3 * 1024**2 // 2
+#: Off the CPU, the largest logits (and their temporaries) of one batch of Cs fitted together (``_fit_grid``).
+GRID_BYTES = 512 * 1024**2
 #: L-BFGS curvature pairs kept for span-reduced (few-shot) problems, see ``solve_logistic``.
 SPAN_HISTORY = 5
 
@@ -107,6 +109,9 @@ def logistic_sums(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes:
     """Weighted data term of G problems: ``X [G, n, D1]``, ``y [G, n]``, ``weights [G, n]``, ``W [G, D1, Kf]``
     → (``Σ_i w_i·logloss_i [G]``, its gradient ``[G, D1, Kf]``). Binary (K = 2) uses one logit.
 
+    ``W [G·R, D1, Kf]`` holds R problems per X (problem ``g·R + r`` reads ``X[g]``; e.g. one token at R values
+    of C): their logits and gradients are one product with R·Kf columns, so X is read once for all of them.
+
     On the CPU, large X is processed in blocks of rows of about ``CPU_BLOCK_BYTES``: the logits and the gradient
     each read X, and with K ≪ D both products are bound by memory bandwidth, so reading each block from DRAM
     once (the gradient's read hits the cache) nearly halves the time of a pass. Same sums, other order."""
@@ -124,6 +129,10 @@ def logistic_sums(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes:
 
 def _logistic_block(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """:func:`logistic_sums` on one block of rows."""
+    G, _, D1 = X.shape
+    R, Kf = W.shape[0] // G, W.shape[2]
+    if R > 1:
+        return _shared_block(X, y, weights, W.view(G, R, D1, Kf), num_classes)
     z = X @ W  # [G, n, Kf]
     if num_classes == 2:
         z1 = z[..., 0]
@@ -138,6 +147,30 @@ def _logistic_block(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classe
         resid.scatter_add_(2, y[..., None], torch.full_like(loss[..., None], -1.0))  # softmax − one-hot
     # (Rᵀ·X)ᵀ rather than Xᵀ·R: bmm with a transposed [n, D] operand is several times slower on CPU.
     return (weights * loss).sum(1), ((resid * weights[..., None]).transpose(1, 2) @ X).transpose(1, 2)
+
+
+def _shared_block(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """:func:`_logistic_block` for R problems per X: ``W [G, R, D1, Kf]`` → (``[G·R]``, ``[G·R, D1, Kf]``).
+
+    The products are bound by reading X (K ≪ D), so R problems cost about one: X ``[n, D1]`` times all their
+    ``R·Kf`` columns at once, and the residuals of all of them times X once."""
+    G, R, D1, Kf = W.shape
+    n = X.shape[1]
+    z = (X @ W.permute(0, 2, 1, 3).reshape(G, D1, R * Kf)).view(G, n, R, Kf)
+    if num_classes == 2:
+        z1 = z[..., 0]
+        t = y.to(z.dtype)[..., None]
+        loss = torch.nn.functional.softplus(z1) - t * z1  # [G, n, R]
+        resid = (torch.sigmoid(z1) - t)[..., None]
+    else:
+        logp = z - torch.logsumexp(z, dim=3, keepdim=True)
+        idx = y[:, :, None, None].expand(G, n, R, 1)
+        loss = -logp.gather(3, idx)[..., 0]
+        resid = logp.exp_()
+        resid.scatter_add_(3, idx, torch.full_like(loss[..., None], -1.0))  # softmax − one-hot
+    f = (weights[..., None] * loss).sum(1).reshape(G * R)
+    grad = (resid * weights[..., None, None]).view(G, n, R * Kf).transpose(1, 2) @ X  # [G, R·Kf, D1]
+    return f, grad.view(G, R, Kf, D1).transpose(2, 3).reshape(G * R, D1, Kf)
 
 
 def second_moment(X: Tensor, sw: Tensor) -> Tensor:
@@ -204,19 +237,30 @@ def apply_preconditioner(P: Tensor, v: Tensor, kf: int) -> Tensor:
 
 
 class _LogisticObjective:
-    """G logistic-regression problems; parameters ``w [G, D1·Kf]`` = W ``[G, D1, Kf]``, last row intercept.
+    """Logistic-regression problems; parameters ``w [Ga, D1·Kf]`` = W ``[Ga, D1, Kf]``, last row intercept.
 
-    ``X [G, n, D1]`` has a trailing column of ones; ``Kf`` = K (multinomial) or 1 (binary). ``start``: the warm
-    start W ``[G, D1, Kf]``, whose per-class curvature then preconditions (module doc)."""
+    ``X [G, n, D1]`` has a trailing column of ones; ``Kf`` = K (multinomial) or 1 (binary). ``C [G·R]``: R
+    problems per X (``g·R + r`` reads ``X[g]``, e.g. one token at R values of C), whose logits and gradients
+    are one product per X (:func:`logistic_sums`). ``start``: the warm start W ``[G, D1, Kf]`` (R = 1), whose
+    per-class curvature then preconditions (module doc). After :meth:`select`, ``slots [Ga]`` names the problems
+    still solved among the ``G·R`` of ``X``; the others ride along at W = 0 (their columns cost little beside
+    reading X) until a whole X is done and leaves."""
 
     def __init__(self, X: Tensor, y: Tensor, sw: Tensor, C: Tensor, num_classes: int,
                  moment: Tensor | None = None, start: Tensor | None = None) -> None:  # fmt: skip
+        G = X.shape[0]
+        if C.shape[0] % G:
+            raise RuleError(f"{C.shape[0]} values of C for {G} feature sets; pass R per set")
+        self.R = C.shape[0] // G
+        if start is not None and self.R != 1:
+            raise RuleError(f"a warm start is for one C per feature set, got {self.R}")
         self.X, self.y, self.sw, self.C = X, y, sw, C
         self.num_classes = num_classes
         self.kf = 1 if num_classes == 2 else num_classes
         self.sw_sum = sw.sum(1)  # [G]
-        self.reg = 1.0 / (C * self.sw_sum)  # [G] l2 strength of the scaled objective
+        self.reg = 1.0 / (C * self.sw_sum.repeat_interleave(self.R))  # [G·R] l2 strength of the scaled objective
         self.weights = sw / self.sw_sum[:, None]
+        self.slots: Tensor | None = None
         self._moment = moment
         P = None
         step = 0 if start is None else curvature_stride(X.shape[1], X.shape[2])
@@ -224,24 +268,38 @@ class _LogisticObjective:
             w = self.weights[:, ::step]
             w = w * (self.weights.sum(1) / w.sum(1).clamp_min(1e-300))[:, None]  # strided rows stand for all
             P = curvature_preconditioner(class_curvature(X[:, ::step], w, start, num_classes), self.reg)
-        self.P = preconditioner(self.moment, self.reg, num_classes) if P is None else P
+        self.P = preconditioner(self.moment.repeat_interleave(self.R, 0), self.reg, num_classes) if P is None else P
 
     @property
     def moment(self) -> Tensor:
-        """Second moments of the rows (the W = 0 preconditioner's), computed when first needed: a solve
-        preconditioned with curvature never needs them, a later C of a path reuses them."""
+        """Second moments of each X's rows ``[G, D1, D1]`` (the W = 0 preconditioner's), computed when first
+        needed: a solve preconditioned with curvature never needs them, a later C of a path reuses them."""
         if self._moment is None:
             self._moment = second_moment(self.X, self.sw)
         return self._moment
 
     def select(self, keep: Tensor) -> _LogisticObjective:
-        # Index every per-problem tensor rather than re-deriving them (the preconditioner's Cholesky): the line
-        # search selects its backtracking problems in many iterations.
+        # Index the per-problem tensors rather than re-deriving them (the preconditioner's Cholesky): the line
+        # search selects its backtracking problems in many iterations. X is indexed (copied) only when a whole
+        # X has no problem left.
         out = object.__new__(_LogisticObjective)
-        out.num_classes, out.kf = self.num_classes, self.kf
-        for name in ("X", "y", "sw", "C", "sw_sum", "reg", "weights", "P"):
+        out.num_classes, out.kf, out.R = self.num_classes, self.kf, self.R
+        for name in ("C", "reg", "P"):
             setattr(out, name, getattr(self, name).index_select(0, keep))
-        out._moment = None if self._moment is None else self._moment.index_select(0, keep)
+        slots = keep if self.slots is None else self.slots.index_select(0, keep)
+        groups = torch.unique(slots // self.R)  # sorted
+        if len(groups) < self.X.shape[0]:
+            for name in ("X", "y", "sw", "sw_sum", "weights"):
+                setattr(out, name, getattr(self, name).index_select(0, groups))
+            out._moment = None if self._moment is None else self._moment.index_select(0, groups)
+            remap = torch.empty(self.X.shape[0], dtype=torch.int64, device=slots.device)
+            remap[groups] = torch.arange(len(groups), device=slots.device)
+            slots = remap[slots // self.R] * self.R + slots % self.R
+        else:
+            out.X, out.y, out.sw, out.sw_sum, out.weights = self.X, self.y, self.sw, self.sw_sum, self.weights
+            out._moment = self._moment
+        full = len(slots) == out.X.shape[0] * out.R and bool((slots == torch.arange(len(slots), device=slots.device)).all())
+        out.slots = None if full else slots
         return out
 
     def precondition(self, v: Tensor) -> Tensor:
@@ -249,7 +307,13 @@ class _LogisticObjective:
 
     def value_grad(self, w: Tensor) -> tuple[Tensor, Tensor]:
         W = w.view(w.shape[0], -1, self.kf)
-        f, grad = logistic_sums(self.X, self.y, self.weights, W, self.num_classes)
+        if self.slots is None:
+            f, grad = logistic_sums(self.X, self.y, self.weights, W, self.num_classes)
+        else:  # problems that left ride along at W = 0
+            full = W.new_zeros(self.X.shape[0] * self.R, *W.shape[1:])
+            full[self.slots] = W
+            f, grad = logistic_sums(self.X, self.y, self.weights, full, self.num_classes)
+            f, grad = f[self.slots], grad[self.slots]
         Wf = W[:, :-1]
         f = f + 0.5 * self.reg * (Wf * Wf).sum((1, 2))
         grad[:, :-1] += self.reg[:, None, None] * Wf
@@ -539,6 +603,8 @@ def fit_hyperplane_path(
     previous C's solution can already meet the (1/(C·n)-scaled) gradient rule at the next C, so that solve stops
     at once, as scikit-learn's own warm-started path would. To *compare* Cs (choose one on held-out data), use
     ``warm_start=False``, as the standard protocols do; see ``protocols.classification``."""
+    if not warm_start:
+        return _fit_grid(X, y, num_classes, [check_C(C) for C in Cs], sample_weight, max_iter, tol)
     out: list[tuple[Tensor, Tensor, Tensor]] = []
     coef = intercept = objective = None
     for C in Cs:
@@ -549,6 +615,32 @@ def fit_hyperplane_path(
             reduce=False, _objective=objective,
         )  # fmt: skip
         out.append((coef, intercept, n_iter))
+    return out
+
+
+def _fit_grid(X: Tensor, y: Tensor, num_classes: int, Cs: list[float], sample_weight: Tensor | None, max_iter: int,
+              tol: float) -> list[tuple[Tensor, Tensor, Tensor]]:  # fmt: skip
+    """:func:`fit_hyperplane_path` with ``warm_start=False``: every C from W = 0, all of them one batch of
+    ``G·len(Cs)`` problems sharing each X (:class:`_LogisticObjective` with R = len(Cs)), so a pass reads X once
+    for all Cs. Off the CPU (where :func:`logistic_sums` does not work in row blocks) the Cs are split so the
+    logits of a batch stay within ``GRID_BYTES``."""
+    G, n, D = X.shape
+    kf = 1 if num_classes == 2 else num_classes
+    sw = torch.ones(G, n, dtype=X.dtype, device=X.device) if sample_weight is None else sample_weight.to(X)
+    per_C = 3 * G * n * kf * X.element_size()  # logits, log-probabilities and residuals of one C
+    step = len(Cs) if X.device.type == "cpu" else max(1, GRID_BYTES // max(per_C, 1))
+    Xa, moment = augment(X), None
+    out: list[tuple[Tensor, Tensor, Tensor]] = []
+    for lo in range(0, len(Cs), step):
+        part = Cs[lo : lo + step]
+        R = len(part)
+        C = torch.tensor(part, dtype=X.dtype, device=X.device).repeat(G)  # problem g·R + r has C = part[r]
+        objective = _LogisticObjective(Xa, y, sw, C, num_classes, moment)
+        moment = objective.moment
+        w0 = torch.zeros(G * R, (D + 1) * kf, dtype=X.dtype, device=X.device)
+        res = minimize_lbfgs(objective, w0, max_iter=max_iter, tol=tol, history=10, compact_min=2)
+        W, n_iter = res.w.view(G, R, D + 1, kf), res.n_iter.view(G, R)
+        out += [(W[:, r, :-1].transpose(1, 2), _centre_intercept(W[:, r, -1]), n_iter[:, r]) for r in range(R)]
     return out
 
 
