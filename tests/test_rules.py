@@ -121,6 +121,27 @@ def test_C_grid_of_shared_features_equals_cold_fits(num_classes: int) -> None:
             np.testing.assert_allclose(coef[g].numpy(), sk.coef_, atol=1e-4 * np.abs(sk.coef_).max())
 
 
+def test_C_grid_batches_follow_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qkvprobe.rules import hyperplane
+    from qkvprobe.rules.hyperplane import grid_step
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # only the device type is read
+    assert grid_step(8, 10, 193 * 10, 54_000, 10, torch.float64, cpu) == 8
+    assert grid_step(8, 1, 769 * 1000, 1_281_167, 1000, torch.float64, cpu) == 3
+    assert grid_step(8, 1, 769 * 1000, 1_281_167, 1000, torch.float32, gpu) == 1
+    # Split into batches of 2 Cs, the grid's fits are the one-batch fits.
+    X, y = blobs(150, 4, 3)
+    Xt, yt = torch.as_tensor(X)[None], torch.as_tensor(y)[None]
+    Cs = [0.01, 0.1, 1.0]
+    whole = fit_hyperplane_path(Xt, yt, 3, Cs, tol=1e-8, max_iter=2000, warm_start=False)
+    per_C = (2 * 10 + 6) * 5 * 3 * 8
+    monkeypatch.setattr(hyperplane, "GRID_BYTES", 2 * per_C)
+    assert grid_step(3, 1, 5 * 3, 150, 3, torch.float64, cpu) == 2
+    split = fit_hyperplane_path(Xt, yt, 3, Cs, tol=1e-8, max_iter=2000, warm_start=False)
+    for (a, _, _), (b, _, _) in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
+
+
 def test_objective_of_shared_features_selects_any_problems() -> None:
     """``_LogisticObjective`` with R problems per X: any subset (as L-BFGS compaction and the line search pick
     them) gives the values and gradients of those problems alone, and X is dropped only with all its problems."""

@@ -47,7 +47,6 @@ from ..rules.cosine import cosine_directions, cosine_scores
 from ..rules.hyperplane import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
-    GRID_BYTES,
     PRECOND_ROWS,
     apply_preconditioner,
     augment,
@@ -59,6 +58,7 @@ from ..rules.hyperplane import (
     curvature_stride,
     default_dtype,
     fit_hyperplane_batched,
+    grid_step,
     logistic_sums,
     preconditioner,
 )
@@ -233,9 +233,7 @@ def _fit_streaming(source: _PatchSource, num_classes: int, Cs: Sequence[float], 
     """Independent fits of every C of ``Cs`` from W = 0 (or one C from ``W0``) → ``[len(Cs), (D+1)·Kf]``."""
     kf = 1 if num_classes == 2 else num_classes
     class_w = source.balanced_weights(num_classes) if class_weight == "balanced" else None
-    # Off the CPU (no row blocks in logistic_sums) the Cs are split so a chunk's logits stay within GRID_BYTES.
-    per_C = 3 * CHUNK_ROWS * kf * torch.finfo(moment.dtype).bits // 8
-    step = len(Cs) if moment.device.type == "cpu" else max(1, GRID_BYTES // per_C)
+    step = grid_step(len(Cs), 1, moment.shape[-1] * kf, CHUNK_ROWS, kf, moment.dtype, moment.device)
     out = []
     for lo in range(0, len(Cs), step):
         part = list(Cs[lo : lo + step])
