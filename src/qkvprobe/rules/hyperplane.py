@@ -154,8 +154,8 @@ def _shared_block(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes:
 
     X ``[n, D1]`` times all their ``R·Kf`` columns at once, and the residuals of all of them times X once, so X is
     read once for all R. One C's products are bound by reading X (K ≪ D); with R·Kf columns they become bound by
-    arithmetic, so R problems cost less than R passes, not one (R = 8, K = 11, 10 000 × 193 float64 rows, one CPU
-    thread: 3.7 passes)."""
+    arithmetic, so R problems cost less than R passes, but more than one (``benchmarks/bench_rules.py grid``
+    measures a whole grid)."""
     G, R, D1, Kf = W.shape
     n = X.shape[1]
     z = (X @ W.permute(0, 2, 1, 3).reshape(G, D1, R * Kf)).view(G, n, R, Kf)
