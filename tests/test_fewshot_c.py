@@ -15,7 +15,7 @@ from qkvprobe.errors import DataError, RuleError
 from qkvprobe.protocols import evaluate_classification, evaluate_segmentation, fewshot_classification
 from qkvprobe.protocols.fewshot_c import FEWSHOT_C_GRID, check_fewshot_C, choose_C, split_pools
 from qkvprobe.protocols.segmentation import fewshot_segmentation
-from qkvprobe.report.tables import label_class_weights
+from qkvprobe.report.tables import label_rule_variants
 from qkvprobe.results import COLUMNS, read_results, write_results
 from test_protocols import FakeStore, cls_data, fake_cli_stores, seg_data
 
@@ -158,8 +158,8 @@ def test_fixed_and_auto_C_runs_share_one_table(tmp_path) -> None:
     write_results(path, evaluate_classification(tr, te, C="auto", **kw))
     rows = read_results(path)
     assert sorted((r.rule, r.C_choice) for r in rows) == [("cosine", ""), ("hyperplane", "0.5"), ("hyperplane", "auto")]
-    frame = label_class_weights(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
+    frame = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
     assert sorted(frame["rule"]) == ["cosine", "hyperplane·C=0.5", "hyperplane·C=auto"]
     # One C choice in the table: the rule keeps its name.
-    one = label_class_weights(pd.DataFrame([r.__dict__ for r in fixed], columns=list(COLUMNS)))
+    one = label_rule_variants(pd.DataFrame([r.__dict__ for r in fixed], columns=list(COLUMNS)))
     assert sorted(one["rule"]) == ["cosine", "hyperplane"]

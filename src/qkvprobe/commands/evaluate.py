@@ -134,9 +134,9 @@ def _print_summary(rows: list) -> None:
     from rich.console import Console
 
     from ..report import main_rows, summary_table
-    from ..report.tables import label_class_weights
+    from ..report.tables import label_rule_variants
     from ..results import COLUMNS
 
-    df = label_class_weights(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
+    df = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
     every_block = {m: sorted(int(b) for b in sub["block"].unique()) for m, sub in df.groupby("model")}
     Console().print(summary_table(main_rows(df, {"main_blocks": every_block}), title="Best token per rule"))

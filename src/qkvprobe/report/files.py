@@ -32,7 +32,7 @@ import pandas as pd
 
 from ..errors import QkvprobeError
 from ..results import COLUMNS, read_results
-from .tables import label_class_weights
+from .tables import label_rule_variants
 
 RESULTS = "results.csv"
 RUN_JSON = "run.json"
@@ -121,7 +121,7 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     if not (run_dir / RESULTS).exists():
         raise QkvprobeError(f"{run_dir}: no {RESULTS} found; run `qkvprobe run` first")
     rows = read_results(run_dir / RESULTS)
-    df = label_class_weights(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
+    df = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
     maps = []
     for p in sorted((run_dir / MAPS).glob("*.npz")) if (run_dir / MAPS).is_dir() else []:
         try:

@@ -27,7 +27,7 @@ BALANCED_RULE = "hyperplane·balanced"
 REPORT_RULES: tuple[str, ...] = (RULES[0], BALANCED_RULE, *RULES[1:])
 
 
-def label_class_weights(df: pd.DataFrame) -> pd.DataFrame:
+def label_rule_variants(df: pd.DataFrame) -> pd.DataFrame:
     """Show hyperplane variants as their own rules when the table mixes them: balanced fits beside plain ones
     (rule ``BALANCED_RULE``), and few-shot rows of one token fitted with different C choices (a fixed C beside
     ``auto`` or another fixed C: rule ``hyperplane·C=<choice>``).
