@@ -37,7 +37,7 @@ from sklearn.model_selection import train_test_split
 
 from ..errors import FeatureError, RuleError
 from ..features.distributed import all_gather_objects, shard_for_rank
-from ..results import C_AUTO, ResultRow, fixed_C_text
+from ..results import ResultRow
 from ..rules._checks import as_features, check_C
 from ..rules._matmul import bmm
 from ..rules.cosine import EPS as COS_EPS
@@ -463,7 +463,7 @@ def row_maker(store: Any, *, model: str | None, dataset: str | None, task: str, 
     common = {"model": model or store.backbone_spec, "objective": getattr(store, "objective", "unknown"),
               "dataset": dataset or store.dataset_spec, "task": task, "setting": setting, "seed": seed}  # fmt: skip
     weighting = "balanced" if class_weight == "balanced" else "none"
-    choice = C_AUTO if setting == "standard" or C == AUTO else fixed_C_text(float(C))
+    choice = AUTO if C == AUTO else ""  # "" → ResultRow's default: "auto" (standard) or the fixed C as text
 
     def make(**kw: Any) -> ResultRow:
         hyper = kw["rule"] == "hyperplane"

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError, RuleError
+from ..results import C_AUTO
 from ..rules._checks import check_C
 
-#: ``C="auto"``: choose the few-shot C on training-split episodes.
-AUTO = "auto"
+#: ``C="auto"``: choose the few-shot C on training-split episodes (the results table's ``C_choice`` word too).
+AUTO = C_AUTO
 #: The few-shot C grid (ascending): the standard protocol's 1e-5…1e2 and one decade more. Its two ends are
 #: the objective's two limits: as C → 0 the hyperplane turns to the (weighted) difference of the class means,
 #: as C → ∞ to the max-margin separator of the support set. On the Scenes (built-in DINO model, 300 episodes)
