@@ -30,6 +30,7 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 bench: $(STAMP)

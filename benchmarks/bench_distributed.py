@@ -67,9 +67,24 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(procs: int, threads: int, images: int, weights: Path, out: Path, report: Path) -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(procs),
-           __file__, "--worker", "--images", str(images), "--threads", str(threads), "--weights", str(weights),
-           "--out", str(out), "--report", str(report)]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc-per-node",
+        str(procs),
+        __file__,
+        "--worker",
+        "--images",
+        str(images),
+        "--threads",
+        str(threads),
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+    ]
     t0 = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -113,20 +128,27 @@ def main() -> None:
         results = {}
         for procs, threads in configs:
             out = root / f"store-{procs}x{threads}"
-            results[(procs, threads)] = launch(procs, threads, args.images, root / "w.safetensors", out,
-                                               root / "report.json")  # fmt: skip
-        print(f"# {args.images} images, vit_tiny_patch16_224 @224, q,k,v,ffn x cls,avg, float16; "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+            results[(procs, threads)] = launch(
+                procs, threads, args.images, root / "w.safetensors", out, root / "report.json"
+            )
+        print(
+            f"# {args.images} images, vit_tiny_patch16_224 @224, q,k,v,ffn x cls,avg, float16; "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        )
         print(f"{'processes x threads':>20} {'extract s':>10} {'images/s':>9} {'wall s (incl. launch)':>22}")
         for (procs, threads), r in results.items():
             print(
                 f"{f'{procs} x {threads}':>20} {r['extract_s']:>10.2f} {r['images_per_s']:>9.1f} {r['wall_s']:>22.1f}"
             )
         base = results[(1, 1)]["extract_s"]
-        print(f"speed-up of {args.procs} processes over 1 process (1 thread each): "
-              f"{base / results[(args.procs, 1)]['extract_s']:.2f}x")  # fmt: skip
-        print(f"store bitwise identical, {args.procs} processes vs 1: "
-              f"{same_bytes(root / 'store-1x1', root / f'store-{args.procs}x1')}")  # fmt: skip
+        print(
+            f"speed-up of {args.procs} processes over 1 process (1 thread each): "
+            f"{base / results[(args.procs, 1)]['extract_s']:.2f}x"
+        )
+        print(
+            f"store bitwise identical, {args.procs} processes vs 1: "
+            f"{same_bytes(root / 'store-1x1', root / f'store-{args.procs}x1')}"
+        )
 
 
 if __name__ == "__main__":

@@ -109,8 +109,10 @@ def main() -> None:
     print(f"  throughput (b)/(d) = {d / b:.2f}    (target >= 3.5)")
     # Best-of-rounds is timeit's convention: the least disturbed run of each mode, since interference only adds time.
     best = {name: min(t) for name, t in times.items()}
-    print(f"  best-of-rounds: (b)/(a) = {best['(a) forward_features'] / best['(b) ours, last block']:.3f}, "
-          f"(b)/(d) = {best['(d) one pass per token'] / best['(b) ours, last block']:.2f}")
+    print(
+        f"  best-of-rounds: (b)/(a) = {best['(a) forward_features'] / best['(b) ours, last block']:.3f}, "
+        f"(b)/(d) = {best['(d) one pass per token'] / best['(b) ours, last block']:.2f}"
+    )
     print(
         f"  throughput (e)/(b) = {b / e:.2f}    (early stop; ~{bb.num_blocks} if the forward were all blocks)"
     )

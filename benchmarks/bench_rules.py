@@ -33,8 +33,15 @@ from qkvprobe.protocols.classification import (
 from qkvprobe.rules import fit_hyperplane_path, hyperplane_scores
 
 
-def vit_like(num: int, dim: int, num_classes: int, *, seed: int, separation: float = 0.45,
-             labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def vit_like(
+    num: int,
+    dim: int,
+    num_classes: int,
+    *,
+    seed: int,
+    separation: float = 0.45,
+    labels: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``[num, dim]`` float32 features and ``[num]`` labels (seeded; same seed = same class geometry)."""
     geo = np.random.default_rng(seed)
     latent = 32
@@ -51,8 +58,14 @@ def vit_like(num: int, dim: int, num_classes: int, *, seed: int, separation: flo
     return X.astype(np.float32), y.astype(np.int64)
 
 
-def bench_standard(num_tokens: int = 4, n: int = 60_000, n_test: int = 10_000, dim: int = 192,
-                   num_classes: int = 10, sk_tokens: int = 1) -> None:  # fmt: skip
+def bench_standard(
+    num_tokens: int = 4,
+    n: int = 60_000,
+    n_test: int = 10_000,
+    dim: int = 192,
+    num_classes: int = 10,
+    sk_tokens: int = 1,
+) -> None:
     """Ours: all tokens × C grid in one batched, warm-started path. scikit-learn: one fit per (token, C) on the
     first ``sk_tokens`` tokens (the tokens are statistically alike; time is extrapolated to all of them)."""
     from sklearn.linear_model import LogisticRegression
@@ -67,10 +80,16 @@ def bench_standard(num_tokens: int = 4, n: int = 60_000, n_test: int = 10_000, d
     ours_s = time.perf_counter() - t0
     Xte = torch.stack([torch.from_numpy(X[n:]) for X, _ in data]).double()
     yte = np.stack([y[n:] for _, y in data])
-    ours_acc = np.array([[(hyperplane_scores(Xte, c, b).argmax(2).numpy() == yte)[t].mean() for c, b, _ in path]
-                         for t in range(num_tokens)])  # fmt: skip
+    ours_acc = np.array(
+        [
+            [(hyperplane_scores(Xte, c, b).argmax(2).numpy() == yte)[t].mean() for c, b, _ in path]
+            for t in range(num_tokens)
+        ]
+    )
     iters = np.array([it.numpy() for _, _, it in path]).T
-    print(f"  ours: {ours_s:.2f} s for {num_tokens * len(Cs)} fits; iterations per C (token 0): {iters[0].tolist()}")
+    print(
+        f"  ours: {ours_s:.2f} s for {num_tokens * len(Cs)} fits; iterations per C (token 0): {iters[0].tolist()}"
+    )
 
     sk_acc = np.full(ours_acc.shape, np.nan)
     sk_iters = np.zeros_like(iters)
@@ -83,20 +102,30 @@ def bench_standard(num_tokens: int = 4, n: int = 60_000, n_test: int = 10_000, d
                 sk_acc[t, j] = clf.score(X[n:].astype(np.float64), y[n:])
                 sk_iters[t, j] = clf.n_iter_[0]
     sk_s = (time.perf_counter() - t0) * num_tokens / sk_tokens
-    print(f"  scikit-learn lbfgs (defaults: tol=1e-4, max_iter=100), {sk_tokens * len(Cs)} fits timed, extrapolated "
-          f"to {num_tokens * len(Cs)}: {sk_s:.2f} s ({sk_s / ours_acc.size:.2f} s/fit); "
-          f"iterations (token 0): {sk_iters[0].tolist()}")
+    print(
+        f"  scikit-learn lbfgs (defaults: tol=1e-4, max_iter=100), {sk_tokens * len(Cs)} fits timed, extrapolated "
+        f"to {num_tokens * len(Cs)}: {sk_s:.2f} s ({sk_s / ours_acc.size:.2f} s/fit); "
+        f"iterations (token 0): {sk_iters[0].tolist()}"
+    )
     diff = np.abs(ours_acc - sk_acc)[:sk_tokens] * 100
     print(f"  test accuracy ours (token 0, per C): {np.round(ours_acc[0] * 100, 2).tolist()}")
     print(f"  test accuracy sklearn (token 0):     {np.round(sk_acc[0] * 100, 2).tolist()}")
     best = np.abs(ours_acc.max(1) - sk_acc.max(1))[:sk_tokens].max() * 100
-    print(f"  max |accuracy difference| over the {diff.size} compared fits: {diff.max():.2f} points; "
-          f"at the best C: {best:.2f} points")
+    print(
+        f"  max |accuracy difference| over the {diff.size} compared fits: {diff.max():.2f} points; "
+        f"at the best C: {best:.2f} points"
+    )
     print(f"  SPEED-UP standard: {sk_s / ours_s:.1f}x (target >= 4x)")
 
 
-def bench_fewshot(episodes: int = 2000, ways: int = 5, shots: int = 5, queries: int = 15, dim: int = 384,
-                  sk_episodes: int = 100) -> None:  # fmt: skip
+def bench_fewshot(
+    episodes: int = 2000,
+    ways: int = 5,
+    shots: int = 5,
+    queries: int = 15,
+    dim: int = 384,
+    sk_episodes: int = 100,
+) -> None:
     from sklearn.linear_model import LogisticRegression
 
     num_classes, per_class_tr, per_class_te = 64, 100, 60
@@ -105,13 +134,17 @@ def bench_fewshot(episodes: int = 2000, ways: int = 5, shots: int = 5, queries: 
     Xtr, _ = vit_like(len(ytr), dim, num_classes, seed=7, separation=0.4, labels=ytr)
     Xte, _ = vit_like(len(yte), dim, num_classes, seed=7, separation=0.4, labels=yte)
     ep = _episodes(ytr, yte, ways, shots, queries, episodes, seed=0)
-    print(f"[fewshot] {episodes} episodes {ways}-way {shots}-shot, {queries} queries/class, D = {dim}, C = {FEWSHOT_C}")
+    print(
+        f"[fewshot] {episodes} episodes {ways}-way {shots}-shot, {queries} queries/class, D = {dim}, C = {FEWSHOT_C}"
+    )
     # Warm-up (one-time library initialisation: LAPACK/BLAS kernels, thread pools), as for the cosine rule below;
     # scikit-learn's loop is timed after its own first fits too.
     fewshot_classification(Xtr, Xte, *[a[:10] for a in ep], rule="hyperplane")
     res, ours_s, runs = _timed(lambda: fewshot_classification(Xtr, Xte, *ep, rule="hyperplane"))
-    print(f"  ours hyperplane: {ours_s:.3f} s ({runs}; {ours_s / episodes * 1e3:.3f} ms/episode), "
-          f"accuracy {res.mean * 100:.2f} ± {res.ci95 * 100:.2f}")
+    print(
+        f"  ours hyperplane: {ours_s:.3f} s ({runs}; {ours_s / episodes * 1e3:.3f} ms/episode), "
+        f"accuracy {res.mean * 100:.2f} ± {res.ci95 * 100:.2f}"
+    )
     _, support, support_labels, query, query_labels = ep
     sk_acc = []
     t0 = time.perf_counter()
@@ -120,10 +153,12 @@ def bench_fewshot(episodes: int = 2000, ways: int = 5, shots: int = 5, queries: 
         sk_acc.append(clf.score(Xte[query[e]].astype(np.float64), query_labels[e]))
     sk_per = (time.perf_counter() - t0) / sk_episodes
     same = np.mean(np.abs(np.array(sk_acc) - res.per_episode[:sk_episodes]) < 1e-9)
-    print(f"  scikit-learn per-episode loop: {sk_per * 1e3:.2f} ms/episode (timed on {sk_episodes} episodes, "
-          f"extrapolated {sk_per * episodes:.1f} s); mean accuracy on those episodes: scikit-learn "
-          f"{np.mean(sk_acc) * 100:.2f}, ours {np.mean(res.per_episode[:sk_episodes]) * 100:.2f}; identical on "
-          f"{same * 100:.0f} % of them (scikit-learn's default tol stops short of the optimum on these problems)")
+    print(
+        f"  scikit-learn per-episode loop: {sk_per * 1e3:.2f} ms/episode (timed on {sk_episodes} episodes, "
+        f"extrapolated {sk_per * episodes:.1f} s); mean accuracy on those episodes: scikit-learn "
+        f"{np.mean(sk_acc) * 100:.2f}, ours {np.mean(res.per_episode[:sk_episodes]) * 100:.2f}; identical on "
+        f"{same * 100:.0f} % of them (scikit-learn's default tol stops short of the optimum on these problems)"
+    )
     print(f"  SPEED-UP fewshot hyperplane: {sk_per * episodes / ours_s:.0f}x (target >= 50x)")
     ep = _episodes(ytr, yte, ways, shots, queries, 10_000, seed=1)
     fewshot_classification(Xtr, Xte, *[a[:10] for a in ep], rule="cosine")  # warm-up (thread pools)
@@ -140,10 +175,12 @@ def bench_fewshot(episodes: int = 2000, ways: int = 5, shots: int = 5, queries: 
     dst.copy_(src)
     bandwidth = 2 * src.numel() * src.element_size() / (time.perf_counter() - t0) / 1e9
     query_gb = q.numel() * Fte.shape[1] * Fte.element_size() / 1e9
-    print(f"  COSINE 10000 episodes: {cos_s:.3f} s ({runs}; target <= 0.2 s on an idle core), accuracy {res.mean * 100:.2f} "
-          f"± {res.ci95 * 100:.2f}; reference now: materialising the {q.numel()} query vectors takes {floor:.3f} s, "
-          f"memory copy bandwidth {bandwidth:.1f} GB/s (reading the {query_gb:.2f} GB of query features once at "
-          f"that rate: {query_gb / bandwidth:.3f} s)")
+    print(
+        f"  COSINE 10000 episodes: {cos_s:.3f} s ({runs}; target <= 0.2 s on an idle core), accuracy {res.mean * 100:.2f} "
+        f"± {res.ci95 * 100:.2f}; reference now: materialising the {q.numel()} query vectors takes {floor:.3f} s, "
+        f"memory copy bandwidth {bandwidth:.1f} GB/s (reading the {query_gb:.2f} GB of query features once at "
+        f"that rate: {query_gb / bandwidth:.3f} s)"
+    )
 
 
 def bench_kernels(repeats: int = 62) -> None:
@@ -154,8 +191,11 @@ def bench_kernels(repeats: int = 62) -> None:
 
     g = torch.Generator().manual_seed(0)
     print("[kernels] ms for the calls of 2 000 episodes (5-way 5-shot, 15 queries, D = 384)")
-    shapes = [((32, 75, 384), (32, 5, 384), True, 62), ((32, 25, 384), (32, 25, 384), True, 62),
-              ((2000, 5, 26), (2000, 26, 25), False, 18)]  # fmt: skip
+    shapes = [
+        ((32, 75, 384), (32, 5, 384), True, 62),
+        ((32, 25, 384), (32, 25, 384), True, 62),
+        ((2000, 5, 26), (2000, 26, 25), False, 18),
+    ]
     for a_shape, b_shape, transposed, calls in shapes:
         a, b = torch.randn(*a_shape, generator=g), torch.randn(*b_shape, generator=g)
         b = b.transpose(1, 2) if transposed else b
@@ -166,8 +206,10 @@ def bench_kernels(repeats: int = 62) -> None:
             for _ in range(calls):
                 fn(a, b)
             times[name] = (time.perf_counter() - t0) * 1e3
-        print(f"  {list(a.shape)} @ {list(b.shape)} x{calls}: torch.bmm {times['torch.bmm']:.1f}, "
-              f"numpy {times['numpy']:.1f}")
+        print(
+            f"  {list(a.shape)} @ {list(b.shape)} x{calls}: torch.bmm {times['torch.bmm']:.1f}, "
+            f"numpy {times['numpy']:.1f}"
+        )
     x = torch.randn(2000, 25, 384, generator=g)
     x = x - x.mean(1, keepdim=True)
     gram = x @ x.transpose(1, 2)
@@ -190,27 +232,51 @@ def _timed(run, repeats: int = 3):
     return out, float(np.median(wall)), f"median of {repeats}; CPU {np.median(cpu):.3f} s"
 
 
-def _episodes(ytr: np.ndarray, yte: np.ndarray, ways: int, shots: int, queries: int, episodes: int, seed: int):
+def _episodes(
+    ytr: np.ndarray, yte: np.ndarray, ways: int, shots: int, queries: int, episodes: int, seed: int
+):
     """A plain N-way K-shot sampler (the project's sampler lives in qkvprobe.data.episodes)."""
     rng = np.random.default_rng(seed)
     labels = np.unique(ytr)
     by_tr = {c: np.flatnonzero(ytr == c) for c in labels}
     by_te = {c: np.flatnonzero(yte == c) for c in labels}
     classes = np.stack([rng.choice(labels, ways, replace=False) for _ in range(episodes)])
-    sup = np.stack([np.concatenate([rng.choice(by_tr[c], shots, replace=False) for c in cl]) for cl in classes])
-    qry = np.stack([np.concatenate([rng.choice(by_te[c], queries, replace=False) for c in cl]) for cl in classes])
-    return (classes, sup, np.tile(np.repeat(np.arange(ways), shots), (episodes, 1)), qry,
-            np.tile(np.repeat(np.arange(ways), queries), (episodes, 1)))  # fmt: skip
+    sup = np.stack(
+        [np.concatenate([rng.choice(by_tr[c], shots, replace=False) for c in cl]) for cl in classes]
+    )
+    qry = np.stack(
+        [np.concatenate([rng.choice(by_te[c], queries, replace=False) for c in cl]) for cl in classes]
+    )
+    return (
+        classes,
+        sup,
+        np.tile(np.repeat(np.arange(ways), shots), (episodes, 1)),
+        qry,
+        np.tile(np.repeat(np.arange(ways), queries), (episodes, 1)),
+    )
 
 
 class DiskStore:
     """A patch store on disk with FeatureStore's read API: one memory-mapped ``.npy`` per shard, opened per
     read (as qkvprobe.features.store does), so pages of finished shards are unmapped."""
 
-    def __init__(self, root: Path, num_images: int, dim: int, *, grid: int = 32, shard_images: int = 128,
-                 num_classes: int = 11, seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        num_images: int,
+        dim: int,
+        *,
+        grid: int = 32,
+        shard_images: int = 128,
+        num_classes: int = 11,
+        seed: int = 0,
+    ) -> None:
         self.root, self.grid, self.patch_size = root, (grid, grid), 16
-        self.classes, self.embed_dim, self.num_samples = [f"c{i}" for i in range(num_classes)], dim, num_images
+        self.classes, self.embed_dim, self.num_samples = (
+            [f"c{i}" for i in range(num_classes)],
+            dim,
+            num_images,
+        )
         rng, geo = np.random.default_rng(seed), np.random.default_rng(0)
         emb = geo.normal(size=(num_classes, dim)) * 1.0
         block = 8  # 8×8-patch regions of one class: structured label maps
@@ -224,7 +290,9 @@ class DiskStore:
             path = root / f"shard{s:07d}.npy"
             n = min(shard_images, num_images - s)
             if not path.exists():
-                arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, grid * grid, dim))
+                arr = np.lib.format.open_memmap(
+                    path, mode="w+", dtype=np.float16, shape=(n, grid * grid, dim)
+                )
                 for j in range(n):
                     lab = np.where(labels[s + j] == 255, 0, labels[s + j])
                     arr[j] = emb[lab] + 2.5 * rng.standard_normal((grid * grid, dim), dtype=np.float32)
@@ -258,13 +326,18 @@ def bench_segmentation(num_patches: int = 2_000_000, dim: int = 384, max_iter: i
     from qkvprobe.protocols import segmentation as seg
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    root = Path(os.environ.get("QKV_BENCH_DIR", tempfile.gettempdir())) / f"qkvprobe_bench_seg_{num_patches}_{dim}"
+    root = (
+        Path(os.environ.get("QKV_BENCH_DIR", tempfile.gettempdir()))
+        / f"qkvprobe_bench_seg_{num_patches}_{dim}"
+    )
     t0 = time.perf_counter()
     train = DiskStore(root / "train", num_patches // 1024, dim)
     test = DiskStore(root / "test", 64, dim, seed=1)
     on_disk = sum(p.stat().st_size for _, p in train.shards) / 1e9
-    print(f"[segmentation] train store {train.num_samples} images x 1024 patches x {dim} fp16 = {on_disk:.2f} GB "
-          f"on disk (built/reused in {time.perf_counter() - t0:.0f} s); RSS after imports {base:.0f} MB")  # fmt: skip
+    print(
+        f"[segmentation] train store {train.num_samples} images x 1024 patches x {dim} fp16 = {on_disk:.2f} GB "
+        f"on disk (built/reused in {time.perf_counter() - t0:.0f} s); RSS after imports {base:.0f} MB"
+    )
     passes = {"n": 0}
     original = seg._StreamingLogistic.value_grad
 
@@ -274,17 +347,21 @@ def bench_segmentation(num_patches: int = 2_000_000, dim: int = 384, max_iter: i
 
     seg._StreamingLogistic.value_grad = counting
     t0 = time.perf_counter()
-    res = seg.standard_segmentation(train, test, token="q", rule="hyperplane", masks=test.mask, Cs=(1.0,),
-                                    max_iter=max_iter)  # fmt: skip
+    res = seg.standard_segmentation(
+        train, test, token="q", rule="hyperplane", masks=test.mask, Cs=(1.0,), max_iter=max_iter
+    )
     took = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"  hyperplane (streamed, C=1, max_iter={max_iter} per fit): {took:.0f} s, {passes['n']} passes over the "
-          f"data ({took / max(passes['n'], 1):.1f} s per pass incl. val/test scoring), mIoU {res.miou * 100:.1f}")
+    print(
+        f"  hyperplane (streamed, C=1, max_iter={max_iter} per fit): {took:.0f} s, {passes['n']} passes over the "
+        f"data ({took / max(passes['n'], 1):.1f} s per pass incl. val/test scoring), mIoU {res.miou * 100:.1f}"
+    )
     print(f"  PEAK RSS {peak:.0f} MB (target <= 2048 MB; data {on_disk * 1000:.0f} MB)")
 
 
-def bench_gpu(n: int = 1_280_000, dim: int = 768, num_classes: int = 1000, max_iter: int = 30,
-              device: str = "cuda") -> None:  # fmt: skip
+def bench_gpu(
+    n: int = 1_280_000, dim: int = 768, num_classes: int = 1000, max_iter: int = 30, device: str = "cuda"
+) -> None:
     """One C on ImageNet-sized features (n × dim, 1 000 classes), float32 on the accelerator: seconds per
     loss+gradient evaluation, and a ``max_iter``-iteration fit. Features are drawn on the device (class
     means + noise) so the host never holds them."""
@@ -298,11 +375,15 @@ def bench_gpu(n: int = 1_280_000, dim: int = 768, num_classes: int = 1000, max_i
     X = means[y] + torch.randn(1, n, dim, device=dev, generator=gen)
     sw = torch.ones(1, n, device=dev)
     C = torch.ones(1, device=dev)
-    print(f"[gpu] {n} x {dim} float32, {num_classes} classes on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev}")
+    print(
+        f"[gpu] {n} x {dim} float32, {num_classes} classes on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev}"
+    )
     t0 = time.perf_counter()
     obj = _LogisticObjective(augment(X), y, sw, C, num_classes)
     sync()
-    print(f"  objective set-up (ones column, second moment, {dim + 1}-d preconditioner): {time.perf_counter() - t0:.2f} s")
+    print(
+        f"  objective set-up (ones column, second moment, {dim + 1}-d preconditioner): {time.perf_counter() - t0:.2f} s"
+    )
     w = torch.zeros(1, (dim + 1) * num_classes, device=dev)
     times = []
     for _ in range(6):
@@ -311,17 +392,25 @@ def bench_gpu(n: int = 1_280_000, dim: int = 768, num_classes: int = 1000, max_i
         obj.value_grad(w)
         sync()
         times.append(time.perf_counter() - t0)
-    print(f"  loss+gradient evaluation: median {np.median(times[1:]):.3f} s (first {times[0]:.3f} s; issue's H100 "
-          f"reference ~0.1 s)")
+    print(
+        f"  loss+gradient evaluation: median {np.median(times[1:]):.3f} s (first {times[0]:.3f} s; issue's H100 "
+        f"reference ~0.1 s)"
+    )
     del obj
     sync()
     t0 = time.perf_counter()
-    coef, intercept, n_iter, _ = fit_hyperplane_batched(X, y, num_classes, 1.0, max_iter=max_iter, reduce=False)
+    coef, intercept, n_iter, _ = fit_hyperplane_batched(
+        X, y, num_classes, 1.0, max_iter=max_iter, reduce=False
+    )
     sync()
     took = time.perf_counter() - t0
-    acc = float((hyperplane_scores(X[:, :100_000], coef, intercept).argmax(2) == y[:, :100_000]).float().mean())
-    print(f"  fit C=1, max_iter={max_iter}: {took:.1f} s, {int(n_iter[0])} iterations, train accuracy (first "
-          f"100 000) {acc:.3f}; peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else 0:.1f} GiB")
+    acc = float(
+        (hyperplane_scores(X[:, :100_000], coef, intercept).argmax(2) == y[:, :100_000]).float().mean()
+    )
+    print(
+        f"  fit C=1, max_iter={max_iter}: {took:.1f} s, {int(n_iter[0])} iterations, train accuracy (first "
+        f"100 000) {acc:.3f}; peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else 0:.1f} GiB"
+    )
 
 
 def bench_precond(store: str | None = None, tokens: str = "q,ffn", position: str = "cls") -> None:
@@ -343,8 +432,10 @@ def bench_precond(store: str | None = None, tokens: str = "q,ffn", position: str
             path = fit_hyperplane_path(X, y, 10, list(C_GRID))
             took = time.perf_counter() - t0
             iters = [[int(i) for i in it] for _, _, it in path]
-            print(f"[precond] synthetic 2 x 60000 x 192, C path {list(C_GRID)}, {label}: {took:.1f} s; iterations "
-                  f"per C (token 0): {[it[0] for it in iters]}")
+            print(
+                f"[precond] synthetic 2 x 60000 x 192, C path {list(C_GRID)}, {label}: {took:.1f} s; iterations "
+                f"per C (token 0): {[it[0] for it in iters]}"
+            )
             continue
         from qkvprobe.features.store import FeatureStore
 
@@ -355,13 +446,19 @@ def bench_precond(store: str | None = None, tokens: str = "q,ffn", position: str
         t0 = time.perf_counter()
         res = standard_classification(tr, train.labels(), te, test.labels(), rule="hyperplane")
         took = time.perf_counter() - t0
-        accs = ", ".join(f"{t}·{position} {r.accuracy:.4f} (C {r.C:g})" for t, r in zip(names, res, strict=True))
-        print(f"[precond] {store}: {len(tr[0])} train rows, standard protocol, C grid {list(C_GRID)}, {label}: "
-              f"{took:.1f} s; test accuracy {accs}")
+        accs = ", ".join(
+            f"{t}·{position} {r.accuracy:.4f} (C {r.C:g})" for t, r in zip(names, res, strict=True)
+        )
+        print(
+            f"[precond] {store}: {len(tr[0])} train rows, standard protocol, C grid {list(C_GRID)}, {label}: "
+            f"{took:.1f} s; test accuracy {accs}"
+        )
     hyperplane.curvature_stride = with_curvature
 
 
-def bench_grid(store: str | None = None, tokens: str = "q,ffn", position: str = "cls", every: str = "5") -> None:
+def bench_grid(
+    store: str | None = None, tokens: str = "q,ffn", position: str = "cls", every: str = "5"
+) -> None:
     """The standard protocol's C grid, every C from W = 0, fitted one C at a time (as before the shared-X batch)
     and as one batch of all Cs sharing each X (``fit_hyperplane_path(warm_start=False)``), side by side.
     Without a store: synthetic ViT-like features, 2 tokens × 60 000 × 192, 10 classes. With ``STORE`` (a
@@ -388,9 +485,11 @@ def bench_grid(store: str | None = None, tokens: str = "q,ffn", position: str = 
             t2 = time.perf_counter()
             obj = seg._StreamingLogistic(src, src.num_rows, K, Cs, moment)
             f1, fb = obj.value_grad(one)[0], obj.value_grad(batch)[0]
-            print(f"[grid] {store} {token}·patch, {src.num_rows} patches, C grid {Cs}: one C at a time {t1 - t0:.1f} s, "
-                  f"one batch {t2 - t1:.1f} s (x{(t1 - t0) / (t2 - t1):.2f}); objective max rel. difference "
-                  f"{float(((fb - f1) / f1).abs().max()):.1e}")
+            print(
+                f"[grid] {store} {token}·patch, {src.num_rows} patches, C grid {Cs}: one C at a time {t1 - t0:.1f} s, "
+                f"one batch {t2 - t1:.1f} s (x{(t1 - t0) / (t2 - t1):.2f}); objective max rel. difference "
+                f"{float(((fb - f1) / f1).abs().max()):.1e}"
+            )
         return
     if store is None:
         data = [vit_like(60_000, 192, 10, seed=10 * t) for t in range(2)]
@@ -412,13 +511,22 @@ def bench_grid(store: str | None = None, tokens: str = "q,ffn", position: str = 
     batch = fit_hyperplane_path(X, y, K, Cs, warm_start=False)
     t2 = time.perf_counter()
     G = X.shape[0]
-    obj = _LogisticObjective(augment(X), y, torch.ones(y.shape, dtype=X.dtype), torch.tensor(Cs, dtype=X.dtype).repeat(G), K)
-    as_w = lambda fits: torch.stack([torch.cat([c.transpose(1, 2), b[:, None]], 1) for c, b, _ in fits], 1).reshape(G * len(Cs), -1)  # noqa: E731
+    obj = _LogisticObjective(
+        augment(X), y, torch.ones(y.shape, dtype=X.dtype), torch.tensor(Cs, dtype=X.dtype).repeat(G), K
+    )
+
+    def as_w(fits):
+        return torch.stack([torch.cat([c.transpose(1, 2), b[:, None]], 1) for c, b, _ in fits], 1).reshape(
+            G * len(Cs), -1
+        )
+
     f1, fb = obj.value_grad(as_w(one))[0], obj.value_grad(as_w(batch))[0]
     iters = [[int(it[0]) for _, _, it in fits] for fits in (one, batch)]
-    print(f"[grid] {what}, C grid {Cs}: one C at a time {t1 - t0:.1f} s, one batch {t2 - t1:.1f} s "
-          f"(x{(t1 - t0) / (t2 - t1):.2f}); iterations per C (token 0) {iters[0]} / {iters[1]}; objective max rel. "
-          f"difference {float(((fb - f1) / f1).abs().max()):.1e}")
+    print(
+        f"[grid] {what}, C grid {Cs}: one C at a time {t1 - t0:.1f} s, one batch {t2 - t1:.1f} s "
+        f"(x{(t1 - t0) / (t2 - t1):.2f}); iterations per C (token 0) {iters[0]} / {iters[1]}; objective max rel. "
+        f"difference {float(((fb - f1) / f1).abs().max()):.1e}"
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -20,12 +20,22 @@ from pathlib import Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override (repeatable)")
-    parser.add_argument("--keep", type=Path, default=None, help="work in DIR and keep it (default: a temp dir)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="config override (repeatable)"
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in DIR and keep it (default: a temp dir)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.add_argument("--builtin-dir", type=Path, default=None,
-                        help="load builtin: models from DIR (model cards + safetensors), e.g. stand-ins")
+    parser.add_argument(
+        "--builtin-dir",
+        type=Path,
+        default=None,
+        help="load builtin: models from DIR (model cards + safetensors), e.g. stand-ins",
+    )
     args = parser.parse_args()
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="qkvprobe-bench-"))
@@ -34,7 +44,9 @@ def main() -> None:
     if args.builtin_dir is not None:
         import qkvprobe.backbones
 
-        qkvprobe.backbones.builtin_dir = lambda: args.builtin_dir  # loaders look the directory up at call time
+        qkvprobe.backbones.builtin_dir = lambda: (
+            args.builtin_dir
+        )  # loaders look the directory up at call time
     from qkvprobe.config import load_config
     from qkvprobe.study import run_study
 
@@ -45,9 +57,14 @@ def main() -> None:
         t0 = time.perf_counter()
         result = run_study(cfg, fresh=label != "resume", progress=not args.quiet)
         times[label] = time.perf_counter() - t0
-        print(f"{label:>6}: {times[label]:7.1f} s  ({len(result.rows)} rows, {result.skipped_units} units skipped)", flush=True)
-    print(f"cold {times['cold']:.1f} s (target 300 s) · warm {times['warm']:.1f} s (target 30 s) · "
-          f"resume {times['resume']:.1f} s · cpus {os.cpu_count()} · work dir {work}")
+        print(
+            f"{label:>6}: {times[label]:7.1f} s  ({len(result.rows)} rows, {result.skipped_units} units skipped)",
+            flush=True,
+        )
+    print(
+        f"cold {times['cold']:.1f} s (target 300 s) · warm {times['warm']:.1f} s (target 30 s) · "
+        f"resume {times['resume']:.1f} s · cpus {os.cpu_count()} · work dir {work}"
+    )
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 

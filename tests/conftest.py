@@ -56,8 +56,9 @@ def tiny_vit() -> torch.nn.Module:
     return model.eval()
 
 
-def write_tiny_builtin(model: torch.nn.Module, directory: Path, *, name: str = "tiny", mean: float = 0.286,
-                       std: float = 0.353) -> Path:
+def write_tiny_builtin(
+    model: torch.nn.Module, directory: Path, *, name: str = "tiny", mean: float = 0.286, std: float = 0.353
+) -> Path:
     """Save the ``tiny_vit`` fixture as a ``builtin:`` card + float16 safetensors in ``directory`` (the format of
     ``src/qkvprobe/backbones/builtin``), so tests load it through the real loader."""
     from safetensors.torch import save_file
@@ -66,11 +67,20 @@ def write_tiny_builtin(model: torch.nn.Module, directory: Path, *, name: str = "
     weights = directory / f"{name}.safetensors"
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(weights))
     card = {
-        "name": name, "objective": "dino", "timm_model": "vit_tiny_patch16_224",
-        "model_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        "name": name,
+        "objective": "dino",
+        "timm_model": "vit_tiny_patch16_224",
+        "model_kwargs": {
+            "img_size": 28,
+            "patch_size": 4,
+            "in_chans": 1,
+            "embed_dim": 32,
+            "depth": 2,
+            "num_heads": 2,
+        },
         "data_config": {"mean": [mean], "std": [std], "input_size": [1, 28, 28]},
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-    }  # fmt: skip
+    }
     (directory / f"{name}.json").write_text(json.dumps(card))
     return directory
 

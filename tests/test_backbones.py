@@ -141,10 +141,18 @@ def test_hf_data_config_from_preprocessor(hf_dirs, tmp_path: Path) -> None:
 
     target = tmp_path / "withproc"
     shutil.copytree(hf_dirs["dinov2"], target)
-    (target / "preprocessor_config.json").write_text(json.dumps({
-        "image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "resample": 3, "do_center_crop": True,
-        "crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256},
-    }))  # fmt: skip
+    (target / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_mean": [0.1, 0.2, 0.3],
+                "image_std": [0.4, 0.5, 0.6],
+                "resample": 3,
+                "do_center_crop": True,
+                "crop_size": {"height": 224, "width": 224},
+                "size": {"shortest_edge": 256},
+            }
+        )
+    )
     config = load_backbone(f"hf:{target}").data_config
     assert config["mean"] == (0.1, 0.2, 0.3) and config["std"] == (0.4, 0.5, 0.6)
     assert config["input_size"] == (3, 16, 16) and config["interpolation"] == "bicubic"
@@ -229,12 +237,18 @@ def test_eva_spec_refused() -> None:
 @pytest.mark.parametrize(
     ("name", "family"),
     [
-        ("vit_small_patch16_224.dino", "dino"), ("vit_small_patch14_reg4_dinov2.lvd142m", "dino"),
-        ("facebook/dinov2-small", "dino"), ("ibot_vit_b16", "dino"), ("vit_base_patch16_224.mae", "mae"),
-        ("facebook/vit-mae-base", "mae"), ("beit_base_patch16_224", "mae"), ("data2vec-vision", "mae"),
-        ("simmim_vit", "mae"), ("vit_small_patch16_224.augreg_in21k", "unknown"),
+        ("vit_small_patch16_224.dino", "dino"),
+        ("vit_small_patch14_reg4_dinov2.lvd142m", "dino"),
+        ("facebook/dinov2-small", "dino"),
+        ("ibot_vit_b16", "dino"),
+        ("vit_base_patch16_224.mae", "mae"),
+        ("facebook/vit-mae-base", "mae"),
+        ("beit_base_patch16_224", "mae"),
+        ("data2vec-vision", "mae"),
+        ("simmim_vit", "mae"),
+        ("vit_small_patch16_224.augreg_in21k", "unknown"),
     ],
-)  # fmt: skip
+)
 def test_objective_of(name: str, family: str) -> None:
     assert objective_of(name) == family
 
@@ -250,9 +264,14 @@ def test_list_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         specs["builtin:fmnist_mae"]["objective"] == "mae"
         and "3 epochs" in specs["builtin:fmnist_mae"]["notes"]
     )
-    for spec, family in [("timm:vit_small_patch16_224.dino", "dino"), ("timm:vit_base_patch16_224.mae", "mae"),
-                         ("timm:vit_small_patch14_reg4_dinov2.lvd142m", "dino"), ("hf:facebook/vit-mae-base", "mae"),
-                         ("hf:facebook/dino-vits16", "dino"), ("hf:facebook/dinov2-small", "dino")]:  # fmt: skip
+    for spec, family in [
+        ("timm:vit_small_patch16_224.dino", "dino"),
+        ("timm:vit_base_patch16_224.mae", "mae"),
+        ("timm:vit_small_patch14_reg4_dinov2.lvd142m", "dino"),
+        ("hf:facebook/vit-mae-base", "mae"),
+        ("hf:facebook/dino-vits16", "dino"),
+        ("hf:facebook/dinov2-small", "dino"),
+    ]:
         assert specs[spec]["objective"] == family
     pretrained = set(timm.list_pretrained())
     assert all(s.split(":", 1)[1] in pretrained for s in specs if s.startswith("timm:"))
@@ -262,8 +281,9 @@ def test_timm_data_config_and_attributes(tmp_path: Path) -> None:
     from qkvprobe.backbones.timm_backbone import TimmBackbone
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224.dino", pretrained=False, depth=1, num_classes=0,
-                              dynamic_img_size=True)  # fmt: skip
+    model = timm.create_model(
+        "vit_small_patch16_224.dino", pretrained=False, depth=1, num_classes=0, dynamic_img_size=True
+    )
     bb = TimmBackbone(model, spec="timm:vit_small_patch16_224.dino", objective="dino", device="cpu")
     assert bb.data_config["input_size"] == (3, 224, 224)
     assert bb.data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))

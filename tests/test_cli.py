@@ -9,7 +9,9 @@ from qkvprobe.cli import get_app
 
 
 def test_python_m_help_smoke() -> None:
-    out = subprocess.run([sys.executable, "-m", "qkvprobe", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "qkvprobe", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     for command in ("run", "extract", "evaluate", "report", "pretrain", "models", "datasets"):
         assert command in out.stdout

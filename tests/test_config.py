@@ -38,7 +38,9 @@ def test_every_shipped_config_validates(path: Path, tmp_path: Path) -> None:
 
 
 def test_default_config_is_the_embedded_one() -> None:
-    assert yaml.safe_load((ROOT / "configs" / "default.yaml").read_text()) == yaml.safe_load(default_config_text())
+    assert yaml.safe_load((ROOT / "configs" / "default.yaml").read_text()) == yaml.safe_load(
+        default_config_text()
+    )
     cfg = load_config()
     assert [d.task for d in cfg.datasets] == ["classification", "segmentation"]
     assert cfg.datasets[0].positions == ["cls", "avg"] and cfg.datasets[1].positions == ["patch"]
@@ -49,14 +51,27 @@ def test_default_config_is_the_embedded_one() -> None:
 def test_paper_config_is_the_papers_grid() -> None:
     cfg = load_config(ROOT / "configs" / "paper.yaml")
     assert [m.spec for m in cfg.models] == [
-        "timm:vit_small_patch16_224.dino", "timm:vit_base_patch16_224.dino", "timm:vit_base_patch16_224.mae"]
+        "timm:vit_small_patch16_224.dino",
+        "timm:vit_base_patch16_224.dino",
+        "timm:vit_base_patch16_224.mae",
+    ]
     assert [d.spec.split(":")[0] for d in cfg.datasets] == ["imagefolder", "ade20k", "voc"]
     assert cfg.tokens == ["q", "k", "v", "ffn"] and cfg.settings == ["standard", "fewshot"]
 
 
 def test_overrides_parse_yaml_scalars_and_revalidate() -> None:
-    cfg = load_config(None, ["fewshot.episodes=50", "tokens=[q, ffn]", "name=quick", "datasets.0.train_size=100",
-                             "models.1.label=mae", "block_sweep.enabled=false", "cache_dir=/tmp/x"])
+    cfg = load_config(
+        None,
+        [
+            "fewshot.episodes=50",
+            "tokens=[q, ffn]",
+            "name=quick",
+            "datasets.0.train_size=100",
+            "models.1.label=mae",
+            "block_sweep.enabled=false",
+            "cache_dir=/tmp/x",
+        ],
+    )
     assert cfg.fewshot.episodes == 50 and cfg.tokens == ["q", "ffn"] and cfg.name == "quick"
     assert cfg.datasets[0].train_size == 100 and cfg.models[1].name == "mae"
     assert cfg.sweep_models() == [] and str(cfg.cache_root()) == "/tmp/x"
@@ -64,11 +79,15 @@ def test_overrides_parse_yaml_scalars_and_revalidate() -> None:
 
 def test_fingerprint_ignores_cosmetic_keys() -> None:
     base = load_config()
-    assert load_config(None, ["device=cuda", "batch_size=8", "cache_dir=/x"]).fingerprint() == base.fingerprint()
+    assert (
+        load_config(None, ["device=cuda", "batch_size=8", "cache_dir=/x"]).fingerprint() == base.fingerprint()
+    )
     assert load_config(None, ["seed=1"]).fingerprint() != base.fingerprint()
     # class_weight, fewshot.C and heads came later: their defaults leave earlier runs' fingerprints alone; other values
     # change it.
-    old = base.model_dump(exclude={"device", "batch_size", "cache_dir", "out_dir", "report", "name", "class_weight"})
+    old = base.model_dump(
+        exclude={"device", "batch_size", "cache_dir", "out_dir", "report", "name", "class_weight"}
+    )
     del old["fewshot"]["C"], old["heads"]
     assert base.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert load_config(None, ["class_weight=balanced"]).fingerprint() != base.fingerprint()
@@ -88,30 +107,57 @@ def test_fingerprint_ignores_cosmetic_keys() -> None:
     [
         (["tokenz=[q]"], r"tokenz: unknown key \(did you mean 'tokens'\?\); allowed: name, "),
         (["fewshot.wayz=3"], r"fewshot.wayz: unknown key \(did you mean 'ways'\?\); allowed: ways, shots"),
-        (["tokens=[q, x]"], r"tokens.1: 'x' is not allowed; input should be 'q', 'k', 'v', 'ffn' or 'ffn_norm'"),
+        (
+            ["tokens=[q, x]"],
+            r"tokens.1: 'x' is not allowed; input should be 'q', 'k', 'v', 'ffn' or 'ffn_norm'",
+        ),
         (["rules=[knn]"], r"rules.0: 'knn' is not allowed; input should be 'hyperplane' or 'cosine'"),
-        (["settings=[zero-shot]"], r"settings.0: 'zero-shot' is not allowed; input should be 'standard' or 'fewshot'"),
+        (
+            ["settings=[zero-shot]"],
+            r"settings.0: 'zero-shot' is not allowed; input should be 'standard' or 'fewshot'",
+        ),
         (["tokens=[q, q]"], r"tokens: token listed twice: q"),
         (["tokens=[]"], r"tokens: tokens must not be empty"),
         (["fewshot.shots=[0]"], r"fewshot.shots: shot counts must be >= 1"),
         (["fewshot.ways=1"], r"fewshot.ways: Input should be greater than or equal to 2"),
         (["datasets.0.train_size=0"], r"datasets.0.train_size: Input should be greater than 0"),
-        (["datasets.0.positions=[patch]"], r"datasets.0.positions: position 'patch' is not available for classification .*allowed: cls, avg"),
+        (
+            ["datasets.0.positions=[patch]"],
+            r"datasets.0.positions: position 'patch' is not available for classification .*allowed: cls, avg",
+        ),
         (["datasets.1.positions=[cls]"], r"datasets.1.positions: .*allowed: patch"),
-        (["datasets.0.spec=fashin-mnist"], r"datasets.0.spec: unknown dataset kind 'fashin-mnist' \(did you mean 'fashion-mnist'\?\)"),
-        (["datasets.0.spec=imagefolder"], r"datasets.0.spec: dataset spec 'imagefolder' needs a path: imagefolder:PATH"),
-        (["models.0.spec=vit_small"], r"models.0.spec: model spec 'vit_small' must be one of timm:<name>, hf:<name>, builtin:<name>"),
+        (
+            ["datasets.0.spec=fashin-mnist"],
+            r"datasets.0.spec: unknown dataset kind 'fashin-mnist' \(did you mean 'fashion-mnist'\?\)",
+        ),
+        (
+            ["datasets.0.spec=imagefolder"],
+            r"datasets.0.spec: dataset spec 'imagefolder' needs a path: imagefolder:PATH",
+        ),
+        (
+            ["models.0.spec=vit_small"],
+            r"models.0.spec: model spec 'vit_small' must be one of timm:<name>, hf:<name>, builtin:<name>",
+        ),
         (["models.1.spec=builtin:fmnist-dino-vit-tiny"], r"model label listed twice"),
         (["models=[]"], r"models: List should have at least 1 item"),
         (["name=../evil"], r"name: run name '../evil' must be letters"),
         (["device=tpu"], r"device: device 'tpu' is not one of cpu, auto, mps, cuda, cuda:N"),
         (["dtype=int8"], r"dtype: 'int8' is not allowed; input should be 'float16' or 'float32'"),
-        (["block_sweep.models=[nope]"], r"block_sweep.models: 'nope' is not a model of this study; allowed: "),
+        (
+            ["block_sweep.models=[nope]"],
+            r"block_sweep.models: 'nope' is not a model of this study; allowed: ",
+        ),
         (["block_sweep.datasets=[voc:/x]"], r"block_sweep.datasets: 'voc:/x' is not a dataset of this study"),
-        (["block_sweep.position=patch"], r"block_sweep.position: 'patch' is not allowed; input should be 'cls' or 'avg'"),
+        (
+            ["block_sweep.position=patch"],
+            r"block_sweep.position: 'patch' is not allowed; input should be 'cls' or 'avg'",
+        ),
         (["c_grid=[0.1, -1]"], r"c_grid: C values must be > 0"),
         (["c_grid=[]"], r"c_grid: C values must be > 0 and at least one is needed"),
-        (["rules=[cosine]", "block_sweep.rules=[hyperplane]"], r"block_sweep.rules: 'hyperplane' is not a rule of this study"),
+        (
+            ["rules=[cosine]", "block_sweep.rules=[hyperplane]"],
+            r"block_sweep.rules: 'hyperplane' is not a rule of this study",
+        ),
         (["batch_size=abc"], r"batch_size: Input should be a valid integer"),
     ],
 )
@@ -147,7 +193,9 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"bad.yaml: expected a mapping of keys at the top level, got list"):
         load_config(bad)
     bad.write_text("name: x\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: models: required key is missing; datasets: required key is missing"):
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: models: required key is missing; datasets: required key is missing"
+    ):
         load_config(bad)
     with pytest.raises(ConfigError, match="expected a mapping"):
         validate_config([1, 2])

@@ -20,8 +20,10 @@ from qkvprobe.data.idx import encode_idx, read_idx, write_idx_gz
 from qkvprobe.errors import DataError, SpecError
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-needs_debian = pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
-                                  reason="Debian package dataset-fashion-mnist not installed")  # fmt: skip
+needs_debian = pytest.mark.skipif(
+    not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
 
 
 @pytest.fixture(autouse=True)

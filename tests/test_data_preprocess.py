@@ -13,8 +13,13 @@ from qkvprobe.data import build_preprocess, patch_majority_labels
 from qkvprobe.errors import ConfigError, DataError
 
 GREY = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.25,)}
-RGB = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-       "crop_pct": 0.875, "interpolation": "bicubic"}  # fmt: skip
+RGB = {
+    "input_size": (3, 32, 32),
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.875,
+    "interpolation": "bicubic",
+}
 
 
 def smooth_image(height: int, width: int, channels: int = 3) -> torch.Tensor:
@@ -37,8 +42,13 @@ def test_classification_matches_timm_eval_transform() -> None:
     image = smooth_image(48, 64)
     pre = build_preprocess(RGB, "classification", patch_size=16)
     ours, _ = pre(image, 0)
-    timm_tf = create_transform(input_size=RGB["input_size"], mean=RGB["mean"], std=RGB["std"],
-                               crop_pct=RGB["crop_pct"], interpolation="bicubic")  # fmt: skip
+    timm_tf = create_transform(
+        input_size=RGB["input_size"],
+        mean=RGB["mean"],
+        std=RGB["std"],
+        crop_pct=RGB["crop_pct"],
+        interpolation="bicubic",
+    )
     reference = timm_tf(Image.fromarray(image.permute(1, 2, 0).numpy()))
     assert ours.shape == reference.shape == (3, 32, 32)
     # PIL and torch bicubic kernels differ by a grey level or two; a wrong resize or crop differs by far more.
@@ -92,12 +102,14 @@ def test_preprocess_errors() -> None:
 
 
 def test_patch_majority_labels_by_hand() -> None:
-    mask = np.array([
-        [1, 1, 2, 2, 255, 255],
-        [1, 2, 2, 2, 255, 3],
-        [0, 0, 255, 4, 5, 5],
-        [0, 255, 255, 4, 6, 6],
-    ])  # fmt: skip
+    mask = np.array(
+        [
+            [1, 1, 2, 2, 255, 255],
+            [1, 2, 2, 2, 255, 3],
+            [0, 0, 255, 4, 5, 5],
+            [0, 255, 255, 4, 6, 6],
+        ]
+    )
     labels = patch_majority_labels(torch.from_numpy(mask), 2)
     assert labels.dtype == np.int64
     # ties go to the smaller label: (4,255) -> 4, (5,6) -> 5

@@ -57,8 +57,16 @@ def backbone(tiny_vit: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
 
 
 def extract(backbone: Any, dataset: Dataset, out: Path, positions: tuple[str, ...]):
-    return extract_features(backbone, dataset, out, tokens=TOKENS, positions=positions, dtype="float32",
-                            batch_size=128, progress=False)  # fmt: skip
+    return extract_features(
+        backbone,
+        dataset,
+        out,
+        tokens=TOKENS,
+        positions=positions,
+        dtype="float32",
+        batch_size=128,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +77,9 @@ def cls_stores(backbone: Any, tmp_path_factory: pytest.TempPathFactory):
     rows = np.sort(np.concatenate([np.flatnonzero(y == c)[:PER_CLASS_TRAIN] for c in range(10)]))
     test = open_dataset("fashion-mnist?source=bundled", "test")  # the whole bundled test split: 1000 images
     with torch.inference_mode(), threadpool_limits(1):
-        return extract(backbone, Subset(train, rows), root / "train", ("cls",)), extract(backbone, test, root / "test", ("cls",))
+        return extract(backbone, Subset(train, rows), root / "train", ("cls",)), extract(
+            backbone, test, root / "test", ("cls",)
+        )
 
 
 def test_standard_classification_on_real_stores_matches_sklearn(cls_stores) -> None:
@@ -92,15 +102,27 @@ def test_standard_classification_on_real_stores_matches_sklearn(cls_stores) -> N
 
 def test_fewshot_classification_on_real_stores(cls_stores) -> None:
     train, test = cls_stores
-    out = evaluate_classification(train, test, setting="fewshot", tokens=("k", "ffn"), positions=("cls",),
-                                  shots=(1, 5), episodes=30, queries=5)  # fmt: skip
+    out = evaluate_classification(
+        train,
+        test,
+        setting="fewshot",
+        tokens=("k", "ffn"),
+        positions=("cls",),
+        shots=(1, 5),
+        episodes=30,
+        queries=5,
+    )
     assert len(out) == 2 * 2 * 2 and all(0.0 <= r.value <= 1.0 and r.episodes == 30 for r in out)
     assert {r.shots for r in out} == {1, 5} and all(r.ci95 > 0 for r in out)
     # The cosine rows equal per-episode CosineRule fits on the same (seeded) episodes of the real arrays.
-    ep = sample_classification_episodes(train.labels(), test.labels(), ways=5, shots=5, queries=5, episodes=30, seed=0)
+    ep = sample_classification_episodes(
+        train.labels(), test.labels(), ways=5, shots=5, queries=5, episodes=30, seed=0
+    )
     Ftr, Fte = train.get("k", "cls"), test.get("k", "cls")
-    ref = [CosineRule().fit(Ftr[ep.support[e]], ep.support_labels[e]).score(Fte[ep.query[e]], ep.query_labels[e])
-           for e in range(30)]  # fmt: skip
+    ref = [
+        CosineRule().fit(Ftr[ep.support[e]], ep.support_labels[e]).score(Fte[ep.query[e]], ep.query_labels[e])
+        for e in range(30)
+    ]
     np.testing.assert_allclose(out.per_episode[("k", "cls", "cosine", 1, 5)], ref)
 
 
@@ -129,9 +151,24 @@ def test_per_head_tokens_on_real_stores(cls_stores, backbone: Any, tmp_path: Pat
         assert cos.value == pytest.approx(ref, abs=1e-12)
     # The command line: --heads adds every head of the attention tokens asked for.
     out = tmp_path / "heads.csv"
-    res = CliRunner().invoke(get_app(), ["evaluate", "--train-store", str(train.path), "--test-store", str(test.path),
-                                         "--tokens", "q,ffn", "--heads", "--rules", "cosine", "--out", str(out),
-                                         "--no-progress"])  # fmt: skip
+    res = CliRunner().invoke(
+        get_app(),
+        [
+            "evaluate",
+            "--train-store",
+            str(train.path),
+            "--test-store",
+            str(test.path),
+            "--tokens",
+            "q,ffn",
+            "--heads",
+            "--rules",
+            "cosine",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert [r.token for r in read_results(out)] == ["q", "ffn", *(f"q.h{h}" for h in range(H))]
 
@@ -146,7 +183,9 @@ def miou_from_predictions(store: Any, token: str, scores_of: Any) -> float:
     for row, index in enumerate(store.indices()):
         scores = torch.as_tensor(scores_of(feats[row]).T.reshape(1, K, *store.grid))
         mask = np.asarray(scenes.mask(int(index)))
-        pred = F.interpolate(scores, size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+        pred = (
+            F.interpolate(scores, size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+        )
         keep = mask != 255
         cm += np.bincount(mask[keep] * K + pred[keep], minlength=K * K).reshape(K, K)
     inter = np.diag(cm)
@@ -162,15 +201,29 @@ def test_segmentation_on_real_stores(backbone: Any, tmp_path: Path) -> None:
         test = extract(backbone, open_dataset(spec, "test"), tmp_path / "test", ("patch",))
     # Episodes are sampled from patch-majority counts; in so few scenes a thin garment class may never hold
     # 4 majority patches (the sampler's 64-pixel minimum) in one image: leave such classes (and background) out.
-    rare = tuple(c for c in range(len(train.classes)) if c == 0 or any(
-        not ((s.patch_labels() == c).sum(1) >= 4).any() for s in (train, test)))  # fmt: skip
+    rare = tuple(
+        c
+        for c in range(len(train.classes))
+        if c == 0 or any(not ((s.patch_labels() == c).sum(1) >= 4).any() for s in (train, test))
+    )
     assert len(rare) < 6
     with torch.inference_mode(), threadpool_limits(1):
         std = evaluate_segmentation(train, test, setting="standard", tokens=("ffn",), Cs=(0.1, 1.0))
-        few = evaluate_segmentation(train, test, setting="fewshot", tokens=("ffn",), shots=(1,), episodes=8,
-                                    episode_sampler=partial(sample_segmentation_episodes, exclude=rare))  # fmt: skip
-    assert {(r.rule, r.metric) for r in std} == {(r, m) for r in ("hyperplane", "cosine") for m in ("miou", "pixel_accuracy")}
-    assert {(r.rule, r.metric) for r in few} == {(r, m) for r in ("hyperplane", "cosine") for m in ("miou", "fb_iou")}
+        few = evaluate_segmentation(
+            train,
+            test,
+            setting="fewshot",
+            tokens=("ffn",),
+            shots=(1,),
+            episodes=8,
+            episode_sampler=partial(sample_segmentation_episodes, exclude=rare),
+        )
+    assert {(r.rule, r.metric) for r in std} == {
+        (r, m) for r in ("hyperplane", "cosine") for m in ("miou", "pixel_accuracy")
+    }
+    assert {(r.rule, r.metric) for r in few} == {
+        (r, m) for r in ("hyperplane", "cosine") for m in ("miou", "fb_iou")
+    }
     assert all(0.0 <= r.value <= 1.0 for r in [*std, *few])
     # Independent recomputation of both rules' mIoU from the store arrays.
     X, labels = train.get("ffn", "patch").astype(np.float64), train.patch_labels()

@@ -43,9 +43,14 @@ def test_float16_overflow_raises(tmp_path: Path) -> None:
             progress=False,
         )
     store = extract_features(
-        ToyBackbone(scale=1e7), SyntheticDataset(2), tmp_path / "t", tokens="ffn", positions="avg",
-        dtype="float32", progress=False,
-    )  # fmt: skip
+        ToyBackbone(scale=1e7),
+        SyntheticDataset(2),
+        tmp_path / "t",
+        tokens="ffn",
+        positions="avg",
+        dtype="float32",
+        progress=False,
+    )
     assert np.abs(store.get("ffn", "avg")).max() > 65504
 
 

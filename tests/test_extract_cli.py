@@ -41,9 +41,27 @@ def invoke(*args: str):
 
 
 def test_cli_extract_then_reuse(tmp_path: Path, folder: Path, toy: ToyBackbone) -> None:
-    args = ["--model", "toy", "--data", f"imagefolder:{folder}", "--split", "train", "--blocks", "-1",
-            "--tokens", "q,ffn", "--positions", "cls,patch", "--out", str(tmp_path / "s"), "--dtype", "float32",
-            "--batch-size", "4", "--no-progress"]  # fmt: skip
+    args = [
+        "--model",
+        "toy",
+        "--data",
+        f"imagefolder:{folder}",
+        "--split",
+        "train",
+        "--blocks",
+        "-1",
+        "--tokens",
+        "q,ffn",
+        "--positions",
+        "cls,patch",
+        "--out",
+        str(tmp_path / "s"),
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "6 samples" in result.stdout and "tokens q,ffn" in result.stdout
@@ -93,11 +111,24 @@ def test_cli_real_builtin_backbone(
 ) -> None:
     """End to end with the real loader: a ``builtin:`` card + float16 safetensors of the tiny timm ViT."""
 
-
     models = write_tiny_builtin(tiny_vit, tmp_path / "builtin", mean=0.5, std=0.25)
     monkeypatch.setattr("qkvprobe.backbones.builtin_dir", lambda: models)
-    result = invoke("--model", "builtin:tiny", "--data", f"imagefolder:{folder}", "--tokens", "k,ffn_norm",
-                    "--positions", "avg,patch", "--blocks", "0,-1", "--out", str(tmp_path / "s"), "--batch-size", "4")  # fmt: skip
+    result = invoke(
+        "--model",
+        "builtin:tiny",
+        "--data",
+        f"imagefolder:{folder}",
+        "--tokens",
+        "k,ffn_norm",
+        "--positions",
+        "avg,patch",
+        "--blocks",
+        "0,-1",
+        "--out",
+        str(tmp_path / "s"),
+        "--batch-size",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(tmp_path / "s")
     assert store.blocks == [0, 1] and store.grid == (7, 7) and store.image_size == (28, 28)

@@ -69,8 +69,12 @@ def test_auto_C_classification() -> None:
     told: list[tuple[str, int, int]] = []
     kw = dict(setting="fewshot", tokens=("q",), ways=3, shots=2, queries=4, episodes=40, seed=2, C="auto")
     out = evaluate_classification(tr, te, episode_sampler=spy, progress=lambda *a: told.append(a), **kw)
-    assert [t[0] for t in told] == ["3-way 2-shot · block 1 · q·cls · choosing C", "3-way 2-shot · block 1 · q·cls · "
-                                    "hyperplane", "3-way 2-shot · block 1 · q·cls · cosine", "done"]  # fmt: skip
+    assert [t[0] for t in told] == [
+        "3-way 2-shot · block 1 · q·cls · choosing C",
+        "3-way 2-shot · block 1 · q·cls · hyperplane",
+        "3-way 2-shot · block 1 · q·cls · cosine",
+        "done",
+    ]
     (pool_a, pool_b, val_kw, val), (test_labels, _, _, ep) = spy.calls
     assert np.array_equal(test_labels, ytr) and val_kw["seed"] == 3 and val_kw["episodes"] == 40
     # Validation episodes: support and queries are disjoint training rows, labelled as the sampler saw them.
@@ -80,14 +84,39 @@ def test_auto_C_classification() -> None:
         assert np.array_equal(ytr[val.support[e]], val.classes[e][val.support_labels[e]])
         assert np.array_equal(ytr[val.query[e]], val.classes[e][val.query_labels[e]])
     chosen = out.chosen_C[("q", "cls", 1, 2)]
-    ref = {C: fewshot_classification(Xtr, Xtr, val.classes, val.support, val.support_labels, val.query,
-                                     val.query_labels, rule="hyperplane", C=C).mean for C in FEWSHOT_C_GRID}  # fmt: skip
+    ref = {
+        C: fewshot_classification(
+            Xtr,
+            Xtr,
+            val.classes,
+            val.support,
+            val.support_labels,
+            val.query,
+            val.query_labels,
+            rule="hyperplane",
+            C=C,
+        ).mean
+        for C in FEWSHOT_C_GRID
+    }
     assert chosen.scores == pytest.approx(ref, abs=1e-12) and len(set(ref.values())) > 1
     assert max(ref, key=lambda C: (ref[C], -C)) == chosen.C
     hyper = next(r for r in out if r.rule == "hyperplane")
-    test = fewshot_classification(Xtr, Xte * 4, ep.classes, ep.support, ep.support_labels, ep.query, ep.query_labels,
-                                  rule="hyperplane", C=chosen.C)  # fmt: skip
-    assert hyper.C == chosen.C and hyper.value == pytest.approx(test.mean, abs=1e-12) and hyper.C_choice == "auto"
+    test = fewshot_classification(
+        Xtr,
+        Xte * 4,
+        ep.classes,
+        ep.support,
+        ep.support_labels,
+        ep.query,
+        ep.query_labels,
+        rule="hyperplane",
+        C=chosen.C,
+    )
+    assert (
+        hyper.C == chosen.C
+        and hyper.value == pytest.approx(test.mean, abs=1e-12)
+        and hyper.C_choice == "auto"
+    )
     assert math.isnan(next(r for r in out if r.rule == "cosine").C)
     # The evaluation split plays no part in the choice.
     noise = FakeStore({("q", "cls"): np.random.default_rng(0).normal(size=Xte.shape)}, labels=yte)
@@ -98,12 +127,25 @@ def test_auto_C_classification() -> None:
 def test_auto_C_classification_needs_enough_training_rows() -> None:
     Xtr, ytr = cls_data(30, 5)  # 5 per class: half of them cannot hold 2 shots + 4 queries per class
     tr, te = FakeStore({("q", "cls"): Xtr}, labels=ytr), FakeStore({("q", "cls"): Xtr}, labels=ytr)
-    with pytest.raises(DataError, match=r"choosing the few-shot C on training-split episodes.*pass a fixed C"):
-        evaluate_classification(tr, te, setting="fewshot", tokens=("q",), ways=3, shots=2, queries=4, episodes=5,
-                                C="auto")  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"choosing the few-shot C on training-split episodes.*pass a fixed C"
+    ):
+        evaluate_classification(
+            tr, te, setting="fewshot", tokens=("q",), ways=3, shots=2, queries=4, episodes=5, C="auto"
+        )
     # Cosine alone has no C to choose: nothing is sampled for it.
-    rows = evaluate_classification(tr, te, setting="fewshot", tokens=("q",), ways=3, shots=1, queries=2, episodes=5,
-                                   rules=("cosine",), C="auto")  # fmt: skip
+    rows = evaluate_classification(
+        tr,
+        te,
+        setting="fewshot",
+        tokens=("q",),
+        ways=3,
+        shots=1,
+        queries=2,
+        episodes=5,
+        rules=("cosine",),
+        C="auto",
+    )
     assert not rows.chosen_C and [r.rule for r in rows] == ["cosine"]
 
 
@@ -115,18 +157,55 @@ def test_auto_C_segmentation() -> None:
     te = FakeStore({("v", "patch"): fte * 3}, patch_labels=plte, task="segmentation")
     spy = Spy(lambda a, b, **kw: sample_segmentation_episodes(a, b, min_pixels=16, **kw))
     train_masks = lambda i: mtr[i - 100]  # noqa: E731
-    out = evaluate_segmentation(tr, te, setting="fewshot", tokens=("v",), rules=("hyperplane",), shots=1, episodes=30,
-                                masks=lambda i: mte[i - 100], train_masks=train_masks, episode_sampler=spy, C="auto",
-                                class_weight="balanced")  # fmt: skip
+    out = evaluate_segmentation(
+        tr,
+        te,
+        setting="fewshot",
+        tokens=("v",),
+        rules=("hyperplane",),
+        shots=1,
+        episodes=30,
+        masks=lambda i: mte[i - 100],
+        train_masks=train_masks,
+        episode_sampler=spy,
+        C="auto",
+        class_weight="balanced",
+    )
     (_, _, val_kw, val), (_, _, _, ep) = spy.calls
     assert val_kw["seed"] == 1 and not set(val.support.ravel()) & set(val.query)
-    ref = {C: fewshot_segmentation(ftr * 3, pltr, ftr * 3, tr.indices(), tr.grid, val.classes, val.support, val.query,
-                                   rule="hyperplane", masks=train_masks, C=C, class_weight="balanced").miou
-           for C in FEWSHOT_C_GRID}  # fmt: skip
+    ref = {
+        C: fewshot_segmentation(
+            ftr * 3,
+            pltr,
+            ftr * 3,
+            tr.indices(),
+            tr.grid,
+            val.classes,
+            val.support,
+            val.query,
+            rule="hyperplane",
+            masks=train_masks,
+            C=C,
+            class_weight="balanced",
+        ).miou
+        for C in FEWSHOT_C_GRID
+    }
     chosen = out.chosen_C[("v", "patch", 1, 1)]
     assert chosen.scores == pytest.approx(ref, abs=1e-12) and max(ref, key=lambda C: (ref[C], -C)) == chosen.C
-    test = fewshot_segmentation(ftr * 3, pltr, fte * 3, te.indices(), te.grid, ep.classes, ep.support, ep.query,
-                                rule="hyperplane", masks=lambda i: mte[i - 100], C=chosen.C, class_weight="balanced")
+    test = fewshot_segmentation(
+        ftr * 3,
+        pltr,
+        fte * 3,
+        te.indices(),
+        te.grid,
+        ep.classes,
+        ep.support,
+        ep.query,
+        rule="hyperplane",
+        masks=lambda i: mte[i - 100],
+        C=chosen.C,
+        class_weight="balanced",
+    )
     miou = next(r for r in out if r.metric == "miou")
     assert miou.C == chosen.C and miou.value == pytest.approx(test.miou, abs=1e-12)
 
@@ -135,8 +214,23 @@ def test_cli_fewshot_c_auto(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from qkvprobe.cli import get_app
 
     out = tmp_path / "results.csv"
-    args = [*fake_cli_stores(tmp_path, monkeypatch, 120, 60), "--rules", "hyperplane", "--setting", "fewshot",
-            "--ways", "3", "--shots", "1", "--queries", "3", "--episodes", "20", "--out", str(out)]  # fmt: skip
+    args = [
+        *fake_cli_stores(tmp_path, monkeypatch, 120, 60),
+        "--rules",
+        "hyperplane",
+        "--setting",
+        "fewshot",
+        "--ways",
+        "3",
+        "--shots",
+        "1",
+        "--queries",
+        "3",
+        "--episodes",
+        "20",
+        "--out",
+        str(out),
+    ]
     ok = CliRunner().invoke(get_app(), [*args, "--fewshot-c", "auto"])
     assert ok.exit_code == 0, ok.output
     (row,) = read_results(out)
@@ -157,7 +251,11 @@ def test_fixed_and_auto_C_runs_share_one_table(tmp_path) -> None:
     write_results(path, fixed)
     write_results(path, evaluate_classification(tr, te, C="auto", **kw))
     rows = read_results(path)
-    assert sorted((r.rule, r.C_choice) for r in rows) == [("cosine", ""), ("hyperplane", "0.5"), ("hyperplane", "auto")]
+    assert sorted((r.rule, r.C_choice) for r in rows) == [
+        ("cosine", ""),
+        ("hyperplane", "0.5"),
+        ("hyperplane", "auto"),
+    ]
     frame = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
     assert sorted(frame["rule"]) == ["cosine", "hyperplane·C=0.5", "hyperplane·C=auto"]
     # One C choice in the table: the rule keeps its name.

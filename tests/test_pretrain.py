@@ -55,9 +55,17 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _cfg(data_root: str, objective: str, **kw: object) -> PretrainConfig:
     base: dict[str, object] = {
-        "objective": objective, "arch": "vit-micro-p4", "data_root": data_root, "batch_size": 32, "epochs": 1,
-        "out_dim": 256, "num_local_crops": 2, "progress": False, "threads": 1, "warmup_frac": 0.0,
-    }  # fmt: skip
+        "objective": objective,
+        "arch": "vit-micro-p4",
+        "data_root": data_root,
+        "batch_size": 32,
+        "epochs": 1,
+        "out_dim": 256,
+        "num_local_crops": 2,
+        "progress": False,
+        "threads": 1,
+        "warmup_frac": 0.0,
+    }
     base.update(kw)
     return PretrainConfig(**base)  # type: ignore[arg-type]
 
@@ -207,8 +215,26 @@ def test_cli_pretrain(data_root: str, tmp_path: Path) -> None:
     from qkvprobe.cli import get_app
 
     runner = CliRunner()
-    args = ["pretrain", "--objective", "mae", "--arch", "vit-micro-p4", "--data-root", data_root, "--limit", "64",
-            "--batch-size", "32", "--epochs", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path / "m")]  # fmt: skip
+    args = [
+        "pretrain",
+        "--objective",
+        "mae",
+        "--arch",
+        "vit-micro-p4",
+        "--data-root",
+        data_root,
+        "--limit",
+        "64",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "m"),
+    ]
     result = runner.invoke(get_app(), args)
     assert result.exit_code == 0, result.output
     card = json.loads((tmp_path / "m" / "card.json").read_text())

@@ -15,9 +15,21 @@ from qkvprobe.pretrain.card import sha256_file
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "qkvprobe" / "backbones" / "builtin"
 CARDS = sorted(p for p in BUILTIN.glob("*.json") if (BUILTIN / f"{p.stem}.safetensors").is_file())
 CARD_KEYS = {
-    "name", "objective", "timm_model", "model_kwargs", "data_config", "sha256", "params", "data", "epochs",
-    "wall_time_s", "hardware", "final_loss", "command", "loss_curve",
-}  # fmt: skip
+    "name",
+    "objective",
+    "timm_model",
+    "model_kwargs",
+    "data_config",
+    "sha256",
+    "params",
+    "data",
+    "epochs",
+    "wall_time_s",
+    "hardware",
+    "final_loss",
+    "command",
+    "loss_curve",
+}
 
 
 @pytest.fixture

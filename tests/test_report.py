@@ -33,56 +33,166 @@ def _value(rng: np.random.Generator, token: str, rule: str, objective: str) -> f
     return float(min(base, 1.0))
 
 
-def make_run(run_dir: Path, *, with_side_files: bool = True, model_names: tuple[str, str] = ("dino-m", "mae-m")) -> Path:
+def make_run(
+    run_dir: Path, *, with_side_files: bool = True, model_names: tuple[str, str] = ("dino-m", "mae-m")
+) -> Path:
     """A run directory with results for 2 models × {classification, segmentation} × settings, a block
     sweep for the first model, and (optionally) the side files."""
     rng = np.random.default_rng(0)
     rows = []
     for model, objective in zip(model_names, ("dino", "mae"), strict=True):
-        for task, dataset, positions, metric in (("classification", "fashion-mnist", ("cls", "avg"), "accuracy"),
-                                                 ("segmentation", "fashion-mnist-scenes", ("patch",), "miou")):
-            for setting, ways, shots, episodes in (("standard", 0, 0, 0), ("fewshot", 5, 1, 100), ("fewshot", 5, 5, 100)):
+        for task, dataset, positions, metric in (
+            ("classification", "fashion-mnist", ("cls", "avg"), "accuracy"),
+            ("segmentation", "fashion-mnist-scenes", ("patch",), "miou"),
+        ):
+            for setting, ways, shots, episodes in (
+                ("standard", 0, 0, 0),
+                ("fewshot", 5, 1, 100),
+                ("fewshot", 5, 5, 100),
+            ):
                 for tok in TOKENS:
                     for pos in positions:
                         for rule in ("hyperplane", "cosine"):
                             v = _value(rng, tok, rule, objective)
                             ci = 0.02 if setting == "fewshot" else math.nan
                             C = 1.0 if rule == "hyperplane" else math.nan
-                            rows.append(ResultRow(model, objective, dataset, task, setting, 3, tok, pos, rule, ways,
-                                                  shots, episodes, metric, v, ci, 0, C))
+                            rows.append(
+                                ResultRow(
+                                    model,
+                                    objective,
+                                    dataset,
+                                    task,
+                                    setting,
+                                    3,
+                                    tok,
+                                    pos,
+                                    rule,
+                                    ways,
+                                    shots,
+                                    episodes,
+                                    metric,
+                                    v,
+                                    ci,
+                                    0,
+                                    C,
+                                )
+                            )
                             if task == "segmentation" and setting == "standard":
-                                rows.append(ResultRow(model, objective, dataset, task, setting, 3, tok, pos, rule, 0, 0,
-                                                      0, "pixel_accuracy", min(1.0, v + 0.1), math.nan, 0, C))
+                                rows.append(
+                                    ResultRow(
+                                        model,
+                                        objective,
+                                        dataset,
+                                        task,
+                                        setting,
+                                        3,
+                                        tok,
+                                        pos,
+                                        rule,
+                                        0,
+                                        0,
+                                        0,
+                                        "pixel_accuracy",
+                                        min(1.0, v + 0.1),
+                                        math.nan,
+                                        0,
+                                        C,
+                                    )
+                                )
         if objective == "dino":  # block sweep
             for b in range(3):
                 for tok in TOKENS:
                     for rule in ("hyperplane", "cosine"):
-                        rows.append(ResultRow(model, objective, "fashion-mnist", "classification", "standard", b, tok,
-                                              "cls", rule, 0, 0, 0, "accuracy", 0.3 + 0.1 * b, math.nan, 0, math.nan))
+                        rows.append(
+                            ResultRow(
+                                model,
+                                objective,
+                                "fashion-mnist",
+                                "classification",
+                                "standard",
+                                b,
+                                tok,
+                                "cls",
+                                rule,
+                                0,
+                                0,
+                                0,
+                                "accuracy",
+                                0.3 + 0.1 * b,
+                                math.nan,
+                                0,
+                                math.nan,
+                            )
+                        )
     write_results(run_dir / "results.csv", rows)
-    write_json(run_dir / "run.json", {"name": "synthetic", "config": {"models": [{"spec": m} for m in model_names],
-               "tokens": list(TOKENS), "rules": ["hyperplane", "cosine"]},
-               "main_blocks": {m: [3] for m in model_names}, "data_sources": {"fashion-mnist": "bundled subset"},
-               "episodes_seed": 0, "timings": {"total_s": 12.5}, "versions": {"qkvprobe": "0.1.0"}})
+    write_json(
+        run_dir / "run.json",
+        {
+            "name": "synthetic",
+            "config": {
+                "models": [{"spec": m} for m in model_names],
+                "tokens": list(TOKENS),
+                "rules": ["hyperplane", "cosine"],
+            },
+            "main_blocks": {m: [3] for m in model_names},
+            "data_sources": {"fashion-mnist": "bundled subset"},
+            "episodes_seed": 0,
+            "timings": {"total_s": 12.5},
+            "versions": {"qkvprobe": "0.1.0"},
+        },
+    )
     if with_side_files:
-        entries = [{"model": m, "objective": o, "dataset": "fashion-mnist-scenes", "block": 3, "token": t,
-                    "position": "patch", "C": 1.0, "classes": CLASSES, "cosine": rng.uniform(-1, 1, len(CLASSES)).tolist()}
-                   for m, o in zip(model_names, ("dino", "mae"), strict=True) for t in TOKENS]
+        entries = [
+            {
+                "model": m,
+                "objective": o,
+                "dataset": "fashion-mnist-scenes",
+                "block": 3,
+                "token": t,
+                "position": "patch",
+                "C": 1.0,
+                "classes": CLASSES,
+                "cosine": rng.uniform(-1, 1, len(CLASSES)).tolist(),
+            }
+            for m, o in zip(model_names, ("dino", "mae"), strict=True)
+            for t in TOKENS
+        ]
         write_json(run_dir / "directions.json", {"entries": entries})
-        write_json(run_dir / "paired.json", {"tests": [{
-            "model": model_names[0], "dataset": "fashion-mnist", "task": "classification", "setting": "fewshot",
-            "ways": 5, "shots": 1, "metric": "accuracy",
-            "a": {"token": "v", "position": "cls", "rule": "cosine", "value": 0.85},
-            "b": {"token": "ffn", "position": "cls", "rule": "cosine", "value": 0.80},
-            "test": "wilcoxon", "statistic": 10.0, "p_value": 0.003, "alpha": 0.05, "verdict": "A better (p < 0.05)"}]})
+        write_json(
+            run_dir / "paired.json",
+            {
+                "tests": [
+                    {
+                        "model": model_names[0],
+                        "dataset": "fashion-mnist",
+                        "task": "classification",
+                        "setting": "fewshot",
+                        "ways": 5,
+                        "shots": 1,
+                        "metric": "accuracy",
+                        "a": {"token": "v", "position": "cls", "rule": "cosine", "value": 0.85},
+                        "b": {"token": "ffn", "position": "cls", "rule": "cosine", "value": 0.80},
+                        "test": "wilcoxon",
+                        "statistic": 10.0,
+                        "p_value": 0.003,
+                        "alpha": 0.05,
+                        "verdict": "A better (p < 0.05)",
+                    }
+                ]
+            },
+        )
         masks = np.zeros((2, 16, 16), dtype=np.int64)
         masks[:, :8, :8] = 1
         masks[:, 8:, 8:] = 3
         for t in ("q", "ffn"):
-            save_direction_map(run_dir / "maps" / f"{model_names[0]}__scenes__{t}.npz",
-                               images=rng.integers(0, 255, (2, 16, 16), dtype=np.uint8), masks=masks,
-                               cosine=rng.uniform(-1, 1, (2, len(CLASSES), 4, 4)), classes=CLASSES,
-                               meta={"model": model_names[0], "dataset": "fashion-mnist-scenes", "token": t, "block": 3})
+            save_direction_map(
+                run_dir / "maps" / f"{model_names[0]}__scenes__{t}.npz",
+                images=rng.integers(0, 255, (2, 16, 16), dtype=np.uint8),
+                masks=masks,
+                cosine=rng.uniform(-1, 1, (2, len(CLASSES), 4, 4)),
+                classes=CLASSES,
+                meta={"model": model_names[0], "dataset": "fashion-mnist-scenes", "token": t, "block": 3},
+            )
     return run_dir
 
 
@@ -127,7 +237,9 @@ def test_report_tables_figures_and_self_contained(tmp_path: Path) -> None:
     for img in html.imgs:
         assert img["src"].startswith("data:image/png;base64,")  # embedded: readable offline
         assert (run / img["data-file"]).is_file()
-    assert sorted(p.name for p in (run / "figures").glob("*.png")) == sorted(Path(i["data-file"]).name for i in html.imgs)
+    assert sorted(p.name for p in (run / "figures").glob("*.png")) == sorted(
+        Path(i["data-file"]).name for i in html.imgs
+    )
     text = out.read_text()
     assert text.count("★") >= 12  # every table marks its best cell
     assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text
@@ -137,7 +249,11 @@ def test_report_tables_figures_and_self_contained(tmp_path: Path) -> None:
 def _reweigh(run: Path, keep_plain: bool) -> None:
     """Give the run's hyperplane rows balanced twins (value + 0.01), and drop the plain ones unless keep_plain."""
     rows = read_results(run / "results.csv")
-    twins = [replace(r, class_weight="balanced", value=min(1.0, r.value + 0.01)) for r in rows if r.rule == "hyperplane"]
+    twins = [
+        replace(r, class_weight="balanced", value=min(1.0, r.value + 0.01))
+        for r in rows
+        if r.rule == "hyperplane"
+    ]
     keep = [r for r in rows if keep_plain or r.rule != "hyperplane"]
     (run / "results.csv").unlink()
     write_results(run / "results.csv", keep + twins)
@@ -167,7 +283,10 @@ def test_report_shows_plain_and_balanced_hyperplanes_apart(tmp_path: Path) -> No
     assert (frame.loc[frame["rule"] == BALANCED_RULE, "class_weight"] == "balanced").all()
     html = render_report(run)
     text = html.read_text()
-    assert "none and balanced (n / (K·n_class) per class) (balanced rows shown as rule hyperplane·balanced)" in text
+    assert (
+        "none and balanced (n / (K·n_class) per class) (balanced rows shown as rule hyperplane·balanced)"
+        in text
+    )
     # Each token × rule table has a column per (position, rule): 3 rules now, in the report's order.
     tables = heat_tables(main_rows(frame, load_run(run).run_info))
     assert len(tables) == 12
@@ -272,7 +391,7 @@ def test_report_names_the_fewshot_C(tmp_path: Path) -> None:
     info = json.loads((run / "run.json").read_text())
     info["config"]["settings"] = ["standard", "fewshot"]
     write_json(run / "run.json", info)
-    assert "few-shot hyperplane C</th><td class=\"label\">1 (fixed)" in render_report(run).read_text()
+    assert 'few-shot hyperplane C</th><td class="label">1 (fixed)' in render_report(run).read_text()
     info["config"]["fewshot"] = {"C": "auto"}
     write_json(run / "run.json", info)
     assert "chosen per token on training-split episodes" in render_report(run).read_text()
@@ -280,16 +399,29 @@ def test_report_names_the_fewshot_C(tmp_path: Path) -> None:
 
 def test_report_attention_heads(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
-    base = [r for r in read_results(run / "results.csv") if r.model == "dino-m" and r.setting == "standard"
-            and r.task == "classification" and r.position == "cls" and r.block == 3 and r.token in ("q", "v")]  # fmt: skip
-    heads = [replace(r, token=f"{r.token}.h{h}", value=round(0.1 * h + (0.3 if r.token == "v" else 0.2), 3))
-             for r in base for h in range(3)]  # fmt: skip
+    base = [
+        r
+        for r in read_results(run / "results.csv")
+        if r.model == "dino-m"
+        and r.setting == "standard"
+        and r.task == "classification"
+        and r.position == "cls"
+        and r.block == 3
+        and r.token in ("q", "v")
+    ]
+    heads = [
+        replace(r, token=f"{r.token}.h{h}", value=round(0.1 * h + (0.3 if r.token == "v" else 0.2), 3))
+        for r in base
+        for h in range(3)
+    ]
     write_results(run / "results.csv", heads)
     frame = load_run(run)
     main = main_rows(frame.results, frame.run_info)
     grids = head_grids(main)
     assert [(g["model"], g["rule"], g["tokens"], g["value"].shape) for g in grids] == [
-        ("dino-m", "hyperplane", ["q", "v"], (2, 3)), ("dino-m", "cosine", ["q", "v"], (2, 3))]
+        ("dino-m", "hyperplane", ["q", "v"], (2, 3)),
+        ("dino-m", "cosine", ["q", "v"], (2, 3)),
+    ]
     hyp = grids[0]
     np.testing.assert_allclose(hyp["value"], [[0.2, 0.3, 0.4], [0.3, 0.4, 0.5]])
     whole = {r.token: r.value for r in base if r.rule == "hyperplane"}

@@ -11,14 +11,31 @@ import pytest
 from qkvprobe.errors import QkvprobeError
 from qkvprobe.results import COLUMNS, ResultRow, read_results, write_results
 
-OLD_COLUMNS = [c for c in COLUMNS if c not in ("class_weight", "C_choice")]  # the table before class_weight existed
+OLD_COLUMNS = [
+    c for c in COLUMNS if c not in ("class_weight", "C_choice")
+]  # the table before class_weight existed
 BEFORE_C_CHOICE = [c for c in COLUMNS if c != "C_choice"]
 
 
 def row(rule: str, value: float, class_weight: str = "", **kw) -> ResultRow:
-    base = dict(model="m", objective="dino", dataset="d", task="classification", setting="standard", block=5,
-                token="ffn", position="cls", rule=rule, ways=0, shots=0, episodes=0, metric="accuracy",
-                value=value, C=1.0 if rule == "hyperplane" else math.nan, class_weight=class_weight)  # fmt: skip
+    base = dict(
+        model="m",
+        objective="dino",
+        dataset="d",
+        task="classification",
+        setting="standard",
+        block=5,
+        token="ffn",
+        position="cls",
+        rule=rule,
+        ways=0,
+        shots=0,
+        episodes=0,
+        metric="accuracy",
+        value=value,
+        C=1.0 if rule == "hyperplane" else math.nan,
+        class_weight=class_weight,
+    )
     return ResultRow(**{**base, **kw})
 
 
@@ -40,7 +57,9 @@ def test_plain_and_balanced_rows_are_separate_measurements(tmp_path: Path) -> No
     assert sorted((r.rule, r.class_weight, r.value) for r in read_results(path)) == got
     write_results(path, [row("hyperplane", 0.82, "none")])  # same key as the plain row: replaces it
     assert sorted((r.class_weight, r.value) for r in read_results(path) if r.rule == "hyperplane") == [
-        ("balanced", 0.85), ("none", 0.82)]
+        ("balanced", 0.85),
+        ("none", 0.82),
+    ]
 
 
 def test_table_from_before_the_class_weight_column(tmp_path: Path) -> None:
@@ -49,8 +68,13 @@ def test_table_from_before_the_class_weight_column(tmp_path: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=OLD_COLUMNS)
         writer.writeheader()
         for r in (row("hyperplane", 0.80), row("cosine", 0.70)):
-            writer.writerow({c: ("" if isinstance(v, float) and math.isnan(v) else v)
-                             for c, v in r.__dict__.items() if c in OLD_COLUMNS})  # fmt: skip
+            writer.writerow(
+                {
+                    c: ("" if isinstance(v, float) and math.isnan(v) else v)
+                    for c, v in r.__dict__.items()
+                    if c in OLD_COLUMNS
+                }
+            )
     old = read_results(path)
     assert sorted((r.rule, r.class_weight) for r in old) == [("cosine", ""), ("hyperplane", "none")]
     # Merging new rows rewrites the table with the column; the old plain row is replaced by the new plain one.
@@ -58,7 +82,10 @@ def test_table_from_before_the_class_weight_column(tmp_path: Path) -> None:
     with path.open(newline="") as fh:
         assert next(csv.reader(fh)) == list(COLUMNS)
     assert sorted((r.rule, r.class_weight, r.value) for r in read_results(path)) == [
-        ("cosine", "", 0.70), ("hyperplane", "balanced", 0.86), ("hyperplane", "none", 0.81)]
+        ("cosine", "", 0.70),
+        ("hyperplane", "balanced", 0.86),
+        ("hyperplane", "none", 0.81),
+    ]
 
 
 def test_a_table_missing_an_original_column_is_refused(tmp_path: Path) -> None:
@@ -86,11 +113,18 @@ def test_fixed_and_auto_C_rows_are_separate_measurements(tmp_path: Path) -> None
     write_results(path, [row("hyperplane", 0.64, **fewshot, C=1.0, C_choice="auto")])
     write_results(path, [row("hyperplane", 0.61, **fewshot, C=0.01)])
     got = sorted((r.rule, r.C_choice, r.value) for r in read_results(path))
-    assert got == [("cosine", "", 0.62), ("hyperplane", "0.01", 0.61), ("hyperplane", "1", 0.60),
-                   ("hyperplane", "auto", 0.64)]  # fmt: skip
+    assert got == [
+        ("cosine", "", 0.62),
+        ("hyperplane", "0.01", 0.61),
+        ("hyperplane", "1", 0.60),
+        ("hyperplane", "auto", 0.64),
+    ]
     write_results(path, [row("hyperplane", 0.59, **fewshot, C=1.0)])  # same fixed C: replaces its row
     assert sorted((r.C_choice, r.value) for r in read_results(path) if r.rule == "hyperplane") == [
-        ("0.01", 0.61), ("1", 0.59), ("auto", 0.64)]
+        ("0.01", 0.61),
+        ("1", 0.59),
+        ("auto", 0.64),
+    ]
 
 
 def test_table_from_before_the_C_choice_column(tmp_path: Path) -> None:
@@ -100,13 +134,23 @@ def test_table_from_before_the_C_choice_column(tmp_path: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=BEFORE_C_CHOICE)
         writer.writeheader()
         for r in (row("hyperplane", 0.80), row("hyperplane", 0.60, **fewshot, C=0.1), row("cosine", 0.70)):
-            writer.writerow({c: ("" if isinstance(v, float) and math.isnan(v) else v)
-                             for c, v in r.__dict__.items() if c in BEFORE_C_CHOICE})  # fmt: skip
+            writer.writerow(
+                {
+                    c: ("" if isinstance(v, float) and math.isnan(v) else v)
+                    for c, v in r.__dict__.items()
+                    if c in BEFORE_C_CHOICE
+                }
+            )
     old = read_results(path)
     assert sorted((r.rule, r.setting, r.C_choice) for r in old) == [
-        ("cosine", "standard", ""), ("hyperplane", "fewshot", "0.1"), ("hyperplane", "standard", "auto")]
+        ("cosine", "standard", ""),
+        ("hyperplane", "fewshot", "0.1"),
+        ("hyperplane", "standard", "auto"),
+    ]
     write_results(path, [row("hyperplane", 0.62, **fewshot, C=0.1)])  # the old few-shot row's key: replaced
     with path.open(newline="") as fh:
         assert next(csv.reader(fh)) == list(COLUMNS)
     assert sorted((r.setting, r.value) for r in read_results(path) if r.rule == "hyperplane") == [
-        ("fewshot", 0.62), ("standard", 0.80)]
+        ("fewshot", 0.62),
+        ("standard", 0.80),
+    ]

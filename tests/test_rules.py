@@ -15,7 +15,9 @@ from qkvprobe.rules import CosineRule, HyperplaneRule, fit_hyperplane_batched, f
 from qkvprobe.rules.hyperplane import balanced_sample_weight
 
 
-def blobs(n: int, dim: int, num_classes: int, seed: int = 0, offset: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+def blobs(
+    n: int, dim: int, num_classes: int, seed: int = 0, offset: float = 5.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Overlapping Gaussian classes with a common offset (raw-feature-like, not separable)."""
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(num_classes, dim))
@@ -35,7 +37,9 @@ def test_hyperplane_matches_sklearn(num_classes: int, C: float) -> None:
     # tolerances, scikit-learn also on a relative-decrease test).
     scale = np.abs(sk.coef_).max()
     np.testing.assert_allclose(ours.coef_, sk.coef_, atol=1e-4 * scale)
-    sk_b = sk.intercept_ - (sk.intercept_.mean() if num_classes > 2 else 0)  # intercepts are defined up to a shift
+    sk_b = sk.intercept_ - (
+        sk.intercept_.mean() if num_classes > 2 else 0
+    )  # intercepts are defined up to a shift
     np.testing.assert_allclose(ours.intercept_, sk_b, atol=1e-4 * max(1, np.abs(sk_b).max()))
     assert abs(ours.score(Xt, yt) - sk.score(Xt, yt)) <= 0.003
     np.testing.assert_array_equal(ours.classes_, sk.classes_)
@@ -70,7 +74,9 @@ def test_cosine_matches_numpy_reference() -> None:
     Xq, _ = blobs(40, 6, 3, seed=2)
     unit = X / np.linalg.norm(X, axis=1, keepdims=True)
     mu = np.stack([unit[y == c].mean(0) for c in range(3)])
-    cos = (Xq / np.linalg.norm(Xq, axis=1, keepdims=True)) @ (mu / np.linalg.norm(mu, axis=1, keepdims=True)).T
+    cos = (Xq / np.linalg.norm(Xq, axis=1, keepdims=True)) @ (
+        mu / np.linalg.norm(mu, axis=1, keepdims=True)
+    ).T
     rule = CosineRule().fit(X, y)
     np.testing.assert_allclose(rule.directions_, mu, rtol=1e-12)
     np.testing.assert_allclose(rule.decision_function(Xq), cos, rtol=1e-12)
@@ -88,7 +94,9 @@ def test_batched_episodes_equal_one_at_a_time() -> None:
     for e in range(E):
         one = HyperplaneRule(C=0.7, tol=1e-9).fit(Xs[e], ys[e])
         np.testing.assert_allclose(coef[e].numpy(), one.coef_, atol=1e-7)
-        np.testing.assert_array_equal((Xq[e] @ coef[e].numpy().T + intercept[e].numpy()).argmax(1), one.predict(Xq[e]))
+        np.testing.assert_array_equal(
+            (Xq[e] @ coef[e].numpy().T + intercept[e].numpy()).argmax(1), one.predict(Xq[e])
+        )
 
 
 def test_warm_started_path_equals_cold_fits() -> None:
@@ -155,8 +163,12 @@ def test_objective_of_shared_features_selects_any_problems() -> None:
     C = torch.as_tensor(rng.uniform(0.1, 10.0, G * R))
     shared = _LogisticObjective(X, y, sw, C, K)
     w = torch.as_tensor(rng.normal(size=(G * R, (D + 1) * K)))
-    alone = [_LogisticObjective(X[p // R : p // R + 1], y[p // R : p // R + 1], sw[p // R : p // R + 1], C[p : p + 1], K)
-             for p in range(G * R)]  # fmt: skip
+    alone = [
+        _LogisticObjective(
+            X[p // R : p // R + 1], y[p // R : p // R + 1], sw[p // R : p // R + 1], C[p : p + 1], K
+        )
+        for p in range(G * R)
+    ]
     for keep in ([0, 1, 2, 3, 4, 5], [1, 2, 5], [4], [0, 1]):
         sub = shared.select(torch.tensor(keep))
         f, g = sub.value_grad(w[keep])
@@ -167,8 +179,10 @@ def test_objective_of_shared_features_selects_any_problems() -> None:
             torch.testing.assert_close(g[j], ga[0], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(sub.precondition(w[keep])[j], alone[p].precondition(w[p : p + 1])[0])
     nested = shared.select(torch.tensor([0, 2, 3, 5])).select(torch.tensor([1, 3]))  # problems 2 and 5
-    torch.testing.assert_close(nested.value_grad(w[[2, 5]])[0], torch.cat([alone[2].value_grad(w[2:3])[0],
-                                                                           alone[5].value_grad(w[5:6])[0]]))  # fmt: skip
+    torch.testing.assert_close(
+        nested.value_grad(w[[2, 5]])[0],
+        torch.cat([alone[2].value_grad(w[2:3])[0], alone[5].value_grad(w[5:6])[0]]),
+    )
 
 
 @pytest.mark.parametrize("num_classes", [2, 3])
@@ -203,13 +217,17 @@ def test_balanced_sample_weight_is_sklearns_on_the_unpadded_rows() -> None:
         real = sw[g] > 0
         cls = np.unique(y[g][real])
         cw = compute_class_weight("balanced", classes=cls, y=y[g][real], sample_weight=sw[g][real])
-        np.testing.assert_allclose(got[g][real], sw[g][real] * cw[np.searchsorted(cls, y[g][real])], rtol=1e-12)
+        np.testing.assert_allclose(
+            got[g][real], sw[g][real] * cw[np.searchsorted(cls, y[g][real])], rtol=1e-12
+        )
         assert (got[g][~real] == 0).all()
 
 
 def test_bad_class_weight() -> None:
     X, y = blobs(60, 4, 3)
-    with pytest.raises(RuleError, match=r"class_weight='heavy' is not usable.*pass None, 'balanced' or a dict"):
+    with pytest.raises(
+        RuleError, match=r"class_weight='heavy' is not usable.*pass None, 'balanced' or a dict"
+    ):
         HyperplaneRule(class_weight="heavy").fit(X, y)
     with pytest.raises(RuleError, match=r"class_weight=\{7: 2.0\} is not usable.*labels among \[0, 1, 2\]"):
         HyperplaneRule(class_weight={7: 2.0}).fit(X, y)
@@ -287,8 +305,11 @@ def test_span_objective_equals_generic_objective(num_classes: int) -> None:
         g = g.double().view(G, kf, n + 1).transpose(1, 2).reshape(G, -1)
         np.testing.assert_allclose(g.numpy(), g_ref.numpy(), rtol=rtol, atol=rtol * float(g_ref.abs().max()))
         sub = span.select(torch.tensor([2, 0]))
-        np.testing.assert_allclose(sub.value_grad(W.transpose(1, 2).reshape(G, -1).to(dt)[[2, 0]])[0].double().numpy(),
-                                   f_ref.numpy()[[2, 0]], rtol=rtol)  # fmt: skip
+        np.testing.assert_allclose(
+            sub.value_grad(W.transpose(1, 2).reshape(G, -1).to(dt)[[2, 0]])[0].double().numpy(),
+            f_ref.numpy()[[2, 0]],
+            rtol=rtol,
+        )
 
 
 def test_lbfgs_matches_scipy_on_logistic_problems() -> None:
@@ -313,7 +334,9 @@ def test_lbfgs_matches_scipy_on_logistic_problems() -> None:
             f, grad = one.value_grad(torch.as_tensor(w)[None])
             return float(f[0]), grad[0].numpy()
 
-        ref = minimize(fun, np.zeros((D + 1) * K), jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "ftol": 0})
+        ref = minimize(
+            fun, np.zeros((D + 1) * K), jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "ftol": 0}
+        )
         assert float(res.f[g]) <= ref.fun + 1e-12
         # the multinomial optimum is unique up to a shift shared by the classes' intercepts: compare coefficients
         ours, theirs = res.w[g].view(D + 1, K)[:-1].numpy(), ref.x.reshape(D + 1, K)[:-1]
@@ -370,8 +393,12 @@ def test_cholesky_basis_gives_the_eigen_basis_solution() -> None:
         assert bool(conv.all())
         fits[basis] = span_expand(red, X, None, W)
     for ref, got in zip(fits["eigen"], fits["cholesky"], strict=True):
-        torch.testing.assert_close(got - got.mean(1, keepdim=True), ref - ref.mean(1, keepdim=True), rtol=1e-6,
-                                   atol=1e-6 * float(ref.abs().max()))  # fmt: skip
+        torch.testing.assert_close(
+            got - got.mean(1, keepdim=True),
+            ref - ref.mean(1, keepdim=True),
+            rtol=1e-6,
+            atol=1e-6 * float(ref.abs().max()),
+        )
     # The rank-deficient problems took the eigen basis; the others the Cholesky factor.
     Xm = X - X.mean(1, keepdim=True)
     gram = Xm @ Xm.transpose(1, 2)
@@ -382,14 +409,21 @@ def test_cholesky_basis_gives_the_eigen_basis_solution() -> None:
         span_reduce(X, None, basis="qr")
 
 
-def test_full_width_batch_drops_finished_problems_and_equals_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_width_batch_drops_finished_problems_and_equals_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Standard-protocol batches (a few full-width problems) drop finished problems from the working set, so
     the evaluations cost about the sum of the problems' iterations, not the batch size times the slowest one's;
     the survivors' objective is indexed, not rebuilt; and every solution equals its one-at-a-time fit."""
     from qkvprobe.rules import hyperplane
 
     X, y = blobs(300, 12, 4)
-    Cs = [0.001, 0.01, 1.0, 100.0]  # larger C: more iterations (9, 13, 44, 75), so problems finish at different times
+    Cs = [
+        0.001,
+        0.01,
+        1.0,
+        100.0,
+    ]  # larger C: more iterations (9, 13, 44, 75), so problems finish at different times
     evaluated = [0]  # problems evaluated, summed over value_grad calls
     value_grad, select = hyperplane._LogisticObjective.value_grad, hyperplane._LogisticObjective.select
 
@@ -399,7 +433,9 @@ def test_full_width_batch_drops_finished_problems_and_equals_one_at_a_time(monke
 
     def checked(self: hyperplane._LogisticObjective, keep: torch.Tensor) -> hyperplane._LogisticObjective:
         sub = select(self, keep)
-        fresh = hyperplane._LogisticObjective(self.X[keep], self.y[keep], self.sw[keep], self.C[keep], self.num_classes)
+        fresh = hyperplane._LogisticObjective(
+            self.X[keep], self.y[keep], self.sw[keep], self.C[keep], self.num_classes
+        )
         w = torch.randn(len(keep), sub.X.shape[2] * sub.kf, dtype=sub.X.dtype)
         for a, b in zip(value_grad(sub, w), value_grad(fresh, w), strict=True):
             torch.testing.assert_close(a, b)
@@ -409,9 +445,15 @@ def test_full_width_batch_drops_finished_problems_and_equals_one_at_a_time(monke
     monkeypatch.setattr(hyperplane._LogisticObjective, "value_grad", count)
     monkeypatch.setattr(hyperplane._LogisticObjective, "select", checked)
     G = len(Cs)
-    coef, _, n_iter, _ = fit_hyperplane_batched(torch.as_tensor(X)[None].repeat(G, 1, 1),
-                                                torch.as_tensor(y)[None].repeat(G, 1), 4, Cs, tol=1e-8,
-                                                max_iter=2000, reduce=False)  # fmt: skip
+    coef, _, n_iter, _ = fit_hyperplane_batched(
+        torch.as_tensor(X)[None].repeat(G, 1, 1),
+        torch.as_tensor(y)[None].repeat(G, 1),
+        4,
+        Cs,
+        tol=1e-8,
+        max_iter=2000,
+        reduce=False,
+    )
     slowest, total = int(n_iter.max()), int(n_iter.sum())
     assert total < 0.75 * G * slowest, n_iter  # the problems do finish at very different times
     assert evaluated[0] < (total + G * slowest) / 2, (evaluated[0], n_iter)  # nearer Σ n_iter than G · max
@@ -435,8 +477,9 @@ def test_class_curvature_is_the_hessians_diagonal_blocks(num_classes: int) -> No
     def data_term(w: torch.Tensor) -> torch.Tensor:
         z = Xa @ w.view(4, kf)
         if num_classes == 2:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(z[:, 0], torch.as_tensor(y, dtype=z.dtype),
-                                                                        reduction="none")  # fmt: skip
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                z[:, 0], torch.as_tensor(y, dtype=z.dtype), reduction="none"
+            )
         else:
             loss = torch.nn.functional.cross_entropy(z, torch.as_tensor(y), reduction="none")
         return (weights * loss).sum()
@@ -460,9 +503,16 @@ def test_warm_start_curvature_preconditioner_saves_iterations(monkeypatch: pytes
     assert hyperplane.curvature_stride(len(X), 65) == 1
     coef, b, _, cold_obj = fit_hyperplane_batched(Xt, yt, 10, 0.1, reduce=False)
     *_, warm_obj = fit_hyperplane_batched(Xt, yt, 10, 1.0, reduce=False, coef_init=coef, intercept_init=b)
-    assert cold_obj.P.shape == (1, 65, 65) and warm_obj.P.shape == (1, 10, 65, 65)  # moments at W = 0, else curvature
+    assert cold_obj.P.shape == (1, 65, 65) and warm_obj.P.shape == (
+        1,
+        10,
+        65,
+        65,
+    )  # moments at W = 0, else curvature
     assert warm_obj._moment is None  # not computed: the curvature solve does not need them
-    torch.testing.assert_close(warm_obj.moment, cold_obj.moment)  # computed when asked for (a later C reuses them)
+    torch.testing.assert_close(
+        warm_obj.moment, cold_obj.moment
+    )  # computed when asked for (a later C reuses them)
     its = [int(p[2][0]) for p in fit_hyperplane_path(Xt, yt, 10, C_GRID)]
     _, (coef, b, _) = fit_hyperplane_path(Xt, yt, 10, [0.1, 1.0], tol=1e-7)  # C = 1 warm-started from C = 0.1
     monkeypatch.setattr(hyperplane, "curvature_stride", lambda num_rows, width: 0)

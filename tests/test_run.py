@@ -33,17 +33,37 @@ def _make_builtin(directory: Path, name: str, objective: str, seed: int) -> None
     import torch
     from safetensors.torch import save_file
 
-    kwargs = {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 24, "depth": 2, "num_heads": 2,
-              "num_classes": 0, "dynamic_img_size": True}  # fmt: skip
+    kwargs = {
+        "img_size": 28,
+        "patch_size": 7,
+        "in_chans": 1,
+        "embed_dim": 24,
+        "depth": 2,
+        "num_heads": 2,
+        "num_classes": 0,
+        "dynamic_img_size": True,
+    }
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     path = directory / f"{name}.safetensors"
     save_file(state, str(path))
-    card = {"name": name, "objective": objective, "timm_model": "vit_tiny_patch16_224", "model_kwargs": kwargs,
-            "data_config": {"mean": [0.5], "std": [0.5], "input_size": [1, 28, 28]},
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "params": 0, "data": "random init (test)",
-            "epochs": 0, "wall_time_s": 0, "hardware": "none", "final_loss": 0.0, "command": "tests", "loss_curve": []}
+    card = {
+        "name": name,
+        "objective": objective,
+        "timm_model": "vit_tiny_patch16_224",
+        "model_kwargs": kwargs,
+        "data_config": {"mean": [0.5], "std": [0.5], "input_size": [1, 28, 28]},
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "params": 0,
+        "data": "random init (test)",
+        "epochs": 0,
+        "wall_time_s": 0,
+        "hardware": "none",
+        "final_loss": 0.0,
+        "command": "tests",
+        "loss_curve": [],
+    }
     (directory / f"{name}.json").write_text(json.dumps(card))
 
 
@@ -58,16 +78,24 @@ def builtin_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def study_config(tmp_path: Path, **changes: object) -> dict:
     """The default study's structure on a reduced grid (small subsets, few episodes)."""
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text())
-    data.update({
-        "name": "test", "out_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"), "batch_size": 64,
-        "models": ["builtin:tiny-dino", "builtin:tiny-mae"],
-        "datasets": [{"spec": "fashion-mnist?source=bundled", "train_size": 150, "test_size": 60},
-                     {"spec": "fashion-mnist-scenes?source=bundled", "train_size": 40, "test_size": 20}],
-        "tokens": ["q", "ffn"], "c_grid": [0.1, 1.0],
-        "fewshot": {"ways": 3, "shots": [1, 5], "queries": 3, "episodes": 10, "segmentation_episodes": 6},
-        "block_sweep": {"enabled": True, "blocks": "all", "position": "cls"},
-        "report": {"direction_map_images": 2, "max_fit_samples": 2000},
-    })  # fmt: skip
+    data.update(
+        {
+            "name": "test",
+            "out_dir": str(tmp_path / "runs"),
+            "cache_dir": str(tmp_path / "cache"),
+            "batch_size": 64,
+            "models": ["builtin:tiny-dino", "builtin:tiny-mae"],
+            "datasets": [
+                {"spec": "fashion-mnist?source=bundled", "train_size": 150, "test_size": 60},
+                {"spec": "fashion-mnist-scenes?source=bundled", "train_size": 40, "test_size": 20},
+            ],
+            "tokens": ["q", "ffn"],
+            "c_grid": [0.1, 1.0],
+            "fewshot": {"ways": 3, "shots": [1, 5], "queries": 3, "episodes": 10, "segmentation_episodes": 6},
+            "block_sweep": {"enabled": True, "blocks": "all", "position": "cls"},
+            "report": {"direction_map_images": 2, "max_fit_samples": 2000},
+        }
+    )
     data.update(changes)
     return data
 
@@ -86,8 +114,10 @@ def expected_keys(cfg) -> set[tuple]:
     keys = set()
     for m in cfg.models:
         for d in cfg.datasets:
-            metrics = {"classification": {"standard": ["accuracy"], "fewshot": ["accuracy"]},
-                       "segmentation": {"standard": ["miou", "pixel_accuracy"], "fewshot": ["miou", "fb_iou"]}}[d.task]
+            metrics = {
+                "classification": {"standard": ["accuracy"], "fewshot": ["accuracy"]},
+                "segmentation": {"standard": ["miou", "pixel_accuracy"], "fewshot": ["miou", "fb_iou"]},
+            }[d.task]
             for setting in cfg.settings:
                 for shots in [0] if setting == "standard" else cfg.fewshot.shots:
                     for tok in cfg.tokens:
@@ -105,7 +135,9 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
     result = run_study(cfg, progress=False)
     run_dir = result.run_dir
     rows = read_results(run_dir / "results.csv")
-    keys = {(r.model, r.dataset, r.setting, r.shots, r.token, r.position, r.rule, r.block, r.metric) for r in rows}
+    keys = {
+        (r.model, r.dataset, r.setting, r.shots, r.token, r.position, r.rule, r.block, r.metric) for r in rows
+    }
     missing = expected_keys(cfg) - keys
     assert not missing, sorted(missing)[:5]
     assert all(0.0 <= r.value <= 1.0 for r in rows)
@@ -122,8 +154,11 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
     assert any("bundled" in s for s in info["data_sources"].values()) and info["timings"]["total_s"] > 0
     directions = json.loads((run_dir / "directions.json").read_text())["entries"]
     assert {(e["model"], e["dataset"], e["token"]) for e in directions} == {
-        (m, d, t) for m in ("builtin:tiny-dino", "builtin:tiny-mae")
-        for d in ("fashion-mnist?source=bundled", "fashion-mnist-scenes?source=bundled") for t in TOKENS}
+        (m, d, t)
+        for m in ("builtin:tiny-dino", "builtin:tiny-mae")
+        for d in ("fashion-mnist?source=bundled", "fashion-mnist-scenes?source=bundled")
+        for t in TOKENS
+    }
     assert all(-1.0 <= c <= 1.0 for e in directions for c in e["cosine"])
     # The angles are those of the standard protocol's own fits, saved per model × dataset (no second fit).
     assert len(list((run_dir / "fits").glob("*.npz"))) == 2 * 2
@@ -136,10 +171,17 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
 
     html = _Html()
     html.feed((run_dir / "report.html").read_text())
-    assert len([t for t in html.tables if "heatmap" in t.get("class", "") and "directions" not in t["class"]]) == 2 * 2 * 3
-    assert html.imgs and all((run_dir / i["data-file"]).is_file() and i["src"].startswith("data:image/png;base64,")
-                             for i in html.imgs)  # fmt: skip
-    assert any("sweep" in i["data-file"] for i in html.imgs) and any("map__" in i["data-file"] for i in html.imgs)
+    assert (
+        len([t for t in html.tables if "heatmap" in t.get("class", "") and "directions" not in t["class"]])
+        == 2 * 2 * 3
+    )
+    assert html.imgs and all(
+        (run_dir / i["data-file"]).is_file() and i["src"].startswith("data:image/png;base64,")
+        for i in html.imgs
+    )
+    assert any("sweep" in i["data-file"] for i in html.imgs) and any(
+        "map__" in i["data-file"] for i in html.imgs
+    )
     assert result.summary.row_count == 2 * 2 * 3 * 2
 
     # a second run resumes: every unit is skipped, the table is unchanged
@@ -150,9 +192,16 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
 def test_changed_config_is_refused_without_fresh(tmp_path: Path, patched_builtins: Path) -> None:
     from qkvprobe.study import run_study
 
-    small = study_config(tmp_path, datasets=[{"spec": "fashion-mnist?source=bundled", "train_size": 150, "test_size": 30}],
-                         settings=["standard"], tokens=["ffn"], rules=["cosine"], models=["builtin:tiny-dino"],
-                         block_sweep={"enabled": False}, report={"enabled": False})  # fmt: skip
+    small = study_config(
+        tmp_path,
+        datasets=[{"spec": "fashion-mnist?source=bundled", "train_size": 150, "test_size": 30}],
+        settings=["standard"],
+        tokens=["ffn"],
+        rules=["cosine"],
+        models=["builtin:tiny-dino"],
+        block_sweep={"enabled": False},
+        report={"enabled": False},
+    )
     run_study(validate_config(small), progress=False)
     small["seed"] = 3
     with pytest.raises(ConfigError, match=r"holds results of a different config .* pass --fresh"):
@@ -164,7 +213,9 @@ def test_changed_config_is_refused_without_fresh(tmp_path: Path, patched_builtin
 def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, builtin_models: Path) -> None:
     config = tmp_path / "study.yaml"
     # one model, no sweep, no report: resuming is about units and rows, and the test must stay quick
-    data = study_config(tmp_path, models=["builtin:tiny-dino"], block_sweep={"enabled": False}, report={"enabled": False})
+    data = study_config(
+        tmp_path, models=["builtin:tiny-dino"], block_sweep={"enabled": False}, report={"enabled": False}
+    )
     data["datasets"] = data["datasets"][:1]
     config.write_text(yaml.safe_dump(data))
     script = textwrap.dedent(f"""
@@ -186,8 +237,11 @@ def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, builtin_model
     proc.wait()
     assert results.exists(), "the run ended before writing its first rows"
     first = read_results(results)
-    progress = json.loads((tmp_path / "runs" / "test" / "progress.json").read_text())["done"] if (
-        tmp_path / "runs" / "test" / "progress.json").exists() else []
+    progress = (
+        json.loads((tmp_path / "runs" / "test" / "progress.json").read_text())["done"]
+        if (tmp_path / "runs" / "test" / "progress.json").exists()
+        else []
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
     assert len(progress) < 3, progress  # killed before its last unit
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -196,7 +250,9 @@ def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, builtin_model
     assert len({r.key() for r in rows}) == len(rows)  # no duplicates
     assert {r.key() for r in first} <= {r.key() for r in rows}  # finished rows kept
     cfg = load_config(config)
-    keys = {(r.model, r.dataset, r.setting, r.shots, r.token, r.position, r.rule, r.block, r.metric) for r in rows}
+    keys = {
+        (r.model, r.dataset, r.setting, r.shots, r.token, r.position, r.rule, r.block, r.metric) for r in rows
+    }
     assert expected_keys(cfg) <= keys
     info = json.loads((tmp_path / "runs" / "test" / "run.json").read_text())
     assert info["resumed"] is True and info["timings"]["total_s"] > 0

@@ -33,7 +33,9 @@ def test_progress_binds_run_dir_to_config(tmp_path: Path) -> None:
     p.mark(uid)
     again = Progress(tmp_path, "aaa")
     assert again.resumed and again.done == [uid] and again.is_done(uid)
-    with pytest.raises(ConfigError, match=r"holds results of a different config \(fingerprint aaa vs bbb\); pass --fresh"):
+    with pytest.raises(
+        ConfigError, match=r"holds results of a different config \(fingerprint aaa vs bbb\); pass --fresh"
+    ):
         Progress(tmp_path, "bbb")
     (tmp_path / "results.csv").write_text("x")
     (tmp_path / "notes.txt").write_text("mine")
@@ -77,7 +79,9 @@ def test_direction_cosines_match_a_numpy_reference() -> None:
     assert (cos > 0.5).all()  # well-separated classes: both rules look the same way
     # Imbalanced classes and class_weight="balanced": the normals are HyperplaneRule(class_weight="balanced")'s.
     keep = rng.uniform(size=120) < 1.0 / (y + 1)
-    classes, cos = direction_cosines(X[:, keep].astype(np.float32), y[keep], [0.1, 0.1], class_weight="balanced")
+    classes, cos = direction_cosines(
+        X[:, keep].astype(np.float32), y[keep], [0.1, 0.1], class_weight="balanced"
+    )
     w = HyperplaneRule(C=0.1, class_weight="balanced").fit(X[0, keep], y[keep]).coef_
     mu = CosineRule().fit(X[0, keep], y[keep]).directions_
     ref = np.sum(w * mu, 1) / np.linalg.norm(w, axis=1) / np.linalg.norm(mu, axis=1)
@@ -88,8 +92,11 @@ def test_saved_fits_give_the_direction_cosines(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     W, mu = rng.normal(size=(2, 4, 6)), rng.normal(size=(2, 4, 6))
     mu[:, 2] = 0  # a class without training samples (segmentation) has no direction: left out
-    weights = {(t, "cls", r, 5): (W if r == "hyperplane" else mu)[g] for g, t in enumerate(["q", "k"])
-               for r in ("hyperplane", "cosine")}  # fmt: skip
+    weights = {
+        (t, "cls", r, 5): (W if r == "hyperplane" else mu)[g]
+        for g, t in enumerate(["q", "k"])
+        for r in ("hyperplane", "cosine")
+    }
     path = tmp_path / "fits" / "m__d.npz"
     save_fits(path, weights, np.array([3, 4, 7, 9]))
     classes, cos = fitted_direction_cosines(path, ["q", "k"], "cls", 5)
@@ -104,8 +111,25 @@ def test_saved_fits_give_the_direction_cosines(tmp_path: Path) -> None:
 
 
 def _row(token: str, rule: str, value: float, C: float = math.nan) -> ResultRow:
-    return ResultRow("m", "dino", "d", "classification", "fewshot", 1, token, "cls", rule, 5, 1, 50, "accuracy",
-                     value, 0.01, 0, C)  # fmt: skip
+    return ResultRow(
+        "m",
+        "dino",
+        "d",
+        "classification",
+        "fewshot",
+        1,
+        token,
+        "cls",
+        rule,
+        5,
+        1,
+        50,
+        "accuracy",
+        value,
+        0.01,
+        0,
+        C,
+    )
 
 
 def test_paired_verdicts_between_top_choices() -> None:
@@ -114,8 +138,11 @@ def test_paired_verdicts_between_top_choices() -> None:
 
     from qkvprobe.protocols.classification import Evaluation
 
-    per_episode = {("v", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50), ("q", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
-                   ("k", "cls", "cosine", 1): rng.uniform(0.3, 0.6, 50)}  # fmt: skip
+    per_episode = {
+        ("v", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
+        ("q", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
+        ("k", "cls", "cosine", 1): rng.uniform(0.3, 0.6, 50),
+    }
 
     tests = paired_verdicts(rows, Evaluation(rows, per_episode=per_episode), None)
     assert [(t["a"]["token"], t["b"]["token"]) for t in tests] == [("v", "q"), ("v", "k")]
@@ -125,8 +152,27 @@ def test_paired_verdicts_between_top_choices() -> None:
 
 
 def test_lookup_C_takes_the_protocols_choice() -> None:
-    rows = [ResultRow("m", "dino", "d", "classification", "standard", 1, "v", "cls", "hyperplane", 0, 0, 0,
-                      "accuracy", 0.8, math.nan, 0, 0.01)]  # fmt: skip
+    rows = [
+        ResultRow(
+            "m",
+            "dino",
+            "d",
+            "classification",
+            "standard",
+            1,
+            "v",
+            "cls",
+            "hyperplane",
+            0,
+            0,
+            0,
+            "accuracy",
+            0.8,
+            math.nan,
+            0,
+            0.01,
+        )
+    ]
     assert lookup_C(rows, "m", "d", "v", "cls", 1) == 0.01
     assert lookup_C(rows, "m", "d", "q", "cls", 1) == 1.0
 

@@ -161,9 +161,16 @@ def reference_features(
 def test_round_trip_exact(tmp_path: Path, dtype: str) -> None:
     bb, ds = ToyBackbone(), SyntheticDataset(10)
     store = extract_features(
-        bb, ds, tmp_path / "s", tokens="q,k,v,ffn", positions="cls,avg,patch", dtype=dtype, batch_size=4,
-        shard_size=4, progress=False,
-    )  # fmt: skip
+        bb,
+        ds,
+        tmp_path / "s",
+        tokens="q,k,v,ffn",
+        positions="cls,avg,patch",
+        dtype=dtype,
+        batch_size=4,
+        shard_size=4,
+        progress=False,
+    )
     assert store.num_samples == 10 and store.num_shards == 3 and store.blocks == [1] and store.grid == (7, 7)
     for token in ("q", "k", "v", "ffn"):
         for position in ("cls", "avg", "patch"):
@@ -185,9 +192,15 @@ def test_round_trip_exact(tmp_path: Path, dtype: str) -> None:
 def test_single_shard_is_memory_mapped_and_several_blocks(tmp_path: Path) -> None:
     bb, ds = ToyBackbone(), SyntheticDataset(6)
     store = extract_features(
-        bb, ds, tmp_path / "s", blocks=(0, -1), tokens=("k",), positions=("cls",), dtype="float32",
+        bb,
+        ds,
+        tmp_path / "s",
+        blocks=(0, -1),
+        tokens=("k",),
+        positions=("cls",),
+        dtype="float32",
         progress=False,
-    )  # fmt: skip
+    )
     assert store.blocks == [0, 1] and store.num_shards == 1
     assert isinstance(store.get("k", "cls", block=0), np.memmap)
     np.testing.assert_array_equal(
@@ -255,9 +268,14 @@ def test_open_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"not empty and is not a feature store.*junk.txt"):
         extract_features(ToyBackbone(), SyntheticDataset(2), tmp_path, progress=False)
     store = extract_features(
-        ToyBackbone(), SyntheticDataset(4), tmp_path / "s", shard_size=2, tokens="q", positions="cls",
+        ToyBackbone(),
+        SyntheticDataset(4),
+        tmp_path / "s",
+        shard_size=2,
+        tokens="q",
+        positions="cls",
         progress=False,
-    )  # fmt: skip
+    )
     with pytest.raises(StoreError, match=r"token 'k' is not in feature store.*--tokens"):
         store.get("k", "cls")
     with pytest.raises(StoreError, match=r"position 'patch' is not in.*--positions"):
@@ -309,9 +327,19 @@ def test_manifest_complete_only_when_every_shard_is_on_disk(tmp_path: Path) -> N
 @pytest.mark.parametrize("shard_size", [4, 100])  # several shards (concatenated) and one (a memmap view)
 def test_per_head_tokens_are_column_slices(tmp_path: Path, shard_size: int) -> None:
     bb, ds = ToyBackbone(), SyntheticDataset(10)
-    bb.num_heads = 4  # D = 16: heads of 4 columns, concatenated in head order (test_taps rebuilds attention so)
-    store = extract_features(bb, ds, tmp_path / "s", tokens="q,v,ffn", positions="cls,patch", dtype="float32",
-                             shard_size=shard_size, progress=False)  # fmt: skip
+    bb.num_heads = (
+        4  # D = 16: heads of 4 columns, concatenated in head order (test_taps rebuilds attention so)
+    )
+    store = extract_features(
+        bb,
+        ds,
+        tmp_path / "s",
+        tokens="q,v,ffn",
+        positions="cls,patch",
+        dtype="float32",
+        shard_size=shard_size,
+        progress=False,
+    )
     assert store.num_heads == 4
     assert store.head_tokens() == [f"{t}.h{h}" for t in ("q", "v") for h in range(4)]
     assert store.head_tokens(["ffn", "v", "k"]) == ["v.h0", "v.h1", "v.h2", "v.h3"]
@@ -332,19 +360,24 @@ def test_per_head_tokens_are_column_slices(tmp_path: Path, shard_size: int) -> N
 
 
 def test_per_head_tokens_need_a_store_that_records_heads(tmp_path: Path) -> None:
-    store = extract_features(ToyBackbone(), SyntheticDataset(4), tmp_path / "s", tokens="q", positions="cls",
-                             progress=False)  # fmt: skip
+    store = extract_features(
+        ToyBackbone(), SyntheticDataset(4), tmp_path / "s", tokens="q", positions="cls", progress=False
+    )
     m = json.loads((tmp_path / "s" / MANIFEST).read_text())
     del m["backbone"]["num_heads"]  # as written before per-head tokens existed
     write_json_atomic(tmp_path / "s" / MANIFEST, m)
     old = FeatureStore.open(tmp_path / "s")
     assert old.num_heads is None and old.get("q", "cls").shape == store.get("q", "cls").shape
-    with pytest.raises(StoreError, match=r"does not record the number of attention heads.*re-run its extract"):
+    with pytest.raises(
+        StoreError, match=r"does not record the number of attention heads.*re-run its extract"
+    ):
         old.get("q.h0", "cls")
     with pytest.raises(StoreError, match="does not record the number of attention heads"):
         old.head_tokens()
     # Re-running the extract command reuses the store (nothing recomputed) and records the heads.
     bb = ToyBackbone()
-    again = extract_features(bb, SyntheticDataset(4), tmp_path / "s", tokens="q", positions="cls", progress=False)
+    again = extract_features(
+        bb, SyntheticDataset(4), tmp_path / "s", tokens="q", positions="cls", progress=False
+    )
     assert bb.calls == 0 and again.num_heads == 1 and again.head_tokens() == ["q.h0"]
     np.testing.assert_array_equal(again.get("q.h0", "cls"), store.get("q", "cls"))

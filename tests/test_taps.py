@@ -18,8 +18,16 @@ ATOL = 1e-4  # float32 on CPU, outputs of order 1: fused SDPA vs explicit softma
 def tiny_timm(**kwargs) -> torch.nn.Module:
     """A 2-block, D=32, 4-head timm ViT on 1×16×16 images; ``kwargs`` switch on the variant under test."""
     torch.manual_seed(0)
-    base = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=4, num_classes=0,
-                dynamic_img_size=True)  # fmt: skip
+    base = dict(
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**base, **kwargs}).eval()
     return sharpen(model)
 
@@ -123,8 +131,9 @@ def test_ffn_equals_forward_intermediates(variant: str) -> None:
     x = torch.randn(2, 1, 16, 20)
     out = bb.extract(x, blocks=(0, 1, -1), tokens=("ffn", "ffn_norm"))
     with torch.no_grad():
-        inter = model.forward_intermediates(x, indices=[0, 1], output_fmt="NLC", intermediates_only=True,
-                                            return_prefix_tokens=True)  # fmt: skip
+        inter = model.forward_intermediates(
+            x, indices=[0, 1], output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
         features = model.forward_features(x)
     for block, item in enumerate(inter):
         full = torch.cat([item[1], item[0]], dim=1) if bb.num_prefix_tokens else item
@@ -231,8 +240,15 @@ def test_nan_features_raise() -> None:
 
 def test_rotary_eva_refused() -> None:
     torch.manual_seed(0)
-    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, embed_dim=32, depth=1,
-                            num_heads=2, num_classes=0)  # fmt: skip
+    eva = timm.create_model(
+        "eva02_tiny_patch14_224",
+        pretrained=False,
+        img_size=28,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        num_classes=0,
+    )
     with pytest.raises(ModelError, match=r"rotary-embedding model.*pre-rotary q/k"):
         wrap(eva)
 

@@ -17,8 +17,16 @@ from qkvprobe import load_backbone
 from qkvprobe.backbones.weights import load_weights, state_dict_digest
 from qkvprobe.errors import WeightsError
 
-KWARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=0,
-              dynamic_img_size=True)  # fmt: skip
+KWARGS = dict(
+    img_size=16,
+    patch_size=4,
+    in_chans=1,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    num_classes=0,
+    dynamic_img_size=True,
+)
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
@@ -32,11 +40,17 @@ def write_card(directory: Path, name: str, state: dict[str, torch.Tensor], **ext
     weights = directory / f"{name}.safetensors"
     save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(weights))
     card = {
-        "name": name, "objective": "dino", "timm_model": "vit_tiny_patch16_224", "model_kwargs": KWARGS,
+        "name": name,
+        "objective": "dino",
+        "timm_model": "vit_tiny_patch16_224",
+        "model_kwargs": KWARGS,
         "data_config": {"mean": [0.286], "std": [0.353], "input_size": [1, 16, 16]},
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "params": 1, "data": "fashion-mnist",
-        "epochs": 1, **extra,
-    }  # fmt: skip
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "params": 1,
+        "data": "fashion-mnist",
+        "epochs": 1,
+        **extra,
+    }
     (directory / f"{name}.json").write_text(json.dumps(card))
     return weights
 
@@ -89,8 +103,9 @@ def test_weights_round_trip(builtin, tmp_path: Path, fmt: str) -> None:
     bb = load_backbone("builtin:fmnist_dino", weights=path)
     with torch.no_grad():
         ref = other.forward_features(X)
-        ffn = other.forward_intermediates(X, indices=[1], output_fmt="NLC", intermediates_only=True,
-                                          return_prefix_tokens=True)[0]  # fmt: skip
+        ffn = other.forward_intermediates(
+            X, indices=[1], output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )[0]
     out = bb.extract(X)
     torch.testing.assert_close(out["ffn_norm"], ref, atol=0, rtol=0)
     torch.testing.assert_close(out["ffn"], torch.cat([ffn[1], ffn[0]], 1), atol=0, rtol=0)
@@ -159,8 +174,14 @@ def test_hf_weights_with_prefix(tmp_path: Path) -> None:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       image_size=16, patch_size=4)  # fmt: skip
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+    )
     ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "arch")
     torch.manual_seed(1)
     source = ViTModel(config, add_pooling_layer=False).eval()

@@ -63,7 +63,9 @@ class ModelConfig(_Strict):
     @classmethod
     def _check_spec(cls, v: str) -> str:
         if not v.startswith(MODEL_PREFIXES) or v.split(":", 1)[1] == "":
-            raise ValueError(f"model spec {v!r} must be one of {', '.join(p + '<name>' for p in MODEL_PREFIXES)}")
+            raise ValueError(
+                f"model spec {v!r} must be one of {', '.join(p + '<name>' for p in MODEL_PREFIXES)}"
+            )
         return v
 
     @property
@@ -119,7 +121,9 @@ class DatasetConfig(_Strict):
         allowed = TASK_POSITIONS[task]
         bad = [p for p in v if p not in allowed]
         if bad:
-            raise ValueError(f"position {bad[0]!r} is not available for {task} ({spec}); allowed: {', '.join(allowed)}")
+            raise ValueError(
+                f"position {bad[0]!r} is not available for {task} ({spec}); allowed: {', '.join(allowed)}"
+            )
         if not v:
             raise ValueError("at least one position is needed")
         return _unique(v, "position")
@@ -127,7 +131,9 @@ class DatasetConfig(_Strict):
     @model_validator(mode="after")
     def _default_positions(self) -> DatasetConfig:
         if self.positions is None:
-            self.__dict__["positions"] = list(TASK_POSITIONS[self.task])  # bypass validate_assignment recursion
+            self.__dict__["positions"] = list(
+                TASK_POSITIONS[self.task]
+            )  # bypass validate_assignment recursion
         return self
 
 
@@ -258,14 +264,20 @@ class StudyConfig(_Strict):
         names = {m.name for m in self.models} | {m.spec for m in self.models}
         for m in self.block_sweep.models:
             if m not in names:
-                raise ValueError(f"block_sweep.models: {m!r} is not a model of this study; allowed: {', '.join(sorted(names))}")
+                raise ValueError(
+                    f"block_sweep.models: {m!r} is not a model of this study; allowed: {', '.join(sorted(names))}"
+                )
         bad_rules = [r for r in self.block_sweep.rules if r not in self.rules]
         if bad_rules:
-            raise ValueError(f"block_sweep.rules: {bad_rules[0]!r} is not a rule of this study; allowed: {', '.join(self.rules)}")
+            raise ValueError(
+                f"block_sweep.rules: {bad_rules[0]!r} is not a rule of this study; allowed: {', '.join(self.rules)}"
+            )
         specs = {d.spec for d in self.datasets}
         for d in self.block_sweep.datasets:
             if d not in specs:
-                raise ValueError(f"block_sweep.datasets: {d!r} is not a dataset of this study; allowed: {', '.join(sorted(specs))}")
+                raise ValueError(
+                    f"block_sweep.datasets: {d!r} is not a dataset of this study; allowed: {', '.join(sorted(specs))}"
+                )
         return self
 
     # ---- derived values -------------------------------------------------------------------------------
@@ -273,7 +285,11 @@ class StudyConfig(_Strict):
         return Path(self.out_dir).expanduser() / self.name
 
     def cache_root(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "qkvprobe" / "features"
+        return (
+            Path(self.cache_dir).expanduser()
+            if self.cache_dir
+            else Path.home() / ".cache" / "qkvprobe" / "features"
+        )
 
     def sweep_models(self) -> list[ModelConfig]:
         if not self.block_sweep.enabled:
@@ -332,7 +348,9 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
         where = ".".join(path[: i + 1])
         if isinstance(node, list):
             if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                raise ConfigError(f"--set {'.'.join(path)}: {where!r} needs a list index in 0..{len(node) - 1}")
+                raise ConfigError(
+                    f"--set {'.'.join(path)}: {where!r} needs a list index in 0..{len(node) - 1}"
+                )
             idx = int(part)
             if last:
                 node[idx] = value
@@ -361,7 +379,10 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             return None
         ann = model.model_fields[part].annotation
         while get_origin(ann) is not None:  # list[X] / X | None -> X
-            ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), get_args(ann)[0])
+            ann = next(
+                (a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)),
+                get_args(ann)[0],
+            )
         model = ann
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 

@@ -20,9 +20,26 @@ from pathlib import Path
 from .errors import QkvprobeError
 
 COLUMNS: tuple[str, ...] = (
-    "model", "objective", "dataset", "task", "setting", "block", "token", "position", "rule",
-    "ways", "shots", "episodes", "metric", "value", "ci95", "seed", "C", "class_weight", "C_choice",
-)  # fmt: skip
+    "model",
+    "objective",
+    "dataset",
+    "task",
+    "setting",
+    "block",
+    "token",
+    "position",
+    "rule",
+    "ways",
+    "shots",
+    "episodes",
+    "metric",
+    "value",
+    "ci95",
+    "seed",
+    "C",
+    "class_weight",
+    "C_choice",
+)
 #: The hyperplane rule's class weighting ("none" = PAPER.md's plain fit, "balanced" = scikit-learn's
 #: n / (K·n_class)); "" for the cosine rule, which has no weights. A key column: plain and balanced fits of the
 #: same token are different measurements and live side by side in one table.
@@ -65,18 +82,24 @@ class ResultRow:
 
     def __post_init__(self) -> None:
         if self.class_weight not in CLASS_WEIGHTS:
-            raise QkvprobeError(f"result class_weight {self.class_weight!r} is not one of {list(CLASS_WEIGHTS)}")
+            raise QkvprobeError(
+                f"result class_weight {self.class_weight!r} is not one of {list(CLASS_WEIGHTS)}"
+            )
         if self.rule == "hyperplane" and not self.class_weight:
             object.__setattr__(self, "class_weight", "none")  # frozen: the default of a hyperplane row
         elif self.rule != "hyperplane" and self.class_weight:
-            raise QkvprobeError(f"result class_weight {self.class_weight!r} given for rule {self.rule!r}; only "
-                                "hyperplane rows are weighted")
+            raise QkvprobeError(
+                f"result class_weight {self.class_weight!r} given for rule {self.rule!r}; only "
+                "hyperplane rows are weighted"
+            )
         if self.rule == "hyperplane" and not self.C_choice:
             chosen = self.setting == "standard" or math.isnan(self.C)
             object.__setattr__(self, "C_choice", C_AUTO if chosen else fixed_C_text(self.C))
         elif self.rule != "hyperplane" and self.C_choice:
-            raise QkvprobeError(f"result C_choice {self.C_choice!r} given for rule {self.rule!r}; only hyperplane "
-                                "rows have a C")
+            raise QkvprobeError(
+                f"result C_choice {self.C_choice!r} given for rule {self.rule!r}; only hyperplane "
+                "rows have a C"
+            )
         if not (0.0 <= self.value <= 1.0):
             raise QkvprobeError(f"result value {self.value!r} for metric {self.metric!r} is outside [0, 1]")
 
@@ -116,7 +139,9 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
         if missing:
             raise QkvprobeError(f"{path}: not a qkvprobe results table, columns {missing} are missing")
         fill = {c: v for c, v in _ADDED.items() if c not in present}
-        return [ResultRow(**{c: _parse(c, rec[c]) for c in COLUMNS if c not in fill}, **fill) for rec in reader]
+        return [
+            ResultRow(**{c: _parse(c, rec[c]) for c in COLUMNS if c not in fill}, **fill) for rec in reader
+        ]
 
 
 def write_results(path: str | os.PathLike, rows: Iterable[ResultRow]) -> list[ResultRow]:
@@ -136,7 +161,9 @@ def write_results(path: str | os.PathLike, rows: Iterable[ResultRow]) -> list[Re
             writer.writeheader()
             for r in table:
                 rec = asdict(r)
-                writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
+                writer.writerow(
+                    {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+                )
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

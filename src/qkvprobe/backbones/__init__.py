@@ -53,8 +53,13 @@ def list_models() -> list[dict[str, str]]:
             card = {}
         facts = [f"{card[k]} {k}" for k in ("params", "epochs") if k in card]
         notes = ", ".join([f"built-in, {card.get('data', '?')}", *facts])
-        rows.append({"spec": f"builtin:{card_path.stem}", "objective": str(card.get("objective", "unknown")),
-                     "notes": notes})  # fmt: skip
+        rows.append(
+            {
+                "spec": f"builtin:{card_path.stem}",
+                "objective": str(card.get("objective", "unknown")),
+                "notes": notes,
+            }
+        )
     rows += [
         {"spec": f"timm:{n}", "objective": objective_of(n), "notes": note} for n, note in KNOWN_TIMM.items()
     ]

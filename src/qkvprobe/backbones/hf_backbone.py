@@ -37,8 +37,11 @@ def _data_config(source: str, config: Any) -> dict[str, Any]:
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     out: dict[str, Any] = {
         "input_size": (int(config.num_channels), int(size), int(size)),
-        "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bicubic", "crop_pct": 1.0,
-    }  # fmt: skip
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+    }
     try:
         from transformers.utils import cached_file
 
@@ -60,8 +63,9 @@ def _data_config(source: str, config: Any) -> dict[str, Any]:
 class HfBackbone(HookedBackbone):
     """A transformers ViT: q/k/v from the attention's q/k/v projections, ffn = layer output, final = layernorm."""
 
-    def __init__(self, model: nn.Module, *, spec: str, source: str, device: str | torch.device,
-                 weights_info: str = "") -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, *, spec: str, source: str, device: str | torch.device, weights_info: str = ""
+    ) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_TYPES:
             raise ModelError(

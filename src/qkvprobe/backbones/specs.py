@@ -47,9 +47,17 @@ KNOWN_HF: dict[str, str] = {
 
 #: Name fragments → objective family (PAPER.md §1); checked in order, so "dinov2" wins over "dino".
 _FAMILIES: tuple[tuple[str, str], ...] = (
-    ("dinov2", "dino"), ("dinov3", "dino"), ("dino", "dino"), ("ibot", "dino"), ("mocov3", "dino"),
-    ("moco", "dino"), ("simmim", "mae"), ("data2vec", "mae"), ("beit", "mae"), ("mae", "mae"),
-)  # fmt: skip
+    ("dinov2", "dino"),
+    ("dinov3", "dino"),
+    ("dino", "dino"),
+    ("ibot", "dino"),
+    ("mocov3", "dino"),
+    ("moco", "dino"),
+    ("simmim", "mae"),
+    ("data2vec", "mae"),
+    ("beit", "mae"),
+    ("mae", "mae"),
+)
 
 
 def objective_of(name: str) -> str:

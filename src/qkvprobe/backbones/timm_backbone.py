@@ -61,8 +61,16 @@ def check_tappable(model: nn.Module, label: str) -> None:
 class TimmBackbone(HookedBackbone):
     """A timm ``VisionTransformer``: q/k after ``attn.q_norm``/``k_norm``, v from ``attn.qkv``, ffn = block output."""
 
-    def __init__(self, model: nn.Module, *, spec: str, objective: str, device: str | torch.device,
-                 data_config: dict[str, Any] | None = None, weights_info: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        spec: str,
+        objective: str,
+        device: str | torch.device,
+        data_config: dict[str, Any] | None = None,
+        weights_info: str = "",
+    ) -> None:
         import timm.data
 
         check_tappable(model, spec)
@@ -200,6 +208,10 @@ def load_builtin(directory: Path, name: str, weights: str | Path | None, device:
     model = _create(card["timm_model"], label, **kwargs)
     info = _attach(model, weights, label)
     return TimmBackbone(
-        model, spec=label, objective=str(card["objective"]), device=device,
-        data_config=dict(card["data_config"]), weights_info=info,
-    )  # fmt: skip
+        model,
+        spec=label,
+        objective=str(card["objective"]),
+        device=device,
+        data_config=dict(card["data_config"]),
+        weights_info=info,
+    )

@@ -21,8 +21,15 @@ CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model", "teacher", "student", 
 STRIP_PREFIXES: tuple[str, ...] = ("module.", "backbone.", "model.", "encoder.", "teacher.", "student.")
 #: Training-only parts (classifier, DINO projection head, MAE decoder) dropped when the model lacks them.
 HEAD_PREFIXES: tuple[str, ...] = (
-    "head", "fc_norm", "decoder", "mask_token", "pooler", "classifier", "pre_logits", "last_layer",
-)  # fmt: skip
+    "head",
+    "fc_norm",
+    "decoder",
+    "mask_token",
+    "pooler",
+    "classifier",
+    "pre_logits",
+    "last_layer",
+)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -29,7 +29,11 @@ def datasets_cmd() -> None:
     table = Table("spec", "task", "classes", "train", "test", "source")
     for entry in list_datasets():
         table.add_row(
-            entry["spec"], entry.get("task", ""), str(entry.get("num_classes", "")),
-            str(entry.get("train", "")), str(entry.get("test", "")), entry.get("source", ""),
-        )  # fmt: skip
+            entry["spec"],
+            entry.get("task", ""),
+            str(entry.get("num_classes", "")),
+            str(entry.get("train", "")),
+            str(entry.get("test", "")),
+            entry.get("source", ""),
+        )
     Console().print(table)

@@ -23,7 +23,9 @@ def _ints(text: str, name: str) -> list[int]:
     try:
         return [int(t) for t in _split(text, name)]
     except ValueError:
-        raise ConfigError(f"--{name} must be comma-separated integers, got {text!r}; e.g. --{name} -1") from None
+        raise ConfigError(
+            f"--{name} must be comma-separated integers, got {text!r}; e.g. --{name} -1"
+        ) from None
 
 
 @contextmanager
@@ -33,9 +35,16 @@ def _bar(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    bar = Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.description}"), console=console, transient=True,
-                   disable=not (enabled and console.is_terminal))  # fmt: skip
+    bar = Progress(
+        TextColumn("evaluate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+        disable=not (enabled and console.is_terminal),
+    )
     with bar:
         task = bar.add_task("", total=None)
         yield lambda label, done, total: bar.update(task, description=label, completed=done, total=total)
@@ -51,33 +60,42 @@ def evaluate(
     setting: str = typer.Option("standard", "--setting", help="standard|fewshot."),
     rules: str = typer.Option("hyperplane,cosine", "--rules", "--rule", help="Comma-separated rules."),
     tokens: str = typer.Option("q,k,v,ffn", "--tokens", help="Comma-separated token types."),
-    positions: str = typer.Option(None, "--positions", help="cls,avg (classification) or patch (default by task)."),
-    blocks: str = typer.Option("-1", "--blocks", help="Comma-separated block indices (negative from the end)."),
+    positions: str = typer.Option(
+        None, "--positions", help="cls,avg (classification) or patch (default by task)."
+    ),
+    blocks: str = typer.Option(
+        "-1", "--blocks", help="Comma-separated block indices (negative from the end)."
+    ),
     ways: int = typer.Option(5, "--ways", help="Few-shot classification: classes per episode."),
     shots: str = typer.Option("1,5", "--shots", help="Few-shot: comma-separated shots per class."),
     queries: int = typer.Option(15, "--queries", help="Few-shot classification: queries per class."),
     episodes: int = typer.Option(None, "--episodes", help="Few-shot episodes (default 2000 cls / 1000 seg)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of the episodes."),
     fewshot_c: str = typer.Option(
-        None, "--fewshot-c",
+        None,
+        "--fewshot-c",
         help="Few-shot: the hyperplane rule's fixed C (default FEWSHOT_C = 1.0), or 'auto' to choose it from "
         "FEWSHOT_C_GRID on 300 validation episodes drawn from the training split alone (halved into support "
         "and query pools); the rows' C column holds the chosen C.",
     ),
     device: str = typer.Option("cpu", "--device", help="torch device of the solvers."),
     class_weight: str = typer.Option(
-        "none", "--class-weight",
+        "none",
+        "--class-weight",
         help="none|balanced: weigh the hyperplane rule's classes by n / (K·n_class), as scikit-learn "
         "(standard fits and few-shot segmentation). Rows record it in their class_weight column, so plain and "
         "balanced rows of one token live side by side in one table.",
     ),
     heads: bool = typer.Option(
-        False, "--heads",
+        False,
+        "--heads",
         help="Also evaluate every attention head of q, k and v in --tokens on its own (tokens q.h0 … v.h{H-1}: "
         "the head's D/H columns). Single heads can be named in --tokens too, e.g. q.h3.",
     ),
     out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (only on a terminal)."),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Progress bar (only on a terminal)."
+    ),
 ) -> None:
     """Evaluate decision rules on token features of existing stores; write rows of the results table."""
     from ..features.store import FeatureStore
@@ -92,38 +110,65 @@ def evaluate(
     train, test = FeatureStore.open(train_store), FeatureStore.open(test_store)
     task = task or train.task
     if task not in ("classification", "segmentation") or task != train.task or task != test.task:
-        raise ConfigError(f"--task {task!r} does not match the stores ({train.task}, {test.task}); "
-                          "pass --task classification or segmentation matching how they were extracted")  # fmt: skip
+        raise ConfigError(
+            f"--task {task!r} does not match the stores ({train.task}, {test.task}); "
+            "pass --task classification or segmentation matching how they were extracted"
+        )
     if setting not in ("standard", "fewshot"):
         raise ConfigError(f"--setting must be standard or fewshot, got {setting!r}")
     if class_weight not in ("none", "balanced"):
         raise ConfigError(f"--class-weight must be none or balanced, got {class_weight!r}")
     if fewshot_c is not None:
         if setting != "fewshot":
-            raise ConfigError("--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split")
+            raise ConfigError(
+                "--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split"
+            )
         fewshot_c = check_fewshot_C(fewshot_c)
     token_list = _split(tokens, "tokens")
     if heads:
         token_list += [t for t in train.head_tokens(token_list) if t not in token_list]
-    kw = dict(setting=setting, rules=_split(rules, "rules"), tokens=token_list,
-              blocks=_ints(blocks, "blocks"), shots=_ints(shots, "shots"), seed=seed, device=device,
-              class_weight=None if class_weight == "none" else class_weight)  # fmt: skip
+    kw = dict(
+        setting=setting,
+        rules=_split(rules, "rules"),
+        tokens=token_list,
+        blocks=_ints(blocks, "blocks"),
+        shots=_ints(shots, "shots"),
+        seed=seed,
+        device=device,
+        class_weight=None if class_weight == "none" else class_weight,
+    )
     if fewshot_c is not None:
         kw["C"] = fewshot_c
     with _bar(progress) as tell:
         if task == "classification":
-            rows = evaluate_classification(train, test, positions=_split(positions or "cls", "positions"), ways=ways,
-                                           queries=queries, episodes=episodes or 2000, progress=tell, **kw)  # fmt: skip
+            rows = evaluate_classification(
+                train,
+                test,
+                positions=_split(positions or "cls", "positions"),
+                ways=ways,
+                queries=queries,
+                episodes=episodes or 2000,
+                progress=tell,
+                **kw,
+            )
         else:
-            rows = evaluate_segmentation(train, test, positions=_split(positions or "patch", "positions"),
-                                         episodes=episodes or 1000, progress=tell, **kw)  # fmt: skip
+            rows = evaluate_segmentation(
+                train,
+                test,
+                positions=_split(positions or "patch", "positions"),
+                episodes=episodes or 1000,
+                progress=tell,
+                **kw,
+            )
     write_results(out, rows)
     for r in rows:
         ci = "" if r.ci95 != r.ci95 else f" ± {100 * r.ci95:.2f}"
         rule = f"{r.rule} ({r.class_weight})" if r.class_weight == "balanced" else r.rule
         C = f" (C {r.C:g})" if r.rule == "hyperplane" and r.C == r.C else ""
-        typer.echo(f"{r.token:>8} {r.position:<5} {rule:<10} block {r.block} shots {r.shots}: "
-                   f"{r.metric} {100 * r.value:.2f}{ci}{C}")  # fmt: skip
+        typer.echo(
+            f"{r.token:>8} {r.position:<5} {rule:<10} block {r.block} shots {r.shots}: "
+            f"{r.metric} {100 * r.value:.2f}{ci}{C}"
+        )
     _print_summary(rows)
     typer.echo(f"wrote {len(rows)} rows to {out}")
 

@@ -53,12 +53,29 @@ def pretrain_cmd(
     from ..pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(
-        objective=objective, data=data, data_root=data_root, arch=arch, epochs=epochs, batch_size=batch_size,
-        lr=lr, seed=seed, limit=limit, scene_fraction=scene_fraction, num_local_crops=num_local_crops,
-        local_size=local_size, out_dim=out_dim, teacher_temp=teacher_temp, momentum=momentum,
-        mask_ratio=mask_ratio, name=name, device=device, amp=amp, threads=threads,
-        time_budget_min=time_budget_min, progress=progress,
-    )  # fmt: skip
+        objective=objective,
+        data=data,
+        data_root=data_root,
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        limit=limit,
+        scene_fraction=scene_fraction,
+        num_local_crops=num_local_crops,
+        local_size=local_size,
+        out_dim=out_dim,
+        teacher_temp=teacher_temp,
+        momentum=momentum,
+        mask_ratio=mask_ratio,
+        name=name,
+        device=device,
+        amp=amp,
+        threads=threads,
+        time_budget_min=time_budget_min,
+        progress=progress,
+    )
     command = "qkvprobe pretrain " + shlex.join(
         sys.argv[2:] if sys.argv[1:2] == ["pretrain"] else sys.argv[1:]
     )

@@ -14,11 +14,16 @@ from ..cli import app, edge
 @edge
 def run_command(
     config: Annotated[
-        Path | None, typer.Argument(help="Study config (YAML). Omitted: the embedded default study (configs/default.yaml).")
+        Path | None,
+        typer.Argument(
+            help="Study config (YAML). Omitted: the embedded default study (configs/default.yaml)."
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a config key, e.g. --set fewshot.episodes=100 (repeatable; YAML values)."),
+        typer.Option(
+            "--set", help="Override a config key, e.g. --set fewshot.episodes=100 (repeatable; YAML values)."
+        ),
     ] = None,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Discard the run directory's earlier results instead of resuming.")
@@ -45,8 +50,13 @@ def run_command(
 @app.command("report")
 @edge
 def report_command(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (holding results.csv) written by `qkvprobe run`.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the HTML (default RUN_DIR/report.html).")] = None,
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory (holding results.csv) written by `qkvprobe run`.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Where to write the HTML (default RUN_DIR/report.html)."),
+    ] = None,
 ) -> None:
     """Re-render report.html and figures/ from a run directory's saved results alone (no model is loaded)."""
     from rich.console import Console

@@ -30,9 +30,16 @@ from .scenes import DEFAULT_SIZES as SCENE_SIZES
 from .scenes import FashionMNISTScenes
 
 __all__ = [
-    "Dataset", "Preprocess", "build_preprocess", "class_pixel_counts", "list_datasets", "open_dataset",
-    "patch_majority_labels", "sample_classification_episodes", "sample_segmentation_episodes",
-]  # fmt: skip
+    "Dataset",
+    "Preprocess",
+    "build_preprocess",
+    "class_pixel_counts",
+    "list_datasets",
+    "open_dataset",
+    "patch_majority_labels",
+    "sample_classification_episodes",
+    "sample_segmentation_episodes",
+]
 
 _FOLDERS = {"imagefolder": ImageFolder, "voc": VOCSegmentation, "ade20k": ADE20K, "segfolder": SegFolder}
 
@@ -57,8 +64,14 @@ def open_dataset(
             if split in ("train", "test", "val")
             else None
         )
-        return FashionMNISTScenes(split, root=root, seed=int_option(spec, options, "seed", 0), num_scenes=size,
-                                  source=options.get("source", "auto"), spec=spec)  # fmt: skip
+        return FashionMNISTScenes(
+            split,
+            root=root,
+            seed=int_option(spec, options, "seed", 0),
+            num_scenes=size,
+            source=options.get("source", "auto"),
+            spec=spec,
+        )
     check_options(spec, options, ())
     assert path is not None  # parse_spec guarantees a path for folder specs
     return _FOLDERS[name](path, split, on_bad_image=on_bad_image, spec=spec)
@@ -81,8 +94,13 @@ def class_pixel_counts(dataset: Dataset) -> np.ndarray:
 
 
 def _folder_entry(kind: str, candidates: list[Path]) -> dict[str, Any]:
-    entry: dict[str, Any] = {"spec": f"{kind}:PATH", "task": "segmentation" if kind != "imagefolder" else "classification",
-                             "num_classes": {"voc": 21, "ade20k": 150}.get(kind, ""), "train": "", "test": ""}  # fmt: skip
+    entry: dict[str, Any] = {
+        "spec": f"{kind}:PATH",
+        "task": "segmentation" if kind != "imagefolder" else "classification",
+        "num_classes": {"voc": 21, "ade20k": 150}.get(kind, ""),
+        "train": "",
+        "test": "",
+    }
     for path in candidates:
         if not path.is_dir():
             continue
@@ -119,14 +137,31 @@ def list_datasets() -> list[dict[str, Any]]:
         located = _locate_fashion_mnist(allow_download=False)
     train, test = (_count_fashion_mnist(located, s) for s in ("train", "test"))
     entries = [
-        {"spec": "fashion-mnist", "task": "classification", "num_classes": 10, "train": train, "test": test, "source": located.source},
-        {"spec": "fashion-mnist-scenes", "task": "segmentation", "num_classes": 11, "train": SCENE_SIZES["train"],
-         "test": SCENE_SIZES["test"], "source": f"generated on first use (seed 0) from Fashion-MNIST {located.source}"},
-    ]  # fmt: skip
+        {
+            "spec": "fashion-mnist",
+            "task": "classification",
+            "num_classes": 10,
+            "train": train,
+            "test": test,
+            "source": located.source,
+        },
+        {
+            "spec": "fashion-mnist-scenes",
+            "task": "segmentation",
+            "num_classes": 11,
+            "train": SCENE_SIZES["train"],
+            "test": SCENE_SIZES["test"],
+            "source": f"generated on first use (seed 0) from Fashion-MNIST {located.source}",
+        },
+    ]
     env = os.environ.get("QKVPROBE_DATA")
     base = Path(env).expanduser() if env else None
-    where = {"imagefolder": ["imagenet", "ImageNet", "imagefolder"], "voc": ["VOCdevkit", "VOC2012"],
-             "ade20k": ["ADEChallengeData2016"], "segfolder": []}  # fmt: skip
+    where = {
+        "imagefolder": ["imagenet", "ImageNet", "imagefolder"],
+        "voc": ["VOCdevkit", "VOC2012"],
+        "ade20k": ["ADEChallengeData2016"],
+        "segfolder": [],
+    }
     for kind, names in where.items():
         entries.append(_folder_entry(kind, [base / n for n in names] if base else []))
     return entries

@@ -14,8 +14,13 @@ from ..errors import DataError, SpecError
 
 #: Spec names ``open_dataset`` understands; ``*`` marks the ones that need ``:PATH``.
 SPEC_NAMES: tuple[str, ...] = (
-    "fashion-mnist", "fashion-mnist-scenes", "imagefolder", "voc", "ade20k", "segfolder",
-)  # fmt: skip
+    "fashion-mnist",
+    "fashion-mnist-scenes",
+    "imagefolder",
+    "voc",
+    "ade20k",
+    "segfolder",
+)
 PATH_SPECS: tuple[str, ...] = ("imagefolder", "voc", "ade20k", "segfolder")
 
 

@@ -129,9 +129,15 @@ class SegmentationEpisodes:
         p = _load_json(text, "segmentation")
         try:
             e, k = len(p["classes"]), int(p["shots"])
-            out = cls(np.asarray(p["classes"], dtype=np.int64), np.asarray(p["support"], dtype=np.int64).reshape(e, k),
-                      np.asarray(p["query"], dtype=np.int64), k, int(p["seed"]), int(p["min_pixels"]),
-                      tuple(int(c) for c in p["exclude"]))  # fmt: skip
+            out = cls(
+                np.asarray(p["classes"], dtype=np.int64),
+                np.asarray(p["support"], dtype=np.int64).reshape(e, k),
+                np.asarray(p["query"], dtype=np.int64),
+                k,
+                int(p["seed"]),
+                int(p["min_pixels"]),
+                tuple(int(c) for c in p["exclude"]),
+            )
         except (KeyError, ValueError, TypeError) as exc:
             raise DataError(f"segmentation episodes JSON is malformed ({exc!r})") from None
         if out.query.shape != (e,):
@@ -150,8 +156,16 @@ def _check_counts(ways: int, shots: int, queries: int, episodes: int) -> None:
             raise DataError(f"{name} must be >= {low}, got {value}")
 
 
-def sample_classification_episodes(train_labels: np.ndarray, test_labels: np.ndarray, *, ways: int = 5, shots: int = 1,
-                                   queries: int = 15, episodes: int = 2000, seed: int = 0) -> ClassificationEpisodes:  # fmt: skip
+def sample_classification_episodes(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    ways: int = 5,
+    shots: int = 1,
+    queries: int = 15,
+    episodes: int = 2000,
+    seed: int = 0,
+) -> ClassificationEpisodes:
     """Sample ``episodes`` ``ways``-way ``shots``-shot episodes from train labels [Ntr] and eval labels [Nte]."""
     _check_counts(ways, shots, queries, episodes)
     train_labels, test_labels = (
@@ -167,8 +181,10 @@ def sample_classification_episodes(train_labels: np.ndarray, test_labels: np.nda
     test_pool = {int(c): np.flatnonzero(test_labels == c) for c in classes}
     for c in classes.tolist():
         if len(train_pool[c]) < shots or len(test_pool[c]) < queries:
-            raise DataError(f"class {c} has {len(train_pool[c])} training and {len(test_pool[c])} evaluation images; "
-                            f"{shots}-shot episodes with {queries} queries need >= {shots} and >= {queries}")  # fmt: skip
+            raise DataError(
+                f"class {c} has {len(train_pool[c])} training and {len(test_pool[c])} evaluation images; "
+                f"{shots}-shot episodes with {queries} queries need >= {shots} and >= {queries}"
+            )
     rng = np.random.default_rng(seed)
     n_sup, n_qry = ways * shots, ways * queries
     out_classes = np.empty((episodes, ways), np.int64)
@@ -186,9 +202,16 @@ def sample_classification_episodes(train_labels: np.ndarray, test_labels: np.nda
     )
 
 
-def sample_segmentation_episodes(train_pixel_counts: np.ndarray, test_pixel_counts: np.ndarray, *, shots: int = 1,
-                                 episodes: int = 1000, seed: int = 0, min_pixels: int = DEFAULT_MIN_PIXELS,
-                                 exclude: tuple[int, ...] = (0,)) -> SegmentationEpisodes:  # fmt: skip
+def sample_segmentation_episodes(
+    train_pixel_counts: np.ndarray,
+    test_pixel_counts: np.ndarray,
+    *,
+    shots: int = 1,
+    episodes: int = 1000,
+    seed: int = 0,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    exclude: tuple[int, ...] = (0,),
+) -> SegmentationEpisodes:
     """Sample 1-way ``shots``-shot episodes from per-image class pixel counts [Ntr, C] and [Nte, C]."""
     _check_counts(1, shots, 1, episodes)
     train, test = np.asarray(train_pixel_counts), np.asarray(test_pixel_counts)
@@ -201,9 +224,11 @@ def sample_segmentation_episodes(train_pixel_counts: np.ndarray, test_pixel_coun
     test_pool = {c: np.flatnonzero(test[:, c] >= min_pixels) for c in classes}
     for c in classes:
         if len(train_pool[c]) < shots or len(test_pool[c]) < 1:
-            raise DataError(f"class {c} is present (>= {min_pixels} pixels) in {len(train_pool[c])} training and "
-                            f"{len(test_pool[c])} evaluation images; {shots}-shot episodes need >= {shots} and >= 1 "
-                            f"(add it to exclude or lower min_pixels)")  # fmt: skip
+            raise DataError(
+                f"class {c} is present (>= {min_pixels} pixels) in {len(train_pool[c])} training and "
+                f"{len(test_pool[c])} evaluation images; {shots}-shot episodes need >= {shots} and >= 1 "
+                f"(add it to exclude or lower min_pixels)"
+            )
     rng = np.random.default_rng(seed)
     out_classes = np.empty(episodes, np.int64)
     support, query = np.empty((episodes, shots), np.int64), np.empty(episodes, np.int64)

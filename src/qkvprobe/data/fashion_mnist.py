@@ -35,8 +35,17 @@ from .base import Dataset
 from .idx import parse_idx, read_idx_bytes
 
 CLASSES: list[str] = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -88,8 +97,13 @@ def _search(base: Path) -> tuple[Path, dict[str, tuple[Path, Path]]] | None:
     return None
 
 
-def download(dest: Path | None = None, *, base_url: str | None = None, checksums: dict[str, str] | None = None,
-             timeout: float = 30.0) -> Path:  # fmt: skip
+def download(
+    dest: Path | None = None,
+    *,
+    base_url: str | None = None,
+    checksums: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Path:
     """Download the four files into ``dest`` (default ``$QKVPROBE_CACHE/fashion-mnist``); returns ``dest``.
 
     Files already there with the right md5 are kept. Each file is verified before it is renamed into place,
@@ -205,8 +219,12 @@ def load_split(located: Located, split: str) -> tuple[np.ndarray, np.ndarray, st
         raise DataError(
             f"corrupt Fashion-MNIST file {label_path}: label {int(labels.max())} outside 0..{len(CLASSES) - 1}"
         )
-    fingerprint = sha256_parts("fashion-mnist", split, hashlib.sha256(image_bytes).hexdigest(),
-                               hashlib.sha256(label_bytes).hexdigest())  # fmt: skip
+    fingerprint = sha256_parts(
+        "fashion-mnist",
+        split,
+        hashlib.sha256(image_bytes).hexdigest(),
+        hashlib.sha256(label_bytes).hexdigest(),
+    )
     images.flags.writeable = False  # shared by every Dataset of this split: nobody may edit it in place
     labels.flags.writeable = False
     _CACHE[key] = (images, labels, fingerprint)
@@ -227,8 +245,9 @@ class FashionMNIST(Dataset):
 
     task = "classification"
 
-    def __init__(self, split: str, *, root: str | Path | None = None, source: str = "auto",
-                 spec: str = "fashion-mnist") -> None:  # fmt: skip
+    def __init__(
+        self, split: str, *, root: str | Path | None = None, source: str = "auto", spec: str = "fashion-mnist"
+    ) -> None:
         if split not in SPLIT_ALIASES:
             raise DataError(f"unknown split {split!r} for {spec}; valid: train, test (val = test)")
         self.spec, self.split = spec, SPLIT_ALIASES[split]

@@ -22,9 +22,28 @@ from ..errors import DataError
 from .files import ClassFolderBase, SegmentationBase, check_on_bad_image, list_images
 
 VOC_CLASSES: list[str] = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]  # fmt: skip
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 #: ADE20K SceneParsing class names (objectInfo150, first name of each entry), index = reduced label.
 ADE20K_CLASSES: list[str] = [
     "wall",

@@ -31,8 +31,12 @@ from ..vocab import IGNORE_INDEX, TASKS
 
 PREPROCESS_VERSION = 1
 DEFAULT_CROP_PCT = 0.875
-_INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-                   "nearest": InterpolationMode.NEAREST_EXACT, "lanczos": InterpolationMode.LANCZOS}  # fmt: skip
+_INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST_EXACT,
+    "lanczos": InterpolationMode.LANCZOS,
+}
 
 
 def _round_to_patch(size: int, patch_size: int) -> int:
@@ -60,8 +64,9 @@ class Preprocess:
         )
         return images[0], (target if masks is None else masks[0])
 
-    def batch(self, images: torch.Tensor | Sequence[torch.Tensor], masks: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    def batch(
+        self, images: torch.Tensor | Sequence[torch.Tensor], masks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images uint8 [B, C, H, W] (or a list of same-sized [C, H, W]) → float32 [B, C', H', W'];
         masks [B, H, W] → int64 [B, H', W'] (segmentation), or None."""
         if not isinstance(images, torch.Tensor):
@@ -123,18 +128,31 @@ class Preprocess:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description; the feature store keys on it."""
-        steps = ("resize shorter side to floor(size/crop_pct), centre crop (skipped when already at size)"
-                 if self.task == "classification" else "resize image bilinear antialias, mask nearest-exact")  # fmt: skip
+        steps = (
+            "resize shorter side to floor(size/crop_pct), centre crop (skipped when already at size)"
+            if self.task == "classification"
+            else "resize image bilinear antialias, mask nearest-exact"
+        )
         return {
-            "version": PREPROCESS_VERSION, "task": self.task, "input_size": [self.channels, *self.output_size],
-            "mean": list(self.mean), "std": list(self.std), "patch_size": self.patch_size,
+            "version": PREPROCESS_VERSION,
+            "task": self.task,
+            "input_size": [self.channels, *self.output_size],
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "patch_size": self.patch_size,
             "interpolation": self.interpolation if self.task == "classification" else "bilinear",
-            "crop_pct": self.crop_pct if self.task == "classification" else None, "steps": steps,
-        }  # fmt: skip
+            "crop_pct": self.crop_pct if self.task == "classification" else None,
+            "steps": steps,
+        }
 
 
-def build_preprocess(data_config: dict[str, Any], task: str, *, patch_size: int,
-                     image_size: int | tuple[int, int] | None = None) -> Preprocess:  # fmt: skip
+def build_preprocess(
+    data_config: dict[str, Any],
+    task: str,
+    *,
+    patch_size: int,
+    image_size: int | tuple[int, int] | None = None,
+) -> Preprocess:
     """Preprocessing for ``task`` from a backbone's data config; output H', W' are multiples of ``patch_size``."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")

@@ -44,8 +44,9 @@ CLASSES: list[str] = ["background", *GARMENTS]
 _SPLIT_CODE = {"train": 0, "test": 1}
 
 
-def generate_scenes(garments: np.ndarray, garment_labels: np.ndarray, num_scenes: int, seed: int,
-                    split: str) -> dict[str, np.ndarray]:  # fmt: skip
+def generate_scenes(
+    garments: np.ndarray, garment_labels: np.ndarray, num_scenes: int, seed: int, split: str
+) -> dict[str, np.ndarray]:
     """Build scenes from garments uint8 [M, 28, 28] with labels [M] (vectorised; seconds for 10 000).
 
     Returns ``images`` uint8 [N, 56, 56], ``masks`` uint8 [N, 56, 56] (0..10), ``garment`` int64 [N, 4]
@@ -91,8 +92,16 @@ class FashionMNISTScenes(Dataset):
     task = "segmentation"
     ignore_index = 255
 
-    def __init__(self, split: str, *, root: str | Path | None = None, seed: int = 0, num_scenes: int | None = None,
-                 source: str = "auto", spec: str = "fashion-mnist-scenes") -> None:  # fmt: skip
+    def __init__(
+        self,
+        split: str,
+        *,
+        root: str | Path | None = None,
+        seed: int = 0,
+        num_scenes: int | None = None,
+        source: str = "auto",
+        spec: str = "fashion-mnist-scenes",
+    ) -> None:
         if split not in SPLIT_ALIASES:
             raise DataError(f"unknown split {split!r} for {spec}; valid: train, test (val = test)")
         self.spec, self.split, self.seed = spec, SPLIT_ALIASES[split], int(seed)
@@ -106,8 +115,15 @@ class FashionMNISTScenes(Dataset):
             "threshold": THRESHOLD,
         }
         garments, garment_labels, source_fp = load_split(located, self.split)
-        self.fingerprint = sha256_parts("fashion-mnist-scenes", str(GENERATOR_VERSION), json.dumps(params, sort_keys=True),
-                                        str(self.seed), self.split, str(self.num_scenes), source_fp)  # fmt: skip
+        self.fingerprint = sha256_parts(
+            "fashion-mnist-scenes",
+            str(GENERATOR_VERSION),
+            json.dumps(params, sort_keys=True),
+            str(self.seed),
+            self.split,
+            str(self.num_scenes),
+            source_fp,
+        )
         self.cache_path = cache_dir() / "scenes" / f"{self.fingerprint[:24]}.npz"
         arrays = self._load_cached()
         if arrays is None:

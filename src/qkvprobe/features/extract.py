@@ -440,9 +440,17 @@ def extract_features(
         raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
     out = Path(out)
     planned, preprocess = plan_store(
-        backbone, dataset, blocks=blocks, tokens=tokens, positions=positions, dtype=dtype, amp=amp,
-        image_size=image_size, shard_size=shard_size, device_decode=device_decode,
-    )  # fmt: skip
+        backbone,
+        dataset,
+        blocks=blocks,
+        tokens=tokens,
+        positions=positions,
+        dtype=dtype,
+        amp=amp,
+        image_size=image_size,
+        shard_size=shard_size,
+        device_decode=device_decode,
+    )
     info = qdist.init_distributed(str(backbone.device))
     _prepare_dir(out, info)
     existing = _store_state(out, planned)

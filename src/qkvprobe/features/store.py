@@ -259,7 +259,9 @@ class FeatureStore:
     def _array_stem(self, token: str, position: str, block: int) -> str:
         base, head = split_head(token)
         if head is None and ".h" in token:
-            raise StoreError(f"token {token!r}: per-head tokens exist for {', '.join(HEAD_TOKENS)} only, e.g. q.h0")
+            raise StoreError(
+                f"token {token!r}: per-head tokens exist for {', '.join(HEAD_TOKENS)} only, e.g. q.h0"
+            )
         token = base  # a head's columns live in its token type's array
         if token not in self.tokens:
             raise StoreError(
@@ -303,16 +305,20 @@ class FeatureStore:
 
     def head_tokens(self, tokens: Sequence[str] | None = None) -> list[str]:
         """The per-head tokens (``q.h0`` … ``v.h{H-1}``) of the stored attention token types among ``tokens``."""
-        wanted = [t for t in (self.tokens if tokens is None else tokens) if t in HEAD_TOKENS and t in self.tokens]
+        wanted = [
+            t for t in (self.tokens if tokens is None else tokens) if t in HEAD_TOKENS and t in self.tokens
+        ]
         if wanted:
             self._require_heads("per-head tokens")
         return [head_token(t, h) for t in wanted for h in range(self.num_heads or 0)]
 
     def _require_heads(self, what: str) -> None:
         if not self.num_heads:
-            raise StoreError(f"feature store {self.path} does not record the number of attention heads (it was "
-                             f"extracted before per-head tokens existed); re-run its extract command (it records "
-                             f"them without recomputing) to use {what}")  # fmt: skip
+            raise StoreError(
+                f"feature store {self.path} does not record the number of attention heads (it was "
+                f"extracted before per-head tokens existed); re-run its extract command (it records "
+                f"them without recomputing) to use {what}"
+            )
 
     def _head_columns(self, token: str) -> slice | None:
         head = split_head(token)[1]
@@ -321,8 +327,10 @@ class FeatureStore:
         self._require_heads(repr(token))
         assert self.num_heads is not None
         if head >= self.num_heads:
-            raise StoreError(f"token {token!r}: the model has {self.num_heads} heads (h0 … h{self.num_heads - 1}); "
-                             f"pick a head below {self.num_heads}")  # fmt: skip
+            raise StoreError(
+                f"token {token!r}: the model has {self.num_heads} heads (h0 … h{self.num_heads - 1}); "
+                f"pick a head below {self.num_heads}"
+            )
         d = self.embed_dim // self.num_heads
         return slice(head * d, (head + 1) * d)
 

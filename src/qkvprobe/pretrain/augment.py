@@ -45,7 +45,9 @@ def random_resized_crop(
     flip = torch.where(torch.rand(B, generator=gen) < 0.5, -1.0, 1.0)
     theta = torch.zeros(B, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    grid = F.affine_grid(to_device(theta, x.device, x.dtype), [B, x.shape[1], size, size], align_corners=False)
+    grid = F.affine_grid(
+        to_device(theta, x.device, x.dtype), [B, x.shape[1], size, size], align_corners=False
+    )
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -55,8 +57,12 @@ def color_jitter(
     """Brightness and contrast jitter for grey images in [0, 1] (applied with probability ``p``)."""
     B = x.shape[0]
     on = (torch.rand(B, 1, 1, 1, generator=gen) < p).float()
-    bright = to_device(1 + on * torch.empty(B, 1, 1, 1).uniform_(-strength, strength, generator=gen), x.device)
-    contrast = to_device(1 + on * torch.empty(B, 1, 1, 1).uniform_(-strength, strength, generator=gen), x.device)
+    bright = to_device(
+        1 + on * torch.empty(B, 1, 1, 1).uniform_(-strength, strength, generator=gen), x.device
+    )
+    contrast = to_device(
+        1 + on * torch.empty(B, 1, 1, 1).uniform_(-strength, strength, generator=gen), x.device
+    )
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return ((x - mean) * contrast + mean).mul(bright).clamp(0, 1)
 

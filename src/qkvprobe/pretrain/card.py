@@ -42,8 +42,19 @@ def hardware(device: str) -> str:
     return f"CPU {cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)"
 
 
-def write_outputs(out: Path, cfg: PretrainConfig, obj: Objective, losses: list[float], wall: float, step: int,
-                  total: int, steps_per_epoch: int, num_images: int, command: str, stopped: str | None) -> dict[str, Any]:  # fmt: skip
+def write_outputs(
+    out: Path,
+    cfg: PretrainConfig,
+    obj: Objective,
+    losses: list[float],
+    wall: float,
+    step: int,
+    total: int,
+    steps_per_epoch: int,
+    num_images: int,
+    command: str,
+    stopped: str | None,
+) -> dict[str, Any]:
     """model.safetensors (float16 encoder, head removed), card.json, card.md and loss.png in ``out``."""
     from safetensors.torch import save_file
 
@@ -140,8 +151,14 @@ def card_markdown(card: dict[str, Any]) -> str:
         if card.get(key):
             lines += [f"{title}:", "", "```", card[key], "```", ""]
     if card.get("quality"):
-        lines += ["## Quality (Fashion-MNIST test, standard classification)", "", card.get("quality_protocol", ""), "",
-                  "| block | token | position | rule | accuracy |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Quality (Fashion-MNIST test, standard classification)",
+            "",
+            card.get("quality_protocol", ""),
+            "",
+            "| block | token | position | rule | accuracy |",
+            "|---|---|---|---|---|",
+        ]
         for r in card["quality"]:
             lines.append(
                 f"| {r['block']} | {r['token']} | {r['position']} | {r['rule']} | {r['accuracy']:.4f} |"

@@ -110,9 +110,13 @@ def build_encoder(arch: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     import timm
 
     kwargs: dict[str, Any] = {
-        "img_size": 28, "patch_size": 4, "in_chans": 1, **ARCHS[arch],
-        "dynamic_img_size": True, "num_classes": 0,
-    }  # fmt: skip
+        "img_size": 28,
+        "patch_size": 4,
+        "in_chans": 1,
+        **ARCHS[arch],
+        "dynamic_img_size": True,
+        "num_classes": 0,
+    }
     return timm.create_model(TIMM_MODEL, pretrained=False, **kwargs), kwargs
 
 

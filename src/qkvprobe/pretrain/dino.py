@@ -24,9 +24,12 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 1024, bottleneck_dim: int = 128) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
-        )  # fmt: skip
+        )
         # Weight norm with g == 1 written out: normalising the rows at use avoids the deprecated
         # torch.nn.utils.weight_norm and its parametrisation keys in the state dict.
         self.last_weight = nn.Parameter(torch.randn(out_dim, bottleneck_dim) * 0.02)
@@ -46,8 +49,14 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
 
-def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, num_global: int,
-              student_temp: float, teacher_temp: float) -> torch.Tensor:  # fmt: skip
+def dino_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    center: torch.Tensor,
+    num_global: int,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
     """Cross-entropy between sharpened, centred teacher views and every *other* student view.
 
     ``student_out`` [V·B, K] (globals first), ``teacher_out`` [G·B, K] (globals only), ``center`` [K].
@@ -79,10 +88,12 @@ class DINO(Objective):
         teacher_head.load_state_dict(head.state_dict())
         # The exported encoder is the EMA teacher: it is the better feature extractor (DINO paper, §5.3).
         self.encoder = teacher_enc
-        self.modules = nn.ModuleDict({
-            "student": nn.ModuleDict({"encoder": student_enc, "head": head}),
-            "teacher": nn.ModuleDict({"encoder": teacher_enc, "head": teacher_head}),
-        })  # fmt: skip
+        self.modules = nn.ModuleDict(
+            {
+                "student": nn.ModuleDict({"encoder": student_enc, "head": head}),
+                "teacher": nn.ModuleDict({"encoder": teacher_enc, "head": teacher_head}),
+            }
+        )
         for p in self.modules["teacher"].parameters():
             p.requires_grad_(False)
         self.center = torch.zeros(cfg.out_dim)

@@ -28,9 +28,18 @@ from .common import (
 SYNC_EVERY = 20  # steps between reading losses back from an accelerator
 
 
-def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConfig], Objective], *,
-          resume: bool = False, command: str = "", base_lr: float = 5e-4, wd: tuple[float, float] = (0.04, 0.4),
-          betas: tuple[float, float] = (0.9, 0.999), clip: float | None = 3.0) -> dict[str, Any]:  # fmt: skip
+def train(
+    cfg: PretrainConfig,
+    out: Path,
+    make_objective: Callable[[PretrainConfig], Objective],
+    *,
+    resume: bool = False,
+    command: str = "",
+    base_lr: float = 5e-4,
+    wd: tuple[float, float] = (0.04, 0.4),
+    betas: tuple[float, float] = (0.9, 0.999),
+    clip: float | None = 3.0,
+) -> dict[str, Any]:
     """Run (or resume) a pre-training; write checkpoint.pt each epoch, then model.safetensors + card files.
 
     Returns the card (dict). Training stops early (with a checkpoint, still exporting the model) when
@@ -59,7 +68,9 @@ def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConf
     decay = [p for p in params if p.ndim > 1 and p.shape[0] != 1]
     no_decay = [p for p in params if not (p.ndim > 1 and p.shape[0] != 1)]
     opt = torch.optim.AdamW(
-        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=betas,
         fused=device.type == "cuda",  # one kernel for the whole update instead of one per tensor group
     )
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -69,8 +80,10 @@ def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConf
         state = load_checkpoint(ckpt_path)
         if state["config"] != cfg.identity():
             diff = sorted(k for k in cfg.identity() if state["config"].get(k) != cfg.identity()[k])
-            raise ConfigError(f"--resume: checkpoint {ckpt_path} was made with other settings ({', '.join(diff)}); "
-                              "use the same options or another --out")  # fmt: skip
+            raise ConfigError(
+                f"--resume: checkpoint {ckpt_path} was made with other settings ({', '.join(diff)}); "
+                "use the same options or another --out"
+            )
         obj.modules.load_state_dict(state["modules"])
         opt.load_state_dict(state["optimizer"])
         obj.load_extra_state(state["extra"])
@@ -95,11 +108,20 @@ def train(cfg: PretrainConfig, out: Path, make_objective: Callable[[PretrainConf
 
     def checkpoint() -> None:
         flush()
-        save_checkpoint(ckpt_path, {
-            "config": cfg.identity(), "modules": obj.modules.state_dict(), "optimizer": opt.state_dict(),
-            "extra": obj.extra_state(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "step": step, "losses": losses, "wall_time_s": wall,
-        })  # fmt: skip
+        save_checkpoint(
+            ckpt_path,
+            {
+                "config": cfg.identity(),
+                "modules": obj.modules.state_dict(),
+                "optimizer": opt.state_dict(),
+                "extra": obj.extra_state(),
+                "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "losses": losses,
+                "wall_time_s": wall,
+            },
+        )
 
     progress = _Progress(enabled=cfg.progress, total=total, start=step)
     t0 = time.perf_counter()
@@ -173,8 +195,13 @@ class _Progress:
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
+            self.bar = Progress(
+                TextColumn("pretrain"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
             self.task = self.bar.add_task("", total=total, completed=start, info="")
             self.bar.start()
 

@@ -14,8 +14,13 @@ from .augment import normalize, random_resized_crop, to_device
 from .common import Objective, PretrainConfig, build_encoder
 
 
-def random_masking(num_images: int, num_patches: int, mask_ratio: float, gen: torch.Generator,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def random_masking(
+    num_images: int,
+    num_patches: int,
+    mask_ratio: float,
+    gen: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-image random permutation → ``keep`` [B, L_keep] indices, ``restore`` [B, L], ``mask`` [B, L] (1 = masked).
 
     Exactly ``num_patches - int(num_patches * (1 - mask_ratio))`` patches are masked in every image.

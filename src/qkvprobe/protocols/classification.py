@@ -135,8 +135,9 @@ class Evaluation(list):
     (hyperplane normals / cosine class directions), rows labelled by ``classes`` (the label values), so the
     "which direction?" angles need no second fit."""
 
-    def __init__(self, rows: Sequence[ResultRow] = (), per_episode: dict | None = None,
-                 predictions: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, rows: Sequence[ResultRow] = (), per_episode: dict | None = None, predictions: dict | None = None
+    ) -> None:
         super().__init__(rows)
         self.per_episode: dict[tuple[str, str, str, int], np.ndarray] = per_episode or {}
         self.predictions: dict[tuple[str, str, str, int], np.ndarray] = predictions or {}
@@ -161,7 +162,9 @@ def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor
 def _encode(y_train: np.ndarray, y_test: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     classes, ytr = np.unique(np.asarray(y_train), return_inverse=True)
     if len(classes) < 2:
-        raise RuleError(f"the training split has a single class ({classes[0].tolist()!r}); classification needs at least 2")
+        raise RuleError(
+            f"the training split has a single class ({classes[0].tolist()!r}); classification needs at least 2"
+        )
     yte = np.searchsorted(classes, y_test).clip(0, len(classes) - 1)
     unknown = classes[yte] != y_test
     if unknown.any():
@@ -173,10 +176,20 @@ def _encode(y_train: np.ndarray, y_test: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def standard_classification(
-    train: Sequence[Any], y_train: np.ndarray, test: Sequence[Any], y_test: np.ndarray, *, rule: str,
-    Cs: Sequence[float] = C_GRID, val_fraction: float = VAL_FRACTION, seed: int = 0, device: str = "cpu",
-    max_iter: int | None = None, tol: float | None = None, class_weight: str | None = None,
-) -> list[StandardResult]:  # fmt: skip
+    train: Sequence[Any],
+    y_train: np.ndarray,
+    test: Sequence[Any],
+    y_test: np.ndarray,
+    *,
+    rule: str,
+    Cs: Sequence[float] = C_GRID,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = 0,
+    device: str = "cpu",
+    max_iter: int | None = None,
+    tol: float | None = None,
+    class_weight: str | None = None,
+) -> list[StandardResult]:
     """Standard protocol for G feature sets sharing labels: ``train[g] [n, D_g]``, ``test[g] [m, D_g]`` →
     one :class:`StandardResult` per feature set (same order). ``class_weight="balanced"`` weighs the hyperplane
     rule's classes by n / (K · n_k) (scikit-learn's) in the C sweep and the refit; None = plain (PAPER.md)."""
@@ -189,11 +202,15 @@ def standard_classification(
         as_features(train[g], name=f"train features #{g}")
         as_features(test[g], name=f"test features #{g}")
         if train[g].shape[0] != len(ytr) or test[g].shape[0] != len(yte):
-            raise FeatureError(f"feature set #{g}: {train[g].shape[0]}/{test[g].shape[0]} rows but "
-                               f"{len(ytr)}/{len(yte)} labels; pass one label per row")  # fmt: skip
+            raise FeatureError(
+                f"feature set #{g}: {train[g].shape[0]}/{test[g].shape[0]} rows but "
+                f"{len(ytr)}/{len(yte)} labels; pass one label per row"
+            )
         if test[g].shape[1] != train[g].shape[1]:
-            raise FeatureError(f"feature set #{g}: test width {test[g].shape[1]} != train width {train[g].shape[1]}; "
-                               "use the same token/block/model for both splits")  # fmt: skip
+            raise FeatureError(
+                f"feature set #{g}: test width {test[g].shape[1]} != train width {train[g].shape[1]}; "
+                "use the same token/block/model for both splits"
+            )
     dev, dt = torch.device(device), default_dtype(device)
     results: list[StandardResult | None] = [None] * len(train)
     # Group feature sets of equal width into batches that fit STANDARD_BATCH_BYTES.
@@ -207,16 +224,31 @@ def standard_classification(
             ids = members[lo : lo + batch]
             Xtr = torch.stack([_as_tensor(train[g], dev, dt) for g in ids])
             Xte = torch.stack([_as_tensor(test[g], dev, dt) for g in ids])
-            for g, res in zip(ids, _standard_batch(Xtr, ytr, Xte, yte, K, rule, Cs, val_fraction, seed,
-                                                   max_iter, tol, class_weight), strict=True):  # fmt: skip
+            for g, res in zip(
+                ids,
+                _standard_batch(
+                    Xtr, ytr, Xte, yte, K, rule, Cs, val_fraction, seed, max_iter, tol, class_weight
+                ),
+                strict=True,
+            ):
                 results[g] = StandardResult(res[0], res[1], res[2], classes[res[3]], res[4])
     return results  # type: ignore[return-value]
 
 
-def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: np.ndarray, K: int, rule: str,
-                    Cs: Sequence[float], val_fraction: float, seed: int, max_iter: int | None,
-                    tol: float | None, class_weight: str | None = None,
-                    ) -> list[tuple[float, float, dict, np.ndarray, np.ndarray]]:  # fmt: skip
+def _standard_batch(
+    Xtr: torch.Tensor,
+    ytr: np.ndarray,
+    Xte: torch.Tensor,
+    yte: np.ndarray,
+    K: int,
+    rule: str,
+    Cs: Sequence[float],
+    val_fraction: float,
+    seed: int,
+    max_iter: int | None,
+    tol: float | None,
+    class_weight: str | None = None,
+) -> list[tuple[float, float, dict, np.ndarray, np.ndarray]]:
     G, dev = Xtr.shape[0], Xtr.device
     y_all = torch.as_tensor(ytr, device=dev).expand(G, -1)
     if rule == "cosine":
@@ -239,30 +271,59 @@ def _standard_batch(Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: 
             f"classes (held out: {num_val}, smallest class: {counts.min()} samples); use more training samples "
             f"(at least {math.ceil(K / val_fraction)} and 2 per class)"
         )
-    fit_idx, val_idx = train_test_split(np.arange(len(ytr)), test_size=val_fraction, stratify=ytr, random_state=seed)
-    fit_idx, val_idx = torch.as_tensor(np.sort(fit_idx), device=dev), torch.as_tensor(np.sort(val_idx), device=dev)
+    fit_idx, val_idx = train_test_split(
+        np.arange(len(ytr)), test_size=val_fraction, stratify=ytr, random_state=seed
+    )
+    fit_idx, val_idx = (
+        torch.as_tensor(np.sort(fit_idx), device=dev),
+        torch.as_tensor(np.sort(val_idx), device=dev),
+    )
     balanced = class_weight == "balanced"
     # Under torchrun (an initialised process group) every rank sweeps its round-robin share of the grid and the
     # shares are merged: all ranks then hold the whole sweep and make the same choice. Alone: the whole grid.
     if _group_size() > 1:
-        parts = all_gather_objects(_c_sweep(Xtr, y_all, fit_idx, val_idx, K, shard_for_rank(Cs), opts, balanced))
+        parts = all_gather_objects(
+            _c_sweep(Xtr, y_all, fit_idx, val_idx, K, shard_for_rank(Cs), opts, balanced)
+        )
     else:
         parts = [_c_sweep(Xtr, y_all, fit_idx, val_idx, K, Cs, opts, balanced)]
-    sweep = sorted(((C, part["val"][:, j], part["coef"][j], part["intercept"][j])
-                    for part in parts for j, C in enumerate(part["Cs"])), key=lambda item: item[0])  # fmt: skip
+    sweep = sorted(
+        (
+            (C, part["val"][:, j], part["coef"][j], part["intercept"][j])
+            for part in parts
+            for j, C in enumerate(part["Cs"])
+        ),
+        key=lambda item: item[0],
+    )
     val_acc = torch.as_tensor(np.stack([v for _, v, _, _ in sweep], 1))  # [G, len(Cs)]
     best = val_acc.argmax(1)  # first maximum = smallest C among ties
     coef0 = torch.stack([sweep[int(j)][2][g] for g, j in enumerate(best)]).to(dev)
     b0 = torch.stack([sweep[int(j)][3][g] for g, j in enumerate(best)]).to(dev)
     C_best = torch.tensor([Cs[int(j)] for j in best], dtype=Xtr.dtype, device=dev)
-    coef, intercept, _, _ = fit_hyperplane_batched(Xtr, y_all, K, C_best, coef_init=coef0, intercept_init=b0,
-                                                   reduce=False, sample_weight=_balanced(y_all, K, balanced, Xtr),
-                                                   **opts)  # fmt: skip
+    coef, intercept, _, _ = fit_hyperplane_batched(
+        Xtr,
+        y_all,
+        K,
+        C_best,
+        coef_init=coef0,
+        intercept_init=b0,
+        reduce=False,
+        sample_weight=_balanced(y_all, K, balanced, Xtr),
+        **opts,
+    )
     pred = hyperplane_scores(Xte, coef, intercept).argmax(2).cpu().numpy()
     va = val_acc.cpu().numpy()
     weights = class_normals(coef).float().cpu().numpy()
-    return [(float(np.mean(pred[g] == yte)), Cs[int(best[g])], dict(zip(Cs, va[g].tolist(), strict=True)), pred[g],
-             weights[g]) for g in range(G)]  # fmt: skip
+    return [
+        (
+            float(np.mean(pred[g] == yte)),
+            Cs[int(best[g])],
+            dict(zip(Cs, va[g].tolist(), strict=True)),
+            pred[g],
+            weights[g],
+        )
+        for g in range(G)
+    ]
 
 
 def class_normals(coef: torch.Tensor) -> torch.Tensor:
@@ -285,49 +346,96 @@ def _balanced(y: torch.Tensor, K: int, balanced: bool, like: torch.Tensor) -> to
     return balanced_sample_weight(y, torch.ones(y.shape, dtype=like.dtype, device=like.device), K)
 
 
-def _c_sweep(Xtr: torch.Tensor, y_all: torch.Tensor, fit_idx: torch.Tensor, val_idx: torch.Tensor, K: int,
-             Cs: Sequence[float], opts: dict, balanced: bool = False) -> dict:  # fmt: skip
+def _c_sweep(
+    Xtr: torch.Tensor,
+    y_all: torch.Tensor,
+    fit_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    K: int,
+    Cs: Sequence[float],
+    opts: dict,
+    balanced: bool = False,
+) -> dict:
     """Independent fits for ``Cs`` (ascending) on the fit rows → held-out accuracy ``val [G, len(Cs)]`` and the
     solutions (on the CPU, so they can be gathered from other ranks)."""
     if not Cs:  # more ranks than C values
         return {"Cs": [], "val": np.zeros((Xtr.shape[0], 0)), "coef": [], "intercept": []}
     y_fit = y_all[:, fit_idx]
-    path = fit_hyperplane_path(Xtr[:, fit_idx], y_fit, K, Cs, sample_weight=_balanced(y_fit, K, balanced, Xtr),
-                               warm_start=False, **opts)  # independent fits: see the module doc
+    path = fit_hyperplane_path(
+        Xtr[:, fit_idx],
+        y_fit,
+        K,
+        Cs,
+        sample_weight=_balanced(y_fit, K, balanced, Xtr),
+        warm_start=False,
+        **opts,
+    )  # independent fits: see the module doc
     yval = y_all[:, val_idx]
-    val = torch.stack([(hyperplane_scores(Xtr[:, val_idx], c, b).argmax(2) == yval).double().mean(1)
-                       for c, b, _ in path], 1)  # fmt: skip
-    return {"Cs": list(Cs), "val": val.cpu().numpy(), "coef": [c.cpu() for c, _, _ in path],
-            "intercept": [b.cpu() for _, b, _ in path]}  # fmt: skip
+    val = torch.stack(
+        [(hyperplane_scores(Xtr[:, val_idx], c, b).argmax(2) == yval).double().mean(1) for c, b, _ in path], 1
+    )
+    return {
+        "Cs": list(Cs),
+        "val": val.cpu().numpy(),
+        "coef": [c.cpu() for c, _, _ in path],
+        "intercept": [b.cpu() for _, b, _ in path],
+    }
 
 
-def _check_episodes(support: np.ndarray, support_labels: np.ndarray, query: np.ndarray, query_labels: np.ndarray,
-                    num_train: int, num_test: int) -> None:  # fmt: skip
+def _check_episodes(
+    support: np.ndarray,
+    support_labels: np.ndarray,
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    num_train: int,
+    num_test: int,
+) -> None:
     if support.ndim != 2 or query.ndim != 2 or support.shape[0] != query.shape[0]:
-        raise RuleError(f"episode arrays must be [E, N*K] and [E, N*Q] with the same E, got {support.shape} "
-                        f"and {query.shape}; use qkvprobe.data.episodes.sample_classification_episodes")  # fmt: skip
+        raise RuleError(
+            f"episode arrays must be [E, N*K] and [E, N*Q] with the same E, got {support.shape} "
+            f"and {query.shape}; use qkvprobe.data.episodes.sample_classification_episodes"
+        )
     if support.shape[0] == 0 or support.shape[1] == 0 or query.shape[1] == 0:
-        raise RuleError(f"empty episode: support {support.shape}, query {query.shape}; "
-                        "sample episodes with shots >= 1 and queries >= 1")  # fmt: skip
+        raise RuleError(
+            f"empty episode: support {support.shape}, query {query.shape}; "
+            "sample episodes with shots >= 1 and queries >= 1"
+        )
     if support_labels.shape != support.shape or query_labels.shape != query.shape:
-        raise RuleError(f"labels {support_labels.shape}/{query_labels.shape} do not match indices "
-                        f"{support.shape}/{query.shape}; pass one label per index")  # fmt: skip
+        raise RuleError(
+            f"labels {support_labels.shape}/{query_labels.shape} do not match indices "
+            f"{support.shape}/{query.shape}; pass one label per index"
+        )
     if support.min() < 0 or support.max() >= num_train or query.min() < 0 or query.max() >= num_test:
-        raise RuleError(f"episode indices out of range (train has {num_train} rows, test {num_test}); "
-                        "sample episodes from these stores' labels")  # fmt: skip
+        raise RuleError(
+            f"episode indices out of range (train has {num_train} rows, test {num_test}); "
+            "sample episodes from these stores' labels"
+        )
     ways = int(support_labels.max()) + 1
     if ways < 2 or support_labels.min() < 0 or query_labels.min() < 0 or query_labels.max() >= ways:
-        raise RuleError(f"episode labels must lie in 0..N-1 with N >= 2 ways, got support labels in "
-                        f"[{support_labels.min()}, {support_labels.max()}] and query labels in "
-                        f"[{query_labels.min()}, {query_labels.max()}]")  # fmt: skip
+        raise RuleError(
+            f"episode labels must lie in 0..N-1 with N >= 2 ways, got support labels in "
+            f"[{support_labels.min()}, {support_labels.max()}] and query labels in "
+            f"[{query_labels.min()}, {query_labels.max()}]"
+        )
 
 
 def fewshot_classification(
-    train_features: Any, test_features: Any, classes: np.ndarray | None, support: np.ndarray,
-    support_labels: np.ndarray, query: np.ndarray, query_labels: np.ndarray, *, rule: str, C: float = FEWSHOT_C,
-    device: str = "cpu", dtype: torch.dtype | None = None, batch: int = EPISODE_BATCH,
-    max_iter: int | None = None, tol: float | None = None,
-) -> FewshotResult:  # fmt: skip
+    train_features: Any,
+    test_features: Any,
+    classes: np.ndarray | None,
+    support: np.ndarray,
+    support_labels: np.ndarray,
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    *,
+    rule: str,
+    C: float = FEWSHOT_C,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    batch: int = EPISODE_BATCH,
+    max_iter: int | None = None,
+    tol: float | None = None,
+) -> FewshotResult:
     """Few-shot protocol on index arrays (``qkvprobe.data.episodes`` layout): ``train_features [Ntr, D]``,
     ``test_features [Nte, D]``, ``support/support_labels [E, N·K]``, ``query/query_labels [E, N·Q]``
     (``classes [E, N]`` is informational). Returns per-episode accuracies ``[E]``, mean and CI."""
@@ -341,8 +449,10 @@ def fewshot_classification(
     as_features(train_features, name="train features")
     as_features(test_features, name="test features")
     if train_features.shape[1] != test_features.shape[1]:
-        raise FeatureError(f"test features have width {test_features.shape[1]} but train features "
-                           f"{train_features.shape[1]}; use the same token/block/model for both")  # fmt: skip
+        raise FeatureError(
+            f"test features have width {test_features.shape[1]} but train features "
+            f"{train_features.shape[1]}; use the same token/block/model for both"
+        )
     dev = torch.device(device)
     # Features are gathered and projected in float32 (CPU and GPU): only argmaxes of scores depend on them,
     # and the hyperplane's reduced n×n problems are solved in the solver dtype (float64 on CPU) anyway.
@@ -367,8 +477,16 @@ def fewshot_classification(
     for lo in range(0, E, batch):
         hi = min(E, lo + batch)
         slices = [slice(a, min(hi, a + CACHE_EPISODES)) for a in range(lo, hi, CACHE_EPISODES)]
-        reds = [span_reduce(_rows(Ftr, s_idx[sl], out=sbuf), None, FEWSHOT_SOLVE_DTYPE, overwrite=True, basis=FEWSHOT_BASIS)
-                for sl in slices]  # fmt: skip
+        reds = [
+            span_reduce(
+                _rows(Ftr, s_idx[sl], out=sbuf),
+                None,
+                FEWSHOT_SOLVE_DTYPE,
+                overwrite=True,
+                basis=FEWSHOT_BASIS,
+            )
+            for sl in slices
+        ]
         W = _solve_episodes(torch.cat([r.X for r in reds]), ys[lo:hi], ways, C, opts)
         for sl, r in zip(slices, reds, strict=True):
             part = slice(sl.start - lo, sl.stop - lo)
@@ -390,8 +508,16 @@ def _solve_episodes(X: torch.Tensor, y: torch.Tensor, ways: int, C: float, opts:
     W, _, _, converged = solve_logistic(X, y, ways, C_t, ones, diagonal=True, ftol=FEWSHOT_FTOL, **opts)
     if X.dtype != torch.float64 and not bool(converged.all()):
         redo = (~converged).nonzero().squeeze(1)
-        W64, _, _, _ = solve_logistic(X[redo].double(), y[redo], ways, C_t[redo].double(), ones[redo].double(),
-                                      W0=W[redo].double(), diagonal=True, **opts)  # fmt: skip
+        W64, _, _, _ = solve_logistic(
+            X[redo].double(),
+            y[redo],
+            ways,
+            C_t[redo].double(),
+            ones[redo].double(),
+            W0=W[redo].double(),
+            diagonal=True,
+            **opts,
+        )
         W[redo] = W64.to(W.dtype)
     return W
 
@@ -404,8 +530,15 @@ def _rows(F: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -
     return torch.index_select(F, 0, idx.reshape(-1), out=out[: idx.numel()]).view(*idx.shape, F.shape[1])
 
 
-def _fewshot_cosine(Ftr: torch.Tensor, Fte: torch.Tensor, s_idx: torch.Tensor, ys: torch.Tensor, q_idx: torch.Tensor,
-                    yq: torch.Tensor, ways: int) -> torch.Tensor:  # fmt: skip
+def _fewshot_cosine(
+    Ftr: torch.Tensor,
+    Fte: torch.Tensor,
+    s_idx: torch.Tensor,
+    ys: torch.Tensor,
+    q_idx: torch.Tensor,
+    yq: torch.Tensor,
+    ways: int,
+) -> torch.Tensor:
     """Per-episode accuracy ``[E]`` of the cosine rule. Both splits are normalised once; the class directions are
     built for a block of episodes at a time, and the queries are gathered a cache-sized chunk at a time (gathering
     the queries of all episodes at once would write ~1 GB for 10 000 episodes and dominate the run)."""
@@ -417,7 +550,9 @@ def _fewshot_cosine(Ftr: torch.Tensor, Fte: torch.Tensor, s_idx: torch.Tensor, y
     # label-sorted support: several times faster than the one-hot matmul that handles unequal counts.
     order = torch.sort(ys, dim=1, stable=True).indices
     s_sorted, ys_sorted = s_idx.gather(1, order), ys.gather(1, order)
-    equal = NK % ways == 0 and bool((ys_sorted == torch.arange(ways, device=ys.device).repeat_interleave(NK // ways)).all())
+    equal = NK % ways == 0 and bool(
+        (ys_sorted == torch.arange(ways, device=ys.device).repeat_interleave(NK // ways)).all()
+    )
     block = max(1, COSINE_SUPPORT_BYTES // (NK * D * Fte.element_size()))
     step = max(1, COSINE_QUERY_BYTES // (NQ * D * Fte.element_size()))
     q_flat = q_idx.reshape(-1)
@@ -430,7 +565,9 @@ def _fewshot_cosine(Ftr: torch.Tensor, Fte: torch.Tensor, s_idx: torch.Tensor, y
         b_hi = min(E, b_lo + block)
         if equal:
             # embedding_bag sums every class's K rows straight from the table, without materialising them.
-            mu = torch.nn.functional.embedding_bag(s_sorted[b_lo:b_hi].reshape(-1, NK // ways), Ftr, mode="sum")
+            mu = torch.nn.functional.embedding_bag(
+                s_sorted[b_lo:b_hi].reshape(-1, NK // ways), Ftr, mode="sum"
+            )
             mu = mu.view(b_hi - b_lo, ways, D)
         else:
             S = _rows(Ftr, s_sorted[b_lo:b_hi])
@@ -455,37 +592,79 @@ def store_block(store: Any, block: int) -> int:
     return int(store.resolve_block(block)) if hasattr(store, "resolve_block") else int(block)
 
 
-def row_maker(store: Any, *, model: str | None, dataset: str | None, task: str, setting: str, seed: int,
-              class_weight: str | None = None, C: float | str = AUTO):  # fmt: skip
+def row_maker(
+    store: Any,
+    *,
+    model: str | None,
+    dataset: str | None,
+    task: str,
+    setting: str,
+    seed: int,
+    class_weight: str | None = None,
+    C: float | str = AUTO,
+):
     """A ``ResultRow`` factory with the columns shared by one evaluation filled in; hyperplane rows record
     ``class_weight`` ("none" or "balanced") and ``C_choice`` (``C``: "auto", or the few-shot setting's fixed C),
     cosine rows leave both empty."""
-    common = {"model": model or store.backbone_spec, "objective": getattr(store, "objective", "unknown"),
-              "dataset": dataset or store.dataset_spec, "task": task, "setting": setting, "seed": seed}  # fmt: skip
+    common = {
+        "model": model or store.backbone_spec,
+        "objective": getattr(store, "objective", "unknown"),
+        "dataset": dataset or store.dataset_spec,
+        "task": task,
+        "setting": setting,
+        "seed": seed,
+    }
     weighting = "balanced" if class_weight == "balanced" else "none"
     choice = AUTO if C == AUTO else ""  # "" → ResultRow's default: "auto" (standard) or the fixed C as text
 
     def make(**kw: Any) -> ResultRow:
         hyper = kw["rule"] == "hyperplane"
-        return ResultRow(**common, **kw, class_weight=weighting if hyper else "", C_choice=choice if hyper else "")
+        return ResultRow(
+            **common, **kw, class_weight=weighting if hyper else "", C_choice=choice if hyper else ""
+        )
 
     return make
 
 
 def _validation_accuracy(train_features: Any, val: Any, device: str, C: float) -> float:
     """Mean accuracy of the hyperplane rule at ``C`` on training-split validation episodes."""
-    return fewshot_classification(train_features, train_features, val.classes, val.support, val.support_labels,
-                                  val.query, val.query_labels, rule="hyperplane", C=C, device=device).mean  # fmt: skip
+    return fewshot_classification(
+        train_features,
+        train_features,
+        val.classes,
+        val.support,
+        val.support_labels,
+        val.query,
+        val.query_labels,
+        rule="hyperplane",
+        C=C,
+        device=device,
+    ).mean
 
 
 def evaluate_classification(
-    train_store: Any, test_store: Any, *, setting: str, rules: Sequence[str] = ("hyperplane", "cosine"),
-    tokens: Sequence[str] = ("q", "k", "v", "ffn"), positions: Sequence[str] = ("cls",), blocks: Sequence[int] = (-1,),
-    ways: int = 5, shots: int | Sequence[int] = (1, 5), queries: int = 15, episodes: int = 2000, seed: int = 0,
-    model: str | None = None, dataset: str | None = None, device: str = "cpu", Cs: Sequence[float] = C_GRID,
-    C: float | str = FEWSHOT_C, episode_sampler: Any = None, class_weight: str | None = None,
+    train_store: Any,
+    test_store: Any,
+    *,
+    setting: str,
+    rules: Sequence[str] = ("hyperplane", "cosine"),
+    tokens: Sequence[str] = ("q", "k", "v", "ffn"),
+    positions: Sequence[str] = ("cls",),
+    blocks: Sequence[int] = (-1,),
+    ways: int = 5,
+    shots: int | Sequence[int] = (1, 5),
+    queries: int = 15,
+    episodes: int = 2000,
+    seed: int = 0,
+    model: str | None = None,
+    dataset: str | None = None,
+    device: str = "cpu",
+    Cs: Sequence[float] = C_GRID,
+    C: float | str = FEWSHOT_C,
+    episode_sampler: Any = None,
+    class_weight: str | None = None,
     progress: ProgressFn | None = None,
-) -> Evaluation:  # fmt: skip
+) -> Evaluation:
     """Evaluate every (block, position, token, rule) of two classification stores → rows of the results
     table (``accuracy``), with per-episode accuracies (few-shot) / test predictions (standard) attached.
     ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_classification_episodes``.
@@ -501,8 +680,16 @@ def evaluate_classification(
         if r not in ("hyperplane", "cosine"):
             raise RuleError(f"unknown rule {r!r}; use 'hyperplane' or 'cosine'")
     ytr, yte = train_store.labels(), test_store.labels()
-    make = row_maker(train_store, model=model, dataset=dataset, task="classification", setting=setting, seed=seed,
-                     class_weight=class_weight, C=C)  # fmt: skip
+    make = row_maker(
+        train_store,
+        model=model,
+        dataset=dataset,
+        task="classification",
+        setting=setting,
+        seed=seed,
+        class_weight=class_weight,
+        C=C,
+    )
     out = Evaluation()
     if setting == "standard":
         step = Steps(progress, len(blocks) * len(positions) * len(rules))
@@ -513,11 +700,32 @@ def evaluate_classification(
                 test = [test_store.get(t, position, block) for t in tokens]
                 for rule in rules:
                     step(f"block {b} · {position} · {rule} ({len(tokens)} tokens)")
-                    results = standard_classification(train, ytr, test, yte, rule=rule, Cs=Cs, seed=seed, device=device,
-                                                      class_weight=class_weight)  # fmt: skip
+                    results = standard_classification(
+                        train,
+                        ytr,
+                        test,
+                        yte,
+                        rule=rule,
+                        Cs=Cs,
+                        seed=seed,
+                        device=device,
+                        class_weight=class_weight,
+                    )
                     for token, res in zip(tokens, results, strict=True):
-                        out.append(make(block=b, token=token, position=position, rule=rule, ways=0, shots=0,
-                                        episodes=0, metric="accuracy", value=res.accuracy, C=res.C))  # fmt: skip
+                        out.append(
+                            make(
+                                block=b,
+                                token=token,
+                                position=position,
+                                rule=rule,
+                                ways=0,
+                                shots=0,
+                                episodes=0,
+                                metric="accuracy",
+                                value=res.accuracy,
+                                C=res.C,
+                            )
+                        )
                         out.predictions[(token, position, rule, b)] = res.predictions
                         if res.weights is not None:
                             out.weights[(token, position, rule, b)] = res.weights
@@ -527,11 +735,23 @@ def evaluate_classification(
     if episode_sampler is None:
         from ..data.episodes import sample_classification_episodes as episode_sampler
     auto = C == AUTO and "hyperplane" in rules
-    step = Steps(progress, len(as_list(shots)) * len(blocks) * len(positions) * len(tokens) * (len(rules) + auto))
+    step = Steps(
+        progress, len(as_list(shots)) * len(blocks) * len(positions) * len(tokens) * (len(rules) + auto)
+    )
     for k in as_list(shots):
-        if auto:  # before the evaluation's episodes: a sampler that records what it left out then ends on those
-            val = validation_episodes(episode_sampler, lambda rows: ytr[rows], len(ytr), episodes=episodes,
-                                      seed=seed, ways=ways, shots=k, queries=queries)  # fmt: skip
+        if (
+            auto
+        ):  # before the evaluation's episodes: a sampler that records what it left out then ends on those
+            val = validation_episodes(
+                episode_sampler,
+                lambda rows: ytr[rows],
+                len(ytr),
+                episodes=episodes,
+                seed=seed,
+                ways=ways,
+                shots=k,
+                queries=queries,
+            )
         ep = episode_sampler(ytr, yte, ways=ways, shots=k, queries=queries, episodes=episodes, seed=seed)
         for block in blocks:
             b = store_block(train_store, block)
@@ -546,12 +766,37 @@ def evaluate_classification(
                         C_used = chosen.C
                     for rule in rules:
                         step(f"{ways}-way {k}-shot · block {b} · {token}·{position} · {rule}")
-                        res = fewshot_classification(Ftr, Fte, ep.classes, ep.support, ep.support_labels, ep.query,
-                                                     ep.query_labels, rule=rule, C=C_used, device=device)  # fmt: skip
-                        out.append(make(block=b, token=token, position=position, rule=rule, ways=ways, shots=k,
-                                        episodes=len(res.per_episode), metric="accuracy", value=res.mean,
-                                        ci95=res.ci95, C=C_used if rule == "hyperplane" else math.nan))  # fmt: skip
-                        out.per_episode[(token, position, rule, b) if len(as_list(shots)) == 1
-                                        else (token, position, rule, b, k)] = res.per_episode  # fmt: skip
+                        res = fewshot_classification(
+                            Ftr,
+                            Fte,
+                            ep.classes,
+                            ep.support,
+                            ep.support_labels,
+                            ep.query,
+                            ep.query_labels,
+                            rule=rule,
+                            C=C_used,
+                            device=device,
+                        )
+                        out.append(
+                            make(
+                                block=b,
+                                token=token,
+                                position=position,
+                                rule=rule,
+                                ways=ways,
+                                shots=k,
+                                episodes=len(res.per_episode),
+                                metric="accuracy",
+                                value=res.mean,
+                                ci95=res.ci95,
+                                C=C_used if rule == "hyperplane" else math.nan,
+                            )
+                        )
+                        out.per_episode[
+                            (token, position, rule, b)
+                            if len(as_list(shots)) == 1
+                            else (token, position, rule, b, k)
+                        ] = res.per_episode
     step.finish()
     return out

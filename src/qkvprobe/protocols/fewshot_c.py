@@ -58,18 +58,29 @@ def split_pools(num_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[: num_rows // 2]), np.sort(perm[num_rows // 2 :])
 
 
-def validation_episodes(sample: Callable[..., object], train_part: Callable[[np.ndarray], object], num_rows: int,
-                        *, episodes: int, seed: int, **kw: object):  # fmt: skip
+def validation_episodes(
+    sample: Callable[..., object],
+    train_part: Callable[[np.ndarray], object],
+    num_rows: int,
+    *,
+    episodes: int,
+    seed: int,
+    **kw: object,
+):
     """Validation episodes from the training split alone, with indices into the training rows.
 
     ``sample(pool_a, pool_b, episodes=, seed=, **kw)`` is the evaluation's sampler; ``train_part(rows)`` gives
     what it reads of those training rows (labels or pixel counts)."""
     a, b = split_pools(num_rows, seed)
     try:
-        ep = sample(train_part(a), train_part(b), episodes=min(episodes, FEWSHOT_VAL_EPISODES), seed=seed + 1, **kw)
+        ep = sample(
+            train_part(a), train_part(b), episodes=min(episodes, FEWSHOT_VAL_EPISODES), seed=seed + 1, **kw
+        )
     except DataError as exc:
-        raise DataError(f"choosing the few-shot C on training-split episodes (half the training rows are the "
-                        f"queries): {exc}; pass a fixed C instead") from None  # fmt: skip
+        raise DataError(
+            f"choosing the few-shot C on training-split episodes (half the training rows are the "
+            f"queries): {exc}; pass a fixed C instead"
+        ) from None
     ep.support = a[ep.support]
     ep.query = b[ep.query]
     return ep

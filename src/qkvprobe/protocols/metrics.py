@@ -25,20 +25,30 @@ def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(pred == target))
 
 
-def confusion_matrix(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:  # fmt: skip
+def confusion_matrix(
+    pred: np.ndarray | torch.Tensor,
+    target: np.ndarray | torch.Tensor,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> np.ndarray:
     """``[K, K]`` int64 counts, rows = true class, columns = predicted; targets equal to ``ignore_index``
     are skipped (torch.bincount over ``K·t + p``)."""
     p = torch.as_tensor(pred).reshape(-1).long()
     t = torch.as_tensor(target).reshape(-1).long()
     keep = t != ignore_index
     p, t = p[keep], t[keep]
-    if len(t) and (int(t.min()) < 0 or int(t.max()) >= num_classes or int(p.min()) < 0 or int(p.max()) >= num_classes):
+    if len(t) and (
+        int(t.min()) < 0 or int(t.max()) >= num_classes or int(p.min()) < 0 or int(p.max()) >= num_classes
+    ):
         raise FeatureError(
             f"labels must lie in 0..{num_classes - 1} (or be {ignore_index}), got targets in "
             f"[{int(t.min())}, {int(t.max())}] and predictions in [{int(p.min())}, {int(p.max())}]; check num_classes"
         )
-    return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes).numpy()
+    return (
+        torch.bincount(t * num_classes + p, minlength=num_classes**2)
+        .reshape(num_classes, num_classes)
+        .numpy()
+    )
 
 
 def iou_per_class(cm: np.ndarray) -> np.ndarray:
@@ -72,7 +82,9 @@ def fb_iou(cm2: np.ndarray) -> float:
     return float(np.nanmean(iou_per_class(cm2)))
 
 
-def fewshot_miou(classes: np.ndarray, intersections: np.ndarray, unions: np.ndarray) -> tuple[float, np.ndarray]:
+def fewshot_miou(
+    classes: np.ndarray, intersections: np.ndarray, unions: np.ndarray
+) -> tuple[float, np.ndarray]:
     """Few-shot segmentation mIoU: foreground IoU per class = Σ intersections / Σ unions over that class's
     episodes, then the mean over classes. ``classes/intersections/unions [E]`` → (mIoU, per-class IoU [C'])."""
     classes = np.asarray(classes)
@@ -154,5 +166,8 @@ class ConfusionMatrix:
         self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
 
     def compute(self) -> dict[str, object]:
-        return {"miou": mean_iou(self.matrix), "pixel_accuracy": pixel_accuracy(self.matrix),
-                "iou": iou_per_class(self.matrix)}  # fmt: skip
+        return {
+            "miou": mean_iou(self.matrix),
+            "pixel_accuracy": pixel_accuracy(self.matrix),
+            "iou": iou_per_class(self.matrix),
+        }

@@ -126,9 +126,16 @@ class _StreamingLogistic:
     ``w [1, (D+1)·Kf]`` of a single C; its per-class curvature then preconditions (as in ``rules.hyperplane``,
     from strided rows of every chunk, one extra pass)."""
 
-    def __init__(self, chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], num_rows: int,
-                 num_classes: int, Cs: Sequence[float], moment: torch.Tensor,
-                 class_w: torch.Tensor | None = None, start: torch.Tensor | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+        num_rows: int,
+        num_classes: int,
+        Cs: Sequence[float],
+        moment: torch.Tensor,
+        class_w: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
+    ) -> None:
         self.chunks, self.num_classes = chunks, num_classes
         # Row weight: class weight / n (balanced weights sum to n, so the objective's scale stays C · n).
         self.row_w = None if class_w is None else class_w.to(moment) / num_rows
@@ -146,11 +153,17 @@ class _StreamingLogistic:
                 rw = self._row_weights(X, y)
                 curv = curv + class_curvature(X[None, ::step], rw[None, ::step], W, num_classes)
                 picked, total = picked + float(rw[::step].sum()), total + float(rw.sum())
-            P = curvature_preconditioner(curv * (total / max(picked, 1e-300)), self.reg)  # strided rows stand for all
+            P = curvature_preconditioner(
+                curv * (total / max(picked, 1e-300)), self.reg
+            )  # strided rows stand for all
         self.P = preconditioner(moment, self.reg, num_classes) if P is None else P
 
     def _row_weights(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.full(y.shape, self.inv_n, dtype=X.dtype, device=X.device) if self.row_w is None else self.row_w[y]
+        return (
+            torch.full(y.shape, self.inv_n, dtype=X.dtype, device=X.device)
+            if self.row_w is None
+            else self.row_w[y]
+        )
 
     def select(self, keep: torch.Tensor) -> _StreamingLogistic:
         # The Cs share the chunks: only the per-C tensors are indexed.
@@ -178,8 +191,16 @@ class _StreamingLogistic:
 class _PatchSource:
     """Labelled patches of a subset of a store's images as ``(X [m, D+1] augmented, y [m])`` chunks."""
 
-    def __init__(self, store: Any, token: str, block: int, rows: np.ndarray, patch_labels: np.ndarray,
-                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Any,
+        token: str,
+        block: int,
+        rows: np.ndarray,
+        patch_labels: np.ndarray,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.store, self.token, self.block, self.dtype, self.device = store, token, block, dtype, device
         self.in_subset = np.zeros(len(patch_labels), dtype=bool)
         self.in_subset[rows] = True
@@ -193,7 +214,9 @@ class _PatchSource:
     def _read(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         hw = self.patch_labels.shape[1]
         images_per_chunk = max(1, CHUNK_ROWS // hw)
-        for start, array in self.store.iter_chunks(self.token, "patch", self.block, chunk_size=images_per_chunk):
+        for start, array in self.store.iter_chunks(
+            self.token, "patch", self.block, chunk_size=images_per_chunk
+        ):
             stop = start + len(array)
             labels = self.patch_labels[start:stop]
             keep = (labels != IGNORE_INDEX) & self.in_subset[start:stop, None]
@@ -201,9 +224,13 @@ class _PatchSource:
                 continue
             X = np.asarray(array)[keep]  # [m, D] copy of the labelled patches only
             if not np.isfinite(X).all():
-                raise FeatureError(f"patch features of images {start}..{stop - 1} contain NaN/Inf; re-extract them")
-            yield (augment(torch.as_tensor(X).to(self.device, self.dtype)),
-                   torch.as_tensor(labels[keep], device=self.device))  # fmt: skip
+                raise FeatureError(
+                    f"patch features of images {start}..{stop - 1} contain NaN/Inf; re-extract them"
+                )
+            yield (
+                augment(torch.as_tensor(X).to(self.device, self.dtype)),
+                torch.as_tensor(labels[keep], device=self.device),
+            )
 
     def __call__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.cache) if self.cache is not None else self._read()
@@ -224,12 +251,22 @@ class _PatchSource:
             if count >= PRECOND_ROWS:
                 break
         if acc is None:
-            raise RuleError("no labelled training patches (all patch labels are 255); check the training store")
+            raise RuleError(
+                "no labelled training patches (all patch labels are 255); check the training store"
+            )
         return (acc / count)[None]
 
 
-def _fit_streaming(source: _PatchSource, num_classes: int, Cs: Sequence[float], W0: torch.Tensor | None,
-                   moment: torch.Tensor, max_iter: int, tol: float, class_weight: str | None = None) -> torch.Tensor:  # fmt: skip
+def _fit_streaming(
+    source: _PatchSource,
+    num_classes: int,
+    Cs: Sequence[float],
+    W0: torch.Tensor | None,
+    moment: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    class_weight: str | None = None,
+) -> torch.Tensor:
     """Independent fits of every C of ``Cs`` from W = 0 (or one C from ``W0``) → ``[len(Cs), (D+1)·Kf]``."""
     kf = 1 if num_classes == 2 else num_classes
     class_w = source.balanced_weights(num_classes) if class_weight == "balanced" else None
@@ -238,7 +275,11 @@ def _fit_streaming(source: _PatchSource, num_classes: int, Cs: Sequence[float], 
     for lo in range(0, len(Cs), step):
         part = list(Cs[lo : lo + step])
         objective = _StreamingLogistic(source, source.num_rows, num_classes, part, moment, class_w, start=W0)
-        w0 = torch.zeros(len(part), moment.shape[-1] * kf, dtype=moment.dtype, device=moment.device) if W0 is None else W0
+        w0 = (
+            torch.zeros(len(part), moment.shape[-1] * kf, dtype=moment.dtype, device=moment.device)
+            if W0 is None
+            else W0
+        )
         # compact_min=2: a C that has finished leaves the batch (its columns), the chunks are still read once.
         out.append(minimize_lbfgs(objective, w0, max_iter=max_iter, tol=tol, compact_min=2).w)
     return torch.cat(out)
@@ -258,8 +299,17 @@ def upsample_argmax(scores: torch.Tensor, grid: tuple[int, int], size: tuple[int
     return F.interpolate(s, size=size, mode="bilinear", align_corners=False)[0].argmax(0)
 
 
-def score_store(store: Any, token: str, block: int, rule: str, params: torch.Tensor, num_classes: int,
-                masks: Masks, dtype: torch.dtype, device: torch.device) -> ConfusionMatrix:  # fmt: skip
+def score_store(
+    store: Any,
+    token: str,
+    block: int,
+    rule: str,
+    params: torch.Tensor,
+    num_classes: int,
+    masks: Masks,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> ConfusionMatrix:
     """Stream a store's images, predict full-resolution masks and accumulate a confusion matrix."""
     cm = ConfusionMatrix(num_classes)
     indices = store.indices()
@@ -275,10 +325,21 @@ def score_store(store: Any, token: str, block: int, rule: str, params: torch.Ten
 
 
 def standard_segmentation(
-    train_store: Any, test_store: Any, *, token: str, block: int = -1, rule: str, masks: Masks,
-    Cs: Sequence[float] = C_GRID, val_fraction: float = VAL_FRACTION, seed: int = 0, device: str = "cpu",
-    max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, class_weight: str | None = CLASS_WEIGHT,
-) -> SegmentationResult:  # fmt: skip
+    train_store: Any,
+    test_store: Any,
+    *,
+    token: str,
+    block: int = -1,
+    rule: str,
+    masks: Masks,
+    Cs: Sequence[float] = C_GRID,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = 0,
+    device: str = "cpu",
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+    class_weight: str | None = CLASS_WEIGHT,
+) -> SegmentationResult:
     """Standard protocol for one (token, block) of two patch stores; see the module docstring."""
     class_weight = check_class_weight(class_weight)
     num_classes = len(train_store.classes)
@@ -293,7 +354,9 @@ def standard_segmentation(
                 sums = torch.zeros(num_classes, X.shape[1] - 1, dtype=dt, device=dev)
             sums.index_add_(0, y, F.normalize(X[:, :-1], dim=1))
         if sums is None:
-            raise RuleError("no labelled training patches (all patch labels are 255); check the training store")
+            raise RuleError(
+                "no labelled training patches (all patch labels are 255); check the training store"
+            )
         params = sums  # unnormalised class means: the cosine only needs their directions
         C_best, val = math.nan, {}
     elif rule == "hyperplane":
@@ -325,31 +388,54 @@ def standard_segmentation(
     cm = score_store(test_store, token, block, rule, params, num_classes, masks, dt, dev)
     out = cm.compute()
     weights = F.normalize(params, dim=1) if rule == "cosine" else class_normals(params[:-1].T)
-    return SegmentationResult(out["miou"], out["pixel_accuracy"], out["iou"], C_best, val, weights.float().cpu().numpy())
+    return SegmentationResult(
+        out["miou"], out["pixel_accuracy"], out["iou"], C_best, val, weights.float().cpu().numpy()
+    )
 
 
 def fewshot_segmentation(
-    train_patches: Any, train_patch_labels: np.ndarray, test_patches: Any, test_indices: np.ndarray,
-    grid: tuple[int, int], classes: np.ndarray, support: np.ndarray, query: np.ndarray, *, rule: str,
-    masks: Masks, C: float = FEWSHOT_C, device: str = "cpu", max_iter: int | None = None, tol: float | None = None,
+    train_patches: Any,
+    train_patch_labels: np.ndarray,
+    test_patches: Any,
+    test_indices: np.ndarray,
+    grid: tuple[int, int],
+    classes: np.ndarray,
+    support: np.ndarray,
+    query: np.ndarray,
+    *,
+    rule: str,
+    masks: Masks,
+    C: float = FEWSHOT_C,
+    device: str = "cpu",
+    max_iter: int | None = None,
+    tol: float | None = None,
     class_weight: str | None = CLASS_WEIGHT,
-) -> FewshotSegmentationResult:  # fmt: skip
+) -> FewshotSegmentationResult:
     """1-way K-shot protocol. ``train_patches [Ntr, h·w, D]`` and ``test_patches [Nte, h·w, D]`` (memmaps are
     fine: only episode rows are read), ``train_patch_labels [Ntr, h·w]``, ``test_indices [Nte]`` dataset
     indices for ``masks``, episodes ``classes [E]``, ``support [E, K]`` (train rows), ``query [E]`` (test rows)."""
     classes, support, query = np.asarray(classes), np.asarray(support, np.int64), np.asarray(query, np.int64)
-    if support.ndim != 2 or support.shape[0] == 0 or support.shape[1] == 0 or query.shape != classes.shape \
-            or query.shape != (support.shape[0],):  # fmt: skip
-        raise RuleError(f"empty or malformed episodes: classes {classes.shape}, support {support.shape}, query "
-                        f"{query.shape}; expected [E], [E, K], [E] with E, K >= 1")  # fmt: skip
+    if (
+        support.ndim != 2
+        or support.shape[0] == 0
+        or support.shape[1] == 0
+        or query.shape != classes.shape
+        or query.shape != (support.shape[0],)
+    ):
+        raise RuleError(
+            f"empty or malformed episodes: classes {classes.shape}, support {support.shape}, query "
+            f"{query.shape}; expected [E], [E, K], [E] with E, K >= 1"
+        )
     if rule not in ("hyperplane", "cosine"):
         raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
     if rule == "hyperplane":
         C = check_C(C)
     class_weight = check_class_weight(class_weight)
     if train_patches.shape[-1] != test_patches.shape[-1]:
-        raise FeatureError(f"test patch features have width {test_patches.shape[-1]} but train "
-                           f"{train_patches.shape[-1]}; use the same token/block/model")  # fmt: skip
+        raise FeatureError(
+            f"test patch features have width {test_patches.shape[-1]} but train "
+            f"{train_patches.shape[-1]}; use the same token/block/model"
+        )
     dev, dt = torch.device(device), default_dtype(device)
     E, K = support.shape
     hw, D = train_patches.shape[1], train_patches.shape[2]
@@ -383,8 +469,9 @@ def fewshot_segmentation(
         s = torch.where((num_fg == 0)[:, None], -1.0, torch.where((num_bg == 0)[:, None], 1.0, s))
         for j, e in enumerate(range(sl.start, sl.stop)):
             mask = torch.as_tensor(np.asarray(masks(int(test_indices[query[e]]))))
-            up = F.interpolate(s[j].reshape(1, 1, *grid), size=tuple(mask.shape), mode="bilinear",
-                               align_corners=False)[0, 0].cpu()  # fmt: skip
+            up = F.interpolate(
+                s[j].reshape(1, 1, *grid), size=tuple(mask.shape), mode="bilinear", align_corners=False
+            )[0, 0].cpu()
             pred, valid = up > 0, mask != IGNORE_INDEX
             gt = mask == int(classes[e])
             inter[e] = float((pred & gt & valid).sum())
@@ -418,23 +505,59 @@ def patch_pixel_counts(patch_labels: np.ndarray, num_classes: int, patch_size: i
     return counts * patch_size * patch_size
 
 
-def _validation_miou(train_patches: Any, train_patch_labels: np.ndarray, train_store: Any, val: Any, train_masks: Masks,
-                     device: str, class_weight: str | None, C: float) -> float:  # fmt: skip
+def _validation_miou(
+    train_patches: Any,
+    train_patch_labels: np.ndarray,
+    train_store: Any,
+    val: Any,
+    train_masks: Masks,
+    device: str,
+    class_weight: str | None,
+    C: float,
+) -> float:
     """Few-shot mIoU of the hyperplane rule at ``C`` on training-split validation episodes."""
-    return fewshot_segmentation(train_patches, train_patch_labels, train_patches, train_store.indices(),
-                                train_store.grid, val.classes, val.support, val.query, rule="hyperplane",
-                                masks=train_masks, C=C, device=device, class_weight=class_weight).miou  # fmt: skip
+    return fewshot_segmentation(
+        train_patches,
+        train_patch_labels,
+        train_patches,
+        train_store.indices(),
+        train_store.grid,
+        val.classes,
+        val.support,
+        val.query,
+        rule="hyperplane",
+        masks=train_masks,
+        C=C,
+        device=device,
+        class_weight=class_weight,
+    ).miou
 
 
 def evaluate_segmentation(
-    train_store: Any, test_store: Any, *, setting: str, rules: Sequence[str] = ("hyperplane", "cosine"),
-    tokens: Sequence[str] = ("q", "k", "v", "ffn"), positions: Sequence[str] = ("patch",),
-    blocks: Sequence[int] = (-1,), ways: int = 1, shots: int | Sequence[int] = (1, 5), queries: int = 1,
-    episodes: int = 1000, seed: int = 0, model: str | None = None, dataset: str | None = None,
-    device: str = "cpu", Cs: Sequence[float] = C_GRID, C: float | str = FEWSHOT_C, masks: Masks | None = None,
-    episode_sampler: Any = None, class_weight: str | None = CLASS_WEIGHT, progress: ProgressFn | None = None,
+    train_store: Any,
+    test_store: Any,
+    *,
+    setting: str,
+    rules: Sequence[str] = ("hyperplane", "cosine"),
+    tokens: Sequence[str] = ("q", "k", "v", "ffn"),
+    positions: Sequence[str] = ("patch",),
+    blocks: Sequence[int] = (-1,),
+    ways: int = 1,
+    shots: int | Sequence[int] = (1, 5),
+    queries: int = 1,
+    episodes: int = 1000,
+    seed: int = 0,
+    model: str | None = None,
+    dataset: str | None = None,
+    device: str = "cpu",
+    Cs: Sequence[float] = C_GRID,
+    C: float | str = FEWSHOT_C,
+    masks: Masks | None = None,
+    episode_sampler: Any = None,
+    class_weight: str | None = CLASS_WEIGHT,
+    progress: ProgressFn | None = None,
     train_masks: Masks | None = None,
-) -> Evaluation:  # fmt: skip
+) -> Evaluation:
     """Evaluate every (block, token, rule) of two segmentation stores → rows (standard: ``miou`` and
     ``pixel_accuracy``; few-shot: ``miou`` with the CI of per-episode foreground IoU, and ``fb_iou``).
     ``masks(i)`` gives the test split's full-resolution mask of dataset index i (default: opened from the
@@ -446,12 +569,22 @@ def evaluate_segmentation(
     if setting not in ("standard", "fewshot"):
         raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
     if any(p != "patch" for p in positions):
-        raise RuleError(f"segmentation uses patch tokens, got positions {list(positions)}; pass --positions patch")
+        raise RuleError(
+            f"segmentation uses patch tokens, got positions {list(positions)}; pass --positions patch"
+        )
     class_weight = check_class_weight(class_weight)
     C = check_fewshot_C(C)
     masks = masks or dataset_masks(test_store)
-    make = row_maker(train_store, model=model, dataset=dataset, task="segmentation", setting=setting, seed=seed,
-                     class_weight=class_weight, C=C)  # fmt: skip
+    make = row_maker(
+        train_store,
+        model=model,
+        dataset=dataset,
+        task="segmentation",
+        setting=setting,
+        seed=seed,
+        class_weight=class_weight,
+        C=C,
+    )
     out = Evaluation()
     if setting == "standard":
         step = Steps(progress, len(blocks) * len(tokens) * len(rules))
@@ -460,12 +593,33 @@ def evaluate_segmentation(
             for token in tokens:
                 for rule in rules:
                     step(f"block {b} · {token}·patch · {rule}")
-                    res = standard_segmentation(train_store, test_store, token=token, block=block, rule=rule,
-                                                masks=masks, Cs=Cs, seed=seed, device=device,
-                                                class_weight=class_weight)  # fmt: skip
+                    res = standard_segmentation(
+                        train_store,
+                        test_store,
+                        token=token,
+                        block=block,
+                        rule=rule,
+                        masks=masks,
+                        Cs=Cs,
+                        seed=seed,
+                        device=device,
+                        class_weight=class_weight,
+                    )
                     for metric in ("miou", "pixel_accuracy"):
-                        out.append(make(block=b, token=token, position="patch", rule=rule, ways=0, shots=0,
-                                        episodes=0, metric=metric, value=getattr(res, metric), C=res.C))  # fmt: skip
+                        out.append(
+                            make(
+                                block=b,
+                                token=token,
+                                position="patch",
+                                rule=rule,
+                                ways=0,
+                                shots=0,
+                                episodes=0,
+                                metric=metric,
+                                value=getattr(res, metric),
+                                C=res.C,
+                            )
+                        )
                     if res.weights is not None:
                         out.weights[(token, "patch", rule, b)] = res.weights
         out.classes = np.arange(len(train_store.classes))
@@ -482,9 +636,17 @@ def evaluate_segmentation(
         train_masks = train_masks or dataset_masks(train_store)
     step = Steps(progress, len(as_list(shots)) * len(blocks) * len(tokens) * (len(rules) + auto))
     for k in as_list(shots):
-        if auto:  # before the evaluation's episodes: a sampler that records what it left out then ends on those
-            val = validation_episodes(episode_sampler, lambda rows: tr_counts[rows], len(tr_counts),
-                                      episodes=episodes, seed=seed, shots=k)  # fmt: skip
+        if (
+            auto
+        ):  # before the evaluation's episodes: a sampler that records what it left out then ends on those
+            val = validation_episodes(
+                episode_sampler,
+                lambda rows: tr_counts[rows],
+                len(tr_counts),
+                episodes=episodes,
+                seed=seed,
+                shots=k,
+            )
         ep = episode_sampler(tr_counts, te_counts, shots=k, episodes=episodes, seed=seed)
         for block in blocks:
             b = store_block(train_store, block)
@@ -493,21 +655,55 @@ def evaluate_segmentation(
                 C_used = FEWSHOT_C if C == AUTO else C
                 if auto:
                     step(f"{k}-shot · block {b} · {token}·patch · choosing C")
-                    chosen = choose_C(partial(_validation_miou, Ftr, tr_labels, train_store, val, train_masks,
-                                              device, class_weight))  # fmt: skip
+                    chosen = choose_C(
+                        partial(
+                            _validation_miou,
+                            Ftr,
+                            tr_labels,
+                            train_store,
+                            val,
+                            train_masks,
+                            device,
+                            class_weight,
+                        )
+                    )
                     out.chosen_C[(token, "patch", b, k)] = chosen
                     C_used = chosen.C
                 for rule in rules:
                     step(f"{k}-shot · block {b} · {token}·patch · {rule}")
-                    res = fewshot_segmentation(Ftr, tr_labels, Fte, test_store.indices(), test_store.grid,
-                                               ep.classes, ep.support, ep.query, rule=rule, masks=masks, C=C_used,
-                                               device=device, class_weight=class_weight)  # fmt: skip
+                    res = fewshot_segmentation(
+                        Ftr,
+                        tr_labels,
+                        Fte,
+                        test_store.indices(),
+                        test_store.grid,
+                        ep.classes,
+                        ep.support,
+                        ep.query,
+                        rule=rule,
+                        masks=masks,
+                        C=C_used,
+                        device=device,
+                        class_weight=class_weight,
+                    )
                     Cv = C_used if rule == "hyperplane" else math.nan
-                    common = dict(block=b, token=token, position="patch", rule=rule, ways=1, shots=k,
-                                  episodes=len(res.per_episode), C=Cv)  # fmt: skip
+                    common = dict(
+                        block=b,
+                        token=token,
+                        position="patch",
+                        rule=rule,
+                        ways=1,
+                        shots=k,
+                        episodes=len(res.per_episode),
+                        C=Cv,
+                    )
                     out.append(make(**common, metric="miou", value=res.miou, ci95=res.ci95))
                     out.append(make(**common, metric="fb_iou", value=res.fb_iou))
-                    key = (token, "patch", rule, b) if len(as_list(shots)) == 1 else (token, "patch", rule, b, k)
+                    key = (
+                        (token, "patch", rule, b)
+                        if len(as_list(shots)) == 1
+                        else (token, "patch", rule, b, k)
+                    )
                     out.per_episode[key] = res.per_episode
     step.finish()
     return out

@@ -8,4 +8,12 @@ from .html import render_report
 from .summary import summary_table
 from .tables import main_rows
 
-__all__ = ["RunFiles", "load_run", "main_rows", "render_report", "save_direction_map", "summary_table", "write_json"]
+__all__ = [
+    "RunFiles",
+    "load_run",
+    "main_rows",
+    "render_report",
+    "save_direction_map",
+    "summary_table",
+    "write_json",
+]

@@ -67,7 +67,9 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
     with plt.rc_context(_RC):
         for (model, dataset), sub in few.groupby(["model", "dataset"], sort=False):
             shots = sorted(sub["shots"].unique())
-            fig, axes = plt.subplots(1, len(shots), figsize=(max(4.0, 3.6 * len(shots)), 3.0), squeeze=False, sharey=True)
+            fig, axes = plt.subplots(
+                1, len(shots), figsize=(max(4.0, 3.6 * len(shots)), 3.0), squeeze=False, sharey=True
+            )
             for ax, k in zip(axes[0], shots, strict=True):
                 cur = sub[sub["shots"] == k]
                 positions = order_present(cur["position"], POSITIONS)
@@ -83,7 +85,9 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
                     pos = np.arange(len(xs)) + (j - (len(rules) - 1) / 2) * width
                     ax.bar(pos, vals, width, yerr=errs, capsize=2, label=r, color=RULE_COLOURS.get(r))
                 ax.set_xticks(np.arange(len(xs)))
-                ax.set_xticklabels([t if len(positions) == 1 else f"{t}·{p}" for t, p in xs], rotation=45, ha="right")
+                ax.set_xticklabels(
+                    [t if len(positions) == 1 else f"{t}·{p}" for t, p in xs], rotation=45, ha="right"
+                )
                 ways = int(cur["ways"].iloc[0])
                 ax.set_title(setting_label("fewshot", ways, k))
                 ax.set_ylim(0, 1)
@@ -91,8 +95,14 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
             axes[0][0].set_ylabel(sub["metric"].iloc[0])
             axes[0][-1].legend(fontsize=7, loc="lower right")
             fig.suptitle(f"{model} · {dataset}: few-shot (mean ± 95 % CI)", y=1.03)
-            out.append(_save(fig, figures_dir, slug("fewshot", model, dataset) + ".png",
-                             f"Few-shot {sub['metric'].iloc[0]} of {model} on {dataset}; error bars are 95 % CIs."))
+            out.append(
+                _save(
+                    fig,
+                    figures_dir,
+                    slug("fewshot", model, dataset) + ".png",
+                    f"Few-shot {sub['metric'].iloc[0]} of {model} on {dataset}; error bars are 95 % CIs.",
+                )
+            )
     return out
 
 
@@ -107,16 +117,31 @@ def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
                 if np.isfinite(value[i, j]):
                     rule = rule_letter(str(grid["rule"][i, j]))
                     colour = "white" if value[i, j] < np.nanmean(value) else "black"
-                    ax.text(j, i, f"{100 * value[i, j]:.0f}{rule}", ha="center", va="center", fontsize=6.5, color=colour)
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * value[i, j]:.0f}{rule}",
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        color=colour,
+                    )
         ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
         ax.set_yticks(range(len(tokens)), tokens)
         ax.set_xlabel("block")
         fig.colorbar(im, ax=ax, fraction=0.04, label=grid["metric"])
-        ax.set_title(f"{grid['model']} · {grid['dataset']} · {grid['position']}: best rule per token and block")
-    return _save(fig, figures_dir, slug("sweep", grid["model"], grid["dataset"], grid["position"]) + ".png",
-                 f"Block sweep of {grid['model']} on {grid['dataset']} ({grid['position']}): the best rule's "
-                 f"{grid['metric']} (×100; H = hyperplane, "
-                 + ("Hb = balanced hyperplane, " if BALANCED_RULE in set(grid["rule"].ravel()) else "") + "C = cosine).")
+        ax.set_title(
+            f"{grid['model']} · {grid['dataset']} · {grid['position']}: best rule per token and block"
+        )
+    return _save(
+        fig,
+        figures_dir,
+        slug("sweep", grid["model"], grid["dataset"], grid["position"]) + ".png",
+        f"Block sweep of {grid['model']} on {grid['dataset']} ({grid['position']}): the best rule's "
+        f"{grid['metric']} (×100; H = hyperplane, "
+        + ("Hb = balanced hyperplane, " if BALANCED_RULE in set(grid["rule"].ravel()) else "")
+        + "C = cosine).",
+    )
 
 
 def head_heatmap(grid: dict, figures_dir: Path) -> Figure:
@@ -134,17 +159,33 @@ def head_heatmap(grid: dict, figures_dir: Path) -> Figure:
                 if np.isfinite(table[i, j]):
                     colour = "white" if table[i, j] < np.nanmean(table) else "black"
                     mark = "*" if j == best else ""
-                    ax.text(j, i, f"{100 * table[i, j]:.0f}{mark}", ha="center", va="center", fontsize=6.5, color=colour)
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * table[i, j]:.0f}{mark}",
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        color=colour,
+                    )
         ax.set_xticks(range(H + 1), [str(h) for h in range(H)] + ["all"])
         ax.set_yticks(range(len(tokens)), tokens)
         ax.set_xlabel("attention head (all = the whole token type)")
         fig.colorbar(im, ax=ax, fraction=0.04, label=grid["metric"])
-        ax.set_title(f"{grid['model']} · {grid['dataset']} · {grid['slabel']} · {grid['position']} · {grid['rule']}")
-    name = slug("heads", grid["model"], grid["dataset"], grid["slabel"], grid["position"], grid["rule"]) + ".png"
-    return _save(fig, figures_dir, name,
-                 f"Attention heads of {grid['model']} on {grid['dataset']} ({grid['slabel']}, {grid['position']}, "
-                 f"{grid['rule']} rule): {grid['metric']} ×100 of each head's D/H columns of q, k and v alone; * = the "
-                 "best head of the token type; the last column is the whole token type.")
+        ax.set_title(
+            f"{grid['model']} · {grid['dataset']} · {grid['slabel']} · {grid['position']} · {grid['rule']}"
+        )
+    name = (
+        slug("heads", grid["model"], grid["dataset"], grid["slabel"], grid["position"], grid["rule"]) + ".png"
+    )
+    return _save(
+        fig,
+        figures_dir,
+        name,
+        f"Attention heads of {grid['model']} on {grid['dataset']} ({grid['slabel']}, {grid['position']}, "
+        f"{grid['rule']} rule): {grid['metric']} ×100 of each head's D/H columns of q, k and v alone; * = the "
+        "best head of the token type; the last column is the whole token type.",
+    )
 
 
 def _upsample(cos: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -164,26 +205,46 @@ def direction_maps(maps: list[DirectionMap], figures_dir: Path, max_classes: int
         groups.setdefault((m.meta.get("model", "?"), m.meta.get("dataset", "?")), []).append(m)
     with plt.rc_context(_RC):
         for (model, dataset), items in groups.items():
-            items.sort(key=lambda m: TOKENS.index(m.meta.get("token")) if m.meta.get("token") in TOKENS else 99)
+            items.sort(
+                key=lambda m: TOKENS.index(m.meta.get("token")) if m.meta.get("token") in TOKENS else 99
+            )
             ref = items[0]
             for n in range(ref.images.shape[0]):
                 img, mask = ref.images[n], ref.masks[n]
                 labels, counts = np.unique(mask[(mask != 255)], return_counts=True)
-                present = [int(c) for c, _ in sorted(zip(labels, counts, strict=True), key=lambda t: -t[1]) if c != 0 or len(labels) == 1]
+                present = [
+                    int(c)
+                    for c, _ in sorted(zip(labels, counts, strict=True), key=lambda t: -t[1])
+                    if c != 0 or len(labels) == 1
+                ]
                 shown = present[:max_classes] or [0]
-                fig, axes = plt.subplots(len(items), 1 + len(shown), figsize=(1.6 * (1 + len(shown)), 1.6 * len(items)),
-                                         squeeze=False)
+                fig, axes = plt.subplots(
+                    len(items),
+                    1 + len(shown),
+                    figsize=(1.6 * (1 + len(shown)), 1.6 * len(items)),
+                    squeeze=False,
+                )
                 for r, m in enumerate(items):
                     # per-token colour range: raw cosines share a large common component, so a fixed ±1 scale
                     # would paint every patch the same; the range is printed on the row label instead
                     vals = m.cosine[n][shown]
-                    lo, hi = (float(np.nanmin(vals)), float(np.nanmax(vals))) if np.isfinite(vals).any() else (0.0, 1.0)
+                    lo, hi = (
+                        (float(np.nanmin(vals)), float(np.nanmax(vals)))
+                        if np.isfinite(vals).any()
+                        else (0.0, 1.0)
+                    )
                     axes[r][0].imshow(img, cmap="gray" if img.ndim == 2 else None)
                     axes[r][0].set_ylabel(f"{m.meta.get('token', '?')}\n{lo:.2f}…{hi:.2f}", fontsize=8)
                     for c, cls in enumerate(shown, start=1):
                         ax = axes[r][c]
                         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-                        ax.imshow(_upsample(m.cosine[n, cls], img.shape[:2]), cmap="inferno", vmin=lo, vmax=hi + 1e-9, alpha=0.65)
+                        ax.imshow(
+                            _upsample(m.cosine[n, cls], img.shape[:2]),
+                            cmap="inferno",
+                            vmin=lo,
+                            vmax=hi + 1e-9,
+                            alpha=0.65,
+                        )
                         if r == 0:
                             ax.set_title(m.classes[cls] if cls < len(m.classes) else str(cls), fontsize=8)
                     for ax in axes[r]:
@@ -191,8 +252,14 @@ def direction_maps(maps: list[DirectionMap], figures_dir: Path, max_classes: int
                         ax.set_yticks([])
                 axes[0][0].set_title("image", fontsize=8)
                 fig.suptitle(f"{model} · {dataset} · image {n}: cos(class direction, patch token)")
-                out.append(_save(fig, figures_dir, slug("map", model, dataset, n) + ".png",
-                                 f"Direction maps of {model} on {dataset}, image {n}: cos(μ_c, patch token) per class "
-                                 "(columns) and token type (rows); bright = along the class direction. Each row has its "
-                                 "own colour range (printed under the token name)."))
+                out.append(
+                    _save(
+                        fig,
+                        figures_dir,
+                        slug("map", model, dataset, n) + ".png",
+                        f"Direction maps of {model} on {dataset}, image {n}: cos(μ_c, patch token) per class "
+                        "(columns) and token type (rows); bright = along the class direction. Each row has its "
+                        "own colour range (printed under the token name).",
+                    )
+                )
     return out

@@ -78,7 +78,12 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 def save_direction_map(
-    path: str | os.PathLike, *, images: np.ndarray, masks: np.ndarray, cosine: np.ndarray, classes: list[str],
+    path: str | os.PathLike,
+    *,
+    images: np.ndarray,
+    masks: np.ndarray,
+    cosine: np.ndarray,
+    classes: list[str],
     meta: dict,
 ) -> None:
     """Save one direction map file (format above), atomically."""
@@ -86,7 +91,11 @@ def save_direction_map(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp.npz")
     np.savez_compressed(
-        tmp, images=images, masks=masks, cosine=cosine.astype(np.float32), classes=np.asarray(classes, dtype=str),
+        tmp,
+        images=images,
+        masks=masks,
+        cosine=cosine.astype(np.float32),
+        classes=np.asarray(classes, dtype=str),
         meta=np.asarray(json.dumps(meta)),
     )
     os.replace(tmp, path)
@@ -126,8 +135,15 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     for p in sorted((run_dir / MAPS).glob("*.npz")) if (run_dir / MAPS).is_dir() else []:
         try:
             with np.load(p, allow_pickle=False) as z:
-                maps.append(DirectionMap(z["images"], z["masks"], z["cosine"], [str(c) for c in z["classes"]],
-                                         json.loads(str(z["meta"]))))
+                maps.append(
+                    DirectionMap(
+                        z["images"],
+                        z["masks"],
+                        z["cosine"],
+                        [str(c) for c in z["classes"]],
+                        json.loads(str(z["meta"])),
+                    )
+                )
         except (KeyError, ValueError, OSError) as exc:
             raise QkvprobeError(f"{p}: not a direction map file ({exc})") from None
     return RunFiles(

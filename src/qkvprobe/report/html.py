@@ -47,7 +47,9 @@ def direction_tables(directions: list[dict]) -> list[HeatTable]:
         return out
     df = pd.DataFrame(directions)
     for (model, dataset, position), sub in df.groupby(["model", "dataset", "position"], sort=False):
-        tokens = [t for t in TOKENS if t in set(sub["token"])] + [t for t in dict.fromkeys(sub["token"]) if t not in TOKENS]
+        tokens = [t for t in TOKENS if t in set(sub["token"])] + [
+            t for t in dict.fromkeys(sub["token"]) if t not in TOKENS
+        ]
         by_token = {t: sub[sub["token"] == t].iloc[0] for t in tokens}
         classes = list(next(iter(by_token.values()))["classes"])
         table = HeatTable(title=f"{model} · {dataset} · {position}", metric="cosine", col_headers=tokens)
@@ -60,8 +62,19 @@ def direction_tables(directions: list[dict]) -> list[HeatTable]:
             table.rows.append((str(name), cells))
         means = {t: float(np.nanmean(values[t])) for t in tokens}
         top = max(means.values())
-        table.rows.append(("mean", [Cell(fmt(means[t], pct=False), heat_style(means[t], -1.0, 1.0, "RdBu_r"),
-                                         best=bool(np.isclose(means[t], top))) for t in tokens]))
+        table.rows.append(
+            (
+                "mean",
+                [
+                    Cell(
+                        fmt(means[t], pct=False),
+                        heat_style(means[t], -1.0, 1.0, "RdBu_r"),
+                        best=bool(np.isclose(means[t], top)),
+                    )
+                    for t in tokens
+                ],
+            )
+        )
         out.append(table)
     return out
 
@@ -72,15 +85,19 @@ def _paired_rows(tests: list[dict]) -> list[dict]:
         a, b = t.get("a", {}), t.get("b", {})
         diff = float(a.get("value", math.nan)) - float(b.get("value", math.nan))
         p = float(t.get("p_value", math.nan))
-        rows.append({
-            "model": t.get("model", ""), "dataset": t.get("dataset", ""),
-            "slabel": setting_label(t.get("setting", "fewshot"), t.get("ways", 0), t.get("shots", 0)),
-            "a_label": f"{a.get('token')}·{a.get('position')} / {a.get('rule')}",
-            "b_label": f"{b.get('token')}·{b.get('position')} / {b.get('rule')}",
-            "diff": f"{100 * diff:+.1f}" if math.isfinite(diff) else "–",
-            "test": t.get("test", ""), "p_text": f"{p:.3g}" if math.isfinite(p) else "–",
-            "verdict": t.get("verdict", ""),
-        })
+        rows.append(
+            {
+                "model": t.get("model", ""),
+                "dataset": t.get("dataset", ""),
+                "slabel": setting_label(t.get("setting", "fewshot"), t.get("ways", 0), t.get("shots", 0)),
+                "a_label": f"{a.get('token')}·{a.get('position')} / {a.get('rule')}",
+                "b_label": f"{b.get('token')}·{b.get('position')} / {b.get('rule')}",
+                "diff": f"{100 * diff:+.1f}" if math.isfinite(diff) else "–",
+                "test": t.get("test", ""),
+                "p_text": f"{p:.3g}" if math.isfinite(p) else "–",
+                "verdict": t.get("verdict", ""),
+            }
+        )
     return rows
 
 
@@ -88,8 +105,12 @@ def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
     cfg = info.get("config", {})
     rows: list[tuple[str, str]] = []
     if cfg:
-        rows.append(("models", ", ".join(str(m.get("label") or m.get("spec")) for m in cfg.get("models", []))))
-        rows.append(("tokens / rules", f"{', '.join(cfg.get('tokens', []))} / {', '.join(cfg.get('rules', []))}"))
+        rows.append(
+            ("models", ", ".join(str(m.get("label") or m.get("spec")) for m in cfg.get("models", [])))
+        )
+        rows.append(
+            ("tokens / rules", f"{', '.join(cfg.get('tokens', []))} / {', '.join(cfg.get('rules', []))}")
+        )
     # The rows' own class_weight column says which weightings the table holds; a run's config says it when there
     # are no hyperplane rows yet.
     used = [w for w in ("none", "balanced") if w in set(df.get("class_weight", ()))]
@@ -101,14 +122,22 @@ def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
         rows.append(("hyperplane class weights", " and ".join(label[w] for w in used) + note))
     if cfg and "fewshot" in cfg.get("settings", []) and "hyperplane" in cfg.get("rules", []):
         C = (cfg.get("fewshot") or {}).get("C", 1.0)
-        rows.append(("few-shot hyperplane C", "chosen per token on training-split episodes (the rows' C column)"
-                     if C == "auto" else f"{C:g} (fixed)"))  # fmt: skip
+        rows.append(
+            (
+                "few-shot hyperplane C",
+                "chosen per token on training-split episodes (the rows' C column)"
+                if C == "auto"
+                else f"{C:g} (fixed)",
+            )
+        )
     for name, src in (info.get("data_sources") or {}).items():
         rows.append((f"data: {name}", str(src)))
     sub = info.get("subsampling") or {}
     if sub:
-        sizes = "; ".join(f"{name}: {v.get('train') or 'all'} train / {v.get('test') or 'all'} test"
-                          for name, v in (sub.get("sizes") or {}).items())
+        sizes = "; ".join(
+            f"{name}: {v.get('train') or 'all'} train / {v.get('test') or 'all'} test"
+            for name, v in (sub.get("sizes") or {}).items()
+        )
         episodes = f"few-shot: {sub.get('fewshot_episodes')} episodes (segmentation {sub.get('segmentation_episodes')})"
         rows.append(("subsampling", f"{sizes}; {episodes} — {sub.get('how', '')}"))
     if "episodes_seed" in info:

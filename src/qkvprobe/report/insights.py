@@ -22,7 +22,12 @@ def insights(main: pd.DataFrame, directions: list[dict] | None = None) -> list[s
     out: list[str] = []
     if main.empty:
         return ["No results yet."]
-    df = main.assign(slabel=[setting_label(s, w, k) for s, w, k in zip(main["setting"], main["ways"], main["shots"], strict=True)])
+    df = main.assign(
+        slabel=[
+            setting_label(s, w, k)
+            for s, w, k in zip(main["setting"], main["ways"], main["shots"], strict=True)
+        ]
+    )
     choice_cols = ["token", "position", "rule"]
 
     # 1. best per task × setting × objective (mean over that objective's models and datasets)
@@ -32,8 +37,10 @@ def insights(main: pd.DataFrame, directions: list[dict] | None = None) -> list[s
         (tok, pos, rule), value = mean.idxmax(), float(mean.max())
         best[(task, slabel, objective)] = {"token": tok, "position": pos, "rule": rule, "value": value}
         n_models = sub["model"].nunique()
-        out.append(f"{task} · {slabel} · {objective}: best is {tok}·{pos} with the {rule} rule "
-                   f"({_pct(value)} {sub['metric'].iloc[0]}, mean over {n_models} model{'s' * (n_models > 1)}).")
+        out.append(
+            f"{task} · {slabel} · {objective}: best is {tok}·{pos} with the {rule} rule "
+            f"({_pct(value)} {sub['metric'].iloc[0]}, mean over {n_models} model{'s' * (n_models > 1)})."
+        )
 
     # 2. where objectives disagree
     for (task, slabel), sub in df.groupby(["task", "slabel"], sort=False):
@@ -50,14 +57,20 @@ def insights(main: pd.DataFrame, directions: list[dict] | None = None) -> list[s
     # 3. cosine vs hyperplane gap, per task × objective
     if {"hyperplane", "cosine"} <= set(df["rule"]):
         for (task, objective), sub in df.groupby(["task", "objective"], sort=False):
-            piv = sub.pivot_table(index=["model", "dataset", "slabel", "token", "position", "block"], columns="rule", values="value")
+            piv = sub.pivot_table(
+                index=["model", "dataset", "slabel", "token", "position", "block"],
+                columns="rule",
+                values="value",
+            )
             piv = piv.dropna(subset=["hyperplane", "cosine"])
             if piv.empty:
                 continue
             gap = float((piv["hyperplane"] - piv["cosine"]).mean())
             verb = "trails" if gap > 0 else "beats"
-            out.append(f"On {objective} features the cosine rule {verb} the hyperplane by {100 * abs(gap):.1f} points "
-                       f"on {task} (mean over tokens, positions and settings).")
+            out.append(
+                f"On {objective} features the cosine rule {verb} the hyperplane by {100 * abs(gap):.1f} points "
+                f"on {task} (mean over tokens, positions and settings)."
+            )
 
     # 4. does the best token depend on the rule?
     for (task, slabel), sub in df.groupby(["task", "slabel"], sort=False):
@@ -68,18 +81,29 @@ def insights(main: pd.DataFrame, directions: list[dict] | None = None) -> list[s
 
     # 5. ffn vs ffn_norm (our extra token)
     if {"ffn", "ffn_norm"} <= set(df["token"]):
-        piv = df.pivot_table(index=["model", "dataset", "slabel", "position", "rule", "block"], columns="token", values="value")
+        piv = df.pivot_table(
+            index=["model", "dataset", "slabel", "position", "rule", "block"], columns="token", values="value"
+        )
         piv = piv.dropna(subset=["ffn", "ffn_norm"])
         if not piv.empty:
             wins = int((piv["ffn_norm"] > piv["ffn"]).sum())
-            out.append(f"The final normalisation (ffn_norm vs ffn) helps in {wins} of {len(piv)} paired cells "
-                       f"(mean change {100 * float((piv['ffn_norm'] - piv['ffn']).mean()):+.1f} points).")
+            out.append(
+                f"The final normalisation (ffn_norm vs ffn) helps in {wins} of {len(piv)} paired cells "
+                f"(mean change {100 * float((piv['ffn_norm'] - piv['ffn']).mean()):+.1f} points)."
+            )
 
     # 6. which direction?
     if directions:
-        d = pd.DataFrame([{"model": e["model"], "token": e["token"], "cos": float(np.mean(e["cosine"]))} for e in directions])
+        d = pd.DataFrame(
+            [
+                {"model": e["model"], "token": e["token"], "cos": float(np.mean(e["cosine"]))}
+                for e in directions
+            ]
+        )
         for model, sub in d.groupby("model", sort=False):
             top = sub.loc[sub["cos"].idxmax()]
-            out.append(f"{model}: the hyperplane normals w_c are closest to the class directions μ_c for token "
-                       f"{top['token']} (mean cosine {top['cos']:.2f}).")
+            out.append(
+                f"{model}: the hyperplane normals w_c are closest to the class directions μ_c for token "
+                f"{top['token']} (mean cosine {top['cos']:.2f})."
+            )
     return out

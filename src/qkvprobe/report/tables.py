@@ -37,7 +37,9 @@ def label_rule_variants(df: pd.DataFrame) -> pd.DataFrame:
     says which weighting and C it used). Standard rows always choose C (``C_choice`` "auto"), so only few-shot
     rows can mix C choices."""
     hyper = df["rule"] == "hyperplane"
-    balanced = hyper & (df["class_weight"] == "balanced") if df.loc[hyper, "class_weight"].nunique() > 1 else None
+    balanced = (
+        hyper & (df["class_weight"] == "balanced") if df.loc[hyper, "class_weight"].nunique() > 1 else None
+    )
     fewshot = hyper & (df["setting"] == "fewshot")
     mixed_C = "C_choice" in df and df.loc[fewshot, "C_choice"].nunique() > 1
     if balanced is None and not mixed_C:
@@ -133,7 +135,12 @@ def heat_tables(main: pd.DataFrame) -> list[HeatTable]:
             for tok in tokens:
                 cells = []
                 for p, r in cols:
-                    hit = sub[(sub["block"] == b) & (sub["token"] == tok) & (sub["position"] == p) & (sub["rule"] == r)]
+                    hit = sub[
+                        (sub["block"] == b)
+                        & (sub["token"] == tok)
+                        & (sub["position"] == p)
+                        & (sub["rule"] == r)
+                    ]
                     if hit.empty:
                         cells.append(Cell("–"))
                         continue
@@ -153,7 +160,9 @@ def best_choices(main: pd.DataFrame) -> pd.DataFrame:
         return main
     idx = main.groupby([*GROUP, "rule"], sort=False)["value"].idxmax()
     best = main.loc[idx].copy()
-    best["setting_label"] = [setting_label(s, w, k) for s, w, k in zip(best["setting"], best["ways"], best["shots"], strict=True)]
+    best["setting_label"] = [
+        setting_label(s, w, k) for s, w, k in zip(best["setting"], best["ways"], best["shots"], strict=True)
+    ]
     return best.reset_index(drop=True)
 
 
@@ -175,8 +184,18 @@ def sweep_grids(df: pd.DataFrame) -> list[dict]:
             i = cell["value"].idxmax()
             value[tokens.index(tok), blocks.index(b)] = cell.at[i, "value"]
             rule[tokens.index(tok), blocks.index(b)] = cell.at[i, "rule"]
-        out.append({"model": model, "dataset": dataset, "position": position, "metric": sub["metric"].iloc[0],
-                    "tokens": tokens, "blocks": [int(b) for b in blocks], "value": value, "rule": rule})
+        out.append(
+            {
+                "model": model,
+                "dataset": dataset,
+                "position": position,
+                "metric": sub["metric"].iloc[0],
+                "tokens": tokens,
+                "blocks": [int(b) for b in blocks],
+                "value": value,
+                "rule": rule,
+            }
+        )
     return out
 
 
@@ -195,7 +214,9 @@ def head_grids(main: pd.DataFrame) -> list[dict]:
     parts = heads["token"].map(lambda t: split_head(str(t)))
     heads = heads.assign(base=parts.map(lambda p: p[0]), head=parts.map(lambda p: p[1]))
     keys = [*GROUP, "position", "rule"]
-    whole_of = {(*key, token): float(v) for *key, token, v in main[[*keys, "token", "value"]].itertuples(index=False)}
+    whole_of = {
+        (*key, token): float(v) for *key, token, v in main[[*keys, "token", "value"]].itertuples(index=False)
+    }
     for key, sub in heads.groupby(keys, sort=False):
         g = dict(zip(keys, key, strict=True))
         bases = [t for t in HEAD_TOKENS if t in set(sub["base"])]
@@ -203,6 +224,14 @@ def head_grids(main: pd.DataFrame) -> list[dict]:
         for row in sub.itertuples():
             value[bases.index(row.base), int(row.head)] = row.value
         whole = np.array([whole_of.get((*key, t), np.nan) for t in bases])
-        out.append({**g, "metric": PRIMARY_METRIC[g["task"]], "tokens": bases, "value": value, "whole": whole,
-                    "slabel": setting_label(g["setting"], g["ways"], g["shots"])})
+        out.append(
+            {
+                **g,
+                "metric": PRIMARY_METRIC[g["task"]],
+                "tokens": bases,
+                "value": value,
+                "whole": whole,
+                "slabel": setting_label(g["setting"], g["ways"], g["shots"]),
+            }
+        )
     return out

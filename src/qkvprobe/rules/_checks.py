@@ -23,7 +23,11 @@ def as_features(X: Any, *, name: str = "X", ndim: int = 2) -> np.ndarray | torch
     if X.ndim != ndim:
         raise FeatureError(
             f"{name} must have {ndim} dimensions, got shape {tuple(X.shape)}; "
-            + ("reshape it to [n_samples, n_features]" if ndim == 2 else "stack it as [groups, n_samples, n_features]")
+            + (
+                "reshape it to [n_samples, n_features]"
+                if ndim == 2
+                else "stack it as [groups, n_samples, n_features]"
+            )
         )
     finite = torch.isfinite(X).all().item() if isinstance(X, torch.Tensor) else np.isfinite(X).all()
     if not finite:

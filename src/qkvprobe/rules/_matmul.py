@@ -24,8 +24,12 @@ def _blas_ready(t: Tensor) -> Tensor:
 def bmm(a: Tensor, b: Tensor) -> Tensor:
     """``a [..., m, k] @ b [..., k, n]`` with ``torch.matmul``'s semantics (broadcast batch dimensions)."""
     if (
-        a.device.type == "cpu" and b.device.type == "cpu" and a.dtype == b.dtype and a.dtype in _NUMPY_DTYPES
-        and a.dim() >= 3 and not (a.requires_grad or b.requires_grad)
-    ):  # fmt: skip
+        a.device.type == "cpu"
+        and b.device.type == "cpu"
+        and a.dtype == b.dtype
+        and a.dtype in _NUMPY_DTYPES
+        and a.dim() >= 3
+        and not (a.requires_grad or b.requires_grad)
+    ):
         return torch.from_numpy(np.matmul(_blas_ready(a).numpy(), _blas_ready(b).numpy()))
     return torch.matmul(a, b)

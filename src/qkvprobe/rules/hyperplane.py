@@ -97,7 +97,9 @@ def check_class_weight(class_weight: Any) -> str | None:
         return None
     if class_weight == "balanced":
         return "balanced"
-    raise RuleError(f"class_weight must be None or 'balanced', got {class_weight!r}; e.g. class_weight='balanced'")
+    raise RuleError(
+        f"class_weight must be None or 'balanced', got {class_weight!r}; e.g. class_weight='balanced'"
+    )
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -105,7 +107,9 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float64 if torch.device(device).type == "cpu" else torch.float32
 
 
-def logistic_sums(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+def logistic_sums(
+    X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
     """Weighted data term of G problems: ``X [G, n, D1]``, ``y [G, n]``, ``weights [G, n]``, ``W [G, D1, Kf]``
     → (``Σ_i w_i·logloss_i [G]``, its gradient ``[G, D1, Kf]``). Binary (K = 2) uses one logit.
 
@@ -121,13 +125,17 @@ def logistic_sums(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes:
         return _logistic_block(X, y, weights, W, num_classes)
     f, grad = _logistic_block(X[:, :rows], y[:, :rows], weights[:, :rows], W, num_classes)
     for a in range(rows, n, rows):
-        fb, gb = _logistic_block(X[:, a : a + rows], y[:, a : a + rows], weights[:, a : a + rows], W, num_classes)
+        fb, gb = _logistic_block(
+            X[:, a : a + rows], y[:, a : a + rows], weights[:, a : a + rows], W, num_classes
+        )
         f += fb
         grad += gb
     return f, grad
 
 
-def _logistic_block(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+def _logistic_block(
+    X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
     """:func:`logistic_sums` on one block of rows."""
     G, _, D1 = X.shape
     R, Kf = W.shape[0] // G, W.shape[2]
@@ -149,7 +157,9 @@ def _logistic_block(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classe
     return (weights * loss).sum(1), ((resid * weights[..., None]).transpose(1, 2) @ X).transpose(1, 2)
 
 
-def _shared_block(X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+def _shared_block(
+    X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
     """:func:`_logistic_block` for R problems per X: ``W [G, R, D1, Kf]`` → (``[G·R]``, ``[G·R, D1, Kf]``).
 
     X ``[n, D1]`` times all their ``R·Kf`` columns at once, and the residuals of all of them times X once, so X is
@@ -248,8 +258,16 @@ class _LogisticObjective:
     still solved among the ``G·R`` of ``X``; the others ride along at W = 0 until a whole X is done and leaves
     (copying X for a few problems would cost more than their columns)."""
 
-    def __init__(self, X: Tensor, y: Tensor, sw: Tensor, C: Tensor, num_classes: int,
-                 moment: Tensor | None = None, start: Tensor | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        X: Tensor,
+        y: Tensor,
+        sw: Tensor,
+        C: Tensor,
+        num_classes: int,
+        moment: Tensor | None = None,
+        start: Tensor | None = None,
+    ) -> None:
         G = X.shape[0]
         if C.shape[0] % G:
             raise RuleError(f"{C.shape[0]} values of C for {G} feature sets; pass R per set")
@@ -260,7 +278,9 @@ class _LogisticObjective:
         self.num_classes = num_classes
         self.kf = 1 if num_classes == 2 else num_classes
         self.sw_sum = sw.sum(1)  # [G]
-        self.reg = 1.0 / (C * self.sw_sum.repeat_interleave(self.R))  # [G·R] l2 strength of the scaled objective
+        self.reg = 1.0 / (
+            C * self.sw_sum.repeat_interleave(self.R)
+        )  # [G·R] l2 strength of the scaled objective
         self.weights = sw / self.sw_sum[:, None]
         self.slots: Tensor | None = None
         self._moment = moment
@@ -270,7 +290,11 @@ class _LogisticObjective:
             w = self.weights[:, ::step]
             w = w * (self.weights.sum(1) / w.sum(1).clamp_min(1e-300))[:, None]  # strided rows stand for all
             P = curvature_preconditioner(class_curvature(X[:, ::step], w, start, num_classes), self.reg)
-        self.P = preconditioner(self.moment.repeat_interleave(self.R, 0), self.reg, num_classes) if P is None else P
+        self.P = (
+            preconditioner(self.moment.repeat_interleave(self.R, 0), self.reg, num_classes)
+            if P is None
+            else P
+        )
 
     @property
     def moment(self) -> Tensor:
@@ -300,7 +324,9 @@ class _LogisticObjective:
         else:
             out.X, out.y, out.sw, out.sw_sum, out.weights = self.X, self.y, self.sw, self.sw_sum, self.weights
             out._moment = self._moment
-        full = len(slots) == out.X.shape[0] * out.R and bool((slots == torch.arange(len(slots), device=slots.device)).all())
+        full = len(slots) == out.X.shape[0] * out.R and bool(
+            (slots == torch.arange(len(slots), device=slots.device)).all()
+        )
         out.slots = None if full else slots
         return out
 
@@ -332,8 +358,9 @@ class _SpanLogistic:
     batched matmuls with contiguous operands (``X @ W`` with a ``[D1, Kf]`` right operand is ~4× slower in
     float32 on CPU); the softmax reuses its exponentials, and the penalty is one fused multiply-add."""
 
-    def __init__(self, X: Tensor, y: Tensor, sw: Tensor, C: Tensor, num_classes: int,
-                 XT: Tensor | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, X: Tensor, y: Tensor, sw: Tensor, C: Tensor, num_classes: int, XT: Tensor | None = None
+    ) -> None:
         D1 = X.shape[2]
         self.X, self.y, self.sw, self.C, self.num_classes = X, y, sw, C, num_classes
         self.kf = 1 if num_classes == 2 else num_classes
@@ -352,7 +379,9 @@ class _SpanLogistic:
         if num_classes == 2:
             self.target = y.to(X.dtype)
         else:  # weighted one-hot targets [G, Kf, n]: loss and residual need no gather/scatter
-            self.target = torch.nn.functional.one_hot(y, num_classes).to(X.dtype).transpose(1, 2) * self.weights
+            self.target = (
+                torch.nn.functional.one_hot(y, num_classes).to(X.dtype).transpose(1, 2) * self.weights
+            )
         self.yidx = y[:, None, :]  # [G, 1, n]
 
     def select(self, keep: Tensor) -> _SpanLogistic:
@@ -463,8 +492,14 @@ def _cholesky_basis(gram: Tensor, rel: float) -> tuple[Tensor, Tensor]:
     return Z, proj
 
 
-def span_reduce(X: Tensor, sw: Tensor | None, solve_dtype: torch.dtype | None = None, *,
-                overwrite: bool = False, basis: str = "eigen") -> SpanReduction:  # fmt: skip
+def span_reduce(
+    X: Tensor,
+    sw: Tensor | None,
+    solve_dtype: torch.dtype | None = None,
+    *,
+    overwrite: bool = False,
+    basis: str = "eigen",
+) -> SpanReduction:
     """``X [G, n, D]`` (any float dtype) → :class:`SpanReduction`. Centring moves the mean into the unpenalised
     intercept. ``basis="eigen"``: the reduced columns are uncorrelated (diagonal preconditioner exact) and
     directions with (numerically) zero variance get a zero column; ``"cholesky"``: see :func:`_cholesky_basis`
@@ -501,10 +536,19 @@ def span_expand(red: SpanReduction, X: Tensor, sw: Tensor | None, W: Tensor) -> 
 
 
 def solve_logistic(
-    X: Tensor, y: Tensor, num_classes: int, C: Tensor, sw: Tensor, *, W0: Tensor | None = None,
-    max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, diagonal: bool = False,
-    objective: _LogisticObjective | None = None, ftol: float | None = None,
-) -> tuple[Tensor, Tensor, _LogisticObjective | _SpanLogistic, Tensor]:  # fmt: skip
+    X: Tensor,
+    y: Tensor,
+    num_classes: int,
+    C: Tensor,
+    sw: Tensor,
+    *,
+    W0: Tensor | None = None,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+    diagonal: bool = False,
+    objective: _LogisticObjective | None = None,
+    ftol: float | None = None,
+) -> tuple[Tensor, Tensor, _LogisticObjective | _SpanLogistic, Tensor]:
     """Batched L-BFGS on ``X [G, n, D]`` → (``W [G, D+1, Kf]`` with the intercept last, ``n_iter [G]``, the
     objective, reusable for another C so its second moments are not recomputed, ``converged [G]``).
 
@@ -519,8 +563,14 @@ def solve_logistic(
         span = _SpanLogistic(augment(X), y, sw, C, num_classes)
         # Span-reduced problems (few-shot) are small and well preconditioned: 5 curvature pairs take as many
         # iterations as 10 (measured on 2 000 5-way 5-shot episodes) at half the two-loop's cost.
-        res = minimize_lbfgs(span, W0.transpose(1, 2).reshape(G, -1).to(X.dtype), max_iter=max_iter, tol=tol,
-                             history=SPAN_HISTORY, ftol=ftol)  # fmt: skip
+        res = minimize_lbfgs(
+            span,
+            W0.transpose(1, 2).reshape(G, -1).to(X.dtype),
+            max_iter=max_iter,
+            tol=tol,
+            history=SPAN_HISTORY,
+            ftol=ftol,
+        )
         return res.w.view(G, kf, -1).transpose(1, 2), res.n_iter, span, res.converged
     if objective is None:
         objective = _LogisticObjective(augment(X), y, sw, C, num_classes, start=start)
@@ -529,8 +579,15 @@ def solve_logistic(
     # Full-width problems cost a pass over [n, D] each per evaluation, so finished ones are dropped from the batch
     # even when it is small (the standard protocol batches ~10 token types; without this, one slow token kept
     # all ten in every pass: 6.5 → 3.0 s for one C of the MAE model's default-study Fashion-MNIST fits).
-    res = minimize_lbfgs(objective, W0.reshape(G, -1).to(X.dtype), max_iter=max_iter, tol=tol, history=10,
-                         ftol=ftol, compact_min=2)  # fmt: skip
+    res = minimize_lbfgs(
+        objective,
+        W0.reshape(G, -1).to(X.dtype),
+        max_iter=max_iter,
+        tol=tol,
+        history=10,
+        ftol=ftol,
+        compact_min=2,
+    )
     return res.w.view(G, -1, kf), res.n_iter, objective, res.converged
 
 
@@ -569,8 +626,9 @@ def fit_hyperplane_batched(
         W0[:, :-1] = 0 if coef_init is None else coef_init.transpose(1, 2)
         W0[:, -1] = 0 if intercept_init is None else intercept_init
     if not ((n <= D) if reduce is None else reduce):
-        W, n_iter, objective, _ = solve_logistic(X, y, num_classes, Cs, sw, W0=W0, max_iter=max_iter, tol=tol,
-                                                 objective=_objective)  # fmt: skip
+        W, n_iter, objective, _ = solve_logistic(
+            X, y, num_classes, Cs, sw, W0=W0, max_iter=max_iter, tol=tol, objective=_objective
+        )
         return W[:, :-1].transpose(1, 2), _centre_intercept(W[:, -1]), n_iter, objective
     red = span_reduce(X, sw)
     Wr0 = None
@@ -578,10 +636,13 @@ def fit_hyperplane_batched(
         Xm, _ = _centred(X, sw, red.mean)
         basis = (Xm.transpose(1, 2) @ red.proj.to(X.dtype)).to(red.X.dtype)  # [G, D, n] orthonormal columns
         shifted = W0[:, -1] + (red.mean[:, None] @ W0[:, :-1])[:, 0]  # [G, Kf]
-        Wr0 = torch.cat([basis.transpose(1, 2) @ W0[:, :-1].to(basis.dtype), shifted.to(basis.dtype)[:, None]], 1)
+        Wr0 = torch.cat(
+            [basis.transpose(1, 2) @ W0[:, :-1].to(basis.dtype), shifted.to(basis.dtype)[:, None]], 1
+        )
     Cs = Cs.to(red.X.dtype)
-    W, n_iter, objective, _ = solve_logistic(red.X, y, num_classes, Cs, sw.to(red.X.dtype), W0=Wr0,
-                                             max_iter=max_iter, tol=tol, diagonal=True)  # fmt: skip
+    W, n_iter, objective, _ = solve_logistic(
+        red.X, y, num_classes, Cs, sw.to(red.X.dtype), W0=Wr0, max_iter=max_iter, tol=tol, diagonal=True
+    )
     coef, intercept = span_expand(red, X, sw, W)
     return coef, _centre_intercept(intercept), n_iter, objective
 
@@ -612,16 +673,31 @@ def fit_hyperplane_path(
     for C in Cs:
         check_C(C)
         coef, intercept, n_iter, objective = fit_hyperplane_batched(
-            X, y, num_classes, C, sample_weight=sample_weight, max_iter=max_iter, tol=tol,
-            coef_init=coef if warm_start else None, intercept_init=intercept if warm_start else None,
-            reduce=False, _objective=objective,
-        )  # fmt: skip
+            X,
+            y,
+            num_classes,
+            C,
+            sample_weight=sample_weight,
+            max_iter=max_iter,
+            tol=tol,
+            coef_init=coef if warm_start else None,
+            intercept_init=intercept if warm_start else None,
+            reduce=False,
+            _objective=objective,
+        )
         out.append((coef, intercept, n_iter))
     return out
 
 
-def grid_step(num_Cs: int, problems_per_C: int, num_params: int, rows: int, kf: int, dtype: torch.dtype,
-              device: torch.device) -> int:  # fmt: skip
+def grid_step(
+    num_Cs: int,
+    problems_per_C: int,
+    num_params: int,
+    rows: int,
+    kf: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
     """How many Cs of a grid one batch holds: the L-BFGS state of its problems (10 curvature pairs, iterates and
     gradients, ``num_params`` each) and, off the CPU (where :func:`logistic_sums` does not work in row blocks),
     the logits, log-probabilities and residuals of a pass over ``rows`` rows stay within ``GRID_BYTES``. Ten
@@ -634,8 +710,15 @@ def grid_step(num_Cs: int, problems_per_C: int, num_params: int, rows: int, kf: 
     return max(1, min(num_Cs, GRID_BYTES // max(per_C, 1)))
 
 
-def _fit_grid(X: Tensor, y: Tensor, num_classes: int, Cs: list[float], sample_weight: Tensor | None, max_iter: int,
-              tol: float) -> list[tuple[Tensor, Tensor, Tensor]]:  # fmt: skip
+def _fit_grid(
+    X: Tensor,
+    y: Tensor,
+    num_classes: int,
+    Cs: list[float],
+    sample_weight: Tensor | None,
+    max_iter: int,
+    tol: float,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
     """:func:`fit_hyperplane_path` with ``warm_start=False``: every C from W = 0, all of them one batch of
     ``G·len(Cs)`` problems sharing each X (:class:`_LogisticObjective` with R = len(Cs)), so a pass reads X once
     for all Cs; batches of fewer Cs where memory asks for it (:func:`grid_step`)."""
@@ -654,7 +737,9 @@ def _fit_grid(X: Tensor, y: Tensor, num_classes: int, Cs: list[float], sample_we
         w0 = torch.zeros(G * R, (D + 1) * kf, dtype=X.dtype, device=X.device)
         res = minimize_lbfgs(objective, w0, max_iter=max_iter, tol=tol, history=10, compact_min=2)
         W, n_iter = res.w.view(G, R, D + 1, kf), res.n_iter.view(G, R)
-        out += [(W[:, r, :-1].transpose(1, 2), _centre_intercept(W[:, r, -1]), n_iter[:, r]) for r in range(R)]
+        out += [
+            (W[:, r, :-1].transpose(1, 2), _centre_intercept(W[:, r, -1]), n_iter[:, r]) for r in range(R)
+        ]
     return out
 
 
@@ -672,8 +757,16 @@ class HyperplaneRule(BaseEstimator):
     ``classes_ [K]``, ``coef_ [K, D]`` (``[1, D]`` for K = 2), ``intercept_ [K]`` (``[1]``), ``n_iter_ [1]``,
     ``n_features_in_``. ``class_weight``: None, ``"balanced"`` or ``{label: weight}``, as scikit-learn's."""
 
-    def __init__(self, *, C: float = 1.0, max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
-                 device: str = "cpu", dtype: Any = None, class_weight: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        C: float = 1.0,
+        max_iter: int = DEFAULT_MAX_ITER,
+        tol: float = DEFAULT_TOL,
+        device: str = "cpu",
+        dtype: Any = None,
+        class_weight: Any = None,
+    ) -> None:
         self.C = C
         self.class_weight = class_weight
         self.max_iter = max_iter
@@ -696,9 +789,14 @@ class HyperplaneRule(BaseEstimator):
             cw = torch.as_tensor(self._class_weights(y, sample_weight)[codes], device=dev, dtype=dt)[None]
             sw = cw if sw is None else sw * cw
         coef, intercept, n_iter, _ = fit_hyperplane_batched(
-            Xt, torch.as_tensor(codes, device=dev)[None], len(self.classes_), C,
-            sample_weight=sw, max_iter=self.max_iter, tol=self.tol,
-        )  # fmt: skip
+            Xt,
+            torch.as_tensor(codes, device=dev)[None],
+            len(self.classes_),
+            C,
+            sample_weight=sw,
+            max_iter=self.max_iter,
+            tol=self.tol,
+        )
         self.coef_ = coef[0].cpu().numpy()
         self.intercept_ = intercept[0].cpu().numpy()
         self.n_iter_ = n_iter.cpu().numpy()

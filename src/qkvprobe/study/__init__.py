@@ -64,8 +64,14 @@ def _versions() -> dict[str, str]:
     import torch
 
     # timm's version from its metadata: importing timm takes seconds, and a run on cached features needs no model.
-    return {"qkvprobe": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": version("timm"), "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}  # fmt: skip
+    return {
+        "qkvprobe": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": version("timm"),
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
 
 
 def _device(name: str) -> str:
@@ -100,16 +106,27 @@ class _Study:
         self.skipped = 0
         previous = read_json(self.run_dir / RUN_JSON, {}) or {}
         self.info: dict[str, Any] = {
-            "name": cfg.name, "fingerprint": cfg.fingerprint(), "status": "running",
-            "started": previous.get("started") if self.progress.resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "resumed": self.progress.resumed, "config": dump_config(cfg), "versions": _versions(),
-            "device": self.device, "host": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
-            "episodes_seed": cfg.seed, "subsampling": self._subsampling(), "data_sources": previous.get("data_sources", {}),
-            "main_blocks": previous.get("main_blocks", {}), "timings": {},
+            "name": cfg.name,
+            "fingerprint": cfg.fingerprint(),
+            "status": "running",
+            "started": previous.get("started")
+            if self.progress.resumed
+            else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "resumed": self.progress.resumed,
+            "config": dump_config(cfg),
+            "versions": _versions(),
+            "device": self.device,
+            "host": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+            "episodes_seed": cfg.seed,
+            "subsampling": self._subsampling(),
+            "data_sources": previous.get("data_sources", {}),
+            "main_blocks": previous.get("main_blocks", {}),
+            "timings": {},
             # A resumed run's "timings" are this invocation's; the interrupted ones' (partial) timings are kept.
             "timings_earlier": [*previous.get("timings_earlier", []), previous.get("timings") or {}]
-            if self.progress.resumed else [],
-        }  # fmt: skip
+            if self.progress.resumed
+            else [],
+        }
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -131,17 +148,26 @@ class _Study:
         if only_val:
             names = [classes[c] for c in only_val]
             self.info.setdefault("fewshot_validation_excluded_classes", {})[where] = names
-            self.log(f"{where}: classes with too few images in the halved training pools, left out of the "
-                     f"validation episodes that choose C (not of the evaluation's): {names}")
+            self.log(
+                f"{where}: classes with too few images in the halved training pools, left out of the "
+                f"validation episodes that choose C (not of the evaluation's): {names}"
+            )
 
     def _subsampling(self) -> dict[str, Any]:
         sizes = {d.spec: {"train": d.train_size, "test": d.test_size} for d in self.cfg.datasets}
-        return {"how": SUBSAMPLING_NOTE, "sizes": sizes, "fewshot_episodes": self.cfg.fewshot.episodes,
-                "segmentation_episodes": self.cfg.fewshot.segmentation_episodes}  # fmt: skip
+        return {
+            "how": SUBSAMPLING_NOTE,
+            "sizes": sizes,
+            "fewshot_episodes": self.cfg.fewshot.episodes,
+            "segmentation_episodes": self.cfg.fewshot.segmentation_episodes,
+        }
 
     def save_info(self, **updates: Any) -> None:
         self.info.update(updates)
-        self.info["timings"] = {**self.info.get("timings", {}), **{k: round(v, 3) for k, v in self.timings.items()}}
+        self.info["timings"] = {
+            **self.info.get("timings", {}),
+            **{k: round(v, 3) for k, v in self.timings.items()},
+        }
         write_json(self.run_dir / RUN_JSON, self.info)
 
     def timed(self, key: str, fn: Callable[[], Any]) -> Any:
@@ -151,8 +177,10 @@ class _Study:
         return out
 
     def rows_present(self, model: str, dataset: str, setting: str, shots: int) -> bool:
-        return any((r.model, r.dataset, r.setting, r.shots) == (model, dataset, setting, shots)
-                   for r in read_results(self.run_dir / RESULTS))  # fmt: skip
+        return any(
+            (r.model, r.dataset, r.setting, r.shots) == (model, dataset, setting, shots)
+            for r in read_results(self.run_dir / RESULTS)
+        )
 
     # ---- the study --------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -175,13 +203,17 @@ class _Study:
         for d in self.cfg.datasets:
             self.run_dataset(m, bb, d, main_blocks, sweep=d.spec in sweep_sets)
 
-    def run_dataset(self, m: ModelConfig, bb: Any, d: DatasetConfig, main_blocks: list[int], *, sweep: bool) -> None:
+    def run_dataset(
+        self, m: ModelConfig, bb: Any, d: DatasetConfig, main_blocks: list[int], *, sweep: bool
+    ) -> None:
         from ..features import cached_store
         from .data import open_split
 
         sweep_blocks: list[int] = []
         if sweep:
-            wanted = range(bb.num_blocks) if self.cfg.block_sweep.blocks == "all" else self.cfg.block_sweep.blocks
+            wanted = (
+                range(bb.num_blocks) if self.cfg.block_sweep.blocks == "all" else self.cfg.block_sweep.blocks
+            )
             sweep_blocks = sorted({bb.resolve_block(b) for b in wanted} - set(main_blocks))
         positions = list(d.positions or [])
         if sweep and self.cfg.block_sweep.position not in positions:
@@ -196,10 +228,21 @@ class _Study:
             ds = self.timed(f"open {d.spec} {which}", lambda which=which: open_split(d, which, self.cfg.seed))
             self.info["data_sources"][f"{d.spec} ({which})"] = f"{ds.source}; {len(ds)} samples"
             self.log(f"{m.name} · {d.spec} · {which}: features of {len(ds)} samples")
-            stores[which] = self.timed(f"extract {m.name} {d.spec} {which}", lambda ds=ds: cached_store(
-                self.cfg.cache_root(), bb, ds, blocks=sorted(set(main_blocks) | set(sweep_blocks)), tokens=list(self.cfg.tokens),
-                positions=positions, dtype=self.cfg.dtype, batch_size=self.cfg.batch_size, image_size=d.image_size,
-                progress=self.verbose))  # fmt: skip
+            stores[which] = self.timed(
+                f"extract {m.name} {d.spec} {which}",
+                lambda ds=ds: cached_store(
+                    self.cfg.cache_root(),
+                    bb,
+                    ds,
+                    blocks=sorted(set(main_blocks) | set(sweep_blocks)),
+                    tokens=list(self.cfg.tokens),
+                    positions=positions,
+                    dtype=self.cfg.dtype,
+                    batch_size=self.cfg.batch_size,
+                    image_size=d.image_size,
+                    progress=self.verbose,
+                ),
+            )
             if which == "test":
                 stores["test_dataset"] = ds
         self.save_info()
@@ -211,43 +254,89 @@ class _Study:
             self.progress.mark(uid)
             self.save_info()
 
-    def plan_units(self, m: ModelConfig, d: DatasetConfig, main_blocks: list[int],
-                   sweep_blocks: list[int]) -> list[tuple[str, Callable[[dict, Any], None]]]:  # fmt: skip
+    def plan_units(
+        self, m: ModelConfig, d: DatasetConfig, main_blocks: list[int], sweep_blocks: list[int]
+    ) -> list[tuple[str, Callable[[dict, Any], None]]]:
         cfg, fs = self.cfg, self.cfg.fewshot
         units: list[tuple[str, Callable[[dict, Any], None]]] = []
         common = {"model": m.name, "dataset": d.spec, "tokens": cfg.tokens, "rules": cfg.rules}
         for setting in cfg.settings:
             for shots in [0] if setting == "standard" else fs.shots:
-                uid = unit_id("evaluate", **common, setting=setting, shots=shots, blocks=main_blocks,
-                              positions=d.positions)  # fmt: skip
-                units.append((uid, lambda st, bb, s=setting, k=shots: self.evaluate(m, d, st, s, k, main_blocks, d.positions)))
+                uid = unit_id(
+                    "evaluate",
+                    **common,
+                    setting=setting,
+                    shots=shots,
+                    blocks=main_blocks,
+                    positions=d.positions,
+                )
+                units.append(
+                    (
+                        uid,
+                        lambda st, bb, s=setting, k=shots: self.evaluate(
+                            m, d, st, s, k, main_blocks, d.positions
+                        ),
+                    )
+                )
         if sweep_blocks:
             pos = [cfg.block_sweep.position]
-            uid = unit_id("sweep", **{**common, "rules": cfg.sweep_rules()}, blocks=sweep_blocks, positions=pos)
-            units.append((uid, lambda st, bb: self.evaluate(m, d, st, "standard", 0, sweep_blocks, pos,
-                                                                paired=False, rules=cfg.sweep_rules())))
+            uid = unit_id(
+                "sweep", **{**common, "rules": cfg.sweep_rules()}, blocks=sweep_blocks, positions=pos
+            )
+            units.append(
+                (
+                    uid,
+                    lambda st, bb: self.evaluate(
+                        m, d, st, "standard", 0, sweep_blocks, pos, paired=False, rules=cfg.sweep_rules()
+                    ),
+                )
+            )
         if cfg.report.enabled and "standard" in cfg.settings:
             uid = unit_id("directions", **common, blocks=main_blocks[-1:])
             units.append((uid, lambda st, bb: self.directions(m, bb, d, st, main_blocks[-1])))
             if d.task == "segmentation" and cfg.report.direction_map_images:
-                uid = unit_id("maps", **common, blocks=main_blocks[-1:], images=cfg.report.direction_map_images)
+                uid = unit_id(
+                    "maps", **common, blocks=main_blocks[-1:], images=cfg.report.direction_map_images
+                )
                 units.append((uid, lambda st, bb: self.maps(m, bb, d, st, main_blocks[-1])))
         return units
 
     # ---- units ------------------------------------------------------------------------------------------
-    def evaluate(self, m: ModelConfig, d: DatasetConfig, stores: dict, setting: str, shots: int,
-                 blocks: list[int], positions: list[str] | None, *, paired: bool = True,
-                 rules: list[str] | None = None) -> None:  # fmt: skip
+    def evaluate(
+        self,
+        m: ModelConfig,
+        d: DatasetConfig,
+        stores: dict,
+        setting: str,
+        shots: int,
+        blocks: list[int],
+        positions: list[str] | None,
+        *,
+        paired: bool = True,
+        rules: list[str] | None = None,
+    ) -> None:
         from ..protocols import evaluate_classification, evaluate_segmentation
 
         fs = self.cfg.fewshot
         fn = evaluate_classification if d.task == "classification" else evaluate_segmentation
-        episodes = 0 if setting == "standard" else (fs.episodes if d.task == "classification" else fs.segmentation_episodes)
-        label = "standard" if setting == "standard" else f"{fs.ways}-way {shots}-shot" if d.task == "classification" else f"{shots}-shot"
+        episodes = (
+            0
+            if setting == "standard"
+            else (fs.episodes if d.task == "classification" else fs.segmentation_episodes)
+        )
+        label = (
+            "standard"
+            if setting == "standard"
+            else f"{fs.ways}-way {shots}-shot"
+            if d.task == "classification"
+            else f"{shots}-shot"
+        )
         tokens = list(self.cfg.tokens)
         if self.cfg.heads and paired:  # single heads at the main block(s), not in the block sweep
             tokens += stores["train"].head_tokens(tokens)
-        self.log(f"{m.name} · {d.spec} · {label}: blocks {blocks}, {len(tokens)} tokens × {len(self.cfg.rules)} rules")
+        self.log(
+            f"{m.name} · {d.spec} · {label}: blocks {blocks}, {len(tokens)} tokens × {len(self.cfg.rules)} rules"
+        )
         extra: dict[str, Any] = {} if self.cfg.c_grid is None else {"Cs": list(self.cfg.c_grid)}
         if setting == "fewshot" and fs.C != 1.0:
             extra["C"] = fs.C
@@ -257,11 +346,25 @@ class _Study:
 
             extra["episode_sampler"] = tolerant_segmentation_sampler(excluded)
         rows = _call(
-            fn, train_store=stores["train"], test_store=stores["test"], setting=setting, rules=list(rules or self.cfg.rules),
-            tokens=tokens, positions=list(positions or ["patch"]), blocks=list(blocks), ways=fs.ways,
-            shots=shots, queries=fs.queries, episodes=episodes, seed=self.cfg.seed, model=m.name, dataset=d.spec,
-            device=self.device, class_weight=self.cfg.class_weight, **extra,
-        )  # fmt: skip
+            fn,
+            train_store=stores["train"],
+            test_store=stores["test"],
+            setting=setting,
+            rules=list(rules or self.cfg.rules),
+            tokens=tokens,
+            positions=list(positions or ["patch"]),
+            blocks=list(blocks),
+            ways=fs.ways,
+            shots=shots,
+            queries=fs.queries,
+            episodes=episodes,
+            seed=self.cfg.seed,
+            model=m.name,
+            dataset=d.spec,
+            device=self.device,
+            class_weight=self.cfg.class_weight,
+            **extra,
+        )
         self._note_excluded(d.spec, shots, stores["train"].classes, excluded.get(shots, []))
         if not rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
@@ -314,9 +417,20 @@ class _Study:
             keep, y = sample_rows(train, self.cfg.report.max_fit_samples, self.cfg.seed)
             X = np.stack([training_features(train, t, position, block, keep) for t in tokens])
             classes, cos = direction_cosines(X, y, Cs, self.device, self.cfg.class_weight)
-        entries = [{"model": m.name, "objective": bb.objective, "dataset": d.spec, "block": block, "token": t,
-                    "position": position, "C": C, "classes": [str(train.classes[int(c)]) for c in classes],
-                    "cosine": cos[g].tolist()} for g, (t, C) in enumerate(zip(tokens, Cs, strict=True))]  # fmt: skip
+        entries = [
+            {
+                "model": m.name,
+                "objective": bb.objective,
+                "dataset": d.spec,
+                "block": block,
+                "token": t,
+                "position": position,
+                "C": C,
+                "classes": [str(train.classes[int(c)]) for c in classes],
+                "cosine": cos[g].tolist(),
+            }
+            for g, (t, C) in enumerate(zip(tokens, Cs, strict=True))
+        ]
         self._merge_side(DIRECTIONS, "entries", entries, ("model", "dataset", "token", "position"))
 
     def maps(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
@@ -327,13 +441,22 @@ class _Study:
         n = min(self.cfg.report.direction_map_images, test.num_samples)
         images, masks = map_images(stores["test_dataset"], test.indices()[:n])
         for token in self.cfg.tokens:
-            cos = class_direction_map(train, test, token, block, n, self.cfg.report.max_fit_samples, self.cfg.seed)
-            save_direction_map(self.run_dir / MAPS / (slug(m.name, d.spec, token) + ".npz"), images=images, masks=masks,
-                               cosine=cos, classes=list(test.classes),
-                               meta={"model": m.name, "dataset": d.spec, "token": token, "block": block})  # fmt: skip
+            cos = class_direction_map(
+                train, test, token, block, n, self.cfg.report.max_fit_samples, self.cfg.seed
+            )
+            save_direction_map(
+                self.run_dir / MAPS / (slug(m.name, d.spec, token) + ".npz"),
+                images=images,
+                masks=masks,
+                cosine=cos,
+                classes=list(test.classes),
+                meta={"model": m.name, "dataset": d.spec, "token": token, "block": block},
+            )
 
 
-def run_study(cfg: StudyConfig, *, fresh: bool = False, progress: bool = True, console: Console | None = None) -> StudyResult:
+def run_study(
+    cfg: StudyConfig, *, fresh: bool = False, progress: bool = True, console: Console | None = None
+) -> StudyResult:
     """Run (or resume) a study; write results.csv, run.json, side files and the report into ``cfg.run_dir()``."""
     from ..report import main_rows, render_report, summary_table
     from ..report.files import load_run
@@ -347,5 +470,11 @@ def run_study(cfg: StudyConfig, *, fresh: bool = False, progress: bool = True, c
         study.save_info()
     files = load_run(study.run_dir)
     summary = summary_table(main_rows(files.results, files.run_info))
-    return StudyResult(study.run_dir, read_results(study.run_dir / RESULTS), summary, report,
-                       dict(study.info["timings"]), study.skipped)  # fmt: skip
+    return StudyResult(
+        study.run_dir,
+        read_results(study.run_dir / RESULTS),
+        summary,
+        report,
+        dict(study.info["timings"]),
+        study.skipped,
+    )

@@ -42,7 +42,9 @@ class Subset(Dataset):
         return None if t is None else np.asarray(t)[self.selection]
 
 
-def subset_indices(num: int, size: int | None, seed: int, labels: np.ndarray | None = None) -> np.ndarray | None:
+def subset_indices(
+    num: int, size: int | None, seed: int, labels: np.ndarray | None = None
+) -> np.ndarray | None:
     """Sorted seeded random indices (stratified by ``labels`` when given); None when no subsampling is needed."""
     if size is None or size >= num:
         return None
@@ -53,7 +55,9 @@ def subset_indices(num: int, size: int | None, seed: int, labels: np.ndarray | N
     classes, counts = np.unique(labels, return_counts=True)
     quota = np.floor(counts / num * size).astype(int)
     quota[np.argsort(-(counts / num * size - quota))[: size - quota.sum()]] += 1
-    picks = [rng.choice(np.flatnonzero(labels == c), q, replace=False) for c, q in zip(classes, quota, strict=True)]
+    picks = [
+        rng.choice(np.flatnonzero(labels == c), q, replace=False) for c, q in zip(classes, quota, strict=True)
+    ]
     return np.sort(np.concatenate(picks))
 
 
@@ -61,7 +65,9 @@ def scenes_spec(cfg: DatasetConfig) -> str:
     """The scenes spec with the configured sizes as generator options (explicit options win)."""
     spec = cfg.spec
     options = dict(part.split("=", 1) for part in spec.partition("?")[2].split("&") if "=" in part)
-    extra = [f"{k}={v}" for k, v in (("train", cfg.train_size), ("test", cfg.test_size)) if v and k not in options]
+    extra = [
+        f"{k}={v}" for k, v in (("train", cfg.train_size), ("test", cfg.test_size)) if v and k not in options
+    ]
     if not extra:
         return spec
     return spec + ("&" if "?" in spec else "?") + "&".join(extra)

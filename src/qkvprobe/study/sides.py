@@ -31,7 +31,9 @@ def sample_rows(store: FeatureStore, max_samples: int, seed: int) -> tuple[np.nd
     return keep, labels[keep]
 
 
-def training_features(store: FeatureStore, token: str, position: str, block: int, keep: np.ndarray) -> np.ndarray:
+def training_features(
+    store: FeatureStore, token: str, position: str, block: int, keep: np.ndarray
+) -> np.ndarray:
     """``[n, D]`` float32 features of the rows ``keep`` (:func:`sample_rows`)."""
     if store.task == "segmentation":
         feats = store.get(token, "patch", block)
@@ -48,8 +50,9 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
-def direction_cosines(X: np.ndarray, y: np.ndarray, Cs: list[float], device: str = "cpu",
-                      class_weight: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def direction_cosines(
+    X: np.ndarray, y: np.ndarray, Cs: list[float], device: str = "cpu", class_weight: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per feature set g and class c: cos(w_c, μ_c) between the hyperplane normal and the cosine rule's class
     direction. ``X [G, n, D]`` (G token types on the same samples), ``y [n]``, ``Cs [G]``, ``class_weight`` of
     the hyperplane fit (None or "balanced", as the study's protocols).
@@ -66,9 +69,14 @@ def direction_cosines(X: np.ndarray, y: np.ndarray, Cs: list[float], device: str
     dt = default_dtype(device)
     Xt = torch.as_tensor(X).to(device, dt)
     yt = torch.as_tensor(codes.astype(np.int64), device=device).expand(G, -1).contiguous()
-    sw = balanced_sample_weight(yt, torch.ones(yt.shape, dtype=dt, device=device), K) if class_weight == "balanced" else None
-    coef, _, _, _ = fit_hyperplane_batched(Xt, yt, K, torch.as_tensor(Cs, dtype=dt, device=device), sample_weight=sw,
-                                           max_iter=DIRECTION_MAX_ITER)  # fmt: skip
+    sw = (
+        balanced_sample_weight(yt, torch.ones(yt.shape, dtype=dt, device=device), K)
+        if class_weight == "balanced"
+        else None
+    )
+    coef, _, _, _ = fit_hyperplane_batched(
+        Xt, yt, K, torch.as_tensor(Cs, dtype=dt, device=device), sample_weight=sw, max_iter=DIRECTION_MAX_ITER
+    )
     W = coef.cpu().numpy()
     if W.shape[1] == 1:
         W = np.concatenate([-W, W], axis=1)
@@ -86,7 +94,9 @@ def save_fits(path: Path, weights: dict[tuple, np.ndarray], classes: np.ndarray)
     os.replace(tmp, path)
 
 
-def fitted_direction_cosines(path: Path, tokens: list[str], position: str, block: int) -> tuple[np.ndarray, np.ndarray] | None:
+def fitted_direction_cosines(
+    path: Path, tokens: list[str], position: str, block: int
+) -> tuple[np.ndarray, np.ndarray] | None:
     """cos(w_c, μ_c) per token from a :func:`save_fits` file → ``(classes [K'], cosine [G, K'])``, over the
     classes that had training samples; ``None`` when the file or one of the needed fits is missing."""
     if not path.is_file():
@@ -102,8 +112,15 @@ def fitted_direction_cosines(path: Path, tokens: list[str], position: str, block
     return classes[present], np.sum(_unit(W) * _unit(mu), axis=-1)[:, present]
 
 
-def class_direction_map(train: FeatureStore, test: FeatureStore, token: str, block: int, num_images: int,
-                        max_samples: int, seed: int) -> np.ndarray:  # fmt: skip
+def class_direction_map(
+    train: FeatureStore,
+    test: FeatureStore,
+    token: str,
+    block: int,
+    num_images: int,
+    max_samples: int,
+    seed: int,
+) -> np.ndarray:
     """cos(μ_c, patch token) for the first ``num_images`` test images: ``[n, C, h, w]`` over all C classes
     of the dataset (NaN for classes without training patches)."""
     from ..rules import CosineRule
@@ -134,7 +151,13 @@ def lookup_C(rows: list[Any], model: str, dataset: str, token: str, position: st
     """The C the standard protocol chose for this token (1.0 when it is not known)."""
     for r in rows:
         if (r.model, r.dataset, r.setting, r.token, r.position, r.rule, r.block) == (
-            model, dataset, "standard", token, position, "hyperplane", block
+            model,
+            dataset,
+            "standard",
+            token,
+            position,
+            "hyperplane",
+            block,
         ) and math.isfinite(r.C):
             return float(r.C)
     return 1.0
@@ -144,7 +167,9 @@ PRIMARY = {"classification": "accuracy", "segmentation": "miou"}
 ALPHA = 0.05
 
 
-def paired_verdicts(rows: list[Any], evaluation: Any, test_labels: np.ndarray | None, top: int = 3) -> list[dict]:
+def paired_verdicts(
+    rows: list[Any], evaluation: Any, test_labels: np.ndarray | None, top: int = 3
+) -> list[dict]:
     """Paired tests between the best choice of a unit and the next ``top - 1`` (same episodes: Wilcoxon on
     per-episode scores; standard classification: exact McNemar on the same test images)."""
     from ..protocols.metrics import mcnemar, paired_test
@@ -162,22 +187,46 @@ def paired_verdicts(rows: list[Any], evaluation: Any, test_labels: np.ndarray | 
         if ka in per_episode and kb in per_episode:
             res = paired_test(per_episode[ka], per_episode[kb])
         elif ka in predictions and kb in predictions and test_labels is not None:
-            res = mcnemar(np.asarray(predictions[ka]) == test_labels, np.asarray(predictions[kb]) == test_labels)
+            res = mcnemar(
+                np.asarray(predictions[ka]) == test_labels, np.asarray(predictions[kb]) == test_labels
+            )
         else:
             continue
         if res.pvalue < ALPHA:
             verdict = f"A better (p < {ALPHA})" if res.mean_difference > 0 else f"B better (p < {ALPHA})"
         else:
             verdict = "no significant difference"
-        out.append({
-            "model": best.model, "dataset": best.dataset, "task": best.task, "setting": best.setting,
-            "ways": best.ways, "shots": best.shots, "metric": best.metric,
-            "a": {"token": best.token, "position": best.position, "rule": best.rule, "block": best.block, "value": best.value},
-            "b": {"token": other.token, "position": other.position, "rule": other.rule, "block": other.block,
-                  "value": other.value},
-            "test": res.test, "statistic": res.statistic, "p_value": res.pvalue, "num_pairs": res.num_pairs,
-            "alpha": ALPHA, "verdict": verdict,
-        })  # fmt: skip
+        out.append(
+            {
+                "model": best.model,
+                "dataset": best.dataset,
+                "task": best.task,
+                "setting": best.setting,
+                "ways": best.ways,
+                "shots": best.shots,
+                "metric": best.metric,
+                "a": {
+                    "token": best.token,
+                    "position": best.position,
+                    "rule": best.rule,
+                    "block": best.block,
+                    "value": best.value,
+                },
+                "b": {
+                    "token": other.token,
+                    "position": other.position,
+                    "rule": other.rule,
+                    "block": other.block,
+                    "value": other.value,
+                },
+                "test": res.test,
+                "statistic": res.statistic,
+                "p_value": res.pvalue,
+                "num_pairs": res.num_pairs,
+                "alpha": ALPHA,
+                "verdict": verdict,
+            }
+        )
     return out
 
 
@@ -189,13 +238,30 @@ def tolerant_segmentation_sampler(excluded: dict[int, list[list[int]]]) -> Any:
     list is the evaluation's."""
     from ..data.episodes import DEFAULT_MIN_PIXELS, sample_segmentation_episodes
 
-    def sampler(train_counts: np.ndarray, test_counts: np.ndarray, *, shots: int, min_pixels: int = DEFAULT_MIN_PIXELS,
-                exclude: tuple[int, ...] = (0,), **kwargs: Any) -> Any:  # fmt: skip
+    def sampler(
+        train_counts: np.ndarray,
+        test_counts: np.ndarray,
+        *,
+        shots: int,
+        min_pixels: int = DEFAULT_MIN_PIXELS,
+        exclude: tuple[int, ...] = (0,),
+        **kwargs: Any,
+    ) -> Any:
         train_ok = (np.asarray(train_counts) >= min_pixels).sum(0) >= shots
         test_ok = (np.asarray(test_counts) >= min_pixels).sum(0) >= 1
-        lacking = [c for c in range(np.asarray(train_counts).shape[1]) if c not in exclude and not (train_ok[c] and test_ok[c])]
+        lacking = [
+            c
+            for c in range(np.asarray(train_counts).shape[1])
+            if c not in exclude and not (train_ok[c] and test_ok[c])
+        ]
         excluded.setdefault(shots, []).append(lacking)
-        return sample_segmentation_episodes(train_counts, test_counts, shots=shots, min_pixels=min_pixels,
-                                            exclude=(*exclude, *lacking), **kwargs)  # fmt: skip
+        return sample_segmentation_episodes(
+            train_counts,
+            test_counts,
+            shots=shots,
+            min_pixels=min_pixels,
+            exclude=(*exclude, *lacking),
+            **kwargs,
+        )
 
     return sampler
