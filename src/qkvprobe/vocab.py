@@ -40,3 +40,26 @@ def split_head(token: str) -> tuple[str, int | None]:
 
 #: Label value ignored by segmentation training and scoring.
 IGNORE_INDEX = 255
+
+#: Pre-training objectives a backbone records (``Backbone.objective``): ``dino`` (DINO, DINOv2, DINOv3, iBOT,
+#: MoCo v3: self-distillation / contrastive), ``msn`` (masked siamese networks), ``mae`` (masked autoencoders),
+#: ``mim`` (other masked image modelling: BEiT, EVA-02, data2vec), ``jepa`` (I-JEPA), ``aim`` (AIMv2,
+#: autoregressive), ``unknown``.
+OBJECTIVES: tuple[str, ...] = ("dino", "msn", "mae", "mim", "jepa", "aim", "unknown")
+
+#: Objective → the family the report groups by (docs/science.md §1): the paper's two families, and ``other``
+#: for objectives that are neither.
+OBJECTIVE_FAMILIES: dict[str, str] = {
+    "dino": "joint-embedding",
+    "msn": "joint-embedding",
+    "mae": "masked-image-modelling",
+    "mim": "masked-image-modelling",
+    "jepa": "other",
+    "aim": "other",
+    "unknown": "other",
+}
+
+
+def objective_family(objective: str) -> str:
+    """``"dino"`` → ``"joint-embedding"``, ``"mae"`` → ``"masked-image-modelling"``; unknown names → ``"other"``."""
+    return OBJECTIVE_FAMILIES.get(str(objective), "other")
