@@ -170,6 +170,12 @@ def evaluate(
             f"{r.metric} {100 * r.value:.2f}{ci}{C}"
         )
     _print_summary(rows)
+    if rows.unconverged:
+        typer.echo(
+            f"not converged (rows marked converged=false; raise the solver's max_iter or check the features): "
+            f"{'; '.join(rows.unconverged)}",
+            err=True,
+        )
     typer.echo(f"wrote {len(rows)} rows to {out}")
 
 

@@ -366,6 +366,11 @@ class _Study:
             **extra,
         )
         self._note_excluded(d.spec, shots, stores["train"].classes, excluded.get(shots, []))
+        if getattr(rows, "unconverged", None):
+            units = [f"{m.name} · {d.spec} · {u}" for u in rows.unconverged]
+            self.log(f"not converged (results marked converged=false): {'; '.join(units)}")
+            self.info.setdefault("unconverged", []).extend(units)
+            self.info["unconverged_units"] = len(self.info["unconverged"])
         if not rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
         write_results(self.run_dir / RESULTS, rows)
