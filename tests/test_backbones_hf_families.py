@@ -72,7 +72,13 @@ FAMILIES = {
     ),
     "ijepa": (IJepaModel, lambda: IJepaConfig(**TINY, intermediate_size=64), {}, (0, 0, False), "jepa"),
     "msn": (ViTMSNModel, lambda: ViTMSNConfig(**TINY, intermediate_size=64), {}, (1, 0, True), "msn"),
-    "aimv2": (Aimv2VisionModel, lambda: Aimv2VisionConfig(**TINY, intermediate_size=64), {}, (0, 0, False), "aim"),
+    "aimv2": (
+        Aimv2VisionModel,
+        lambda: Aimv2VisionConfig(**TINY, intermediate_size=64),
+        {},
+        (0, 0, False),
+        "aim",
+    ),
 }
 #: families that take one input size only (a learnt position embedding of one grid)
 FIXED = {"aimv2"}
@@ -133,14 +139,20 @@ def bias_seen(layer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list]:
     if hasattr(attn, "attention") and hasattr(attn.attention, "has_relative_position_bias"):  # data2vec
         self_attn = attn.attention
         handles.append(
-            self_attn.register_forward_pre_hook(lambda m, a: seen.update(shared=a[2]) if a[2] is not None else None)
+            self_attn.register_forward_pre_hook(
+                lambda m, a: seen.update(shared=a[2]) if a[2] is not None else None
+            )
         )
         if self_attn.has_relative_position_bias:
-            handles.append(self_attn.relative_position_bias.register_forward_hook(lambda m, a, o: seen.update(own=o)))
+            handles.append(
+                self_attn.relative_position_bias.register_forward_hook(lambda m, a, o: seen.update(own=o))
+            )
     else:
         handles.append(
             attn.register_forward_pre_hook(
-                lambda m, a, kw: seen.update(mask=kw["attention_mask"]) if kw.get("attention_mask") is not None else None,
+                lambda m, a, kw: (
+                    seen.update(mask=kw["attention_mask"]) if kw.get("attention_mask") is not None else None
+                ),
                 with_kwargs=True,
             )
         )
@@ -200,7 +212,10 @@ def test_hf_family_ffn_ffn_norm_and_prefix(dirs, name: str) -> None:
         layernorm = bb.model.pooler.layernorm
         torch.testing.assert_close(out[(-1, "ffn_norm")], layernorm(ref.last_hidden_state), atol=1e-5, rtol=0)
         torch.testing.assert_close(
-            bb.model.pooler(ref.last_hidden_state), layernorm(ref.last_hidden_state[:, 1:].mean(1)), atol=1e-5, rtol=0
+            bb.model.pooler(ref.last_hidden_state),
+            layernorm(ref.last_hidden_state[:, 1:].mean(1)),
+            atol=1e-5,
+            rtol=0,
         )
     else:
         torch.testing.assert_close(out[(-1, "ffn_norm")], ref.last_hidden_state, atol=1e-5, rtol=0)

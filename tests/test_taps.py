@@ -246,7 +246,9 @@ def test_nan_features_raise() -> None:
 def test_rotary_token_refused_without_rotary(tiny_vit) -> None:
     bb = wrap(tiny_vit)
     assert not bb.has_rope
-    with pytest.raises(FeatureError, match=r"has no rotary position embedding, so it has no 'q_rope'; ask for 'q'"):
+    with pytest.raises(
+        FeatureError, match=r"has no rotary position embedding, so it has no 'q_rope'; ask for 'q'"
+    ):
         bb.extract(torch.randn(1, 1, 28, 28), tokens=("q", "q_rope"))
 
 

@@ -56,7 +56,9 @@ def sharpen(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def eva(variant: str, **extra) -> torch.nn.Module:
     name, kwargs, _, _ = EVA[variant]
     torch.manual_seed(0)
-    return sharpen(timm.create_model(name, pretrained=False, dynamic_img_size=True, **BASE, **kwargs, **extra)).eval()
+    return sharpen(
+        timm.create_model(name, pretrained=False, dynamic_img_size=True, **BASE, **kwargs, **extra)
+    ).eval()
 
 
 def beit(variant: str) -> torch.nn.Module:
@@ -83,7 +85,9 @@ def attention(q, k, v, num_heads, bias=None) -> torch.Tensor:
 def attention_output(model: torch.nn.Module, bb: TimmBackbone, x: torch.Tensor, block: int, tokens):
     """(taps of ``block``, the attention module's own output) from one extract with an extra hook."""
     seen = {}
-    handle = model.blocks[block].attn.register_forward_hook(lambda m, a, o: seen.update(out=o))  # returns None
+    handle = model.blocks[block].attn.register_forward_hook(
+        lambda m, a, o: seen.update(out=o)
+    )  # returns None
     try:
         out = bb.extract(x, blocks=(block,), tokens=tokens)
     finally:
@@ -148,7 +152,9 @@ def test_eva_ffn_norm_and_prefix_tokens(variant: str) -> None:
         expected_norm = model.fc_norm(features) if norm == "fc_norm" else features
     for block, (patches, prefix_tokens) in enumerate(inter):
         assert out[(block, "ffn")].shape == (2, prefix + 4 * 5, 32)
-        torch.testing.assert_close(out[(block, "ffn")], torch.cat([prefix_tokens, patches], 1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out[(block, "ffn")], torch.cat([prefix_tokens, patches], 1), atol=1e-5, rtol=0
+        )
     torch.testing.assert_close(out[(1, "ffn_norm")], expected_norm, atol=1e-5, rtol=0)
     assert (out[(1, "ffn_norm")] - out[(1, "ffn")]).abs().max() > 1e-2  # never silently the un-normalised ffn
     patch = select_positions(out[(1, "ffn")], ("patch",), bb.num_prefix_tokens, bb.has_cls_token)["patch"]
@@ -201,7 +207,9 @@ def test_beit_ffn_norm_is_fc_norm_per_token() -> None:
 
 def test_beit_takes_its_native_size_only() -> None:
     bb = wrap(beit("beit"))
-    with pytest.raises(DataError, match=r"takes 16x16 images only .* got 16x20; resize to 16x16 \(--image-size 16\)"):
+    with pytest.raises(
+        DataError, match=r"takes 16x16 images only .* got 16x20; resize to 16x16 \(--image-size 16\)"
+    ):
         bb.extract(torch.randn(1, 1, 16, 20))
 
 
@@ -215,7 +223,9 @@ def test_beit_created_from_its_name_without_dynamic_img_size() -> None:
 
 def test_rotary_tokens_only_where_rotary() -> None:
     bb = wrap(beit("beit"))
-    with pytest.raises(FeatureError, match=r"no rotary position embedding, so it has no 'k_rope'; ask for 'k'"):
+    with pytest.raises(
+        FeatureError, match=r"no rotary position embedding, so it has no 'k_rope'; ask for 'k'"
+    ):
         bb.extract(torch.randn(1, 1, 16, 16), tokens=("k_rope",))
     no_rope = wrap(eva("eva02_fused", use_rot_pos_emb=False))
     assert not no_rope.has_rope

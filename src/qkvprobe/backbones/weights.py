@@ -44,6 +44,9 @@ HEAD_PREFIXES: tuple[str, ...] = (
     "last_layer",
 )
 
+#: Pre-training-only parameters wherever they sit (Hugging Face keeps BEiT's mask token in its embeddings).
+PRETRAIN_ONLY: tuple[str, ...] = ("mask_token", "masked_embed")
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
@@ -174,7 +177,11 @@ def load_weights(
             state = adapt(state, model)
         except Exception as exc:  # a filter that chokes on foreign keys: let the key diff below explain
             log.debug("checkpoint filter skipped for %s: %s", path, exc)
-    dropped = [k for k in state if k not in model_keys and k.startswith(HEAD_PREFIXES)]
+    dropped = [
+        k
+        for k in state
+        if k not in model_keys and (k.startswith(HEAD_PREFIXES) or k.rsplit(".", 1)[-1] in PRETRAIN_ONLY)
+    ]
     if dropped:
         notes.append(f"{len(dropped)} head/decoder keys dropped")
         state = {k: v for k, v in state.items() if k not in dropped}
