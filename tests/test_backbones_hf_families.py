@@ -171,7 +171,7 @@ def test_hf_family_attention_rebuilt(dirs, name: str, impl: str) -> None:
         layer = bb.layers[block]
         proj = output_projection(layer)
         received: dict[str, torch.Tensor] = {}
-        handles = [proj.register_forward_hook(lambda m, a, o: received.update(out=o))]
+        handles = [proj.register_forward_hook(lambda m, a, o, seen=received: seen.update(out=o))]
         seen, more = bias_seen(layer)
         try:
             out = bb.extract(x, blocks=(block,), tokens=tokens)

@@ -157,7 +157,7 @@ def test_moco_v3_layout_keeps_base_encoder(tmp_path: Path) -> None:
     torch.save({"epoch": 300, "arch": "vit_base", "state_dict": state}, tmp_path / "vit-b-300ep.pth.tar")
     bb, note = load_into(timm_model("vit_tiny_patch16_224", seed=0), tmp_path / "vit-b-300ep.pth.tar")
     assert "MoCo v3 base_encoder kept" in note
-    ffn, features = reference(base, X)
+    _, features = reference(base, X)
     torch.testing.assert_close(bb.extract(X, tokens=("ffn_norm",))["ffn_norm"], features, atol=1e-6, rtol=0)
     del state["module.base_encoder.blocks.1.mlp.fc2.bias"]
     torch.save({"state_dict": state}, tmp_path / "broken.pth.tar")
