@@ -301,3 +301,29 @@ def test_weights_source_in_store_manifest_not_in_key(tiny_vit, tmp_path: Path) -
     assert "weights_source" not in manifest["key_fields"]
     bb.weights_source = "file: b.pth (sha256 1)"
     assert plan_store(bb, Data(), positions=("cls",))[0]["key"] == manifest["key"]
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "note", "objective"),
+    [
+        ("vit_base_patch16_224.dino", "/w/mae_pretrain_vit_base.pth", "", "dino"),  # the spec name decides
+        ("vit_base_patch16_224", "/w/dino_vitbase16_pretrain.pth", "", "dino"),
+        ("vit_base_patch16_224", "/w/mae_pretrain_vit_base.pth", "", "mae"),
+        ("vit_base_patch16_224", "/w/vit-b-300ep.pth.tar", "loaded (MoCo v3 base_encoder kept …)", "dino"),
+        ("vit_base_patch16_224", "/w/checkpoint.pth", "", "unknown"),
+        ("vit_base_patch16_224", None, "", "unknown"),
+    ],
+)
+def test_objective_of_a_bare_architecture_from_its_weights(name, weights, note, objective) -> None:
+    from qkvprobe.backbones.specs import objective_with_weights
+
+    assert objective_with_weights(name, weights, note) == objective
+
+
+def test_moco_file_into_a_timm_architecture_is_labelled_dino(tmp_path: Path) -> None:
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    state = {f"module.base_encoder.{k}": v for k, v in base.state_dict().items()}
+    state.update({f"module.momentum_encoder.{k}": v for k, v in base.state_dict().items()})
+    torch.save({"state_dict": state}, tmp_path / "vit-t-300ep.pth.tar")
+    bb = load_backbone("timm:vit_tiny_patch16_224", weights=tmp_path / "vit-t-300ep.pth.tar")
+    assert bb.objective == "dino" and "MoCo v3 base_encoder kept" in bb.weights_info

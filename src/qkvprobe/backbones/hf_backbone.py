@@ -15,7 +15,7 @@ from ..errors import ModelError, SpecError, WeightsError
 from ..taps import HookedBackbone, Tap, TapSite, first_output
 from .hf_families import HfFamily, drop_heads, family_of, find, norm_of
 from .hub import hub_access
-from .specs import KNOWN_HF, objective_of, suggest
+from .specs import KNOWN_HF, objective_with_weights, suggest
 from .weights import file_source, load_weights, state_dict_digest
 
 log = logging.getLogger("qkvprobe")
@@ -62,6 +62,7 @@ class HfBackbone(HookedBackbone):
         spec: str,
         source: str,
         device: str | torch.device,
+        weights: str | Path | None = None,
         weights_info: str = "",
         weights_source: str = "random init",
     ) -> None:
@@ -74,7 +75,7 @@ class HfBackbone(HookedBackbone):
             raise ModelError(f"{spec}: cannot find the transformer layers of {type(model).__name__}")
         self._final_norm, self.ffn_norm_source = norm_of(model, self.tap_family)
         self.spec = spec
-        self.objective = self.tap_family.objective or objective_of(source)
+        self.objective = self.tap_family.objective or objective_with_weights(source, weights, weights_info)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.model_type = config.model_type
@@ -187,5 +188,11 @@ def load_hf(source: str, weights: str | Path | None, device: str) -> HfBackbone:
         info = load_weights(model, weights, label=label, strip=prefixes)
         weights_source = file_source(weights)
     return HfBackbone(
-        model, spec=label, source=source, device=device, weights_info=info, weights_source=weights_source
+        model,
+        spec=label,
+        source=source,
+        device=device,
+        weights=weights,
+        weights_info=info,
+        weights_source=weights_source,
     )

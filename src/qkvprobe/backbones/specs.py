@@ -136,6 +136,17 @@ def objective_of(name: str) -> str:
     return "unknown"
 
 
+def objective_with_weights(name: str, weights: object | None, note: str = "") -> str:
+    """Objective from the spec name; for a bare architecture (``"unknown"``) from the weights file's name or,
+    for MoCo v3, from its checkpoint layout (``note`` is what the weights loader did)."""
+    objective = objective_of(name)
+    if objective != "unknown" or weights is None:
+        return objective
+    if "MoCo v3" in note:
+        return "dino"
+    return objective_of(str(weights).replace("\\", "/").rsplit("/", 1)[-1])
+
+
 def split_spec(spec: str) -> tuple[str, str]:
     """``"timm:vit_small_patch16_224.dino"`` → ``("timm", "vit_small_patch16_224.dino")``; SpecError if malformed."""
     prefix, sep, name = str(spec).partition(":")

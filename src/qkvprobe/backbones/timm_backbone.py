@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ModelError, SpecError, WeightsError
 from ..taps import HookedBackbone, TapSite
 from .hub import hub_access
-from .specs import KNOWN_TIMM, objective_of, suggest
+from .specs import KNOWN_TIMM, objective_with_weights, suggest
 from .timm_families import family_of, final_norm_of
 from .weights import file_source, load_weights, sha256_file, state_dict_digest
 
@@ -178,7 +178,7 @@ def load_timm(name: str, weights: str | Path | None, device: str) -> TimmBackbon
     return TimmBackbone(
         model,
         spec=label,
-        objective=objective_of(name),
+        objective=objective_with_weights(name, weights, info),
         device=device,
         weights_info=info,
         weights_source=source,
