@@ -17,16 +17,8 @@ from .layouts import convert_layout
 log = logging.getLogger("qkvprobe")
 
 #: Containers that training scripts wrap a state dict in, in order of preference (DINO / iBOT: teacher over
-#: student; I-JEPA: the target encoder, which its evaluation uses).
-CONTAINER_KEYS: tuple[str, ...] = (
-    "state_dict",
-    "model",
-    "teacher",
-    "target_encoder",
-    "student",
-    "model_ema",
-    "module",
-)
+#: student).
+CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model", "teacher", "student", "model_ema", "module")
 #: Key prefixes left by DDP (``module.``), DINO (``backbone.``) and wrappers; stripped when that fits better.
 STRIP_PREFIXES: tuple[str, ...] = ("module.", "backbone.", "model.", "encoder.", "teacher.", "student.")
 #: Training-only parts dropped when the model lacks them: classifiers, the DINO / iBOT projection head, the MAE
