@@ -231,3 +231,28 @@ def test_rotary_tokens_only_where_rotary() -> None:
     assert not no_rope.has_rope
     with pytest.raises(FeatureError, match="has no 'q_rope'"):
         no_rope.extract(torch.randn(1, 1, 16, 16), tokens=("q_rope",))
+
+
+def test_aimv2_is_a_vision_transformer_without_class_token() -> None:
+    """timm AIMv2 (VisionTransformer: RMSNorm, SwiGLU, no class token): taps as any timm ViT, cls refused."""
+    torch.manual_seed(0)
+    model = sharpen(
+        timm.create_model("aimv2_large_patch14_224", pretrained=False, dynamic_img_size=True, **BASE)
+    )
+    bb = wrap(model)
+    assert (bb.family, bb.num_prefix_tokens, bb.has_cls_token, bb.ffn_norm_source) == (
+        "timm VisionTransformer",
+        0,
+        False,
+        "norm",
+    )
+    x = torch.randn(2, 1, 16, 12)
+    attn = model.blocks[1].attn
+    out, seen = attention_output(model, bb, x, 1, ("q", "k", "v", "ffn_norm"))
+    torch.testing.assert_close(
+        attn.proj(attention(out["q"], out["k"], out["v"], bb.num_heads)), seen, atol=ATOL, rtol=0
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(out["ffn_norm"], model.forward_features(x), atol=1e-5, rtol=0)
+    with pytest.raises(FeatureError, match="without a class token"):
+        select_positions(out["ffn_norm"], ("cls",), bb.num_prefix_tokens, bb.has_cls_token)
