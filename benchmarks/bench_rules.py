@@ -1,6 +1,6 @@
 """Speed and memory of the rules and protocols against scikit-learn. CPU, one process.
 
-Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|all]``;
+Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|knn|all]``;
 ``python benchmarks/bench_rules.py precond [STORE [TOKENS [POSITION]]]`` (the curvature preconditioner on and off);
 ``python benchmarks/bench_rules.py grid [STORE [TOKENS [POSITION|patch [EVERY]]]]`` (a C grid one C at a time
 and as one batch sharing the features);
@@ -184,6 +184,58 @@ def bench_fewshot(
         f"± {res.ci95 * 100:.2f}; reference now: materialising the {q.numel()} query vectors takes {floor:.3f} s, "
         f"memory copy bandwidth {bandwidth:.1f} GB/s (reading the {query_gb:.2f} GB of query features once at "
         f"that rate: {query_gb / bandwidth:.3f} s)"
+    )
+
+
+def bench_knn(n: int = 60_000, n_test: int = 10_000, dim: int = 384, num_classes: int = 10) -> None:
+    """Standard weighted k-NN (k = 20, T = 0.07) on ViT-like features: ours (exact top-k in blocks, float32)
+    against scikit-learn's brute-force ``KNeighborsClassifier(metric="cosine")`` with the same vote weights, side by
+    side, and how many predictions agree."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from qkvprobe.rules.knn import KNN_T, KNNRule
+
+    X, y = vit_like(n + n_test, dim, num_classes, seed=3)
+    Xtr, ytr, Xte, yte = X[:n], y[:n], X[n:], y[n:]
+    print(f"[knn] {n} x {dim} train, {n_test} test, {num_classes} classes, k = 20, T = {KNN_T}")
+    ours = KNNRule(k=20, T=KNN_T).fit(Xtr, ytr)
+    t0 = time.perf_counter()
+    pred = ours.predict(Xte)
+    ours_s = time.perf_counter() - t0
+    sk = KNeighborsClassifier(
+        n_neighbors=20, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / KNN_T)
+    ).fit(Xtr, ytr)
+    t0 = time.perf_counter()
+    sk_pred = sk.predict(Xte)
+    sk_s = time.perf_counter() - t0
+    print(
+        f"  ours {ours_s:.2f} s, accuracy {np.mean(pred == yte) * 100:.2f}; scikit-learn {sk_s:.2f} s, accuracy "
+        f"{np.mean(sk_pred == yte) * 100:.2f}; same prediction on {np.mean(pred == sk_pred) * 100:.2f} % of the test set"
+    )
+    print(f"  SPEED-UP knn: {sk_s / ours_s:.1f}x (target >= 5x)")
+
+
+def bench_knn_segmentation(num_patches: int = 5_000_000, dim: int = 384) -> None:
+    """Peak resident memory of the standard segmentation k-NN with a ``num_patches`` training-patch store (the
+    memory bank is the budgeted seeded sample, ``protocols.knn.KNN_MEMORY_BYTES``), in this process."""
+    from qkvprobe.protocols import segmentation as seg
+    from qkvprobe.protocols.knn import KNN_MEMORY_BYTES
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    root = (
+        Path(os.environ.get("QKV_BENCH_DIR", tempfile.gettempdir()))
+        / f"qkvprobe_bench_seg_{num_patches}_{dim}"
+    )
+    train = DiskStore(root / "train", num_patches // 1024, dim)
+    test = DiskStore(root / "test", 64, dim, seed=1)
+    t0 = time.perf_counter()
+    res = seg.standard_segmentation(train, test, token="q", rule="knn", masks=test.mask)
+    took = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"[knn-segmentation] {train.num_samples * 1024} training patches x {dim}, memory budget "
+        f"{KNN_MEMORY_BYTES / 2**20:.0f} MiB: {took:.0f} s, mIoU {res.miou * 100:.1f}; RSS after imports {base:.0f} "
+        f"MB, PEAK RSS {peak:.0f} MB (target <= 2048 MB)"
     )
 
 
@@ -557,6 +609,12 @@ def main(argv: list[str]) -> None:
         bench_fewshot()
     if which == "kernels":
         bench_kernels()
+    if which == "knn":
+        bench_knn()
+        # own process, so ru_maxrss is the segmentation k-NN's peak alone
+        subprocess.run([sys.executable, __file__, "knn-segmentation"], check=True)
+    if which == "knn-segmentation":
+        bench_knn_segmentation(*(int(a) for a in argv[2:4]))
     if which == "gpu":  # needs CUDA; not part of "all"
         bench_gpu(*(int(a) for a in argv[2:6]))
     if which == "precond":  # not part of "all"

@@ -111,7 +111,7 @@ def test_fingerprint_ignores_cosmetic_keys() -> None:
             ["tokens=[q, x]"],
             r"tokens.1: 'x' is not allowed; input should be 'q', 'k', 'v', 'ffn' or 'ffn_norm'",
         ),
-        (["rules=[knn]"], r"rules.0: 'knn' is not allowed; input should be 'hyperplane' or 'cosine'"),
+        (["rules=[nearest]"], r"rules: unknown rule 'nearest'; choose from hyperplane, cosine, knn"),
         (
             ["settings=[zero-shot]"],
             r"settings.0: 'zero-shot' is not allowed; input should be 'standard' or 'fewshot'",

@@ -92,8 +92,10 @@ def test_saved_fits_give_the_direction_cosines(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     W, mu = rng.normal(size=(2, 4, 6)), rng.normal(size=(2, 4, 6))
     mu[:, 2] = 0  # a class without training samples (segmentation) has no direction: left out
+    from qkvprobe.protocols import UnitKey
+
     weights = {
-        (t, "cls", r, 5): (W if r == "hyperplane" else mu)[g]
+        UnitKey(5, t, "cls", r): (W if r == "hyperplane" else mu)[g]
         for g, t in enumerate(["q", "k"])
         for r in ("hyperplane", "cosine")
     }
@@ -136,12 +138,12 @@ def test_paired_verdicts_between_top_choices() -> None:
     rng = np.random.default_rng(0)
     rows = [_row("v", "cosine", 0.9), _row("q", "cosine", 0.89), _row("k", "cosine", 0.5)]
 
-    from qkvprobe.protocols.classification import Evaluation
+    from qkvprobe.protocols import Evaluation, UnitKey
 
     per_episode = {
-        ("v", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
-        ("q", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
-        ("k", "cls", "cosine", 1): rng.uniform(0.3, 0.6, 50),
+        UnitKey(1, "v", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
+        UnitKey(1, "q", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
+        UnitKey(1, "k", "cls", "cosine", 1): rng.uniform(0.3, 0.6, 50),
     }
 
     tests = paired_verdicts(rows, Evaluation(rows, per_episode=per_episode), None)

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .vocab import RULES, TOKENS, Position, RuleName, Setting, Token
+from .vocab import RULES, TOKENS, Position, Setting, Token
 
 #: Dataset spec kind (text before ``:``) -> the task it serves.
 DATASET_TASKS: dict[str, str] = {
@@ -166,6 +166,13 @@ class FewShotConfig(_Strict):
         return _unique(v, "shot count")
 
 
+class KnnConfig(_Strict):
+    """The k-NN rule's parameters (DINO's defaults): ``k`` neighbours vote with weights ``exp(s/T)``."""
+
+    k: int = Field(20, ge=1)
+    T: float = Field(0.07, gt=0)
+
+
 class BlockSweepConfig(_Strict):
     """Score every token type at every block (standard setting, image-level datasets) for some models."""
 
@@ -176,7 +183,7 @@ class BlockSweepConfig(_Strict):
     blocks: Literal["all"] | list[int] = "all"
     position: Literal["cls", "avg"] = "cls"
     #: Rules swept (empty = the study's rules); the heatmap shows the best of them per token and block.
-    rules: list[RuleName] = []
+    rules: list[str] = []
     #: Dataset specs to sweep; empty = every classification dataset.
     datasets: list[str] = []
 
@@ -206,7 +213,7 @@ class StudyConfig(_Strict):
     datasets: list[DatasetConfig] = Field(min_length=1)
     settings: list[Setting] = ["standard", "fewshot"]
     tokens: list[Token] = list(TOKENS)
-    rules: list[RuleName] = list(RULES)
+    rules: list[str] = list(RULES)
     blocks: list[int] = [-1]
     #: C grid of the standard hyperplane protocol (None = the protocol's own log-spaced grid).
     c_grid: list[float] | None = None
@@ -216,6 +223,7 @@ class StudyConfig(_Strict):
     #: Also evaluate every attention head of q, k and v alone (its D/H columns; the report draws head maps).
     heads: bool = False
     fewshot: FewShotConfig = FewShotConfig()
+    knn: KnnConfig = KnnConfig()
     block_sweep: BlockSweepConfig = BlockSweepConfig()
     report: ReportConfig = ReportConfig()
 
@@ -249,6 +257,13 @@ class StudyConfig(_Strict):
         if not v:
             raise ValueError(f"{info.field_name} must not be empty")
         return _unique(v, info.field_name.rstrip("s"))
+
+    @field_validator("rules")
+    @classmethod
+    def _check_rules(cls, v: list[str]) -> list[str]:
+        from .protocols.registry import check_rules
+
+        return check_rules(v)  # the rule registry: hyperplane, cosine, knn and any registered rule
 
     @field_validator("c_grid")
     @classmethod

@@ -58,7 +58,13 @@ def evaluate(
     store: Path = typer.Option(None, "--store", help="A folder holding the two stores as train/ and test/."),
     task: str = typer.Option(None, "--task", help="classification|segmentation (default: the store's task)."),
     setting: str = typer.Option("standard", "--setting", help="standard|fewshot."),
-    rules: str = typer.Option("hyperplane,cosine", "--rules", "--rule", help="Comma-separated rules."),
+    rules: str = typer.Option(
+        "hyperplane,cosine",
+        "--rules",
+        "--rule",
+        help="Comma-separated rules: hyperplane, cosine, knn (and any rule registered in "
+        "qkvprobe.protocols.registry).",
+    ),
     tokens: str = typer.Option("q,k,v,ffn", "--tokens", help="Comma-separated token types."),
     positions: str = typer.Option(
         None, "--positions", help="cls,avg (classification) or patch (default by task)."
@@ -91,6 +97,16 @@ def evaluate(
         "--heads",
         help="Also evaluate every attention head of q, k and v in --tokens on its own (tokens q.h0 … v.h{H-1}: "
         "the head's D/H columns). Single heads can be named in --tokens too, e.g. q.h3.",
+    ),
+    knn_k: int = typer.Option(20, "--knn-k", help="k-NN rule: neighbours that vote (DINO's 20)."),
+    knn_t: float = typer.Option(
+        0.07, "--knn-t", help="k-NN rule: vote temperature T, votes exp(s/T) (DINO's 0.07)."
+    ),
+    allow_mismatch: str = typer.Option(
+        "",
+        "--allow-mismatch",
+        help="Comma-separated store fields allowed to differ between --train-store and --test-store (backbone, "
+        "weights, mean, std, image_size, interpolation, blocks, classes); recorded in the rows.",
     ),
     out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
     progress: bool = typer.Option(
@@ -139,9 +155,14 @@ def evaluate(
     )
     if fewshot_c is not None:
         kw["C"] = fewshot_c
+    kw.update(
+        k=knn_k,
+        T=knn_t,
+        allow_mismatch=[f.strip() for f in allow_mismatch.split(",") if f.strip()],
+    )
     with _bar(progress) as tell:
         if task == "classification":
-            rows = evaluate_classification(
+            ev = evaluate_classification(
                 train,
                 test,
                 positions=_split(positions or "cls", "positions"),
@@ -152,7 +173,7 @@ def evaluate(
                 **kw,
             )
         else:
-            rows = evaluate_segmentation(
+            ev = evaluate_segmentation(
                 train,
                 test,
                 positions=_split(positions or "patch", "positions"),
@@ -160,7 +181,12 @@ def evaluate(
                 progress=tell,
                 **kw,
             )
+    rows = ev.rows
     write_results(out, rows)
+    if ev.allowed_mismatch:
+        typer.echo(
+            f"train and test stores differ in {', '.join(ev.allowed_mismatch)} (allowed); rows record it"
+        )
     for r in rows:
         ci = "" if r.ci95 != r.ci95 else f" ± {100 * r.ci95:.2f}"
         rule = f"{r.rule} ({r.class_weight})" if r.class_weight == "balanced" else r.rule
@@ -170,10 +196,10 @@ def evaluate(
             f"{r.metric} {100 * r.value:.2f}{ci}{C}"
         )
     _print_summary(rows)
-    if rows.unconverged:
+    if ev.unconverged:
         typer.echo(
             f"not converged (rows marked converged=false; raise the solver's max_iter or check the features): "
-            f"{'; '.join(rows.unconverged)}",
+            f"{'; '.join(ev.unconverged)}",
             err=True,
         )
     typer.echo(f"wrote {len(rows)} rows to {out}")

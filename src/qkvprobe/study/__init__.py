@@ -363,17 +363,19 @@ class _Study:
             dataset=d.spec,
             device=self.device,
             class_weight=self.cfg.class_weight,
+            k=self.cfg.knn.k,
+            T=self.cfg.knn.T,
             **extra,
         )
         self._note_excluded(d.spec, shots, stores["train"].classes, excluded.get(shots, []))
-        if getattr(rows, "unconverged", None):
+        if rows.unconverged:
             units = [f"{m.name} · {d.spec} · {u}" for u in rows.unconverged]
             self.log(f"not converged (results marked converged=false): {'; '.join(units)}")
             self.info.setdefault("unconverged", []).extend(units)
             self.info["unconverged_units"] = len(self.info["unconverged"])
-        if not rows:
+        if not rows.rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
-        write_results(self.run_dir / RESULTS, rows)
+        write_results(self.run_dir / RESULTS, rows.rows)
         if setting == "standard" and paired and rows.weights:
             from .sides import save_fits
 
@@ -382,7 +384,7 @@ class _Study:
             from .sides import paired_verdicts
 
             labels = stores["test"].labels() if d.task == "classification" else None
-            tests = paired_verdicts(list(rows), rows, labels)
+            tests = paired_verdicts(rows.rows, rows, labels)
             if tests:
                 self._merge_side(PAIRED, "tests", tests, ("model", "dataset", "setting", "shots"))
 
