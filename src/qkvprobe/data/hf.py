@@ -432,7 +432,10 @@ def open_spec(spec: str, path: str | None, options: dict[str, str], split: str, 
     tried = ", ".join(split_candidates(split))
     if root.is_dir():
         if "files" in options:
-            import braceexpand  # a dependency of webdataset, installed by the same extra
+            try:
+                import braceexpand  # a dependency of webdataset, installed by the same extra
+            except ImportError:
+                raise DataError(f"?files= patterns need braceexpand: {INSTALL_HINT}") from None
 
             files = [root / p for p in braceexpand.braceexpand(options["files"])]
             missing = [f for f in files if not f.is_file()]

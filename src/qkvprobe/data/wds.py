@@ -1,4 +1,4 @@
-"""``wds:DIR`` — WebDataset ``.tar`` shards, streamed with the ``webdataset`` library (``pip install qkvprobe[hf]``).
+"""``wds:DIR`` — WebDataset ``.tar`` shards, streamed with the ``webdataset`` library (``pip install 'qkvprobe[wds]'``).
 
 Shards of a split: ``DIR/<split>-*.tar`` or ``DIR/<split>/*.tar`` (``test`` also finds ``validation``/``val``),
 or an explicit brace pattern relative to ``DIR``: ``?shards=train-{000000..001281}.tar`` (the split a
@@ -46,7 +46,7 @@ LABEL_KEYS = ("cls", "json")
 MASK_KEYS = ("seg.png",)
 #: Bumped when the cached index layout changes (old entries are then rebuilt, never misread).
 INDEX_VERSION = 1
-INSTALL_HINT = "pip install 'qkvprobe[hf]' (or: pip install webdataset)"
+INSTALL_HINT = "pip install 'qkvprobe[wds]' (or: pip install webdataset)"
 
 
 def _webdataset() -> Any:
