@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -68,7 +69,7 @@ def make_folder(root: Path, task: str) -> str:
     return f"imagefolder:{root}" if task == "classification" else f"ade20k:{root}"
 
 
-def _hf_split(samples: list, task: str):  # noqa: ANN202 - a datasets.Dataset
+def _hf_split(samples: list, task: str) -> Any:  # a datasets.Dataset
     import datasets
 
     if task == "classification":

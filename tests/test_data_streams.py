@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,7 +50,7 @@ def forms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]
     return out
 
 
-def extract(spec: str, split: str, out: Path, **kwargs) -> FeatureStore:
+def extract(spec: str, split: str, out: Path, **kwargs: Any) -> FeatureStore:
     ds = open_dataset(spec, split)
     task_positions = ("patch",) if ds.task == "segmentation" else POSITIONS
     options = {
@@ -151,8 +153,10 @@ def test_killed_stream_resumes_at_the_right_part(
     decoded: list[int] = []
     opened: list[int] = []
 
-    def crash_after(limit: int):  # noqa: ANN202
-        def iter_part(self, part, wanted=None):  # noqa: ANN001, ANN202
+    def crash_after(limit: int) -> Callable[..., Iterator[tuple[int, torch.Tensor, Any]]]:
+        def iter_part(
+            self: StreamDataset, part: int, wanted: Callable[[int], bool] | None = None
+        ) -> Iterator[tuple[int, torch.Tensor, Any]]:
             opened.append(part)
             for item in original(self, part, wanted):
                 if len(decoded) == limit:
