@@ -190,6 +190,11 @@ class HFArrowDataset(_Columns, Dataset):
         ):
             table = table.cast_column(column, datasets.Image(decode=False))
         self.table = table.select_columns([self.image_column, self.target_column])
+        if (
+            getattr(self.table, "_indices", None) is not None
+        ):  # a selection view: make row i the i-th stored row
+            self.table = self.table.flatten_indices()
+        self._cells: dict[str, tuple[list, np.ndarray]] | None = None
         labels = None
         if task == "classification":
             labels = np.asarray(self.table.with_format("numpy")[self.target_column], dtype=np.int64)
@@ -201,6 +206,29 @@ class HFArrowDataset(_Columns, Dataset):
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cells"] = None  # workers re-map the Arrow files instead of receiving their bytes
+        return state
+
+    def _row(self, index: int, columns: tuple[str, ...]) -> dict[str, Any]:
+        # Straight to the memory-mapped Arrow chunks: datasets' own row access formats a whole row through
+        # its formatter, which made this reader slower than the image folder (benchmarks/bench_extract.py
+        # --loading).
+        if self._cells is None:
+            self._cells = {}
+            for name in (self.image_column, self.target_column):
+                chunks = self.table.data.table.column(name).chunks
+                self._cells[name] = (chunks, np.cumsum([0, *(len(c) for c in chunks)]))
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} is outside {self.spec} {self.split} (0..{len(self) - 1})")
+        row = {}
+        for name in columns:
+            chunks, starts = self._cells[name]
+            k = int(np.searchsorted(starts, index, side="right") - 1)
+            row[name] = chunks[k][index - int(starts[k])].as_py()
+        return row
 
     def _decode(self, row: dict[str, Any], index: int) -> tuple[torch.Tensor, Any]:
         from .files import check_mask, read_image, read_mask
@@ -220,7 +248,7 @@ class HFArrowDataset(_Columns, Dataset):
         )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
-        return self._decode(self.table[int(index)], int(index))
+        return self._decode(self._row(int(index), (self.image_column, self.target_column)), int(index))
 
     def mask(self, index: int) -> torch.Tensor:
         """Segmentation: the full-resolution mask int64 [H, W] of row ``index`` (the image is not decoded)."""
