@@ -282,6 +282,8 @@ def test_hf_bad_columns_and_dtypes(tmp_path: Path, forms: dict[str, dict[str, st
         SpecError, match=r"unknown option 'colour' in dataset spec .*valid options: image, label"
     ):
         open_dataset(f"{disk}?colour=1", "train")
+    with pytest.raises(DataError, match=r"--on-bad-image skip is not available for hfds: datasets"):
+        open_dataset(disk, "train", on_bad_image="skip")
     with pytest.raises(SpecError, match=r"option task='depth' must be classification or segmentation"):
         open_dataset(f"{disk}?task=depth", "train")
 

@@ -50,6 +50,15 @@ SPLIT_NAMES: dict[str, tuple[str, ...]] = {
 STREAM_HINT = "replace the file (a stream has no --on-bad-image skip)"
 
 
+def refuse_skip(spec: str, on_bad_image: str) -> None:
+    """``--on-bad-image skip`` decodes every image when a dataset is opened: not for datasets of this size."""
+    if on_bad_image != "fail":
+        raise DataError(
+            f"--on-bad-image {on_bad_image} is not available for {spec.partition(':')[0]}: datasets; a bad image "
+            "stops the extraction with its file and sample named: replace it, then re-run (the store resumes)"
+        )
+
+
 def split_candidates(split: str) -> tuple[str, ...]:
     return SPLIT_NAMES.get(split, (split,))
 
