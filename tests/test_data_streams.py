@@ -363,6 +363,8 @@ def test_wds_bad_shards(tmp_path: Path, forms: dict[str, dict[str, str]]) -> Non
     _tar(tmp_path / "void" / "train-0.tar", [("__meta__", b"{}")])
     with pytest.raises(DataError, match=r"WebDataset shard .*void/train-0\.tar holds no samples"):
         open_dataset(f"wds:{tmp_path / 'void'}", "train")
+    with pytest.raises(DataError, match=r"--on-bad-image skip is not available for wds: datasets"):
+        open_dataset(f"wds:{good}", "train", on_bad_image="skip")
     with pytest.raises(
         DataError, match=r"has no image member \.jpg \(members: cls png\); name it with \?image=EXT"
     ):

@@ -258,7 +258,7 @@ class HFArrowDataset(_Columns, Dataset):
             raise DataError(f"{self.spec} is a {self.task} dataset; it has no masks")
         name = f"{self.spec} {self.split} row {index}"
         raw = read_mask(
-            _image_bytes(self.table[int(index)][self.target_column], name),
+            _image_bytes(self._row(int(index), (self.target_column,))[self.target_column], name),
             name=f"{name} mask",
             hint=STREAM_HINT,
         )
@@ -291,10 +291,7 @@ class HFParquetDataset(_Columns, StreamDataset):
         try:
             schema = pq.read_schema(files[0])
             meta = [pq.ParquetFile(f).metadata for f in files]
-        except (
-            OSError,
-            ValueError,
-        ) as exc:  # pyarrow raises ArrowInvalid (a ValueError) on a non-Parquet file
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise DataError(
                 f"cannot read Parquet file of {spec}: {str(exc).splitlines()[0]}; {STREAM_HINT}"
             ) from None
@@ -448,9 +445,14 @@ def _saved_split(root: Path, split: str) -> tuple[Path, str] | None:
     return None
 
 
-def open_spec(spec: str, path: str | None, options: dict[str, str], split: str, **_: Any) -> Dataset:
+def open_spec(
+    spec: str, path: str | None, options: dict[str, str], split: str, *, on_bad_image: str = "fail", **_: Any
+) -> Dataset:
     """Registry opener of ``hfds:PATH_OR_ID[?image=…&label=…&mask=…&task=…&classes=…&files=…]``."""
     from .registry import KINDS
+    from .stream import refuse_skip
+
+    refuse_skip(spec, on_bad_image)
 
     assert path is not None  # the registry requires a path for hfds
     datasets = _datasets()

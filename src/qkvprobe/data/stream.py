@@ -8,9 +8,10 @@ A stream has no cheap random access, so the feature store maps its fixed sample 
 - A store shard never crosses a part: the store's shards are each part's samples cut into ranges of at
   most the shard size (``plan_store``), so every shard is a range inside one part.
 - The extraction's unit of work is a part: a DataLoader worker (or the main process) reads one part front to
-  back and yields the batches of its missing shards; samples of finished shards are skipped without being
-  decoded (a tar's members are still read past: a stream cannot seek). torchrun ranks take the parts with
-  missing shards round-robin, so every part is read by one rank only and no rank gets padded duplicates.
+  back and yields the batches of its missing shards; samples of finished shards are never decoded (a tar's
+  members are seeked over forward, a Parquet row group of finished shards is not read). torchrun ranks take
+  the parts with missing shards round-robin, so every part is read by one rank only and no rank gets padded
+  duplicates.
 - Batches start at each shard's first sample, as for map-style datasets, so the bytes of a shard do not
   depend on the number of processes or workers; a killed extraction resumes with the parts whose shards
   are missing and never re-reads a finished part.

@@ -112,7 +112,8 @@ class _StreamBatches(IterableDataset):
 
     Each DataLoader worker takes whole parts (``units[worker::workers]``) and reads each front to back; a batch
     covers ``[b, min(b + batch_size, stop))`` for ``b`` = start, start + batch_size, … of its shard (the
-    map-style path's batches), collated with torch's default collate. Memory: one batch per worker in flight.
+    map-style path's batches), collated with torch's default collate. Memory: the DataLoader's prefetched
+    batches per worker, and in the main process up to one partly assembled shard per worker.
     """
 
     def __init__(
@@ -127,12 +128,12 @@ class _StreamBatches(IterableDataset):
         starts = dataset.part_starts()
         for part, ranges in units:
             offset = starts[part]
-            ends: dict[int, int] = {}  # last index of every batch -> the batch is complete there
+            ends: set[int] = set()  # the last index of every batch: the batch is complete there
             wanted = np.zeros(dataset.part_sizes[part], dtype=bool)
             for lo, hi in ranges:
                 wanted[lo - offset : hi - offset] = True
                 for b in range(lo, hi, self.batch_size):
-                    ends[min(b + self.batch_size, hi) - 1] = 1
+                    ends.add(min(b + self.batch_size, hi) - 1)
             batch: list[tuple[int, torch.Tensor, Any]] = []
             for index, image, target in dataset.iter_part(part, lambda j, w=wanted: bool(w[j])):
                 batch.append(self.prepared.prepare(index, image, target))
