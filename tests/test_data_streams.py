@@ -363,6 +363,13 @@ def test_wds_bad_shards(tmp_path: Path, forms: dict[str, dict[str, str]]) -> Non
     _tar(tmp_path / "void" / "train-0.tar", [("__meta__", b"{}")])
     with pytest.raises(DataError, match=r"WebDataset shard .*void/train-0\.tar holds no samples"):
         open_dataset(f"wds:{tmp_path / 'void'}", "train")
+    cut = tmp_path / "cut-later"
+    cut.mkdir()
+    (cut / "train-0.tar").write_bytes(png)
+    opened = open_dataset(f"wds:{cut}", "train")
+    (cut / "train-0.tar").write_bytes(png[: len(png) // 2])  # truncated after it was indexed
+    with pytest.raises(DataError, match=r"WebDataset shard .*cut-later/train-0\.tar ends inside sample 000"):
+        list(opened.iter_part(0))
     with pytest.raises(DataError, match=r"--on-bad-image skip is not available for wds: datasets"):
         open_dataset(f"wds:{good}", "train", on_bad_image="skip")
     with pytest.raises(
