@@ -211,6 +211,17 @@ def loader_for(spec: str, preprocess: Any, patch_size: int, batch: int, workers:
     return _dataloader(prepared, batches, workers, False)
 
 
+def read_bytes(ds: Any) -> int:
+    """Read every sample's encoded bytes the way the extraction does, without decoding; the sample count."""
+    from qkvprobe.data.stream import StreamDataset
+
+    if isinstance(ds, StreamDataset):
+        return sum(1 for p in range(len(ds.parts)) for _ in ds._iter_raw(p, lambda _: True))
+    if hasattr(ds, "samples"):  # image folder
+        return sum(1 for path, _ in ds.samples if path.read_bytes())
+    return sum(1 for i in range(len(ds)) if ds._row(i, (ds.image_column, ds.target_column)))
+
+
 def loading(args: argparse.Namespace) -> None:
     import tempfile
 
@@ -235,6 +246,16 @@ def loading(args: argparse.Namespace) -> None:
                 seen += len(images)
             times[(name, w)].append(time.perf_counter() - start)
             assert seen == args.images, (name, seen)
+    # Bytes alone (no decode): each reader's own cost per sample, which the decode otherwise hides.
+    from qkvprobe.data import open_dataset
+
+    opened = {name: open_dataset(spec, "train") for name, spec in specs.items()}
+    read_only: dict[str, list[float]] = {name: [] for name in specs}
+    for _ in range(args.rounds):
+        for name, ds in opened.items():
+            start = time.perf_counter()
+            assert read_bytes(ds) == args.images, name
+            read_only[name].append(time.perf_counter() - start)
     x = torch.randn(args.batch, 3, *preprocess.output_size, device=bb.device)
     bb.extract(x, blocks=(-1,), tokens=PAPER)
     forward = []
@@ -256,6 +277,10 @@ def loading(args: argparse.Namespace) -> None:
             f"  {name:20s} {w:7d} {med:8.1f} {best:7.1f}   {med / statistics.median(folder):5.2f} / "
             f"{best / max(folder):4.2f}"
         )
+    print(
+        "  bytes only, no decode (best of rounds, samples/s): "
+        + ", ".join(f"{name} {args.images / min(t):.0f}" for name, t in read_only.items())
+    )
     rate = args.batch / statistics.median(forward)
     print(f"  forward ({args.model}, taps q,k,v,ffn, last block, {args.device}): {rate:.1f} images/s")
 
