@@ -405,3 +405,26 @@ def test_registry_drives_config_and_listing(
         "ade20k",
         "segfolder",
     }
+
+
+def test_a_changed_stream_is_refused_by_its_store(tmp_path: Path) -> None:
+    from qkvprobe.errors import StoreError
+
+    wds_dir = make_wds(tmp_path / "wds", "classification")
+    parquet = make_hf_parquet(tmp_path / "pq", "classification")
+    for spec, changed in ((f"wds:{wds_dir}", wds_dir / "train-000002.tar"), (f"hfds:{parquet}", None)):
+        store = extract(spec, "train", tmp_path / f"store-{spec[:3]}")
+        again = extract(spec, "train", store.path)  # same data: reused
+        assert again.key == store.key
+        if changed is None:  # rewrite the last Parquet file with one row fewer
+            import pyarrow.parquet as pq
+
+            file = parquet / "data" / "train-00001-of-00002.parquet"
+            table = pq.read_table(file)
+            pq.write_table(table.slice(0, table.num_rows - 1), file)
+        else:  # one sample fewer in the last tar
+            with tarfile.open(changed) as tar:
+                members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+            _tar(changed, [(m.name, data) for m, data in members[:-2]])
+        with pytest.raises(StoreError, match=r"was made for other inputs: dataset_fingerprint is"):
+            extract(spec, "train", store.path)
