@@ -93,7 +93,7 @@ def _path_entry(kind: DatasetKind, candidates: list[Path]) -> dict[str, Any]:
     """The listing row of a kind that needs a path: the first candidate that opens, else where to put it."""
     entry: dict[str, Any] = {
         "spec": f"{kind.name}:PATH",
-        "task": kind.task if isinstance(kind.task, str) else "classification or segmentation (?task=)",
+        "task": kind.task if isinstance(kind.task, str) else "classification|segmentation",
         "num_classes": kind.num_classes if kind.num_classes is not None else "",
         "train": "",
         "test": "",
