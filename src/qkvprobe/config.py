@@ -19,26 +19,13 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .data.registry import KINDS, dataset_kind, dataset_task, parse_spec
+from .errors import ConfigError, SpecError
 from .vocab import RULES, TOKENS, Position, Setting, Token
 
-#: Dataset spec kind (text before ``:``) -> the task it serves.
-DATASET_TASKS: dict[str, str] = {
-    "fashion-mnist": "classification",
-    "imagefolder": "classification",
-    "fashion-mnist-scenes": "segmentation",
-    "voc": "segmentation",
-    "ade20k": "segmentation",
-    "segfolder": "segmentation",
-}
 MODEL_PREFIXES: tuple[str, ...] = ("timm:", "hf:", "builtin:")
 #: Image-level positions per task; segmentation always works on patch tokens.
 TASK_POSITIONS: dict[str, tuple[str, ...]] = {"classification": ("cls", "avg"), "segmentation": ("patch",)}
-
-
-def dataset_kind(spec: str) -> str:
-    """``"voc:/data/VOC2012"`` -> ``"voc"``; ``"fashion-mnist-scenes?train=500"`` -> ``"fashion-mnist-scenes"``."""
-    return spec.partition("?")[0].partition(":")[0].lower()
 
 
 class _Strict(BaseModel):
@@ -92,20 +79,25 @@ class DatasetConfig(_Strict):
     @classmethod
     def _check_spec(cls, v: str) -> str:
         kind = dataset_kind(v)
-        if kind not in DATASET_TASKS:
-            close = difflib.get_close_matches(kind, DATASET_TASKS, n=1)
+        if kind not in KINDS:
+            close = difflib.get_close_matches(kind, KINDS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown dataset kind {kind!r}{hint}; allowed: {', '.join(DATASET_TASKS)}")
+            raise ValueError(f"unknown dataset kind {kind!r}{hint}; allowed: {', '.join(KINDS)}")
         body = v.partition("?")[0]
         if ":" in body and body.split(":", 1)[1] == "":
             raise ValueError(f"dataset spec {v!r} needs a path after ':'")
-        if kind in ("imagefolder", "voc", "ade20k", "segfolder") and ":" not in body:
+        if KINDS[kind].path and ":" not in body:
             raise ValueError(f"dataset spec {v!r} needs a path: {kind}:PATH")
+        try:
+            parse_spec(v)
+            dataset_task(v)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     @property
     def task(self) -> str:
-        return DATASET_TASKS[dataset_kind(self.spec)]
+        return dataset_task(self.spec)
 
     @property
     def name(self) -> str:
@@ -117,7 +109,7 @@ class DatasetConfig(_Strict):
         spec = info.data.get("spec")
         if v is None or spec is None:  # spec already failed: its own error says why
             return v
-        task = DATASET_TASKS[dataset_kind(spec)]
+        task = dataset_task(spec)
         allowed = TASK_POSITIONS[task]
         bad = [p for p in v if p not in allowed]
         if bad:
