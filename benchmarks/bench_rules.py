@@ -1,6 +1,6 @@
 """Speed and memory of the rules and protocols against scikit-learn. CPU, one process.
 
-Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|knn|all]``;
+Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|knn|gap|all]``;
 ``python benchmarks/bench_rules.py precond [STORE [TOKENS [POSITION]]]`` (the curvature preconditioner on and off);
 ``python benchmarks/bench_rules.py grid [STORE [TOKENS [POSITION|patch [EVERY]]]]`` (a C grid one C at a time
 and as one batch sharing the features);
@@ -237,6 +237,53 @@ def bench_knn_segmentation(num_patches: int = 5_000_000, dim: int = 384) -> None
         f"{KNN_MEMORY_BYTES / 2**20:.0f} MiB: {took:.0f} s, mIoU {res.miou * 100:.1f}; RSS after imports {base:.0f} "
         f"MB, PEAK RSS {peak:.0f} MB (target <= 2048 MB)"
     )
+
+
+def bench_gap() -> None:
+    """The hyperplane fit's distance from the optimum on an ill-conditioned problem: scikit-learn's digits (raw
+    0–16 pixels, the 1 257-row training split of ``train_test_split(test_size=0.3, random_state=0)``), as they are
+    and with column 10 scaled ×300, at C ∈ {1e-2, 1, 1e2, 1e4}. Objective ``C·Σ logloss + ½‖W‖²`` of
+    ``HyperplaneRule(C=C)`` at its defaults and of scikit-learn's ``LogisticRegression(C=C)`` at its defaults,
+    against the optimum: the better of scikit-learn's Newton–Cholesky and L-BFGS at tol = 1e-12."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    from qkvprobe.rules import HyperplaneRule
+
+    def objective(coef: np.ndarray, intercept: np.ndarray, X: np.ndarray, y: np.ndarray, C: float) -> float:
+        z = X @ coef.T + intercept
+        m = z.max(1)
+        loss = m + np.log(np.exp(z - m[:, None]).sum(1)) - z[np.arange(len(y)), y]
+        return float(C * loss.sum() + 0.5 * (coef**2).sum())
+
+    X, y = load_digits(return_X_y=True)
+    Xtr, _, ytr, _ = train_test_split(X, y, test_size=0.3, random_state=0)
+    print("[gap] digits 1257 x 64, float64; relative distance of each fit's objective from the optimum")
+    print(
+        f"  {'features':<9} {'C':>6} {'optimum':>10} {'qkvprobe':>10} {'rel.':>8} {'it.':>5} {'certified':>9}  sklearn defaults"
+    )
+    for scaled in (False, True):
+        Xs = Xtr.copy()
+        if scaled:
+            Xs[:, 10] *= 300
+        for C in (1e-2, 1.0, 1e2, 1e4):
+            refs = []
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for solver, it in (("newton-cholesky", 2000), ("lbfgs", 100_000)):
+                    ref = LogisticRegression(C=C, solver=solver, tol=1e-12, max_iter=it).fit(Xs, ytr)
+                    refs.append(objective(ref.coef_, ref.intercept_, Xs, ytr, C))
+                sk = LogisticRegression(C=C).fit(Xs, ytr)
+                ours = HyperplaneRule(C=C).fit(Xs, ytr)
+            f_opt = min(refs)
+            f_ours = objective(ours.coef_, ours.intercept_, Xs, ytr, C)
+            f_sk = objective(sk.coef_, sk.intercept_, Xs, ytr, C)
+            print(
+                f"  {'x300 col' if scaled else 'raw':<9} {C:>6g} {f_opt:>10.6g} {f_ours:>10.6g} "
+                f"{(f_ours - f_opt) / f_opt:>8.1e} {int(ours.n_iter_[0]):>5} {ours.converged_!s:>9}  "
+                f"{f_sk:.6g} ({(f_sk - f_opt) / f_opt:.1e})"
+            )
 
 
 def bench_kernels(repeats: int = 62) -> None:
@@ -609,6 +656,8 @@ def main(argv: list[str]) -> None:
         bench_fewshot()
     if which == "kernels":
         bench_kernels()
+    if which == "gap":
+        bench_gap()
     if which == "knn":
         bench_knn()
         # own process, so ru_maxrss is the segmentation k-NN's peak alone
