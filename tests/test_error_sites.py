@@ -64,8 +64,8 @@ def test_standard_classification_errors(cls_split) -> None:
     )
     raises_one_line(
         RuleError,
-        r"unknown rule 'knn'; use 'hyperplane' or 'cosine'",
-        lambda: standard_classification([Xtr], ytr, [Xte], yte, rule="knn"),
+        r"unknown rule 'nearest'; choose from hyperplane, cosine, knn",
+        lambda: standard_classification([Xtr], ytr, [Xte], yte, rule="nearest"),
     )
     raises_one_line(
         RuleError,
@@ -111,13 +111,13 @@ def test_evaluate_classification_refuses_an_unknown_rule_before_any_fit(cls_spli
     fitted: list[tuple[str, int, int]] = []
     raises_one_line(
         RuleError,
-        r"unknown rule 'knn'; use 'hyperplane' or 'cosine'",
+        r"unknown rule 'nearest'; choose from hyperplane, cosine, knn",
         lambda: evaluate_classification(
             tr,
             te,
             setting="standard",
             tokens=("q",),
-            rules=("cosine", "knn"),
+            rules=("cosine", "nearest"),
             progress=lambda *a: fitted.append(a),
         ),
     )
@@ -159,14 +159,14 @@ def test_segmentation_unknown_rule_and_setting(seg_split) -> None:
     train, test = seg_split
     raises_one_line(
         RuleError,
-        r"unknown rule 'knn'; use 'hyperplane' or 'cosine'",
+        r"unknown rule 'nearest'; choose from hyperplane, cosine, knn",
         lambda: standard_segmentation(
-            seg_store(train), seg_store(test), token="q", rule="knn", masks=test.mask
+            seg_store(train), seg_store(test), token="q", rule="nearest", masks=test.mask
         ),
     )
     raises_one_line(
         RuleError,
-        r"unknown rule 'knn'; use 'hyperplane' or 'cosine'",
+        r"unknown rule 'nearest'; choose from hyperplane, cosine, knn",
         lambda: fewshot_segmentation(
             train.feats,
             train.patch_labels,
@@ -176,7 +176,7 @@ def test_segmentation_unknown_rule_and_setting(seg_split) -> None:
             np.array([1]),
             np.array([[0]]),
             np.array([0]),
-            rule="knn",
+            rule="nearest",
             masks=test.mask,
         ),
     )
@@ -433,4 +433,34 @@ def test_results_table_with_an_edited_value_is_refused(tmp_path: Path) -> None:
         QkvprobeError,
         r"result value 50.0 for metric 'accuracy' is outside \[0, 1\]",
         lambda: read_results(path),
+    )
+
+
+@pytest.mark.parametrize("rule", ["hyperplane", "cosine", "knn"])
+def test_segmentation_refuses_nan_evaluation_patch_features(rule: str, seg_split) -> None:
+    """NaN in the evaluation split's patches (standard) or a query's (few-shot) is an error, not a silent score."""
+    train, test = seg_split
+    feats = test.feats.copy()
+    feats[2, 4, 1] = np.nan
+    te = MemoryStore({("q", "patch"): feats}, patch_labels=test.patch_labels)
+    raises_one_line(
+        FeatureError,
+        r"patch features of evaluation images \d+\.\.\d+ contain NaN/Inf; re-extract them",
+        lambda: standard_segmentation(seg_store(train), te, token="q", rule=rule, masks=test.mask, Cs=(1.0,)),
+    )
+    raises_one_line(
+        FeatureError,
+        r"query patch features contain NaN/Inf; re-extract the features",
+        lambda: fewshot_segmentation(
+            train.feats,
+            train.patch_labels,
+            feats,
+            np.arange(4) + INDEX_OFFSET,
+            GRID,
+            np.array([1]),
+            np.array([[0]]),
+            np.array([2]),
+            rule=rule,
+            masks=test.mask,
+        ),
     )

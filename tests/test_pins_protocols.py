@@ -204,7 +204,7 @@ def test_fewshot_segmentation_miou_accumulates_per_class() -> None:
         shots=2,
         masks=test.mask,
         episode_sampler=sampler,
-    )
+    ).rows
     value = {r.metric: r.value for r in rows}
     assert value["miou"] == pytest.approx(ref.miou, abs=1e-12)
     assert value["fb_iou"] == pytest.approx(ref.fb_iou, abs=1e-12)
@@ -254,7 +254,11 @@ def test_standard_segmentation_chooses_C_on_held_out_images() -> None:
     # Held-out patches cannot be memorised: their flipped patches stay wrong at C = 1.
     assert res.val_miou[1.0] < 0.9
     assert res.val_miou[1.0] == pytest.approx(res.val_miou[0.01])
-    assert res.C == 0.01
+    assert (
+        res.C == 0.01 and res.converged
+    )  # a column no fit row uses: the refit still certifies (gap not NaN)
+    one = standard_segmentation(store, store, token="q", rule="hyperplane", masks=data.mask, Cs=(1.0,))
+    assert one.converged
 
 
 def test_standard_segmentation_C_ties_go_to_the_smaller_C() -> None:
@@ -285,7 +289,7 @@ def test_standard_classification_C_ties_go_to_the_smaller_C() -> None:
         tokens=("q",),
         rules=("hyperplane",),
         Cs=(10.0, 0.1, 1.0),
-    )
+    ).rows
     assert [r.C for r in rows] == [0.1]
 
 
@@ -312,7 +316,7 @@ def sweep_outcome() -> dict:
         tokens=("q", "k"),
         rules=("hyperplane",),
         Cs=SWEEP_CS,
-    )
+    ).rows
 
     def plain(value: object) -> object:
         return None if isinstance(value, float) and math.isnan(value) else value
@@ -401,8 +405,10 @@ def test_fewshot_hyperplane_equals_sklearn_per_episode(shots: int) -> None:
     )
     support_labels = np.tile(np.repeat(np.arange(ways), shots), (num, 1))
     query_labels = np.tile(np.repeat(np.arange(ways), queries), (num, 1))
+    # At a tight tolerance (the default certifies the objective within 1e-4, which leaves scores some 0.1 apart
+    # on these scales): the comparison is of the optimum the few-shot path reaches, not of the tolerance.
     res = fewshot_classification(
-        Xtr, Xte, classes, support, support_labels, query, query_labels, rule="hyperplane", C=1.0
+        Xtr, Xte, classes, support, support_labels, query, query_labels, rule="hyperplane", C=1.0, tol=1e-7
     )
     allowed = np.zeros(num)
     ref = np.zeros(num)

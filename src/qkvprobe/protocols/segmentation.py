@@ -234,6 +234,10 @@ def score_store(
     hw = store.grid[0] * store.grid[1]
     for start, array in store.iter_chunks(token, "patch", block, chunk_size=max(1, CHUNK_ROWS // hw)):
         X = torch.as_tensor(np.array(array)).to(device, dtype)  # [b, h·w, D]; copy: memmaps are read-only
+        if not bool(torch.isfinite(X).all()):
+            raise FeatureError(
+                f"patch features of evaluation images {start}..{start + len(X) - 1} contain NaN/Inf; re-extract them"
+            )
         scores = scores_of(X.reshape(-1, X.shape[-1])).reshape(len(X), hw, -1)
         for j in range(len(X)):
             mask = torch.as_tensor(np.asarray(masks(int(indices[start + j]))))
@@ -419,6 +423,8 @@ def fewshot_segmentation(
         sw = (pl != IGNORE_INDEX).to(dt)
         num_fg, num_bg = (y * sw).sum(1), ((1 - y) * sw).sum(1)
         Xq = torch.as_tensor(np.array(test_patches[query[sl]])).to(dev, dt)  # [e, h·w, D]
+        if not bool(torch.isfinite(Xq).all()):
+            raise FeatureError("query patch features contain NaN/Inf; re-extract the features")
         s, failed = impl.fewshot_segmentation_scores(X, y, sw, Xq, opts)  # [e, h·w] foreground scores
         unconverged += failed
         # Degenerate support sets: no foreground → background everywhere, and vice versa.
