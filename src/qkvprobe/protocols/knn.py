@@ -26,7 +26,7 @@ from .metrics import mean_ci95
 
 #: Bytes of float32 training-patch features the standard segmentation k-NN keeps as its memory; beyond it, a
 #: seeded uniform sample of the labelled patches (``benchmarks/bench_rules.py knn`` measures its peak memory).
-KNN_MEMORY_BYTES = 768 * 1024**2
+KNN_MEMORY_BYTES = 512 * 1024**2
 #: Few-shot episodes whose neighbour searches run as one batch.
 KNN_EPISODE_BATCH = 256
 
@@ -82,23 +82,29 @@ def memory_rows(num_rows: int, width: int, seed: int) -> np.ndarray | None:
 
 def knn_patch_memory(source, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The memory bank of a :class:`~qkvprobe.protocols.segmentation.PatchSource`: (unit-length float32 features
-    ``[n', D]``, labels ``[n']``, number of labelled patches before subsampling)."""
+    ``[n', D]``, labels ``[n']``, number of labelled patches before subsampling). Filled in place, chunk by chunk:
+    the bank is the only full-size array (no list of chunks to concatenate)."""
+    memory: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
     keep = None
-    feats, labels, seen = [], [], 0
+    seen = filled = 0
     for X, y in source():
-        if keep is None:
+        if memory is None:
             keep = memory_rows(source.num_rows, X.shape[1] - 1, seed)
-        rows = (
-            slice(None)
-            if keep is None
-            else torch.as_tensor(keep[(keep >= seen) & (keep < seen + len(y))] - seen)
-        )
+            size = source.num_rows if keep is None else len(keep)
+            memory = torch.empty(size, X.shape[1] - 1, dtype=torch.float32, device=X.device)
+            labels = torch.empty(size, dtype=torch.int64, device=X.device)
+        if keep is None:
+            rows = torch.arange(len(y), device=X.device)
+        else:
+            rows = torch.as_tensor(keep[(keep >= seen) & (keep < seen + len(y))] - seen, device=X.device)
         seen += len(y)
-        feats.append(normalise(X[rows, :-1].float()))
-        labels.append(y[rows])
-    if not feats or sum(len(f) for f in feats) == 0:
+        memory[filled : filled + len(rows)] = normalise(X[rows, :-1].float())
+        labels[filled : filled + len(rows)] = y[rows]
+        filled += len(rows)
+    if memory is None or filled == 0:
         raise RuleError("no labelled training patches (all patch labels are 255); check the training store")
-    return torch.cat(feats), torch.cat(labels), seen
+    return memory[:filled], labels[:filled], seen
 
 
 def knn_patch_scores(memory: torch.Tensor, labels: torch.Tensor, K: int, opts: RuleOptions) -> Callable:

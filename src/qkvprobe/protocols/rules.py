@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 from ..rules import class_normals
@@ -78,7 +80,10 @@ class KNN(RuleProtocol):
         return knn.knn_fewshot(Ftr, Fte, support, support_labels, query, query_labels, ways, opts)
 
     def segmentation_scorer(self, source: Any, num_classes: int, opts: RuleOptions) -> PatchScorer:
-        memory, labels, _ = knn.knn_patch_memory(source.source(), opts.seed)
+        # float32 throughout: the similarities are float32 (rules.knn), so a float64 copy of each chunk is waste.
+        memory, labels, _ = knn.knn_patch_memory(
+            dataclasses.replace(source, dtype=torch.float32).source(), opts.seed
+        )
         return PatchScorer(knn.knn_patch_scores(memory, labels, num_classes, opts))
 
     def fewshot_segmentation_scores(self, X, y, valid, Xq, opts):

@@ -8,6 +8,7 @@ from torch import Tensor
 from ...errors import RuleError
 from .loss import class_shares, dual_sums_blocked, duality_gap, logistic_sums, num_logits
 from .precondition import (
+    CURVATURE_MAX_EVALS,
     apply_preconditioner,
     class_curvature,
     curvature_preconditioner,
@@ -88,9 +89,10 @@ class DenseLogistic:
         )
         return slots // self.R
 
-    def _curvature(self, W: Tensor) -> Tensor | None:
-        """Inverse curvature blocks at ``W [Ga, D1, Kf]`` from strided rows, or None when too costly."""
-        step = curvature_stride(self.X.shape[1], self.X.shape[2])
+    def _curvature(self, W: Tensor, max_evals: float = CURVATURE_MAX_EVALS) -> Tensor | None:
+        """Inverse curvature blocks at ``W [Ga, D1, Kf]`` from strided rows, or None when costlier than
+        ``max_evals`` evaluations."""
+        step = curvature_stride(self.X.shape[1], self.X.shape[2], max_evals)
         if not step:
             return None
         rows = self._rows_of_problems()
@@ -107,10 +109,11 @@ class DenseLogistic:
             curvature[idx] = block
         return curvature_preconditioner(curvature, self.reg)
 
-    def refresh(self, w: Tensor) -> bool:
-        """Re-precondition with the curvature at the current iterate ``w [Ga, D1·Kf]``; False when that is too
-        costly or not numerically positive definite (the preconditioner is kept)."""
-        P = self._curvature(w.view(w.shape[0], -1, self.kf))
+    def refresh(self, w: Tensor, budget: float = CURVATURE_MAX_EVALS) -> bool:
+        """Re-precondition with the curvature at the current iterate ``w [Ga, D1·Kf]`` if it costs at most half of
+        ``budget`` evaluations (the iterations it is expected to save); False when not, or when it is not
+        numerically positive definite (the preconditioner is kept)."""
+        P = self._curvature(w.view(w.shape[0], -1, self.kf), budget / 2)
         if P is None:
             return False
         self.P = P

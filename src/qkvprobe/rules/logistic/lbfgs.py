@@ -77,7 +77,8 @@ class Objective(Protocol):
         """The same objective restricted to problems ``keep`` (int64 indices)."""
         ...
 
-    # Optional: ``refresh(w [G, P]) -> bool`` re-derives the preconditioner at ``w`` (False: kept as it was);
+    # Optional: ``refresh(w [G, P], budget) -> bool`` re-derives the preconditioner at ``w`` if its cost is worth
+    # ``budget`` (the iterations the slow problems still need) (False: kept as it was);
     # ``duality_gap(w, g, f) -> [G]`` a rigorous upper bound of ``f(w) − f*`` (see the module doc);
     # ``shared_passes = False`` when problems do not share their data (each is evaluated on its own rows);
     # ``refresh_horizon``: the further iterations above which a refresh pays (default ``REFRESH_EVERY``).
@@ -227,10 +228,15 @@ def minimize_lbfgs(
             mark = bound.clone()
             # The refresh is for the whole working set, so it waits until the slow problems are most of it (the
             # others finish and leave it soon).
+            # Its budget: the further iterations the slow problems need at their current rate (at most the rest).
+            budget = 0.0
+            if bool(slow.any()):
+                need = torch.where(rate[slow] >= 1, float(max_iter), left[slow]).clamp(max=max_iter - k)
+                budget = float(need.median())
             if (
                 2 * int(slow.sum()) >= num_active > 0
                 and hasattr(objective, "refresh")
-                and objective.refresh(w)
+                and objective.refresh(w, budget)
             ):
                 # The stored pairs are still curvature of the objective: keep them, rescale with the new metric.
                 for s in range(min(k - history_start, history)):

@@ -25,8 +25,8 @@ from torch import Tensor
 PRECOND_ROWS = 20_000
 #: Rows used to estimate the per-class curvature blocks (K Gram matrices: kept cheaper).
 CURVATURE_ROWS = 8_192
-#: Use a curvature preconditioner only when its Gram matrices cost at most this many loss/gradient evaluations
-#: of the problem, estimated as rows·D1/(7·n) for K blocks (:func:`curvature_cost`).
+#: A warm start uses a curvature preconditioner only when its Gram matrices cost at most this many evaluations of
+#: the problem (:func:`curvature_cost`); a refresh while solving weighs the cost against the iterations it saves.
 CURVATURE_MAX_EVALS = 24
 #: Memory of the per-class curvature blocks of one batch (G·K·D1² numbers); above it, one summed block.
 CURVATURE_BYTES = 256 * 1024**2
@@ -73,11 +73,17 @@ def class_curvature(
     return torch.stack([XT @ (X * c[..., k : k + 1]) for k in range(c.shape[2])], 1)
 
 
-def curvature_stride(num_rows: int, width: int) -> int:
+def curvature_cost(num_rows: int, width: int) -> float:
+    """The cost of a curvature preconditioner over ``num_rows`` rows of ``width`` columns, in evaluations of the
+    objective: rows·width/(7·n) with rows = min(n, ``CURVATURE_ROWS``) (K Gram matrices of K·rows·width²
+    multiply-adds against an evaluation's 2·K·n·width, which runs slower per multiply-add)."""
+    return min(num_rows, CURVATURE_ROWS) * width / (7 * max(num_rows, 1))
+
+
+def curvature_stride(num_rows: int, width: int, max_evals: float = CURVATURE_MAX_EVALS) -> int:
     """Row stride for a curvature preconditioner over ``num_rows`` rows of ``width`` columns, or 0 when it would
-    cost more than ``CURVATURE_MAX_EVALS`` evaluations of the objective."""
-    rows = min(num_rows, CURVATURE_ROWS)
-    if rows * width > 7 * CURVATURE_MAX_EVALS * num_rows:
+    cost more than ``max_evals`` evaluations of the objective (:func:`curvature_cost`)."""
+    if curvature_cost(num_rows, width) > max_evals:
         return 0
     return max(1, num_rows // CURVATURE_ROWS)
 

@@ -90,7 +90,7 @@ class SpanLogistic:
         G = v.shape[0]  # per-class blocks [G, Kf, D1, D1] after a refresh
         return (self.P @ v.view(G, self.kf, -1, 1)).view(G, -1)
 
-    def refresh(self, w: Tensor) -> bool:
+    def refresh(self, w: Tensor, budget: float = 0.0) -> bool:
         """Re-precondition with the per-class curvature blocks of the Hessian at ``w`` (class-major layout):
         nearly separable episodes at large C curve far from the diagonal of their start. False when a block is
         not numerically positive definite (the preconditioner is kept)."""

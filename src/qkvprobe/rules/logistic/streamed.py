@@ -12,6 +12,7 @@ from torch import Tensor
 from ...errors import RuleError
 from .loss import dual_sums, duality_gap, logistic_sums, num_logits
 from .precondition import (
+    CURVATURE_MAX_EVALS,
     apply_preconditioner,
     class_curvature,
     curvature_preconditioner,
@@ -74,10 +75,11 @@ class StreamedLogistic:
             else self.row_w[y]
         )
 
-    def _curvature(self, w: Tensor) -> Tensor | None:
-        """Inverse curvature blocks at ``w [R, D1·Kf]`` from strided rows of every chunk (one pass), or None."""
+    def _curvature(self, w: Tensor, max_evals: float = CURVATURE_MAX_EVALS) -> Tensor | None:
+        """Inverse curvature blocks at ``w [R, D1·Kf]`` from strided rows of every chunk (one pass), or None when
+        costlier than ``max_evals`` evaluations."""
         width = w.shape[1] // self.kf
-        step = curvature_stride(self.num_rows, width)
+        step = curvature_stride(self.num_rows, width, max_evals)
         if not step:
             return None
         R = w.shape[0]
@@ -97,10 +99,10 @@ class StreamedLogistic:
             curv * (total / max(picked, 1e-300)), self.reg
         )  # strided rows stand for all
 
-    def refresh(self, w: Tensor) -> bool:
-        """Re-precondition with the curvature at the current iterate ``w [R, D1·Kf]`` (one pass); False when that
-        is too costly or not numerically positive definite (the preconditioner is kept)."""
-        P = self._curvature(w)
+    def refresh(self, w: Tensor, budget: float = CURVATURE_MAX_EVALS) -> bool:
+        """Re-precondition with the curvature at the current iterate ``w [R, D1·Kf]`` (one pass) if it costs at most
+        half of ``budget`` evaluations; False when not, or when it is not numerically positive definite."""
+        P = self._curvature(w, budget / 2)
         if P is None:
             return False
         self.P = P
