@@ -442,3 +442,30 @@ def test_rule_letters_of_hyperplane_variants() -> None:
     assert rule_letter("hyperplane·C=0.01") == "H C=0.01"
     assert rule_letter(f"{BALANCED_RULE}·C=auto") == "Hb C=auto"
     assert rule_letter("knn") == "?"
+
+
+def test_heat_table_cells_sit_under_their_column_headers(tmp_path: Path) -> None:
+    """Pin: every cell of a token × (rule · position) table holds the value of the row its header and row label
+    name (a table filled in another order than its headers would be silently mislabelled)."""
+    run = make_run(tmp_path / "run")
+    files = load_run(run)
+    main = main_rows(files.results, files.run_info)
+    checked = 0
+    for table in heat_tables(main):
+        g = table.group
+        sub = main[
+            (main["model"] == g["model"])
+            & (main["dataset"] == g["dataset"])
+            & (main["setting"] == g["setting"])
+            & (main["shots"] == g["shots"])
+        ]
+        positions = list(dict.fromkeys(sub["position"]))
+        for label, cells in table.rows:
+            for header, cell in zip(table.col_headers, cells, strict=True):
+                rule, _, position = header.partition(" · ")
+                position = position or positions[0]
+                hit = sub[(sub["token"] == label) & (sub["rule"] == rule) & (sub["position"] == position)]
+                assert len(hit) == 1, (header, label)
+                assert float(cell.text.split(" ")[0]) == pytest.approx(100 * hit["value"].iloc[0], abs=0.051)
+                checked += 1
+    assert checked == 2 * (3 * 5 * 4 + 3 * 5 * 2)  # 2 models × (classification 4 columns, segmentation 2)
