@@ -1,7 +1,7 @@
 """The results table (``results.csv``): one row per measurement, long format (DESIGN.md §3).
 
-Columns added after the first release (``class_weight``, ``C_choice``) are filled in when an older table is read, so
-tables written by earlier versions stay readable and mergeable.
+Columns added after the first release (``class_weight``, ``C_choice``, ``weights``) are filled in when an older table is
+read, so tables written by earlier versions stay readable and mergeable.
 
 Rows are appended atomically (the whole file is rewritten to a temporary name and renamed), and a row whose
 key columns equal an existing row's replaces it, so a resumed run never duplicates measurements.
@@ -39,6 +39,7 @@ COLUMNS: tuple[str, ...] = (
     "C",
     "class_weight",
     "C_choice",
+    "weights",
 )
 #: The hyperplane rule's class weighting ("none" = PAPER.md's plain fit, "balanced" = scikit-learn's
 #: n / (K·n_class)); "" for the cosine rule, which has no weights. A key column: plain and balanced fits of the
@@ -49,8 +50,12 @@ CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced", "")
 #: the cosine rule. The C column holds the C used. A fixed-C and an auto few-shot run of one token are different
 #: measurements and live side by side in one table (before this column, the later one replaced the earlier).
 C_AUTO = "auto"
-#: Columns that identify a measurement; the rest (value, ci95, C) are its outcome.
-KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("value", "ci95", "C"))
+# The weights column says where the model's weights came from (``Backbone.weights_source``: a hub tag, a built-in
+# file, or a local file with the start of its sha256), so a row never passes a local checkpoint off as the hub's;
+# "" where not recorded. It is not a key column: the model label names the run (a model loaded with local weights
+# gets a label that says so), and a label measured again replaces its rows.
+#: Columns that identify a measurement; the rest (value, ci95, C, weights) are its outcome and provenance.
+KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("value", "ci95", "C", "weights"))
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ class ResultRow:
     """One measurement. ``value``/``ci95`` are fractions in [0, 1]; ``ways``/``shots``/``episodes`` are 0 in
     the standard setting; ``ci95`` is NaN where no interval exists; ``C`` is NaN and ``class_weight`` and
     ``C_choice`` are "" for the cosine rule. A hyperplane row's ``C_choice`` defaults to "auto" in the standard
-    setting and to its C as text in the few-shot one (see ``C_AUTO``)."""
+    setting and to its C as text in the few-shot one (see ``C_AUTO``). ``weights`` names the weights' source
+    (the comment above ``KEY_COLUMNS``)."""
 
     model: str
     objective: str
@@ -79,6 +85,7 @@ class ResultRow:
     C: float = math.nan
     class_weight: str = ""
     C_choice: str = ""
+    weights: str = ""
 
     def __post_init__(self) -> None:
         if self.class_weight not in CLASS_WEIGHTS:
@@ -114,8 +121,9 @@ def fixed_C_text(C: float) -> str:
 
 _TYPES = {f.name: f.type for f in fields(ResultRow)}
 #: Columns newer than the first tables, and the value an older row gets ("" → a hyperplane row's "none": its
-#: fits were plain; and its C_choice default: "auto" in the standard setting, the recorded C in the few-shot one).
-_ADDED: dict[str, object] = {"class_weight": "", "C_choice": ""}
+#: fits were plain; and its C_choice default: "auto" in the standard setting, the recorded C in the few-shot one;
+#: weights "": not recorded).
+_ADDED: dict[str, object] = {"class_weight": "", "C_choice": "", "weights": ""}
 
 
 def _parse(name: str, text: str) -> object:
