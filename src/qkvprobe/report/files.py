@@ -4,22 +4,25 @@
     results.csv      the long results table (:mod:`qkvprobe.results`)
     run.json         resolved config, versions, timings (``timings_earlier``: interrupted invocations of a resumed
                      run), data sources, episode seed, subsampling, ``main_blocks``
-                     (model -> block indices of the main tables; other blocks are the block sweep)
+                     (model -> block indices of the main tables; other blocks are the block sweep), ``models``
+                     ([{label, spec, weights, weights_source, weights_digest, objective, family}])
     directions.json  ``{"entries": [{model, objective, dataset, block, token, position, C, classes: [..],
                      cosine: [..]}]}`` — per class, cos(w_c, μ_c) between the hyperplane normal and the class
                      direction, fitted on the standard training features
     paired.json      ``{"tests": [{model, dataset, task, setting, ways, shots, metric, a: {token, position, rule,
-                     value}, b: {...}, test, statistic, p_value, alpha, verdict}]}`` — paired tests between the
-                     top choices on the same episodes
+                     value}, b: {...}, test, statistic, p_value, num_pairs, alpha, verdict}]}`` — paired tests
+                     of each unit's best choice against every other, on the same episodes (Wilcoxon) or test
+                     images (McNemar); the answer table Holm-adjusts the p-values of one best choice
     maps/*.npz       direction maps, one file per model × dataset × token: ``images`` uint8 [n,H,W] or [n,H,W,3],
                      ``masks`` int [n,H,W] (255 ignore), ``cosine`` float [n,C,h,w] (cos(μ_c, patch token)),
                      ``classes`` str [C], ``meta`` JSON str {model, dataset, token, block}
-    figures/*.png    written by the report
+    figures/*.svg    written by the report (direction maps: figures/map__*.png)
     report.html      written by the report (self-contained: figures are embedded)
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -122,6 +125,22 @@ class RunFiles:
     maps: list[DirectionMap] = field(default_factory=list)
 
 
+def _with_converged(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Add the table's optional ``converged`` column (hyperplane fits that stopped at their iteration cap say
+    False) when the file has one and the rows do not carry it yet; a table without it is returned as is.
+    ``read_results`` keeps the file's row order, so the column lines up row by row."""
+    if "converged" in frame.columns:
+        return frame
+    with path.open(newline="") as fh:
+        header = next(csv.reader(fh), [])
+    if "converged" not in header:
+        return frame
+    flags = pd.read_csv(path, usecols=["converged"], dtype=str, keep_default_na=False)["converged"]
+    if len(flags) != len(frame):
+        return frame
+    return frame.assign(converged=flags.to_numpy())
+
+
 def load_run(run_dir: str | os.PathLike) -> RunFiles:
     """Read a run directory (results.csv is required; side files are optional)."""
     run_dir = Path(run_dir)
@@ -130,7 +149,9 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     if not (run_dir / RESULTS).exists():
         raise QkvprobeError(f"{run_dir}: no {RESULTS} found; run `qkvprobe run` first")
     rows = read_results(run_dir / RESULTS)
-    df = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
+    frame = pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS))
+    frame = _with_converged(frame, run_dir / RESULTS)
+    df = label_rule_variants(frame)
     maps = []
     for p in sorted((run_dir / MAPS).glob("*.npz")) if (run_dir / MAPS).is_dir() else []:
         try:
