@@ -73,16 +73,22 @@ def scenes_spec(cfg: DatasetConfig) -> str:
     return spec + ("&" if "?" in spec else "?") + "&".join(extra)
 
 
-def open_split(cfg: DatasetConfig, which: str, seed: int) -> Dataset:
-    """Open the train (``which="train"``) or test split of a configured dataset, subsampled as configured."""
+def open_split(
+    cfg: DatasetConfig, which: str, seed: int, *, spec: str | None = None, root: str | None = None
+) -> Dataset:
+    """Open the train (``which="train"``) or test split of a configured dataset, subsampled as configured.
+    ``spec``/``root``: the config's own with relative paths resolved (``StudyConfig.dataset_spec``/``dataset_root``);
+    default ``cfg.spec``/``cfg.root`` as written."""
     from ..data import open_dataset
 
     split = cfg.train_split if which == "train" else cfg.test_split
     size = cfg.train_size if which == "train" else cfg.test_size
+    spec = spec or cfg.spec
+    root = root if root is not None else cfg.root
     kind = cfg.spec.partition("?")[0].partition(":")[0]
     if kind == "fashion-mnist-scenes":
-        return open_dataset(scenes_spec(cfg), split, root=cfg.root)
-    ds = open_dataset(cfg.spec, split, root=cfg.root)
+        return open_dataset(scenes_spec(cfg), split, root=root)
+    ds = open_dataset(spec, split, root=root)
     if size is None:
         return ds
     if ds.task != "classification":
