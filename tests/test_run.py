@@ -141,6 +141,8 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
     missing = expected_keys(cfg) - keys
     assert not missing, sorted(missing)[:5]
     assert all(0.0 <= r.value <= 1.0 for r in rows)
+    # every row names its weights: the built-in file, not just the spec
+    assert {r.weights for r in rows if r.model == "builtin:tiny-dino"} == {"builtin: tiny-dino.safetensors"}
     assert len({r.key() for r in rows}) == len(rows)
     # block sweep: the first model, cls, blocks 0 and 1 for every token and rule
     sweep = {(r.token, r.rule) for r in rows if r.model == "builtin:tiny-dino" and r.block == 0}
@@ -148,6 +150,11 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
     assert not any(r.model == "builtin:tiny-mae" and r.block == 0 for r in rows)
 
     info = json.loads((run_dir / "run.json").read_text())
+    assert [(e["label"], e["weights_source"], e["family"]) for e in info["models"]] == [
+        ("builtin:tiny-dino", "builtin: tiny-dino.safetensors", "joint-embedding"),
+        ("builtin:tiny-mae", "builtin: tiny-mae.safetensors", "masked-image-modelling"),
+    ]
+    assert all(len(e["weights_digest"]) == 64 and e["weights"] is None for e in info["models"])
     assert info["status"] == "complete" and info["episodes_seed"] == 0
     assert info["config"]["fewshot"]["episodes"] == 10 and info["versions"]["torch"]
     assert info["main_blocks"] == {"builtin:tiny-dino": [1], "builtin:tiny-mae": [1]}
@@ -176,13 +183,26 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
         == 2 * 2 * 3
     )
     assert html.imgs and all(
-        (run_dir / i["data-file"]).is_file() and i["src"].startswith("data:image/png;base64,")
-        for i in html.imgs
+        (run_dir / i["data-file"]).is_file() and i["src"].startswith("data:image/") for i in html.imgs
     )
     assert any("sweep" in i["data-file"] for i in html.imgs) and any(
         "map__" in i["data-file"] for i in html.imgs
     )
-    assert result.summary.row_count == 2 * 2 * 3 * 2
+    # The answer table (report and terminal): per model, its weights; per dataset × setting, the best choice
+    # and the best of the other rule, ties decided by the paired tests of the best against every other choice.
+    text = (run_dir / "report.html").read_text()
+    assert text.count("weights: builtin: tiny-dino.safetensors") == 1
+    assert text.index('class="answer"') < text.index('class="heatmap"')
+    tests = json.loads((run_dir / "paired.json").read_text())["tests"]
+    unit = [
+        t
+        for t in tests
+        if t["model"] == "builtin:tiny-dino" and t["setting"] == "fewshot" and t["shots"] == 1
+    ]
+    classification = [t for t in unit if t["task"] == "classification"]
+    assert len(classification) == len(TOKENS) * 2 * 2 - 1  # tokens × positions × rules, less the best
+    assert {t["test"] for t in classification} == {"wilcoxon"}
+    assert {t["test"] for t in tests if t["setting"] == "standard"} == {"mcnemar"}
 
     # a second run resumes: every unit is skipped, the table is unchanged
     again = run_study(cfg, progress=False)

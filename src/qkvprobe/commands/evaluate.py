@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -28,26 +26,19 @@ def _ints(text: str, name: str) -> list[int]:
         ) from None
 
 
-@contextmanager
-def _bar(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich bar on stderr (a terminal only) fed by the protocols' ``progress(label, done, total)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def default_positions(held: list[str], task: str, where: str) -> list[str]:
+    """Every position ``held`` (in both stores, in their order) that ``task`` evaluates: cls/avg for classification,
+    patch for segmentation. ConfigError when the stores hold none of them."""
+    from ..config import TASK_POSITIONS
 
-    console = Console(stderr=True)
-    bar = Progress(
-        TextColumn("evaluate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-        disable=not (enabled and console.is_terminal),
-    )
-    with bar:
-        task = bar.add_task("", total=None)
-        yield lambda label, done, total: bar.update(task, description=label, completed=done, total=total)
+    usable = [p for p in held if p in TASK_POSITIONS[task]]
+    if not usable:
+        wanted = ",".join(TASK_POSITIONS[task])
+        raise ConfigError(
+            f"{where} hold positions {','.join(held)} but {task} evaluates {' or '.join(TASK_POSITIONS[task])}; "
+            f"extract again with --positions {wanted}"
+        )
+    return usable
 
 
 @app.command("evaluate")
@@ -59,9 +50,13 @@ def evaluate(
     task: str = typer.Option(None, "--task", help="classification|segmentation (default: the store's task)."),
     setting: str = typer.Option("standard", "--setting", help="standard|fewshot."),
     rules: str = typer.Option("hyperplane,cosine", "--rules", "--rule", help="Comma-separated rules."),
-    tokens: str = typer.Option("q,k,v,ffn", "--tokens", help="Comma-separated token types."),
+    tokens: str = typer.Option(
+        None, "--tokens", help="Comma-separated token types (default: every token type the stores hold)."
+    ),
     positions: str = typer.Option(
-        None, "--positions", help="cls,avg (classification) or patch (default by task)."
+        None,
+        "--positions",
+        help="cls,avg (classification) or patch (segmentation); default: every one of them the stores hold.",
     ),
     blocks: str = typer.Option(
         "-1", "--blocks", help="Comma-separated block indices (negative from the end)."
@@ -92,15 +87,29 @@ def evaluate(
         help="Also evaluate every attention head of q, k and v in --tokens on its own (tokens q.h0 … v.h{H-1}: "
         "the head's D/H columns). Single heads can be named in --tokens too, e.g. q.h3.",
     ),
+    label: str = typer.Option(
+        None,
+        "--label",
+        help="The rows' model name (default: the label the extract command recorded, else the backbone spec, "
+        "plus ' + <weights file>' for local weights).",
+    ),
     out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
     progress: bool = typer.Option(
-        True, "--progress/--no-progress", help="Progress bar (only on a terminal)."
+        True,
+        "--progress/--no-progress",
+        help="Progress on stderr: a bar on a terminal, else one line per unit of work with the elapsed time.",
     ),
 ) -> None:
     """Evaluate decision rules on token features of existing stores; write rows of the results table."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
     from ..features.store import FeatureStore
+    from ..feedback import Reporter
     from ..protocols import evaluate_classification, evaluate_segmentation
     from ..protocols.fewshot_c import check_fewshot_C
+    from ..provenance import manifest_weights_source, store_label
     from ..results import write_results
 
     if store is not None:
@@ -124,7 +133,14 @@ def evaluate(
                 "--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split"
             )
         fewshot_c = check_fewshot_C(fewshot_c)
-    token_list = _split(tokens, "tokens")
+    # default: every token type and position both stores hold (and the task evaluates)
+    token_list = [t for t in train.tokens if t in test.tokens] if tokens is None else _split(tokens, "tokens")
+    held = [p for p in train.positions if p in test.positions]
+    position_list = (
+        _split(positions, "positions")
+        if positions is not None
+        else default_positions(held, task, "the stores")
+    )
     if heads:
         token_list += [t for t in train.head_tokens(token_list) if t not in token_list]
     kw = dict(
@@ -136,15 +152,20 @@ def evaluate(
         seed=seed,
         device=device,
         class_weight=None if class_weight == "none" else class_weight,
+        positions=position_list,
+        model=label or store_label(train.manifest),
     )
     if fewshot_c is not None:
         kw["C"] = fewshot_c
-    with _bar(progress) as tell:
+    reporter = Reporter(Console(stderr=True), enabled=progress)
+    reporter.log(
+        f"evaluate {kw['model']}: {setting}, tokens {','.join(token_list)}, positions {','.join(position_list)}"
+    )
+    with reporter.units("evaluate") as tell:
         if task == "classification":
-            rows = evaluate_classification(
+            evaluation = evaluate_classification(
                 train,
                 test,
-                positions=_split(positions or "cls", "positions"),
                 ways=ways,
                 queries=queries,
                 episodes=episodes or 2000,
@@ -152,14 +173,9 @@ def evaluate(
                 **kw,
             )
         else:
-            rows = evaluate_segmentation(
-                train,
-                test,
-                positions=_split(positions or "patch", "positions"),
-                episodes=episodes or 1000,
-                progress=tell,
-                **kw,
-            )
+            evaluation = evaluate_segmentation(train, test, episodes=episodes or 1000, progress=tell, **kw)
+    source = manifest_weights_source(train.manifest)
+    rows = [replace(r, weights=source) for r in evaluation]
     write_results(out, rows)
     for r in rows:
         ci = "" if r.ci95 != r.ci95 else f" ± {100 * r.ci95:.2f}"
@@ -169,19 +185,56 @@ def evaluate(
             f"{r.token:>8} {r.position:<5} {rule:<10} block {r.block} shots {r.shots}: "
             f"{r.metric} {100 * r.value:.2f}{ci}{C}"
         )
-    _print_summary(rows)
+    labels = test.labels() if task == "classification" else None
+    _print_summary(rows, evaluation, labels, train.manifest)
     typer.echo(f"wrote {len(rows)} rows to {out}")
 
 
-def _print_summary(rows: list) -> None:
-    """The best token per rule among the rows just measured (the table `qkvprobe run` ends with)."""
+def _print_summary(rows: list, evaluation: object, test_labels: object, manifest: dict) -> None:
+    """The answer table of `qkvprobe run` for the rows just measured, with the paired tests of this evaluation."""
     import pandas as pd
     from rich.console import Console
 
+    from ..provenance import manifest_weights_source
     from ..report import main_rows, summary_table
+    from ..report.answer import weights_text
     from ..report.tables import label_rule_variants
     from ..results import COLUMNS
+    from ..study.sides import paired_verdicts
+    from ..vocab import split_head
 
     df = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
     every_block = {m: sorted(int(b) for b in sub["block"].unique()) for m, sub in df.groupby("model")}
-    Console().print(summary_table(main_rows(df, {"main_blocks": every_block}), title="Best token per rule"))
+    main = main_rows(df, {"main_blocks": every_block})
+    main = main[main["token"].map(lambda t: split_head(str(t))[1] is None)]
+    whole = [r for r in rows if split_head(r.token)[1] is None]
+    paired = []
+    for shots in sorted({r.shots for r in whole}):  # one best choice per shot count, as in the study
+        paired += paired_verdicts(
+            [r for r in whole if r.shots == shots], _one_shot_count(evaluation, shots), test_labels
+        )
+    backbone = manifest.get("backbone") or {}
+    weights = (
+        {
+            str(rows[0].model): weights_text(
+                manifest_weights_source(manifest), str(backbone.get("weights_digest", ""))
+            )
+        }
+        if rows
+        else {}
+    )
+    Console().print(summary_table(main, paired, weights))
+
+
+def _one_shot_count(evaluation: object, shots: int) -> object:
+    """The evaluation's per-episode scores of one shot count keyed as a one-shot-count evaluation keys them
+    ``(token, position, rule, block)``; several shot counts add the shots as a fifth key part."""
+    from types import SimpleNamespace
+
+    per_episode = {}
+    for key, scores in (getattr(evaluation, "per_episode", {}) or {}).items():
+        if len(key) == 5 and key[4] == shots:
+            per_episode[key[:4]] = scores
+        elif len(key) == 4:
+            per_episode[key] = scores
+    return SimpleNamespace(per_episode=per_episode, predictions=getattr(evaluation, "predictions", {}) or {})
