@@ -226,6 +226,8 @@ def parse(path: Path) -> _Collector:
 
 def test_report_tables_figures_and_self_contained(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
+    (run / "figures").mkdir()
+    (run / "figures" / "fewshot__an-earlier-rendering.png").write_bytes(b"stale")  # must not outlive it
     out = render_report(run)
     assert out == run / "report.html"
     html = parse(out)
@@ -339,8 +341,8 @@ def test_insights_find_planted_structure(tmp_path: Path) -> None:
     assert "dino-m: of its 6 dataset × setting tables, the best rule is cosine in 6" in joined
     assert "mae-m: of its 6 dataset × setting tables, the best rule is hyperplane in 6" in joined
     assert (
-        "Objective families differ on fashion-mnist · standard: joint-embedding (dino-m) → v·cls with the cosine "
-        "rule; masked-image-modelling (mae-m) → ffn·cls with the hyperplane rule." in joined
+        "Objective families on fashion-mnist (joint-embedding: dino-m; masked-image-modelling: mae-m) — standard: "
+        "joint-embedding → v·cls cosine, masked-image-modelling → ffn·cls hyperplane; 5-way 1-shot:" in joined
     )
     assert "mae-m on classification: the cosine rule trails the hyperplane by" in joined
     # never a mean over unrelated models
@@ -367,10 +369,14 @@ def test_insights_compare_models_only_within_a_family_or_between_families(tmp_pa
     }
     joined = "\n".join(insights(main, None, found))
     assert (
-        "The 2 joint-embedding models agree on fashion-mnist · standard: v·cls with the cosine rule "
-        "(dino-m, dino-2)." in joined
+        "The 2 joint-embedding models (dino-m, dino-2) on fashion-mnist: standard: all → v·cls cosine; "
+        "5-way 1-shot: all → v·cls cosine; 5-way 5-shot: all → v·cls cosine." in joined
     )
-    assert "other (jepa-m) → ffn·cls with the hyperplane rule" in joined
+    assert (
+        "joint-embedding: dino-m, dino-2; masked-image-modelling: mae-m; other: jepa-m) — standard: "
+        in joined
+    )
+    assert "other → ffn·cls hyperplane" in joined
     assert "mean over" not in joined.replace("mean over this model", "")
 
 

@@ -46,8 +46,9 @@ def size_text(num_bytes: float) -> str:
 class Reporter:
     """Log lines and per-unit progress for one command, on ``console`` (normally stderr).
 
-    ``enabled=False`` prints nothing. On a terminal, ``log`` is rich's timed log and ``units`` a transient bar; off a
-    terminal both are plain, unwrapped lines ``[  41.2 s] message`` (seconds since the reporter was made)."""
+    ``enabled=False`` prints nothing. On a terminal, ``log`` prints ``[HH:MM:SS] message`` and ``units`` is a
+    transient bar; off a terminal both are plain, unwrapped lines ``[  41.2 s] message`` (seconds since the reporter
+    was made)."""
 
     def __init__(self, console: Console, *, enabled: bool = True) -> None:
         self.console = console
@@ -67,7 +68,10 @@ class Reporter:
             )
             self.console.file.flush()
         else:
-            self.console.log(message, markup=False, highlight=False)
+            from rich.text import Text
+
+            # not console.log: its source-file column is noise to a user
+            self.console.print(Text.assemble((time.strftime("[%H:%M:%S] "), "dim cyan"), message))
 
     def warn(self, message: str) -> None:
         """Shown even when progress is off: a warning is not progress."""
@@ -89,24 +93,24 @@ class Reporter:
             return
         if self.plain:
             start = time.perf_counter()
-            current = {"text": "", "since": start}
+            current = {"text": "", "since": start, "said": start}
             stop = threading.Event()
 
             def line(label: str, done: int, total: int) -> None:
+                now = time.perf_counter()
                 if done >= total:
                     current["text"] = ""
-                    self.log(f"{what} {total}/{total} done in {seconds(time.perf_counter() - start)}")
+                    self.log(f"{what} {total}/{total} done in {seconds(now - start)}")
                 else:
-                    current["text"], current["since"] = (
-                        f"{what} {done + 1}/{total} {label}",
-                        time.perf_counter(),
-                    )
+                    current.update(text=f"{what} {done + 1}/{total} {label}", since=now, said=now)
                     self.log(current["text"])
 
-            def beat() -> None:  # a unit that runs for minutes still says so every HEARTBEAT_S
-                while not stop.wait(HEARTBEAT_S):
-                    if current["text"]:
-                        running = seconds(time.perf_counter() - current["since"])
+            def beat() -> None:  # a unit that runs for minutes says so every HEARTBEAT_S
+                while not stop.wait(min(HEARTBEAT_S, 1.0)):
+                    now = time.perf_counter()
+                    if current["text"] and now - current["said"] >= HEARTBEAT_S:
+                        current["said"] = now
+                        running = seconds(now - current["since"])
                         self.log(f"{current['text']}: still running after {running}")
 
             thread = threading.Thread(target=beat, name="qkvprobe-unit-heartbeat", daemon=True)

@@ -133,6 +133,7 @@ def evaluate(
                 "--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split"
             )
         fewshot_c = check_fewshot_C(fewshot_c)
+    manifest = getattr(train, "manifest", None) or {}  # the label and weights' source extract recorded
     # default: every token type and position both stores hold (and the task evaluates)
     token_list = [t for t in train.tokens if t in test.tokens] if tokens is None else _split(tokens, "tokens")
     held = [p for p in train.positions if p in test.positions]
@@ -153,13 +154,13 @@ def evaluate(
         device=device,
         class_weight=None if class_weight == "none" else class_weight,
         positions=position_list,
-        model=label or store_label(train.manifest),
+        model=label or store_label(manifest) or None,  # None: the protocols use the store's spec
     )
     if fewshot_c is not None:
         kw["C"] = fewshot_c
     reporter = Reporter(Console(stderr=True), enabled=progress)
     reporter.log(
-        f"evaluate {kw['model']}: {setting}, tokens {','.join(token_list)}, positions {','.join(position_list)}"
+        f"evaluate {kw['model'] or train.backbone_spec}: {setting}, tokens {','.join(token_list)}, positions {','.join(position_list)}"
     )
     with reporter.units("evaluate") as tell:
         if task == "classification":
@@ -174,7 +175,7 @@ def evaluate(
             )
         else:
             evaluation = evaluate_segmentation(train, test, episodes=episodes or 1000, progress=tell, **kw)
-    source = manifest_weights_source(train.manifest)
+    source = manifest_weights_source(manifest)
     rows = [replace(r, weights=source) for r in evaluation]
     write_results(out, rows)
     for r in rows:
@@ -186,7 +187,7 @@ def evaluate(
             f"{r.metric} {100 * r.value:.2f}{ci}{C}"
         )
     labels = test.labels() if task == "classification" else None
-    _print_summary(rows, evaluation, labels, train.manifest)
+    _print_summary(rows, evaluation, labels, manifest)
     typer.echo(f"wrote {len(rows)} rows to {out}")
 
 

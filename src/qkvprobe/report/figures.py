@@ -54,6 +54,8 @@ class Figure:
     name: str  # file name under figures/
     caption: str
     data_uri: str
+    #: Display width in CSS pixels for a high-DPI PNG (its pixels at 100 per inch); None for SVG (own size).
+    width: int | None = None
 
 
 def slug(*parts: object) -> str:
@@ -76,7 +78,10 @@ def _save(fig: plt.Figure, figures_dir: Path, name: str, caption: str) -> Figure
     data = buf.getvalue()
     figures_dir.mkdir(parents=True, exist_ok=True)
     (figures_dir / name).write_bytes(data)
-    return Figure(name, caption, f"data:{_MIME[kind]};base64," + base64.b64encode(data).decode("ascii"))
+    # a PNG's width is bytes 16-19 of its IHDR chunk; shown at 100 px per inch, it keeps its size, sharper
+    width = None if kind == "svg" else round(int.from_bytes(data[16:20], "big") * 100 / MAP_DPI)
+    uri = f"data:{_MIME[kind]};base64," + base64.b64encode(data).decode("ascii")
+    return Figure(name, caption, uri, width)
 
 
 def _colour_range(values: np.ndarray) -> tuple[float, float]:

@@ -185,6 +185,10 @@ def _answer_models(lines: list) -> list[dict]:
 
 def render_run(run: RunFiles, out: Path) -> Path:
     fig_dir = run.run_dir / FIGURES
+    # figures/ belongs to the report: drop the previous rendering's files, so none outlives its section
+    for stale in fig_dir.glob("*") if fig_dir.is_dir() else []:
+        if stale.is_file() and stale.suffix in (".png", ".svg"):
+            stale.unlink()
     main = main_rows(run.results, run.run_info)
     heads = main[is_head(main["token"])]
     main = main[~is_head(main["token"])]  # single heads get their own figures, not rows in every table

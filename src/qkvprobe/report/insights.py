@@ -16,10 +16,6 @@ from .answer import Answer
 from .tables import setting_label
 
 
-def _choice(a: Answer) -> str:
-    return f"{a.best.token}·{a.best.position} with the {a.best.rule} rule"
-
-
 def _counts(counter: Counter, template: str) -> str:
     """``Counter({"hyperplane": 4, "cosine": 2})``, ``"{} in {}"`` → ``"hyperplane in 4 and cosine in 2"``."""
     parts = [template.format(name, n) for name, n in counter.most_common()]
@@ -52,35 +48,44 @@ def insights(
             f"{_counts(rules, '{} in {}')}; the best token {_counts(tokens, '{} in {}')}."
         )
 
-    # 2. comparisons between models, explicitly: within an objective family, and between families
-    for (dataset, slabel), group in _by_table(answers).items():
-        if len({a.model for a in group}) < 2:
+    # 2. comparisons between models, explicitly: within an objective family, and between families (one line each
+    # per dataset, a clause per setting)
+    for dataset, by_setting in _by_dataset(answers).items():
+        models = list(dict.fromkeys(a.model for group in by_setting.values() for a in group))
+        if len(models) < 2:
             continue
-        families: dict[str, list[Answer]] = {}
-        for a in group:
-            families.setdefault(a.family, []).append(a)
-        for family, members in families.items():
+        families = list(dict.fromkeys(a.family for group in by_setting.values() for a in group))
+        for family in families:
+            members = [
+                m
+                for m in models
+                if any(a.model == m and a.family == family for g in by_setting.values() for a in g)
+            ]
             if len(members) < 2:
                 continue
-            picks = {(a.best.token, a.best.position, a.best.rule) for a in members}
-            names = ", ".join(a.model for a in members)
-            if len(picks) == 1:
-                out.append(
-                    f"The {len(members)} {family} models agree on {dataset} · {slabel}: {_choice(members[0])} "
-                    f"({names})."
-                )
-            else:
-                what = "; ".join(f"{a.model} → {_choice(a)}" for a in members)
-                out.append(f"The {family} models disagree on {dataset} · {slabel}: {what}.")
-        if len(families) > 1:
-            what = "; ".join(
-                f"{family} ({', '.join(a.model for a in members)}) → "
-                + " / ".join(dict.fromkeys(_choice(a) for a in members))
-                for family, members in families.items()
+            clauses = [
+                _clause(slabel, {a.model: _short(a) for a in group if a.family == family})
+                for slabel, group in by_setting.items()
+            ]
+            out.append(
+                f"The {len(members)} {family} models ({', '.join(members)}) on {dataset}: {'; '.join(clauses)}."
             )
-            same = len({(a.best.token, a.best.position, a.best.rule) for a in group}) == 1
-            verb = "agree" if same else "differ"
-            out.append(f"Objective families {verb} on {dataset} · {slabel}: {what}.")
+        if len(families) > 1:
+            members = "; ".join(
+                f"{family}: {', '.join(dict.fromkeys(a.model for g in by_setting.values() for a in g if a.family == family))}"
+                for family in families
+            )
+            clauses = [
+                _clause(
+                    slabel,
+                    {
+                        family: " / ".join(dict.fromkeys(_short(a) for a in group if a.family == family))
+                        for family in dict.fromkeys(a.family for a in group)
+                    },
+                )
+                for slabel, group in by_setting.items()
+            ]
+            out.append(f"Objective families on {dataset} ({members}) — {'; '.join(clauses)}.")
 
     # 3. cosine vs hyperplane gap, per model × task
     if {"hyperplane", "cosine"} <= set(df["rule"]):
@@ -144,9 +149,20 @@ def insights(
     return out
 
 
-def _by_table(answers: list[Answer]) -> dict[tuple[str, str], list[Answer]]:
-    """Answers grouped by dataset × setting (the tables several models share), in order."""
-    out: dict[tuple[str, str], list[Answer]] = {}
+def _short(a: Answer) -> str:
+    return f"{a.best.token}·{a.best.position} {a.best.rule}"
+
+
+def _clause(slabel: str, picks: dict[str, str]) -> str:
+    """``"5-way 1-shot: all → q·cls hyperplane"`` or ``"standard: A → x, B → y"``."""
+    if len(set(picks.values())) == 1:
+        return f"{slabel}: all → {next(iter(picks.values()))}"
+    return f"{slabel}: " + ", ".join(f"{who} → {what}" for who, what in picks.items())
+
+
+def _by_dataset(answers: list[Answer]) -> dict[str, dict[str, list[Answer]]]:
+    """Answers grouped by dataset, then setting (the tables several models share), in order."""
+    out: dict[str, dict[str, list[Answer]]] = {}
     for a in answers:
-        out.setdefault((a.dataset, a.slabel), []).append(a)
+        out.setdefault(a.dataset, {}).setdefault(a.slabel, []).append(a)
     return out

@@ -393,7 +393,7 @@ class _Study:
             from .sides import tolerant_segmentation_sampler
 
             extra["episode_sampler"] = tolerant_segmentation_sampler(excluded)
-        with self.reporter.units(f"  evaluate {label}") as tell:
+        with self.reporter.units("  evaluate") as tell:
             evaluation = _call(
                 fn,
                 train_store=stores["train"],
