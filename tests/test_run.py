@@ -277,3 +277,46 @@ def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, builtin_model
     info = json.loads((tmp_path / "runs" / "test" / "run.json").read_text())
     assert info["resumed"] is True and info["timings"]["total_s"] > 0
     assert len(info["timings_earlier"]) == 1 and "total_s" not in info["timings_earlier"][0]  # the killed one
+
+
+def test_cli_run_paths_progress_and_answer(
+    tmp_path: Path, patched_builtins: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`qkvprobe run CONFIG` from another working directory: the config's relative paths resolve against its
+    folder, `--out` against the working directory; progress lines on stderr, the answer table on stdout."""
+    from typer.testing import CliRunner
+
+    from qkvprobe.cli import get_app
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    data = study_config(
+        tmp_path,
+        datasets=[{"spec": "fashion-mnist?source=bundled", "train_size": 60, "test_size": 30}],
+        settings=["standard"],
+        tokens=["ffn"],
+        rules=["cosine"],
+        models=["builtin:tiny-dino"],
+        block_sweep={"enabled": False},
+        report={"enabled": False},
+    )
+    data.update(out_dir="runs", cache_dir="cache")
+    (folder / "study.yaml").write_text(yaml.safe_dump(data))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(get_app(), ["run", "../project/study.yaml"])
+    assert result.exit_code == 0, result.output
+    assert (folder / "runs" / "test" / "results.csv").is_file() and (folder / "cache").is_dir()
+    assert not (elsewhere / "runs").exists()
+    assert "Which token, with which rule?" in result.stdout and "weights: builtin: tiny-dino" in result.stdout
+    assert (
+        "] builtin:tiny-dino · fashion-mnist?source=bundled · train: features of 60 samples" in result.stderr
+    )
+    assert "]   evaluate 1/2 block 1 · cls · cosine (1 tokens)" in result.stderr
+    assert "· train: features extracted in " in result.stderr
+    result = CliRunner().invoke(get_app(), ["run", "../project/study.yaml", "--out", "here", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "here" / "results.csv").is_file() and result.stderr == ""
+    again = CliRunner().invoke(get_app(), ["run", "../project/study.yaml", "--out", "again"])
+    assert again.exit_code == 0 and "· train: features from the cache (" in again.stderr

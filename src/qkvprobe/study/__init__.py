@@ -27,7 +27,7 @@ from rich.console import Console, RenderableType
 from .. import __version__
 from ..config import DatasetConfig, ModelConfig, StudyConfig, dump_config
 from ..errors import QkvprobeError
-from ..feedback import Reporter, many_tokens_warning, seconds
+from ..feedback import Reporter, many_tokens_warning, seconds, shard_progress
 from ..report.files import (
     DIRECTIONS,
     FITS,
@@ -204,7 +204,8 @@ class _Study:
         from ..provenance import weights_source
 
         weights = self.cfg.weights_path(m)
-        self.log(f"{m.name}: loading {m.spec}" + (f" with weights {weights}" if weights else ""))
+        what = m.spec + (f" with weights {weights}" if weights else "")
+        self.log(f"loading {m.name}" + (f" ({what})" if what != m.name else ""))
         bb = self.timed(
             f"load {m.name}", lambda: load_backbone(self.cfg.model_spec(m), weights, device=self.device)
         )
@@ -275,6 +276,8 @@ class _Study:
             path = self.cfg.cache_root() / manifest["key"][:16]
             self.log(f"{m.name} · {d.spec} · {which}: features of {len(ds)} samples")
             t0 = time.perf_counter()
+            before = shard_progress(path)  # every shard already written: the cache serves this store
+            cached = before is not None and before[0] == before[1] > 0
             with self.reporter.heartbeat(path, f"{m.name} · {d.spec} · {which}: extracting"):
                 stores[which] = self.timed(
                     f"extract {m.name} {d.spec} {which}",
@@ -287,10 +290,8 @@ class _Study:
                         progress=self.verbose,
                     ),
                 )
-            self.log(
-                f"{m.name} · {d.spec} · {which}: features ready in {seconds(time.perf_counter() - t0)} "
-                f"({path})"
-            )
+            how = "from the cache" if cached else f"extracted in {seconds(time.perf_counter() - t0)}"
+            self.log(f"{m.name} · {d.spec} · {which}: features {how} ({path})")
             if which == "test":
                 stores["test_dataset"] = ds
         self.save_info()
