@@ -320,3 +320,39 @@ def test_cli_run_paths_progress_and_answer(
     assert (elsewhere / "here" / "results.csv").is_file() and result.stderr == ""
     again = CliRunner().invoke(get_app(), ["run", "../project/study.yaml", "--out", "again"])
     assert again.exit_code == 0 and "· train: features from the cache (" in again.stderr
+
+
+def test_study_warns_before_extracting_many_patches(tmp_path: Path, patched_builtins: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from qkvprobe.study import run_study
+
+    cfg = validate_config(
+        study_config(
+            tmp_path,
+            datasets=[
+                {
+                    "spec": "fashion-mnist-scenes?source=bundled",
+                    "train_size": 12,
+                    "test_size": 6,
+                    "image_size": 119,
+                }
+            ],
+            settings=["standard"],
+            tokens=["q"],
+            rules=["cosine"],
+            models=["builtin:tiny-dino"],
+            block_sweep={"enabled": False},
+            report={"enabled": False},
+        )
+    )
+    buf = io.StringIO()
+    run_study(cfg, progress=False, console=Console(file=buf, width=80))  # a warning is shown even when quiet
+    text = buf.getvalue()
+    assert (
+        "warning: builtin:tiny-dino · fashion-mnist-scenes?source=bundled · train: 119x119 px images give "
+        in text
+    )
+    assert "17x17 = 289 patches per image (more than 256)" in text and "fit or score 3,468 patch rows" in text
