@@ -1,4 +1,4 @@
-"""Speed and memory of the rules and protocols against scikit-learn (issue 4). CPU, one process.
+"""Speed and memory of the rules and protocols against scikit-learn. CPU, one process.
 
 Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|all]``;
 ``python benchmarks/bench_rules.py precond [STORE [TOKENS [POSITION]]]`` (the curvature preconditioner on and off);
@@ -30,7 +30,7 @@ from qkvprobe.protocols.classification import (
     FEWSHOT_C,
     fewshot_classification,
 )
-from qkvprobe.rules import fit_hyperplane_path, hyperplane_scores
+from qkvprobe.rules import fit_logistic, fit_logistic_grid, fit_logistic_path, hyperplane_scores
 
 
 def vit_like(
@@ -66,8 +66,10 @@ def bench_standard(
     num_classes: int = 10,
     sk_tokens: int = 1,
 ) -> None:
-    """Ours: all tokens × C grid in one batched, warm-started path. scikit-learn: one fit per (token, C) on the
-    first ``sk_tokens`` tokens (the tokens are statistically alike; time is extrapolated to all of them)."""
+    """Ours: all tokens × the C grid as the standard protocol fits them (``fit_logistic_grid``: every C from
+    W = 0, one batch sharing each token's features), each fit certified within 1e-4 of its optimum.
+    scikit-learn: one ``LogisticRegression`` fit per (token, C) at its defaults on the first ``sk_tokens`` tokens
+    (the tokens are statistically alike; time is extrapolated to all of them)."""
     from sklearn.linear_model import LogisticRegression
 
     data = [vit_like(n + n_test, dim, num_classes, seed=10 * t) for t in range(num_tokens)]
@@ -76,19 +78,21 @@ def bench_standard(
     t0 = time.perf_counter()
     Xtr = torch.stack([torch.from_numpy(X[:n]) for X, _ in data]).double()
     ytr = torch.stack([torch.from_numpy(y[:n]) for _, y in data])
-    path = fit_hyperplane_path(Xtr, ytr, num_classes, Cs)
+    grid = fit_logistic_grid(Xtr, ytr, num_classes, Cs)
     ours_s = time.perf_counter() - t0
     Xte = torch.stack([torch.from_numpy(X[n:]) for X, _ in data]).double()
     yte = np.stack([y[n:] for _, y in data])
     ours_acc = np.array(
         [
-            [(hyperplane_scores(Xte, c, b).argmax(2).numpy() == yte)[t].mean() for c, b, _ in path]
+            [(hyperplane_scores(Xte, f.coef, f.intercept).argmax(2).numpy() == yte)[t].mean() for f in grid]
             for t in range(num_tokens)
         ]
     )
-    iters = np.array([it.numpy() for _, _, it in path]).T
+    iters = np.array([f.n_iter.numpy() for f in grid]).T
+    certified = int(sum(int(f.converged.sum()) for f in grid))
     print(
-        f"  ours: {ours_s:.2f} s for {num_tokens * len(Cs)} fits; iterations per C (token 0): {iters[0].tolist()}"
+        f"  ours: {ours_s:.2f} s for {num_tokens * len(Cs)} fits ({certified} certified within 1e-4 of the "
+        f"optimum); iterations per C (token 0): {iters[0].tolist()}"
     )
 
     sk_acc = np.full(ours_acc.shape, np.nan)
@@ -185,9 +189,9 @@ def bench_fewshot(
 
 def bench_kernels(repeats: int = 62) -> None:
     """The few-shot building blocks behind two design choices: numpy's batched matmul against torch.bmm at the
-    few-shot shapes (``rules._matmul``), and the n×n Cholesky factor against the eigendecomposition
+    few-shot shapes (``rules.batched``), and the n×n Cholesky factor against the eigendecomposition
     (``span_reduce(basis="cholesky")``)."""
-    from qkvprobe.rules._matmul import bmm
+    from qkvprobe.rules.batched import bmm
 
     g = torch.Generator().manual_seed(0)
     print("[kernels] ms for the calls of 2 000 episodes (5-way 5-shot, 15 queries, D = 384)")
@@ -338,14 +342,16 @@ def bench_segmentation(num_patches: int = 2_000_000, dim: int = 384, max_iter: i
         f"[segmentation] train store {train.num_samples} images x 1024 patches x {dim} fp16 = {on_disk:.2f} GB "
         f"on disk (built/reused in {time.perf_counter() - t0:.0f} s); RSS after imports {base:.0f} MB"
     )
+    from qkvprobe.rules.logistic import StreamedLogistic
+
     passes = {"n": 0}
-    original = seg._StreamingLogistic.value_grad
+    original = StreamedLogistic.value_grad
 
     def counting(self, w):
         passes["n"] += 1
         return original(self, w)
 
-    seg._StreamingLogistic.value_grad = counting
+    StreamedLogistic.value_grad = counting
     t0 = time.perf_counter()
     res = seg.standard_segmentation(
         train, test, token="q", rule="hyperplane", masks=test.mask, Cs=(1.0,), max_iter=max_iter
@@ -365,7 +371,7 @@ def bench_gpu(
     """One C on ImageNet-sized features (n × dim, 1 000 classes), float32 on the accelerator: seconds per
     loss+gradient evaluation, and a ``max_iter``-iteration fit. Features are drawn on the device (class
     means + noise) so the host never holds them."""
-    from qkvprobe.rules.hyperplane import _LogisticObjective, augment, fit_hyperplane_batched
+    from qkvprobe.rules.logistic import DenseLogistic, augment
 
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -379,7 +385,7 @@ def bench_gpu(
         f"[gpu] {n} x {dim} float32, {num_classes} classes on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev}"
     )
     t0 = time.perf_counter()
-    obj = _LogisticObjective(augment(X), y, sw, C, num_classes)
+    obj = DenseLogistic(augment(X), y, sw, C, num_classes)
     sync()
     print(
         f"  objective set-up (ones column, second moment, {dim + 1}-d preconditioner): {time.perf_counter() - t0:.2f} s"
@@ -399,9 +405,8 @@ def bench_gpu(
     del obj
     sync()
     t0 = time.perf_counter()
-    coef, intercept, n_iter, _ = fit_hyperplane_batched(
-        X, y, num_classes, 1.0, max_iter=max_iter, reduce=False
-    )
+    fit = fit_logistic(X, y, num_classes, 1.0, max_iter=max_iter, reduce=False)
+    coef, intercept, n_iter = fit.coef, fit.intercept, fit.n_iter
     sync()
     took = time.perf_counter() - t0
     acc = float(
@@ -414,24 +419,25 @@ def bench_gpu(
 
 
 def bench_precond(store: str | None = None, tokens: str = "q,ffn", position: str = "cls") -> None:
-    """The hyperplane solver with and without a warm start's curvature preconditioner (everything else equal),
-    side by side: the standard classification protocol (C grid, held-out 10 %, refit) on a feature store's
-    ``STORE/train`` and ``STORE/test`` (e.g. ``qkvprobe extract … --out STORE/train``), or, without a store, a
-    warm-started C path on synthetic ViT-like features (60 000 × 192, 10 classes, 2 tokens)."""
+    """The hyperplane solver with and without the curvature preconditioner (a warm start's, and the refreshes at
+    the current iterate; everything else equal), side by side: the standard classification protocol (C grid,
+    held-out 10 %, refit) on a feature store's ``STORE/train`` and ``STORE/test`` (e.g. ``qkvprobe extract …
+    --out STORE/train``), or, without a store, a warm-started C path on synthetic ViT-like features (60 000 × 192,
+    10 classes, 2 tokens)."""
     from qkvprobe.protocols.classification import standard_classification
-    from qkvprobe.rules import hyperplane
+    from qkvprobe.rules.logistic import dense
 
-    with_curvature = hyperplane.curvature_stride
+    with_curvature = dense.curvature_stride
     for label in ("moments only", "curvature"):
-        hyperplane.curvature_stride = with_curvature if label == "curvature" else (lambda num_rows, width: 0)
+        dense.curvature_stride = with_curvature if label == "curvature" else (lambda num_rows, width: 0)
         if store is None:
             data = [vit_like(60_000, 192, 10, seed=10 * t) for t in range(2)]
             X = torch.stack([torch.from_numpy(x) for x, _ in data]).double()
             y = torch.stack([torch.from_numpy(t) for _, t in data])
             t0 = time.perf_counter()
-            path = fit_hyperplane_path(X, y, 10, list(C_GRID))
+            path = fit_logistic_path(X, y, 10, list(C_GRID))
             took = time.perf_counter() - t0
-            iters = [[int(i) for i in it] for _, _, it in path]
+            iters = [[int(i) for i in f.n_iter] for f in path]
             print(
                 f"[precond] synthetic 2 x 60000 x 192, C path {list(C_GRID)}, {label}: {took:.1f} s; iterations "
                 f"per C (token 0): {[it[0] for it in iters]}"
@@ -453,19 +459,25 @@ def bench_precond(store: str | None = None, tokens: str = "q,ffn", position: str
             f"[precond] {store}: {len(tr[0])} train rows, standard protocol, C grid {list(C_GRID)}, {label}: "
             f"{took:.1f} s; test accuracy {accs}"
         )
-    hyperplane.curvature_stride = with_curvature
+    dense.curvature_stride = with_curvature
 
 
 def bench_grid(
     store: str | None = None, tokens: str = "q,ffn", position: str = "cls", every: str = "5"
 ) -> None:
-    """The standard protocol's C grid, every C from W = 0, fitted one C at a time (as before the shared-X batch)
-    and as one batch of all Cs sharing each X (``fit_hyperplane_path(warm_start=False)``), side by side.
+    """The standard protocol's C grid, every C from W = 0, fitted one C at a time and as one batch of all Cs
+    sharing each X (``fit_logistic_grid``), side by side.
     Without a store: synthetic ViT-like features, 2 tokens × 60 000 × 192, 10 classes. With ``STORE`` (a
     classification store's parent, ``STORE/train``): its training split's tokens at ``POSITION``. With
     ``POSITION`` = patch (a segmentation store's ``STORE/train``): the labelled patches of every ``EVERY``-th
     image, one token at a time, through the streaming objective."""
-    from qkvprobe.rules.hyperplane import _LogisticObjective, augment, fit_hyperplane_batched
+    from qkvprobe.rules.logistic import (
+        DEFAULT_MAX_ITER,
+        DEFAULT_TOL,
+        DenseLogistic,
+        StreamedLogistic,
+        augment,
+    )
 
     Cs = list(C_GRID)
     if position == "patch":
@@ -479,11 +491,12 @@ def bench_grid(
             src = seg._PatchSource(train, token, -1, rows, labels, torch.float64, torch.device("cpu"))
             moment, K = src.moment(), len(train.classes)
             t0 = time.perf_counter()
-            one = torch.cat([seg._fit_streaming(src, K, [C], None, moment, 300, 1e-4) for C in Cs])
+            fit = (DEFAULT_MAX_ITER, DEFAULT_TOL)
+            one = torch.cat([seg._fit_streaming(src, K, [C], None, moment, *fit)[0] for C in Cs])
             t1 = time.perf_counter()
-            batch = seg._fit_streaming(src, K, Cs, None, moment, 300, 1e-4)
+            batch = seg._fit_streaming(src, K, Cs, None, moment, *fit)[0]
             t2 = time.perf_counter()
-            obj = seg._StreamingLogistic(src, src.num_rows, K, Cs, moment)
+            obj = StreamedLogistic(src, src.num_rows, K, Cs, moment)
             f1, fb = obj.value_grad(one)[0], obj.value_grad(batch)[0]
             print(
                 f"[grid] {store} {token}·patch, {src.num_rows} patches, C grid {Cs}: one C at a time {t1 - t0:.1f} s, "
@@ -506,22 +519,22 @@ def bench_grid(
         what = f"{store} {tokens}·{position}, {X.shape[1]} rows"
     K = int(y.max()) + 1
     t0 = time.perf_counter()
-    one = [fit_hyperplane_batched(X, y, K, C, reduce=False)[:3] for C in Cs]
+    one = [fit_logistic(X, y, K, C, reduce=False) for C in Cs]
     t1 = time.perf_counter()
-    batch = fit_hyperplane_path(X, y, K, Cs, warm_start=False)
+    batch = fit_logistic_grid(X, y, K, Cs)
     t2 = time.perf_counter()
     G = X.shape[0]
-    obj = _LogisticObjective(
+    obj = DenseLogistic(
         augment(X), y, torch.ones(y.shape, dtype=X.dtype), torch.tensor(Cs, dtype=X.dtype).repeat(G), K
     )
 
     def as_w(fits):
-        return torch.stack([torch.cat([c.transpose(1, 2), b[:, None]], 1) for c, b, _ in fits], 1).reshape(
-            G * len(Cs), -1
-        )
+        return torch.stack(
+            [torch.cat([f.coef.transpose(1, 2), f.intercept[:, None]], 1) for f in fits], 1
+        ).reshape(G * len(Cs), -1)
 
     f1, fb = obj.value_grad(as_w(one))[0], obj.value_grad(as_w(batch))[0]
-    iters = [[int(it[0]) for _, _, it in fits] for fits in (one, batch)]
+    iters = [[int(f.n_iter[0]) for f in fits] for fits in (one, batch)]
     print(
         f"[grid] {what}, C grid {Cs}: one C at a time {t1 - t0:.1f} s, one batch {t2 - t1:.1f} s "
         f"(x{(t1 - t0) / (t2 - t1):.2f}); iterations per C (token 0) {iters[0]} / {iters[1]}; objective max rel. "

@@ -25,6 +25,7 @@ from qkvprobe import load_backbone
 from qkvprobe.backbones import list_models
 from qkvprobe.backbones.specs import objective_of
 from qkvprobe.errors import ModelError, SpecError, WeightsError
+from qkvprobe.vocab import objective_family
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4)
 HF_MODELS = {
@@ -226,14 +227,6 @@ def test_timm_pretrained_unavailable_offline(monkeypatch: pytest.MonkeyPatch) ->
         load_backbone("timm:vit_small_patch16_224.dino")
 
 
-def test_eva_spec_refused() -> None:
-    with pytest.raises(ModelError, match="rotary-embedding model"):
-        from qkvprobe.backbones.timm_backbone import TimmBackbone
-
-        eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1, num_classes=0)
-        TimmBackbone(eva, spec="timm:eva02_tiny_patch14_224", objective="unknown", device="cpu")
-
-
 @pytest.mark.parametrize(
     ("name", "family"),
     [
@@ -243,9 +236,18 @@ def test_eva_spec_refused() -> None:
         ("ibot_vit_b16", "dino"),
         ("vit_base_patch16_224.mae", "mae"),
         ("facebook/vit-mae-base", "mae"),
-        ("beit_base_patch16_224", "mae"),
-        ("data2vec-vision", "mae"),
-        ("simmim_vit", "mae"),
+        ("beit_base_patch16_224", "mim"),
+        ("microsoft/beit-base-patch16-224-pt22k", "mim"),
+        ("data2vec-vision", "mim"),
+        ("simmim_vit", "mim"),
+        ("eva02_base_patch14_224.mim_in22k", "mim"),
+        ("eva02_base_patch16_clip_224.merged2b", "unknown"),
+        ("vit_base_patch16_dinov3.lvd1689m", "dino"),
+        ("facebook/dinov3-vitb16-pretrain-lvd1689m", "dino"),
+        ("mocov3_vit_base", "dino"),
+        ("facebook/vit-msn-base", "msn"),
+        ("facebook/ijepa_vith14_1k", "jepa"),
+        ("aimv2_large_patch14_224.apple_pt", "aim"),
         ("vit_small_patch16_224.augreg_in21k", "unknown"),
     ],
 )
@@ -258,7 +260,7 @@ def test_list_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "fmnist_mae.json").write_text(json.dumps(card))
     monkeypatch.setattr(backbones, "builtin_dir", lambda: tmp_path)
     rows = list_models()
-    assert all(set(r) == {"spec", "objective", "notes"} for r in rows)
+    assert all(set(r) == {"spec", "objective", "family", "notes", "details"} for r in rows)
     specs = {r["spec"]: r for r in rows}
     assert (
         specs["builtin:fmnist_mae"]["objective"] == "mae"
@@ -271,8 +273,19 @@ def test_list_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         ("hf:facebook/vit-mae-base", "mae"),
         ("hf:facebook/dino-vits16", "dino"),
         ("hf:facebook/dinov2-small", "dino"),
+        ("timm:vit_base_patch16_dinov3.lvd1689m", "dino"),
+        ("timm:eva02_base_patch14_224.mim_in22k", "mim"),
+        ("timm:beit_base_patch16_224.in22k_ft_in22k", "mim"),
+        ("timm:aimv2_large_patch14_224.apple_pt", "aim"),
+        ("hf:facebook/dinov3-vitb16-pretrain-lvd1689m", "dino"),
+        ("hf:microsoft/beit-base-patch16-224-pt22k", "mim"),
+        ("hf:facebook/data2vec-vision-base", "mim"),
+        ("hf:facebook/vit-msn-base", "msn"),
+        ("hf:facebook/ijepa_vith14_1k", "jepa"),
     ]:
         assert specs[spec]["objective"] == family
+        assert specs[spec]["family"] == objective_family(family)
+    assert {r["family"] for r in rows} == {"joint-embedding", "masked-image-modelling", "other"}
     pretrained = set(timm.list_pretrained())
     assert all(s.split(":", 1)[1] in pretrained for s in specs if s.startswith("timm:"))
 

@@ -138,6 +138,11 @@ def test_ffn_equals_forward_intermediates(variant: str) -> None:
     for block, item in enumerate(inter):
         full = torch.cat([item[1], item[0]], dim=1) if bb.num_prefix_tokens else item
         torch.testing.assert_close(out[(block, "ffn")], full, atol=1e-6, rtol=0)
+    if isinstance(model.norm, torch.nn.Identity):  # global_pool="avg": the model normalises after pooling
+        assert bb.ffn_norm_source.startswith("fc_norm")
+        with torch.no_grad():
+            features = model.fc_norm(features)
+        assert (out[(-1, "ffn_norm")] - out[(-1, "ffn")]).abs().max() > 1e-2
     torch.testing.assert_close(out[(-1, "ffn_norm")], features, atol=1e-6, rtol=0)
     torch.testing.assert_close(out[(1, "ffn")], out[(-1, "ffn")], atol=0, rtol=0)
 
@@ -238,19 +243,13 @@ def test_nan_features_raise() -> None:
         bb.extract(torch.randn(1, 1, 16, 16), tokens=("q", "ffn"))
 
 
-def test_rotary_eva_refused() -> None:
-    torch.manual_seed(0)
-    eva = timm.create_model(
-        "eva02_tiny_patch14_224",
-        pretrained=False,
-        img_size=28,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        num_classes=0,
-    )
-    with pytest.raises(ModelError, match=r"rotary-embedding model.*pre-rotary q/k"):
-        wrap(eva)
+def test_rotary_token_refused_without_rotary(tiny_vit) -> None:
+    bb = wrap(tiny_vit)
+    assert not bb.has_rope
+    with pytest.raises(
+        FeatureError, match=r"has no rotary position embedding, so it has no 'q_rope'; ask for 'q'"
+    ):
+        bb.extract(torch.randn(1, 1, 28, 28), tokens=("q", "q_rope"))
 
 
 def test_non_vit_refused() -> None:

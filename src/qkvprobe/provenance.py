@@ -30,21 +30,21 @@ def weights_source(backbone: Any, weights: str | os.PathLike | None = None) -> s
     """Where ``backbone``'s weights came from: its ``weights_source`` when the loader set one; else derived in the
     same words from its spec and the local ``weights`` it was loaded with — ``"file: <name> (sha256 <first 12 hex
     digits of the file's sha256>)"``, ``"builtin: <name>.safetensors"``, ``"timm hub: <name>"``, ``"hf hub: <repo
-    id>"`` or ``"hf: <local folder>"`` —, or ``"sha256 <first 12 of Backbone.weights_digest>"`` for other specs."""
+    id>"`` or ``"hf dir: <local folder>"`` —, or ``"sha256 <first 12 of Backbone.weights_digest>"`` for other specs."""
     known = getattr(backbone, "weights_source", None)
     if known:
         return str(known)
     if weights:
-        from .backbones.weights import sha256_file
+        from .backbones.weights import file_source
 
-        return f"file: {Path(weights).name} (sha256 {sha256_file(Path(weights))[:DIGEST_CHARS]})"
+        return file_source(weights)
     prefix, _, name = str(getattr(backbone, "spec", "")).partition(":")
     if prefix == "builtin" and name:
         return f"builtin: {name}.safetensors"
     if prefix == "timm" and name:
         return f"timm hub: {name}"
     if prefix == "hf" and name:
-        return f"hf: {name}" if Path(name).is_dir() else f"hf hub: {name}"
+        return f"hf dir: {Path(name).resolve()}" if Path(name).is_dir() else f"hf hub: {name}"
     return f"sha256 {str(backbone.weights_digest)[:DIGEST_CHARS]}"
 
 

@@ -1,7 +1,7 @@
-"""The results table (``results.csv``): one row per measurement, long format (DESIGN.md §3).
+"""The results table (``results.csv``): one row per measurement, long format (docs/CONTRACTS.md).
 
-Columns added after the first release (``class_weight``, ``C_choice``, ``weights``) are filled in when an older table is
-read, so tables written by earlier versions stay readable and mergeable.
+Columns added after the first release (``class_weight``, ``C_choice``, ``converged``, ``weights``) are filled in
+when an older table is read, so tables written by earlier versions stay readable and mergeable.
 
 Rows are appended atomically (the whole file is rewritten to a temporary name and renamed), and a row whose
 key columns equal an existing row's replaces it, so a resumed run never duplicates measurements.
@@ -39,6 +39,7 @@ COLUMNS: tuple[str, ...] = (
     "C",
     "class_weight",
     "C_choice",
+    "converged",
     "weights",
 )
 #: The hyperplane rule's class weighting ("none" = PAPER.md's plain fit, "balanced" = scikit-learn's
@@ -48,14 +49,20 @@ CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced", "")
 #: How a hyperplane row's C was set, a key column: "auto" where the protocol chose it (the standard setting's
 #: held-out sweep, few-shot ``C="auto"``), the fixed value as text ("1", "0.01") where the caller set it, "" for
 #: the cosine rule. The C column holds the C used. A fixed-C and an auto few-shot run of one token are different
-#: measurements and live side by side in one table (before this column, the later one replaced the earlier).
+#: measurements and live side by side in one table.
 C_AUTO = "auto"
+#: Whether every hyperplane fit behind a row reached its certified optimum (``rules.logistic``): "true" or
+#: "false" ("" for the cosine rule, and for rows of tables written before the column existed). An outcome column.
+CONVERGED: tuple[str, ...] = ("true", "false", "")
 # The weights column says where the model's weights came from (``Backbone.weights_source``: a hub tag, a built-in
 # file, or a local file with the start of its sha256), so a row never passes a local checkpoint off as the hub's;
 # "" where not recorded. It is not a key column: the model label names the run (a model loaded with local weights
 # gets a label that says so), and a label measured again replaces its rows.
-#: Columns that identify a measurement; the rest (value, ci95, C, weights) are its outcome and provenance.
-KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("value", "ci95", "C", "weights"))
+#: Columns that identify a measurement; the rest (value, ci95, C, converged, weights) are its outcome and
+#: provenance.
+KEY_COLUMNS: tuple[str, ...] = tuple(
+    c for c in COLUMNS if c not in ("value", "ci95", "C", "converged", "weights")
+)
 
 
 @dataclass(frozen=True)
@@ -85,9 +92,15 @@ class ResultRow:
     C: float = math.nan
     class_weight: str = ""
     C_choice: str = ""
+    converged: str = ""
     weights: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.converged, bool) or self.converged is None:
+            text = "" if self.converged is None else str(self.converged).lower()
+            object.__setattr__(self, "converged", text)  # frozen: True/False/None given as such
+        if self.converged not in CONVERGED:
+            raise QkvprobeError(f"result converged {self.converged!r} is not one of {list(CONVERGED)}")
         if self.class_weight not in CLASS_WEIGHTS:
             raise QkvprobeError(
                 f"result class_weight {self.class_weight!r} is not one of {list(CLASS_WEIGHTS)}"
@@ -122,8 +135,8 @@ def fixed_C_text(C: float) -> str:
 _TYPES = {f.name: f.type for f in fields(ResultRow)}
 #: Columns newer than the first tables, and the value an older row gets ("" → a hyperplane row's "none": its
 #: fits were plain; and its C_choice default: "auto" in the standard setting, the recorded C in the few-shot one;
-#: weights "": not recorded).
-_ADDED: dict[str, object] = {"class_weight": "", "C_choice": "", "weights": ""}
+#: converged and weights "": not recorded).
+_ADDED: dict[str, object] = {"class_weight": "", "C_choice": "", "converged": "", "weights": ""}
 
 
 def _parse(name: str, text: str) -> object:

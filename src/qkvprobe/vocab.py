@@ -15,6 +15,12 @@ Metric = Literal["accuracy", "miou", "fb_iou", "pixel_accuracy"]
 TOKENS: tuple[str, ...] = ("q", "k", "v", "ffn", "ffn_norm")
 #: The paper's grid; ``ffn_norm`` is our extra (off in the paper grid, on in the default study).
 PAPER_TOKENS: tuple[str, ...] = ("q", "k", "v", "ffn")
+#: Extra token types of rotary-embedding models (DINOv3, EVA-02): ``q``/``k`` after the rotary embedding, which
+#: is what their attention uses; ``q``/``k`` themselves stay pre-rotary (docs/science.md §2). Not in ``TOKENS``:
+#: a model without rotary embeddings has none, so no default asks for them.
+ROPE_TOKENS: tuple[str, ...] = ("q_rope", "k_rope")
+#: Every token type ``Backbone.extract`` knows: ``TOKENS`` plus ``ROPE_TOKENS``.
+EXTRACT_TOKENS: tuple[str, ...] = TOKENS + ROPE_TOKENS
 POSITIONS: tuple[str, ...] = ("cls", "avg", "patch")
 RULES: tuple[str, ...] = ("hyperplane", "cosine")
 TASKS: tuple[str, ...] = ("classification", "segmentation")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..vocab import objective_family
 from .base import Backbone
-from .specs import KNOWN_HF, KNOWN_TIMM, objective_of, split_spec
+from .specs import DETAILS, KNOWN_HF, KNOWN_TIMM, objective_of, split_spec
 
 __all__ = ["Backbone", "builtin_dir", "list_models", "load_backbone"]
 
@@ -43,7 +44,12 @@ def load_backbone(spec: str, weights: str | Path | None = None, device: str = "c
 
 
 def list_models() -> list[dict[str, str]]:
-    """Built-in models and the timm / Hugging Face SSL checkpoints we know: ``[{spec, objective, notes}]``."""
+    """Built-in models and the timm / Hugging Face SSL checkpoints we know.
+
+    Returns:
+        ``[{spec, objective, family, notes, details}]``: ``family`` is ``vocab.objective_family(objective)``,
+        ``notes`` a short line, ``details`` longer text (may be empty).
+    """
     rows: list[dict[str, str]] = []
     directory = builtin_dir()
     for card_path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
@@ -51,17 +57,38 @@ def list_models() -> list[dict[str, str]]:
             card = json.loads(card_path.read_text())
         except (OSError, ValueError):
             card = {}
-        facts = [f"{card[k]} {k}" for k in ("params", "epochs") if k in card]
-        notes = ", ".join([f"built-in, {card.get('data', '?')}", *facts])
+        facts = [f"{card['params'] / 1e6:.1f}M params" if isinstance(card.get("params"), int | float) else ""]
+        if isinstance(card.get("epochs"), int | float):
+            facts.append(f"{card['epochs']:.0f} epochs")
+        data = str(card.get("data", "?"))
+        short_data = data.split(" (")[0].split(";")[0].strip()
+        objective = str(card.get("objective", "unknown"))
+        details = "; ".join(
+            f"{key}: {card[key]}"
+            for key in ("data", "hardware", "command")
+            if card.get(key) not in (None, "")
+        )
         rows.append(
             {
                 "spec": f"builtin:{card_path.stem}",
-                "objective": str(card.get("objective", "unknown")),
-                "notes": notes,
+                "objective": objective,
+                "family": objective_family(objective),
+                "notes": ", ".join(["built-in", short_data, *[f for f in facts if f]]),
+                "details": details,
             }
         )
-    rows += [
-        {"spec": f"timm:{n}", "objective": objective_of(n), "notes": note} for n, note in KNOWN_TIMM.items()
+    known = [(f"timm:{n}", note) for n, note in KNOWN_TIMM.items()] + [
+        (f"hf:{n}", note) for n, note in KNOWN_HF.items()
     ]
-    rows += [{"spec": f"hf:{n}", "objective": objective_of(n), "notes": note} for n, note in KNOWN_HF.items()]
+    for spec, note in known:
+        objective = objective_of(spec.split(":", 1)[1])
+        rows.append(
+            {
+                "spec": spec,
+                "objective": objective,
+                "family": objective_family(objective),
+                "notes": note,
+                "details": DETAILS.get(spec, ""),
+            }
+        )
     return rows

@@ -1,8 +1,10 @@
-"""Hugging Face backbones (``hf:<repo id or local dir>``): ViTModel, ViTMAEModel (masking off), Dinov2Model."""
+"""Hugging Face backbones (``hf:<repo id or local dir>``): the ``model_type`` s in :mod:`.hf_families`."""
 
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -10,26 +12,16 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, SpecError, WeightsError
-from ..taps import HookedBackbone, TapSite, first_output
-from .specs import KNOWN_HF, objective_of, suggest
-from .weights import load_weights, state_dict_digest
+from ..taps import HookedBackbone, Tap, TapSite, first_output
+from .hf_families import HfFamily, drop_heads, family_of, find, norm_of
+from .hub import hub_access
+from .specs import KNOWN_HF, objective_with_weights, suggest
+from .weights import file_source, load_weights, state_dict_digest
 
-SUPPORTED_TYPES: tuple[str, ...] = ("vit", "vit_mae", "dinov2", "dinov2_with_registers")
+log = logging.getLogger("qkvprobe")
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _PIL_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
-
-
-def _find(module: nn.Module, *paths: str) -> nn.Module | None:
-    """The first attribute path (dotted) that exists on ``module``; covers transformers 4.x and 5.x names."""
-    for path in paths:
-        obj: Any = module
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    return None
 
 
 def _data_config(source: str, config: Any) -> dict[str, Any]:
@@ -61,26 +53,29 @@ def _data_config(source: str, config: Any) -> dict[str, Any]:
 
 
 class HfBackbone(HookedBackbone):
-    """A transformers ViT: q/k/v from the attention's q/k/v projections, ffn = layer output, final = layernorm."""
+    """A transformers ViT of a family in :mod:`.hf_families`: q/k/v from its projections, ffn = layer output."""
 
     def __init__(
-        self, model: nn.Module, *, spec: str, source: str, device: str | torch.device, weights_info: str = ""
+        self,
+        model: nn.Module,
+        *,
+        spec: str,
+        source: str,
+        device: str | torch.device,
+        weights: str | Path | None = None,
+        weights_info: str = "",
+        weights_source: str = "random init",
     ) -> None:
         config = model.config
-        if config.model_type not in SUPPORTED_TYPES:
-            raise ModelError(
-                f"{spec} is a {config.model_type!r} model; qkvprobe taps Hugging Face {', '.join(SUPPORTED_TYPES)}"
-            )
-        if getattr(model, "pooler", None) is not None:
-            model.pooler = None  # the pooler is a head: not part of the features
-        self.layers = _find(model, "layers", "encoder.layer", "encoder.layers")
-        self.norm = _find(model, "layernorm", "norm")
-        if self.layers is None or self.norm is None:
-            raise ModelError(
-                f"{spec}: cannot find the transformer layers / final layernorm of {type(model).__name__}"
-            )
+        self.tap_family: HfFamily = family_of(config.model_type, spec)
+        self.family = self.tap_family.name
+        drop_heads(model, self.tap_family)
+        self.layers = find(model, *self.tap_family.layers)
+        if self.layers is None:
+            raise ModelError(f"{spec}: cannot find the transformer layers of {type(model).__name__}")
+        self._final_norm, self.ffn_norm_source = norm_of(model, self.tap_family)
         self.spec = spec
-        self.objective = objective_of(f"{source} {config.model_type}")
+        self.objective = self.tap_family.objective or objective_with_weights(source, weights, weights_info)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.model_type = config.model_type
@@ -90,33 +85,46 @@ class HfBackbone(HookedBackbone):
         patch = config.patch_size
         self.patch_size = int(patch if isinstance(patch, int) else patch[0])
         self.in_chans = int(config.num_channels)
-        self.num_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
-        self.num_prefix_tokens = 1 + self.num_register_tokens
-        self.has_cls_token = True
-        self.data_config = _data_config(source, config)
+        embeddings = getattr(model, "embeddings", None)
+        registers = getattr(embeddings, "register_tokens", None)
+        self.num_register_tokens = int(registers.shape[1]) if registers is not None else 0
+        self.has_cls_token = getattr(embeddings, "cls_token", None) is not None
+        self.num_prefix_tokens = int(self.has_cls_token) + self.num_register_tokens
+        self.has_rope = self.tap_family.rope is not None
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        if self.model_type == "aimv2_vision_model" and not getattr(config, "is_native", False):
+            self.fixed_size = (int(size), int(size))  # a learnt position embedding of one grid size
+        with nullcontext() if Path(source).expanduser().is_dir() else hub_access():
+            self.data_config = _data_config(source, config)
         self.weights_info = weights_info
+        self.weights_source = weights_source
         self.weights_digest = state_dict_digest(self.model.state_dict())
         for i in range(self.num_blocks):
             self.tap_site(i)  # fail at load time, not at the first batch
 
     def tap_site(self, block: int) -> TapSite:
+        family = self.tap_family
         layer = self.layers[block]
-        attn = _find(layer, "attention")
-        q = _find(attn, "q_proj", "attention.query", "query")
-        k = _find(attn, "k_proj", "attention.key", "key")
-        v = _find(attn, "v_proj", "attention.value", "value")
-        if q is None or k is None or v is None:
+        attention = find(layer, *family.attention)
+        projections = {kind: find(attention, *getattr(family, kind)) for kind in ("q", "k", "v")}
+        if attention is None or any(p is None for p in projections.values()):
             raise ModelError(
-                f"{self.spec}: layer {block} has no q/k/v projections to tap ({type(attn).__name__})"
+                f"{self.spec}: layer {block} has no q/k/v projections to tap ({type(attention).__name__})"
             )
-        return TapSite(block=layer, q=(q, first_output), k=(k, first_output), v=(v, first_output))
+        taps = {kind: Tap(module, first_output) for kind, module in projections.items()}
+        derived = {}
+        if family.rope is not None:
+            taps["rope"], derived = family.rope(attention, self.num_heads)
+        return TapSite(block=layer, taps=taps, derived=derived)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+        if self._final_norm is None:
+            raise ModelError(f"{self.spec} has no final norm")
+        return self._final_norm(x)
 
     def run(self, images: torch.Tensor) -> Any:
         kwargs: dict[str, Any] = {}
-        if self.model_type in ("vit", "vit_mae"):
+        if self.tap_family.interpolate:
             kwargs["interpolate_pos_encoding"] = True
         if self.model_type == "vit_mae":
             # mask_ratio is 0 and sorted noise makes the "shuffle" the identity: every patch, in order, every call.
@@ -126,45 +134,65 @@ class HfBackbone(HookedBackbone):
         return self.model(pixel_values=images, **kwargs)
 
 
+def _fetch_error(label: str, what: str, exc: Exception, offline: str | None) -> WeightsError:
+    why = f"offline: {offline}; " if offline else ""
+    return WeightsError(
+        f"could not fetch the {what} of {label} ({why}{type(exc).__name__}); download it once with internet "
+        "access (or pass a local directory) and/or pass --weights PATH"
+    )
+
+
 def load_hf(source: str, weights: str | Path | None, device: str) -> HfBackbone:
     """``hf:<repo id or dir>``: AutoModel weights, or the architecture from AutoConfig + a local weights file."""
     from transformers import AutoConfig, AutoModel
 
     label = f"hf:{source}"
     local = Path(source).expanduser()
-    if local.is_dir() and not (local / "config.json").is_file():
+    is_dir = local.is_dir()
+    if is_dir and not (local / "config.json").is_file():
         raise SpecError(
             f"{label}: directory {local} has no config.json; pass a saved transformers model directory"
         )
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except Exception as exc:  # offline, unknown repo, malformed id: hub errors vary
-        hint = suggest(source, KNOWN_HF)
-        if source not in KNOWN_HF and hint:
-            raise SpecError(f"unknown Hugging Face model {source!r}{hint}") from exc
-        raise WeightsError(
-            f"could not fetch the config of {label} ({type(exc).__name__}); download it once with internet "
-            "access (or pass a local directory) and/or pass --weights PATH"
-        ) from exc
-    if config.model_type not in SUPPORTED_TYPES:
-        raise ModelError(
-            f"{label} is a {config.model_type!r} model; qkvprobe taps {', '.join(SUPPORTED_TYPES)}"
-        )
-    if config.model_type == "vit_mae":
-        config.mask_ratio = 0.0  # keep every patch
-    if weights is None:
+    with nullcontext() if is_dir else hub_access() as offline:
         try:
-            model = AutoModel.from_pretrained(source, config=config)
-        except Exception as exc:
-            raise WeightsError(
-                f"could not fetch the weights of {label} ({type(exc).__name__}); download them once or pass "
-                "--weights PATH"
-            ) from exc
+            config = AutoConfig.from_pretrained(source)
+        except Exception as exc:  # offline, unknown repo, malformed id: hub errors vary
+            hint = suggest(source, KNOWN_HF)
+            if source not in KNOWN_HF and hint:
+                raise SpecError(f"unknown Hugging Face model {source!r}{hint}") from exc
+            raise _fetch_error(label, "config", exc, offline) from exc
+    family = family_of(config.model_type, label)
+    if family.prepare is not None:
+        family.prepare(config)
+    if weights is None:
+        with nullcontext() if is_dir else hub_access() as offline:
+            try:
+                model, loading = AutoModel.from_pretrained(
+                    source, config=config, output_loading_info=True, **family.init_kwargs
+                )
+            except Exception as exc:
+                raise _fetch_error(label, "weights", exc, offline) from exc
+        drop_heads(model, family)
+        kept = set(model.state_dict())
+        missing = sorted(k for k in loading.get("missing_keys") or () if k in kept)
         info = f"transformers from_pretrained({source})"
+        if missing:
+            # e.g. a pooling norm the checkpoint does not hold: transformers initialises it (weight 1, bias 0)
+            info += f" ({len(missing)} keys newly initialised: {', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})"
+            log.warning("%s: %s", label, info)
+        weights_source = f"hf dir: {local.resolve()}" if is_dir else f"hf hub: {source}"
     else:
-        model = AutoModel.from_config(config)
-        if getattr(model, "pooler", None) is not None:
-            model.pooler = None  # a head: neither in the features nor expected in the file
+        model = AutoModel.from_config(config, **family.init_kwargs)
+        drop_heads(model, family)  # heads are neither in the features nor expected in the file
         prefixes = [f"{model.base_model_prefix}."] if getattr(model, "base_model_prefix", "") else []
         info = load_weights(model, weights, label=label, strip=prefixes)
-    return HfBackbone(model, spec=label, source=source, device=device, weights_info=info)
+        weights_source = file_source(weights)
+    return HfBackbone(
+        model,
+        spec=label,
+        source=source,
+        device=device,
+        weights=weights,
+        weights_info=info,
+        weights_source=weights_source,
+    )

@@ -1,4 +1,9 @@
-"""timm VisionTransformer backbones (``timm:<name>`` and the ``builtin:`` models, which are timm ViTs)."""
+"""timm backbones (``timm:<name>`` and the ``builtin:`` models, which are timm ViTs).
+
+The architectures qkvprobe taps and where their tokens live are described in :mod:`.timm_families`
+(VisionTransformer, Eva, Beit); this module loads a model, reads its shape facts from the model itself and
+attaches weights.
+"""
 
 from __future__ import annotations
 
@@ -11,55 +16,28 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, SpecError, WeightsError
-from ..taps import HookedBackbone, TapSite, heads_to_tokens
-from .specs import KNOWN_TIMM, objective_of, suggest
-from .weights import load_weights, sha256_file, state_dict_digest
+from ..taps import HookedBackbone, TapSite
+from .hub import hub_access
+from .specs import KNOWN_TIMM, objective_with_weights, suggest
+from .timm_families import family_of, final_norm_of
+from .weights import file_source, load_weights, sha256_file, state_dict_digest
+
+#: create_model keywords given only to architectures whose constructor takes them (timm Beit has no
+#: ``dynamic_img_size``: it takes its native input size only).
+OPTIONAL_KWARGS: dict[str, Any] = {"dynamic_img_size": True}
 
 
-def _v_reader(attn_dim: int):
-    """qkv output [B, T, 3*A] → v [B, T, A] (a copy, so the fused qkv buffer is not kept alive)."""
-
-    def read(out: torch.Tensor) -> torch.Tensor:
-        return out[..., 2 * attn_dim :].contiguous()
-
-    return read
-
-
-def check_tappable(model: nn.Module, label: str) -> None:
-    """Refuse (ModelError) a timm model whose blocks we cannot tap, naming what is missing."""
-    from timm.layers import Attention
-
-    name = type(model).__name__
-    blocks = getattr(model, "blocks", None)
-    if name == "Eva" or (
-        blocks is not None and len(blocks) and "rope" in type(blocks[0].attn).__name__.lower()
-    ):
-        raise ModelError(
-            f"{label} is a rotary-embedding model (timm {name}, e.g. DINOv3/EVA-02): its attention applies rope "
-            "and may project q/k/v with F.linear inside forward, so no module exposes pre-rotary q/k and v for a "
-            "hook; use a DINO/DINOv2/MAE VisionTransformer (see `qkvprobe models`)"
-        )
-    missing = [
-        a
-        for a in ("patch_embed", "blocks", "norm", "num_prefix_tokens", "forward_features")
-        if not hasattr(model, a)
-    ]
-    if missing:
-        raise ModelError(
-            f"{label} (timm {name}) is not a ViT qkvprobe can tap: it lacks {', '.join(missing)}; use a timm "
-            "VisionTransformer (see `qkvprobe models`)"
-        )
-    for i, blk in enumerate(model.blocks):
-        attn = getattr(blk, "attn", None)
-        if not isinstance(attn, Attention) or not isinstance(getattr(attn, "qkv", None), nn.Linear):
-            raise ModelError(
-                f"{label}: block {i} has attention {type(attn).__name__}, not timm.layers.Attention with a fused "
-                "qkv Linear, so its q/k/v cannot be tapped; use a standard timm VisionTransformer"
-            )
+def _fixed_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) when the patch embedding accepts one input size only (no dynamic size), else None."""
+    patch_embed = model.patch_embed
+    if getattr(model, "dynamic_img_size", False) or not getattr(patch_embed, "strict_img_size", True):
+        return None
+    size = getattr(patch_embed, "img_size", None)
+    return (int(size[0]), int(size[1])) if size is not None else None
 
 
 class TimmBackbone(HookedBackbone):
-    """A timm ``VisionTransformer``: q/k after ``attn.q_norm``/``k_norm``, v from ``attn.qkv``, ffn = block output."""
+    """A timm ViT of a family in :mod:`.timm_families`; q/k/v, rotary tokens and the final norm as it describes."""
 
     def __init__(
         self,
@@ -70,10 +48,12 @@ class TimmBackbone(HookedBackbone):
         device: str | torch.device,
         data_config: dict[str, Any] | None = None,
         weights_info: str = "",
+        weights_source: str = "random init",
     ) -> None:
         import timm.data
 
-        check_tappable(model, spec)
+        self.tap_family = family_of(model, spec)
+        self.family = self.tap_family.name
         self.spec = spec
         self.objective = objective
         self.device = torch.device(device)
@@ -86,9 +66,20 @@ class TimmBackbone(HookedBackbone):
         if isinstance(patch, tuple | list) and patch[0] != patch[1]:
             raise ModelError(f"{spec} has a non-square patch {tuple(patch)}; qkvprobe needs square patches")
         self.in_chans = int(model.patch_embed.proj.in_channels)
-        self.num_prefix_tokens = int(model.num_prefix_tokens)
-        self.num_register_tokens = int(getattr(model, "num_reg_tokens", 0))
+        reg_token = getattr(model, "reg_token", None)
+        self.num_register_tokens = int(
+            getattr(model, "num_reg_tokens", reg_token.shape[1] if reg_token is not None else 0)
+        )
         self.has_cls_token = getattr(model, "cls_token", None) is not None
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        if self.num_prefix_tokens != int(self.has_cls_token) + self.num_register_tokens:
+            raise ModelError(
+                f"{spec}: {self.num_prefix_tokens} prefix tokens but {int(self.has_cls_token)} class and "
+                f"{self.num_register_tokens} register tokens; qkvprobe cannot tell which tokens are patches"
+            )
+        self.has_rope = self.tap_family.has_rope(model)
+        self._final_norm, self.ffn_norm_source = final_norm_of(model)
+        self.fixed_size = _fixed_size(model)
         config = dict(timm.data.resolve_data_config({}, model=model))
         # The pretrained cfg may describe a default architecture; the built model's own size wins.
         img_size = getattr(model.patch_embed, "img_size", None)
@@ -99,20 +90,16 @@ class TimmBackbone(HookedBackbone):
         config["mean"], config["std"] = tuple(config["mean"]), tuple(config["std"])
         self.data_config = config
         self.weights_info = weights_info
+        self.weights_source = weights_source
         self.weights_digest = state_dict_digest(self.model.state_dict())
 
     def tap_site(self, block: int) -> TapSite:
-        blk = self.model.blocks[block]
-        attn = blk.attn
-        return TapSite(
-            block=blk,
-            q=(attn.q_norm, heads_to_tokens),
-            k=(attn.k_norm, heads_to_tokens),
-            v=(attn.qkv, _v_reader(attn.num_heads * attn.head_dim)),
-        )
+        return self.tap_family.site(self.model, block)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.norm(x)
+        if self._final_norm is None:
+            raise ModelError(f"{self.spec} has no final norm")
+        return self._final_norm(x)
 
     def run(self, images: torch.Tensor) -> Any:
         return self.model.forward_features(images)
@@ -121,6 +108,23 @@ class TimmBackbone(HookedBackbone):
 def _filter_fn(model: nn.Module):
     """timm's own checkpoint filter for this architecture (DINOv2 key names, pos-embed resampling), if any."""
     return getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+
+
+def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` with the :data:`OPTIONAL_KWARGS` the architecture's constructor does not take dropped."""
+    import timm
+
+    kwargs = dict(kwargs)
+    while True:
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as exc:
+            rejected = next(
+                (k for k in OPTIONAL_KWARGS if k in kwargs and f"keyword argument '{k}'" in str(exc)), None
+            )
+            if rejected is None:
+                raise
+            del kwargs[rejected]
 
 
 def _create(name: str, label: str, **kwargs: Any) -> nn.Module:
@@ -137,16 +141,18 @@ def _create(name: str, label: str, **kwargs: Any) -> nn.Module:
             f"unknown timm pretrained tag {name!r}{suggest(name, timm.list_pretrained(f'{base}.*'))}; "
             "see timm.list_pretrained()"
         )
-    kwargs = {"num_classes": 0, "dynamic_img_size": True, **kwargs}
+    kwargs = {"num_classes": 0, **OPTIONAL_KWARGS, **kwargs}
     if not kwargs.get("pretrained"):
-        return timm.create_model(name, **kwargs)
-    try:
-        return timm.create_model(name, **kwargs)
-    except Exception as exc:  # hub / URL download errors come in many types
-        raise WeightsError(
-            f"could not fetch pretrained weights for {label} ({type(exc).__name__}); download them once with "
-            "internet access or pass --weights PATH"
-        ) from exc
+        return _build(name, kwargs)
+    with hub_access() as offline:
+        try:
+            return _build(name, kwargs)
+        except Exception as exc:  # hub / URL download errors come in many types
+            why = f"offline: {offline}; " if offline else ""
+            raise WeightsError(
+                f"could not fetch pretrained weights for {label} ({why}{type(exc).__name__}); download them once "
+                "with internet access or pass --weights PATH"
+            ) from exc
 
 
 def _attach(model: nn.Module, weights: str | Path | None, label: str) -> str:
@@ -155,12 +161,28 @@ def _attach(model: nn.Module, weights: str | Path | None, label: str) -> str:
     return load_weights(model, weights, label=label, adapt=_filter_fn(model))
 
 
+def _hub_source(name: str, model: nn.Module) -> str:
+    """``"timm hub: <arch>.<tag>"`` with the default tag timm resolved when the name had none."""
+    if "." in name:
+        return f"timm hub: {name}"
+    tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
+    return f"timm hub: {name}.{tag}" if tag else f"timm hub: {name}"
+
+
 def load_timm(name: str, weights: str | Path | None, device: str) -> TimmBackbone:
     """``timm:<name>``: pretrained download when ``weights`` is None, else the local file into the architecture."""
     label = f"timm:{name}"
     model = _create(name, label, pretrained=weights is None)
     info = _attach(model, weights, label) or "timm pretrained"
-    return TimmBackbone(model, spec=label, objective=objective_of(name), device=device, weights_info=info)
+    source = file_source(weights) if weights is not None else _hub_source(name, model)
+    return TimmBackbone(
+        model,
+        spec=label,
+        objective=objective_with_weights(name, weights, info),
+        device=device,
+        weights_info=info,
+        weights_source=source,
+    )
 
 
 CARD_KEYS: tuple[str, ...] = ("name", "objective", "timm_model", "model_kwargs", "data_config", "sha256")
@@ -204,6 +226,9 @@ def load_builtin(directory: Path, name: str, weights: str | Path | None, device:
                 f"weights file {weights} has sha256 {actual[:12]}… but its card says {str(card['sha256'])[:12]}…; "
                 "the file is corrupt or was replaced: reinstall qkvprobe or re-run the card's command"
             )
+        source = f"builtin: {weights.name}"
+    else:
+        source = file_source(weights)
     kwargs = {**card["model_kwargs"], "num_classes": 0, "dynamic_img_size": True, "pretrained": False}
     model = _create(card["timm_model"], label, **kwargs)
     info = _attach(model, weights, label)
@@ -214,4 +239,5 @@ def load_builtin(directory: Path, name: str, weights: str | Path | None, device:
         device=device,
         data_config=dict(card["data_config"]),
         weights_info=info,
+        weights_source=source,
     )

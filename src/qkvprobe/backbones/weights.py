@@ -12,24 +12,32 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from .layouts import convert_layout
 
 log = logging.getLogger("qkvprobe")
 
-#: Containers that training scripts wrap a state dict in, in order of preference (DINO: teacher over student).
+#: Containers that training scripts wrap a state dict in, in order of preference (DINO / iBOT: teacher over
+#: student).
 CONTAINER_KEYS: tuple[str, ...] = ("state_dict", "model", "teacher", "student", "model_ema", "module")
 #: Key prefixes left by DDP (``module.``), DINO (``backbone.``) and wrappers; stripped when that fits better.
 STRIP_PREFIXES: tuple[str, ...] = ("module.", "backbone.", "model.", "encoder.", "teacher.", "student.")
-#: Training-only parts (classifier, DINO projection head, MAE decoder) dropped when the model lacks them.
+#: Training-only parts dropped when the model lacks them: classifiers, the DINO / iBOT projection head, the MAE
+#: decoder, mask tokens (MAE, BEiT, EVA-02; iBOT's ``masked_embed``), the BEiT / EVA-02 MIM prediction head.
 HEAD_PREFIXES: tuple[str, ...] = (
     "head",
     "fc_norm",
     "decoder",
     "mask_token",
+    "masked_embed",
+    "lm_head",
     "pooler",
     "classifier",
     "pre_logits",
     "last_layer",
 )
+
+#: Pre-training-only parameters wherever they sit (Hugging Face keeps BEiT's mask token in its embeddings).
+PRETRAIN_ONLY: tuple[str, ...] = ("mask_token", "masked_embed")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -49,6 +57,11 @@ def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def file_source(path: str | Path) -> str:
+    """``"file: ckpt.pth (sha256 1a2b3c4d5e6f)"``: a local weights file's name and the start of its digest."""
+    return f"file: {Path(path).name} (sha256 {sha256_file(path)[:12]})"
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -135,23 +148,32 @@ def load_weights(
 ) -> str:
     """Load a weights file into ``model`` strictly; return a one-line note of what was unwrapped/dropped.
 
-    ``strip`` adds architecture prefixes (e.g. Hugging Face's ``vit.``); ``adapt`` is a library filter run
-    before the comparison (timm's ``checkpoint_filter_fn``: DINOv2 key names, position-embedding resampling).
+    ``strip`` adds architecture prefixes (e.g. Hugging Face's ``vit.``); official layouts the libraries do not
+    convert are converted next (:mod:`.layouts`: MoCo v3's ``base_encoder``, BEiT's shared relative position
+    bias, a MIM checkpoint's final norm); ``adapt`` is a library filter run before the comparison (timm's
+    ``checkpoint_filter_fn``: DINOv2 / DINOv3 / EVA-02 key names, position-embedding resampling).
     Missing, unexpected and wrong-shape keys raise :class:`WeightsError` with a one-line diff.
     """
     expected = model.state_dict()
     model_keys = set(expected)
     state, notes = unwrap_state_dict(read_checkpoint(path), model_keys, path)
-    for prefix in strip:
-        if any(k.startswith(prefix) for k in state):
-            state = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
+    for prefix in strip:  # only where it fits better: DINOv3's own "model." is part of its key names
+        stripped = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
+        if len(stripped) == len(state) and _matches(stripped, model_keys) > _matches(state, model_keys):
+            state = stripped
             notes.append(f"prefix {prefix!r} stripped")
+    state, converted = convert_layout(state, model_keys)
+    notes += converted
     if adapt is not None:
         try:
             state = adapt(state, model)
         except Exception as exc:  # a filter that chokes on foreign keys: let the key diff below explain
             log.debug("checkpoint filter skipped for %s: %s", path, exc)
-    dropped = [k for k in state if k not in model_keys and k.startswith(HEAD_PREFIXES)]
+    dropped = [
+        k
+        for k in state
+        if k not in model_keys and (k.startswith(HEAD_PREFIXES) or k.rsplit(".", 1)[-1] in PRETRAIN_ONLY)
+    ]
     if dropped:
         notes.append(f"{len(dropped)} head/decoder keys dropped")
         state = {k: v for k, v in state.items() if k not in dropped}

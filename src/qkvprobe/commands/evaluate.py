@@ -188,6 +188,12 @@ def evaluate(
         )
     labels = test.labels() if task == "classification" else None
     _print_summary(rows, evaluation, labels, manifest)
+    if getattr(evaluation, "unconverged", None):
+        typer.echo(
+            f"not converged (rows marked converged=false; raise the solver's max_iter or check the features): "
+            f"{'; '.join(evaluation.unconverged)}",
+            err=True,
+        )
     typer.echo(f"wrote {len(rows)} rows to {out}")
 
 

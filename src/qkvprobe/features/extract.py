@@ -225,6 +225,7 @@ def plan_store(
             "spec": backbone.spec,
             "objective": backbone.objective,
             "weights_digest": backbone.weights_digest,
+            "weights_source": str(getattr(backbone, "weights_source", "")),
             "embed_dim": int(backbone.embed_dim),
             "num_heads": int(backbone.num_heads),
             "num_blocks": int(backbone.num_blocks),

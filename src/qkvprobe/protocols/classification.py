@@ -1,18 +1,15 @@
-"""Classification protocols (PAPER.md §2): standard (C chosen on a held-out split, then refit) and
+"""Classification protocols (docs/science.md §2): standard (C chosen on a held-out split, then refit) and
 few-shot (N-way K-shot episodes, fixed C), on arrays and on feature stores.
 
 Standard protocol (after DINOv2's log_regression): a stratified ``VAL_FRACTION`` of the training split
 (``sklearn.model_selection.train_test_split``, seeded) is held out; the hyperplane rule is fitted on the rest
-for every C of ``C_GRID`` (each C an independent fit from W = 0, as a loop over scikit-learn fits), the C with
-the best held-out accuracy is kept (ties → the smaller C), and the rule is refitted on the whole training split
-with it, warm-started from that C's held-out-split solution. (The sweep used to warm-start each C from the
-previous one. With many rows that start already met the stopping rule at the larger Cs — max|grad| ≤ 1e-4 of
-the objective scaled by 1/(C·n) — so C = 10 and 100 "converged" in 0 iterations to C = 1's solution, and the
-chosen C, on all of Fashion-MNIST, depended on that accident: the DINO model's ``k·avg``, held-out accuracy at
-C = 1, 10, 100, warm path 0.851, 0.851, 0.851, independent fits 0.851, 0.865, 0.874.) The cosine rule has no
+for every C of ``C_GRID`` (each C an independent fit from W = 0, as a loop over scikit-learn fits, so no C's
+solution depends on another's), the C with the best held-out accuracy is kept (ties → the smaller C), and the
+rule is refitted on the whole training split with it, warm-started from that C's held-out-split solution. A
+row's ``converged`` says whether every one of those fits reached its certified optimum. The cosine rule has no
 hyper-parameter and is fitted on the whole training split. All token types that share a feature width, at all
 the Cs of a rank, are solved together as one batched problem, each token's features read once per pass for all
-its Cs (``fit_hyperplane_path(warm_start=False)``). Under ``torchrun`` (an initialised process
+its Cs (``rules.logistic.fit_logistic_grid``). Under ``torchrun`` (an initialised process
 group) the C grid is split round-robin over the ranks (``shard_for_rank``) and the held-out scores and solutions
 are merged with ``all_gather_objects``, so every rank chooses the same C; alone, nothing changes.
 
@@ -38,18 +35,18 @@ from sklearn.model_selection import train_test_split
 from ..errors import FeatureError, RuleError
 from ..features.distributed import all_gather_objects, shard_for_rank
 from ..results import ResultRow
-from ..rules._checks import as_features, check_C
-from ..rules._matmul import bmm
+from ..rules import class_normals, hyperplane_scores
+from ..rules.batched import bmm
+from ..rules.checks import as_features, check_C
 from ..rules.cosine import EPS as COS_EPS
 from ..rules.cosine import cosine_directions, cosine_scores
-from ..rules.hyperplane import (
+from ..rules.logistic import (
     balanced_sample_weight,
     check_class_weight,
     default_dtype,
-    fit_hyperplane_batched,
-    fit_hyperplane_path,
-    hyperplane_scores,
-    solve_logistic,
+    fit_logistic,
+    fit_logistic_grid,
+    solve_span,
     span_expand,
     span_reduce,
 )
@@ -64,13 +61,12 @@ VAL_FRACTION = 0.1
 #: so with n = N·K ≤ 100 support samples the ½‖W‖² term is weak next to C·Σloss: the rule is close to the
 #: max-margin separator of the (always separable) support set and its predictions change little with C.
 FEWSHOT_C = 1.0
-#: dtype of the few-shot hyperplane's span-reduced solves (CPU and accelerators); see ``_solve_episodes``.
+#: dtype of the few-shot hyperplane's span-reduced solves (CPU and accelerators): float32 halves their memory
+#: traffic; an episode float32 rounding keeps from its certified optimum is finished in float64
+#: (``rules.logistic.solve_span``).
 FEWSHOT_SOLVE_DTYPE = torch.float32
-#: Relative-decrease stopping tolerance of those solves: scikit-learn's float64 value (64·eps64), whatever
-#: the solve dtype, so float32 solves stop where float64 ones do (on the gradient test) rather than early.
-FEWSHOT_FTOL = 64 * float(np.finfo(np.float64).eps)
-#: Basis of the few-shot hyperplane's span-reduced problems (``rules.hyperplane.span_reduce``): Cholesky
-#: factors cost ~6× less than the eigendecompositions for 25×25 Gram matrices, which were a fifth of the run.
+#: Basis of the few-shot hyperplane's span-reduced problems (``rules.logistic.span_reduce``): Cholesky factors
+#: cost several times less than eigendecompositions for 25×25 Gram matrices (``bench_rules.py kernels``).
 FEWSHOT_BASIS = "cholesky"
 #: Episodes whose reduced problems are solved in one batched L-BFGS.
 EPISODE_BATCH = 2000
@@ -109,22 +105,26 @@ class StandardResult:
     """One feature set under the standard protocol: test accuracy, chosen C (NaN for cosine), held-out
     accuracy per C of the grid, test predictions ``[m]`` (for McNemar) and the fitted rule's class vectors
     ``weights [K, D]`` float32 (rows in the order of the sorted training labels): the hyperplane normals
-    ``w_c`` (two classes: ``-w, w``) or the cosine rule's class directions ``μ_c``."""
+    ``w_c`` (two classes: ``-w, w``) or the cosine rule's class directions ``μ_c``; ``converged``: every
+    hyperplane fit behind it (the C sweep and the refit) reached its certified optimum (None for cosine)."""
 
     accuracy: float
     C: float
     val_accuracy: dict[float, float]
     predictions: np.ndarray
     weights: np.ndarray | None = None
+    converged: bool | None = None
 
 
 @dataclass
 class FewshotResult:
-    """Few-shot accuracy: ``per_episode [E]``, mean and 95 % half-width."""
+    """Few-shot accuracy: ``per_episode [E]``, mean and 95 % half-width, and the number of episodes whose
+    hyperplane fit was not certified at its optimum (0 for cosine)."""
 
     per_episode: np.ndarray
     mean: float
     ci95: float
+    unconverged: int = 0
 
 
 class Evaluation(list):
@@ -145,6 +145,8 @@ class Evaluation(list):
         self.classes: np.ndarray | None = None
         #: Few-shot ``C="auto"``: the chosen C and its validation scores per (token, position, block, shots).
         self.chosen_C: dict[tuple[str, str, int, int], ChosenC] = {}
+        #: Units whose hyperplane fits were not all certified at their optimum, in words (one entry per unit).
+        self.unconverged: list[str] = []
 
     @property
     def rows(self) -> list[ResultRow]:
@@ -231,7 +233,8 @@ def standard_classification(
                 ),
                 strict=True,
             ):
-                results[g] = StandardResult(res[0], res[1], res[2], classes[res[3]], res[4])
+                res.predictions = classes[res.predictions]
+                results[g] = res
     return results  # type: ignore[return-value]
 
 
@@ -248,14 +251,18 @@ def _standard_batch(
     max_iter: int | None,
     tol: float | None,
     class_weight: str | None = None,
-) -> list[tuple[float, float, dict, np.ndarray, np.ndarray]]:
+) -> list[StandardResult]:
+    """One batch of G feature sets of one width: results with predictions as codes (the caller maps them)."""
     G, dev = Xtr.shape[0], Xtr.device
     y_all = torch.as_tensor(ytr, device=dev).expand(G, -1)
     if rule == "cosine":
         mu = cosine_directions(Xtr, y_all, K)
         pred = cosine_scores(Xte, mu).argmax(2).cpu().numpy()
         weights = mu.float().cpu().numpy()
-        return [(float(np.mean(p == yte)), math.nan, {}, p, w) for p, w in zip(pred, weights, strict=True)]
+        return [
+            StandardResult(float(np.mean(p == yte)), math.nan, {}, p, w)
+            for p, w in zip(pred, weights, strict=True)
+        ]
     if rule != "hyperplane":
         raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
     Cs = sorted(check_C(C) for C in Cs)
@@ -295,12 +302,13 @@ def _standard_batch(
         ),
         key=lambda item: item[0],
     )
+    sweep_ok = np.concatenate([part["converged"] for part in parts], 1).all(1)  # [G]
     val_acc = torch.as_tensor(np.stack([v for _, v, _, _ in sweep], 1))  # [G, len(Cs)]
     best = val_acc.argmax(1)  # first maximum = smallest C among ties
     coef0 = torch.stack([sweep[int(j)][2][g] for g, j in enumerate(best)]).to(dev)
     b0 = torch.stack([sweep[int(j)][3][g] for g, j in enumerate(best)]).to(dev)
     C_best = torch.tensor([Cs[int(j)] for j in best], dtype=Xtr.dtype, device=dev)
-    coef, intercept, _, _ = fit_hyperplane_batched(
+    refit = fit_logistic(
         Xtr,
         y_all,
         K,
@@ -311,25 +319,21 @@ def _standard_batch(
         sample_weight=_balanced(y_all, K, balanced, Xtr),
         **opts,
     )
-    pred = hyperplane_scores(Xte, coef, intercept).argmax(2).cpu().numpy()
+    pred = hyperplane_scores(Xte, refit.coef, refit.intercept).argmax(2).cpu().numpy()
     va = val_acc.cpu().numpy()
-    weights = class_normals(coef).float().cpu().numpy()
+    weights = class_normals(refit.coef).float().cpu().numpy()
+    refit_ok = refit.converged.cpu().numpy()
     return [
-        (
+        StandardResult(
             float(np.mean(pred[g] == yte)),
             Cs[int(best[g])],
             dict(zip(Cs, va[g].tolist(), strict=True)),
             pred[g],
             weights[g],
+            bool(sweep_ok[g] and refit_ok[g]),
         )
         for g in range(G)
     ]
-
-
-def class_normals(coef: torch.Tensor) -> torch.Tensor:
-    """Hyperplane ``coef [..., Kf, D]`` → one normal per class ``[..., K, D]``: binary logistic regression has
-    the single normal w of class 1; its softmax-equivalent form gives class 0 the normal -w."""
-    return torch.cat([-coef, coef], dim=-2) if coef.shape[-2] == 1 else coef
 
 
 def _group_size() -> int:
@@ -358,27 +362,33 @@ def _c_sweep(
 ) -> dict:
     """Independent fits for ``Cs`` (ascending) on the fit rows → held-out accuracy ``val [G, len(Cs)]`` and the
     solutions (on the CPU, so they can be gathered from other ranks)."""
+    G = Xtr.shape[0]
     if not Cs:  # more ranks than C values
-        return {"Cs": [], "val": np.zeros((Xtr.shape[0], 0)), "coef": [], "intercept": []}
+        return {
+            "Cs": [],
+            "val": np.zeros((G, 0)),
+            "coef": [],
+            "intercept": [],
+            "converged": np.ones((G, 0), bool),
+        }
     y_fit = y_all[:, fit_idx]
-    path = fit_hyperplane_path(
-        Xtr[:, fit_idx],
-        y_fit,
-        K,
-        Cs,
-        sample_weight=_balanced(y_fit, K, balanced, Xtr),
-        warm_start=False,
-        **opts,
+    grid = fit_logistic_grid(
+        Xtr[:, fit_idx], y_fit, K, Cs, sample_weight=_balanced(y_fit, K, balanced, Xtr), **opts
     )  # independent fits: see the module doc
     yval = y_all[:, val_idx]
     val = torch.stack(
-        [(hyperplane_scores(Xtr[:, val_idx], c, b).argmax(2) == yval).double().mean(1) for c, b, _ in path], 1
+        [
+            (hyperplane_scores(Xtr[:, val_idx], f.coef, f.intercept).argmax(2) == yval).double().mean(1)
+            for f in grid
+        ],
+        1,
     )
     return {
         "Cs": list(Cs),
         "val": val.cpu().numpy(),
-        "coef": [c.cpu() for c, _, _ in path],
-        "intercept": [b.cpu() for _, b, _ in path],
+        "coef": [f.coef.cpu() for f in grid],
+        "intercept": [f.intercept.cpu() for f in grid],
+        "converged": torch.stack([f.converged for f in grid], 1).cpu().numpy(),
     }
 
 
@@ -471,6 +481,7 @@ def fewshot_classification(
         mean, ci = mean_ci95(acc)
         return FewshotResult(acc, mean, ci)
     acc = np.empty(E)
+    unconverged = 0
     # Gather buffers reused by every slice: a fresh multi-MB tensor per slice costs page faults on CPU.
     sbuf = Ftr.new_empty(CACHE_EPISODES * s_idx.shape[1], Ftr.shape[1])
     qbuf = Fte.new_empty(CACHE_EPISODES * q_idx.shape[1], Fte.shape[1])
@@ -487,39 +498,25 @@ def fewshot_classification(
             )
             for sl in slices
         ]
-        W = _solve_episodes(torch.cat([r.X for r in reds]), ys[lo:hi], ways, C, opts)
+        W, ok = _solve_episodes(torch.cat([r.X for r in reds]), ys[lo:hi], ways, C, opts)
+        unconverged += int((~ok).sum())
         for sl, r in zip(slices, reds, strict=True):
             part = slice(sl.start - lo, sl.stop - lo)
             coef, intercept = span_expand(r, _rows(Ftr, s_idx[sl], out=sbuf), None, W[part])
             scores = hyperplane_scores(_rows(Fte, q_idx[sl], out=qbuf), coef, intercept)
             acc[sl] = (scores.argmax(2) == yq[sl]).to(torch.float64).mean(1).cpu().numpy()
     mean, ci = mean_ci95(acc)
-    return FewshotResult(acc, mean, ci)
+    return FewshotResult(acc, mean, ci, unconverged)
 
 
-def _solve_episodes(X: torch.Tensor, y: torch.Tensor, ways: int, C: float, opts: dict) -> torch.Tensor:
-    """Span-reduced episode problems ``X [E, n, n]`` → ``W [E, n+1, Kf]``, solved in ``X``'s dtype (float32).
-
-    float32 halves the memory traffic of these bandwidth-bound solves; with float64's relative-decrease
-    tolerance the stopping point is float64's (tested: same per-episode accuracies). An episode that does not
-    meet the stopping test in float32 (a line search lost in rounding noise) is finished in float64 from there."""
+def _solve_episodes(
+    X: torch.Tensor, y: torch.Tensor, ways: int, C: float, opts: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Span-reduced episode problems ``X [E, n, n]`` → (``W [E, n+1, Kf]``, converged ``[E]``), solved in X's dtype
+    (float32) with a float64 finish where float32 rounding keeps an episode from its certified optimum."""
     C_t = torch.full((len(X),), C, dtype=X.dtype, device=X.device)
-    ones = torch.ones_like(X[..., 0])
-    W, _, _, converged = solve_logistic(X, y, ways, C_t, ones, diagonal=True, ftol=FEWSHOT_FTOL, **opts)
-    if X.dtype != torch.float64 and not bool(converged.all()):
-        redo = (~converged).nonzero().squeeze(1)
-        W64, _, _, _ = solve_logistic(
-            X[redo].double(),
-            y[redo],
-            ways,
-            C_t[redo].double(),
-            ones[redo].double(),
-            W0=W[redo].double(),
-            diagonal=True,
-            **opts,
-        )
-        W[redo] = W64.to(W.dtype)
-    return W
+    W, res = solve_span(X, y, ways, C_t, torch.ones_like(X[..., 0]), **opts)
+    return W, res.converged
 
 
 def _rows(F: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -724,8 +721,11 @@ def evaluate_classification(
                                 metric="accuracy",
                                 value=res.accuracy,
                                 C=res.C,
+                                converged=res.converged,
                             )
                         )
+                        if res.converged is False:
+                            out.unconverged.append(f"block {b} · {token}·{position} · hyperplane (standard)")
                         out.predictions[(token, position, rule, b)] = res.predictions
                         if res.weights is not None:
                             out.weights[(token, position, rule, b)] = res.weights
@@ -791,8 +791,14 @@ def evaluate_classification(
                                 value=res.mean,
                                 ci95=res.ci95,
                                 C=C_used if rule == "hyperplane" else math.nan,
+                                converged=(res.unconverged == 0) if rule == "hyperplane" else None,
                             )
                         )
+                        if res.unconverged:
+                            out.unconverged.append(
+                                f"{ways}-way {k}-shot · block {b} · {token}·{position} · hyperplane: "
+                                f"{res.unconverged} of {len(res.per_episode)} episodes"
+                            )
                         out.per_episode[
                             (token, position, rule, b)
                             if len(as_list(shots)) == 1

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import DataError, RuleError
 from ..results import C_AUTO
-from ..rules._checks import check_C
+from ..rules.checks import check_C
 
 #: ``C="auto"``: choose the few-shot C on training-split episodes (the results table's ``C_choice`` word too).
 AUTO = C_AUTO

@@ -30,7 +30,6 @@ background (foreground) everywhere.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,27 +41,24 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FeatureError, RuleError
-from ..rules._checks import check_C
+from ..rules import class_normals
+from ..rules.checks import check_C
 from ..rules.cosine import cosine_directions, cosine_scores
-from ..rules.hyperplane import (
+from ..rules.logistic import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     PRECOND_ROWS,
-    apply_preconditioner,
+    StreamedLogistic,
     augment,
     balanced_class_weights,
     balanced_sample_weight,
     check_class_weight,
-    class_curvature,
-    curvature_preconditioner,
-    curvature_stride,
     default_dtype,
-    fit_hyperplane_batched,
+    fit_logistic,
     grid_step,
-    logistic_sums,
-    preconditioner,
+    num_logits,
+    solve,
 )
-from ..rules.lbfgs import minimize_lbfgs
 from ..vocab import IGNORE_INDEX
 from .classification import (
     C_GRID,
@@ -72,7 +68,6 @@ from .classification import (
     ProgressFn,
     Steps,
     as_list,
-    class_normals,
     row_maker,
     store_block,
 )
@@ -96,8 +91,9 @@ Masks = Callable[[int], np.ndarray]
 @dataclass
 class SegmentationResult:
     """Standard protocol outcome: ``miou``, ``pixel_accuracy``, per-class IoU ``[K]``, chosen C (NaN for
-    cosine), the held-out patch mIoU per C, and the fitted class vectors ``weights [K, D]`` float32 (hyperplane
-    normals, or cosine class directions — zero for a class without training patches)."""
+    cosine), the held-out patch mIoU per C, the fitted class vectors ``weights [K, D]`` float32 (hyperplane
+    normals, or cosine class directions — zero for a class without training patches), and whether every
+    hyperplane fit behind it (the C sweep and the refit) reached its certified optimum (None for cosine)."""
 
     miou: float
     pixel_accuracy: float
@@ -105,87 +101,21 @@ class SegmentationResult:
     C: float
     val_miou: dict[float, float]
     weights: np.ndarray | None = None
+    converged: bool | None = None
 
 
 @dataclass
 class FewshotSegmentationResult:
-    """Few-shot outcome: ``miou`` (per-class foreground IoU, mean over classes), ``fb_iou``, and per episode
-    foreground IoU ``[E]`` (for paired tests; its 95 % CI is ``ci95``)."""
+    """Few-shot outcome: ``miou`` (per-class foreground IoU, mean over classes), ``fb_iou``, per episode
+    foreground IoU ``[E]`` (for paired tests; its 95 % CI is ``ci95``), and the number of episodes whose hyperplane
+    fit was not certified at its optimum (0 for cosine)."""
 
     miou: float
     fb_iou: float
     per_episode: np.ndarray
     ci95: float
     per_class: np.ndarray
-
-
-class _StreamingLogistic:
-    """Logistic-regression problems on one set of patches whose data arrive in chunks; loss and gradient are
-    accumulated. One problem per C of ``Cs``: every chunk is read once for all of them (``logistic_sums`` with
-    R problems per X), so a whole C sweep costs about as many passes as its slowest C. ``start``: the warm start
-    ``w [1, (D+1)·Kf]`` of a single C; its per-class curvature then preconditions (as in ``rules.hyperplane``,
-    from strided rows of every chunk, one extra pass)."""
-
-    def __init__(
-        self,
-        chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
-        num_rows: int,
-        num_classes: int,
-        Cs: Sequence[float],
-        moment: torch.Tensor,
-        class_w: torch.Tensor | None = None,
-        start: torch.Tensor | None = None,
-    ) -> None:
-        self.chunks, self.num_classes = chunks, num_classes
-        # Row weight: class weight / n (balanced weights sum to n, so the objective's scale stays C · n).
-        self.row_w = None if class_w is None else class_w.to(moment) / num_rows
-        self.kf = 1 if num_classes == 2 else num_classes
-        self.reg = torch.tensor([1.0 / (C * num_rows) for C in Cs], dtype=moment.dtype, device=moment.device)
-        self.inv_n = 1.0 / num_rows
-        P = None
-        if start is not None and len(Cs) != 1:
-            raise RuleError(f"a warm start is for one C, got {len(Cs)}")
-        step = 0 if start is None else curvature_stride(num_rows, moment.shape[-1])
-        if step:
-            W = start.view(1, -1, self.kf).to(moment)
-            curv, picked, total = torch.zeros(()), 0.0, 0.0
-            for X, y in self.chunks():
-                rw = self._row_weights(X, y)
-                curv = curv + class_curvature(X[None, ::step], rw[None, ::step], W, num_classes)
-                picked, total = picked + float(rw[::step].sum()), total + float(rw.sum())
-            P = curvature_preconditioner(
-                curv * (total / max(picked, 1e-300)), self.reg
-            )  # strided rows stand for all
-        self.P = preconditioner(moment, self.reg, num_classes) if P is None else P
-
-    def _row_weights(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (
-            torch.full(y.shape, self.inv_n, dtype=X.dtype, device=X.device)
-            if self.row_w is None
-            else self.row_w[y]
-        )
-
-    def select(self, keep: torch.Tensor) -> _StreamingLogistic:
-        # The Cs share the chunks: only the per-C tensors are indexed.
-        out = copy.copy(self)
-        out.reg, out.P = self.reg.index_select(0, keep), self.P.index_select(0, keep)
-        return out
-
-    def precondition(self, v: torch.Tensor) -> torch.Tensor:
-        return apply_preconditioner(self.P, v, self.kf)
-
-    def value_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        W = w.view(w.shape[0], -1, self.kf)
-        f = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        grad = torch.zeros_like(W)
-        for X, y in self.chunks():
-            rw = self._row_weights(X, y)
-            fs, gs = logistic_sums(X[None], y[None], rw[None], W, self.num_classes)
-            f, grad = f + fs, grad + gs
-        Wf = W[:, :-1]
-        f = f + 0.5 * self.reg * (Wf * Wf).sum((1, 2))
-        grad[:, :-1] += self.reg[:, None, None] * Wf
-        return f, grad.reshape(w.shape)
+    unconverged: int = 0
 
 
 class _PatchSource:
@@ -266,23 +196,26 @@ def _fit_streaming(
     max_iter: int,
     tol: float,
     class_weight: str | None = None,
-) -> torch.Tensor:
-    """Independent fits of every C of ``Cs`` from W = 0 (or one C from ``W0``) → ``[len(Cs), (D+1)·Kf]``."""
-    kf = 1 if num_classes == 2 else num_classes
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent fits of every C of ``Cs`` from W = 0 (or one C from ``W0``) → (``[len(Cs), (D+1)·Kf]``,
+    converged ``[len(Cs)]``)."""
+    kf = num_logits(num_classes)
     class_w = source.balanced_weights(num_classes) if class_weight == "balanced" else None
     step = grid_step(len(Cs), 1, moment.shape[-1] * kf, CHUNK_ROWS, kf, moment.dtype, moment.device)
-    out = []
+    out, converged = [], []
     for lo in range(0, len(Cs), step):
         part = list(Cs[lo : lo + step])
-        objective = _StreamingLogistic(source, source.num_rows, num_classes, part, moment, class_w, start=W0)
+        objective = StreamedLogistic(source, source.num_rows, num_classes, part, moment, class_w, start=W0)
         w0 = (
             torch.zeros(len(part), moment.shape[-1] * kf, dtype=moment.dtype, device=moment.device)
             if W0 is None
             else W0
         )
-        # compact_min=2: a C that has finished leaves the batch (its columns), the chunks are still read once.
-        out.append(minimize_lbfgs(objective, w0, max_iter=max_iter, tol=tol, compact_min=2).w)
-    return torch.cat(out)
+        # A C that has finished leaves the batch (its columns); the chunks are still read once per pass.
+        res = solve(objective, w0, max_iter=max_iter, tol=tol)
+        out.append(res.w)
+        converged.append(res.converged)
+    return torch.cat(out), torch.cat(converged)
 
 
 def _patch_scores(X: torch.Tensor, rule: str, params: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -358,7 +291,7 @@ def standard_segmentation(
                 "no labelled training patches (all patch labels are 255); check the training store"
             )
         params = sums  # unnormalised class means: the cosine only needs their directions
-        C_best, val = math.nan, {}
+        C_best, val, converged = math.nan, {}, None
     elif rule == "hyperplane":
         Cs = sorted(check_C(C) for C in Cs)
         perm = np.random.default_rng(seed).permutation(len(labels))
@@ -369,7 +302,7 @@ def standard_segmentation(
         moment = fit_src.moment()
         val, best = {}, (-1.0, None, None)
         # Every C an independent fit from W = 0, all Cs in one batch (one read of the patches per iteration).
-        sweep = _fit_streaming(fit_src, num_classes, Cs, None, moment, max_iter, tol, class_weight)
+        sweep, sweep_ok = _fit_streaming(fit_src, num_classes, Cs, None, moment, max_iter, tol, class_weight)
         for C, W in zip(Cs, sweep.split(1), strict=True):
             Wm = W.view(moment.shape[-1], -1)
             cm = ConfusionMatrix(num_classes)
@@ -381,15 +314,18 @@ def standard_segmentation(
         C_best = best[1]
         del fit_src, val_src  # drop their cached patches before caching the full training set
         all_src = _PatchSource(train_store, token, block, rows, labels, dt, dev)
-        W = _fit_streaming(all_src, num_classes, [C_best], best[2], moment, max_iter, tol, class_weight)
+        W, refit_ok = _fit_streaming(
+            all_src, num_classes, [C_best], best[2], moment, max_iter, tol, class_weight
+        )
         params = W.view(moment.shape[-1], -1)
+        converged = bool(sweep_ok.all()) and bool(refit_ok.all())
     else:
         raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
     cm = score_store(test_store, token, block, rule, params, num_classes, masks, dt, dev)
     out = cm.compute()
     weights = F.normalize(params, dim=1) if rule == "cosine" else class_normals(params[:-1].T)
     return SegmentationResult(
-        out["miou"], out["pixel_accuracy"], out["iou"], C_best, val, weights.float().cpu().numpy()
+        out["miou"], out["pixel_accuracy"], out["iou"], C_best, val, weights.float().cpu().numpy(), converged
     )
 
 
@@ -443,6 +379,7 @@ def fewshot_segmentation(
     opts = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
     inter, union = np.zeros(E), np.zeros(E)
     fb = np.zeros((2, 2), dtype=np.int64)
+    unconverged = 0
     for lo in range(0, E, batch):
         sl = slice(lo, min(E, lo + batch))
         s_rows = support[sl]
@@ -459,8 +396,9 @@ def fewshot_segmentation(
         Xq = torch.as_tensor(np.array(test_patches[query[sl]])).to(dev, dt)  # [e, h·w, D]
         if rule == "hyperplane":
             fit_sw = balanced_sample_weight(y, sw, 2) if class_weight == "balanced" else sw
-            coef, intercept, _, _ = fit_hyperplane_batched(X, y, 2, C, sample_weight=fit_sw, **opts)
-            s = (Xq @ coef.transpose(1, 2))[..., 0] + intercept  # [e, h·w] foreground logit
+            fit = fit_logistic(X, y, 2, C, sample_weight=fit_sw, **opts)
+            unconverged += int((~fit.converged).sum())
+            s = (Xq @ fit.coef.transpose(1, 2))[..., 0] + fit.intercept  # [e, h·w] foreground logit
         else:
             mu = cosine_directions(X, y, 2, sample_weight=sw)
             cs = cosine_scores(Xq, mu)
@@ -480,7 +418,7 @@ def fewshot_segmentation(
     miou, per_class = fewshot_miou(classes, inter, union)
     per_episode = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
     _, ci = mean_ci95(per_episode)
-    return FewshotSegmentationResult(miou, fb_iou(fb), per_episode, ci, per_class)
+    return FewshotSegmentationResult(miou, fb_iou(fb), per_episode, ci, per_class, unconverged)
 
 
 def dataset_masks(store: Any) -> Masks:
@@ -618,8 +556,11 @@ def evaluate_segmentation(
                                 metric=metric,
                                 value=getattr(res, metric),
                                 C=res.C,
+                                converged=res.converged,
                             )
                         )
+                    if res.converged is False:
+                        out.unconverged.append(f"block {b} · {token}·patch · hyperplane (standard)")
                     if res.weights is not None:
                         out.weights[(token, "patch", rule, b)] = res.weights
         out.classes = np.arange(len(train_store.classes))
@@ -696,7 +637,13 @@ def evaluate_segmentation(
                         shots=k,
                         episodes=len(res.per_episode),
                         C=Cv,
+                        converged=(res.unconverged == 0) if rule == "hyperplane" else None,
                     )
+                    if res.unconverged:
+                        out.unconverged.append(
+                            f"{k}-shot · block {b} · {token}·patch · hyperplane: {res.unconverged} of "
+                            f"{len(res.per_episode)} episodes"
+                        )
                     out.append(make(**common, metric="miou", value=res.miou, ci95=res.ci95))
                     out.append(make(**common, metric="fb_iou", value=res.fb_iou))
                     key = (

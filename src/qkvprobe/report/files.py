@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile
@@ -125,22 +124,6 @@ class RunFiles:
     maps: list[DirectionMap] = field(default_factory=list)
 
 
-def _with_converged(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Add the table's optional ``converged`` column (hyperplane fits that stopped at their iteration cap say
-    False) when the file has one and the rows do not carry it yet; a table without it is returned as is.
-    ``read_results`` keeps the file's row order, so the column lines up row by row."""
-    if "converged" in frame.columns:
-        return frame
-    with path.open(newline="") as fh:
-        header = next(csv.reader(fh), [])
-    if "converged" not in header:
-        return frame
-    flags = pd.read_csv(path, usecols=["converged"], dtype=str, keep_default_na=False)["converged"]
-    if len(flags) != len(frame):
-        return frame
-    return frame.assign(converged=flags.to_numpy())
-
-
 def load_run(run_dir: str | os.PathLike) -> RunFiles:
     """Read a run directory (results.csv is required; side files are optional)."""
     run_dir = Path(run_dir)
@@ -149,9 +132,7 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     if not (run_dir / RESULTS).exists():
         raise QkvprobeError(f"{run_dir}: no {RESULTS} found; run `qkvprobe run` first")
     rows = read_results(run_dir / RESULTS)
-    frame = pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS))
-    frame = _with_converged(frame, run_dir / RESULTS)
-    df = label_rule_variants(frame)
+    df = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
     maps = []
     for p in sorted((run_dir / MAPS).glob("*.npz")) if (run_dir / MAPS).is_dir() else []:
         try:

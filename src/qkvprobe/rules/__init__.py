@@ -1,22 +1,22 @@
-"""Decision rules on raw features (PAPER.md §2): the hyperplane rule (L2 logistic regression) and the
-cosine rule (class directions), with the scikit-learn estimator contract and batched solvers."""
+"""Decision rules on raw features (docs/science.md §2): the hyperplane rule (L2 logistic regression, over the
+solver package :mod:`.logistic`) and the cosine rule (class directions), with the scikit-learn estimator
+contract."""
 
 from __future__ import annotations
 
 from .cosine import CosineRule, cosine_directions, cosine_scores
-from .hyperplane import (
-    HyperplaneRule,
-    fit_hyperplane_batched,
-    fit_hyperplane_path,
-    hyperplane_scores,
-)
+from .hyperplane import HyperplaneRule, class_normals, hyperplane_scores
+from .logistic import LogisticFit, fit_logistic, fit_logistic_grid, fit_logistic_path
 
 __all__ = [
     "CosineRule",
     "HyperplaneRule",
+    "LogisticFit",
+    "class_normals",
     "cosine_directions",
     "cosine_scores",
-    "fit_hyperplane_batched",
-    "fit_hyperplane_path",
+    "fit_logistic",
+    "fit_logistic_grid",
+    "fit_logistic_path",
     "hyperplane_scores",
 ]

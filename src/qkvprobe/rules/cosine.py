@@ -1,6 +1,6 @@
 """The cosine rule: class directions ``μ_c`` = mean of the L2-normalised training features of class c;
 predict ``argmax_c cos(x, μ_c)``. scikit-learn's ``NearestCentroid`` with a fixed cosine metric; no
-learned parameters, no temperature."""
+learned parameters, no temperature (docs/science.md §2)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 
-from ._checks import as_features, check_fitted, check_labels_known, check_width, encode_labels
+from .checks import (
+    check_fitted,
+    check_labels_known,
+    validate_features,
+    validate_labels,
+    validate_sample_weight,
+)
 
 #: Guards the division for all-zero features (a zero vector has no direction; its cosines are 0).
 EPS = 1e-12
@@ -34,35 +40,56 @@ def cosine_scores(X: Tensor, directions: Tensor) -> Tensor:
     return Xn @ mu.transpose(1, 2)
 
 
-class CosineRule(BaseEstimator):
-    """Cosine-to-class-direction classifier. Fitted: ``classes_ [K]``, ``directions_ [K, D]`` (unnormalised
-    class means of unit vectors), ``n_features_in_``."""
+def _float64(X: np.ndarray | Tensor) -> Tensor:
+    return torch.as_tensor(np.asarray(X.detach().cpu() if isinstance(X, Tensor) else X, dtype=np.float64))
 
-    def fit(self, X: Any, y: Any) -> CosineRule:
-        """``X [n, D]``, ``y [n]`` → self."""
-        X = as_features(X)
-        self.classes_, codes = encode_labels(y, X.shape[0])
-        Xt = torch.as_tensor(np.asarray(X.cpu() if isinstance(X, torch.Tensor) else X, dtype=np.float64))
-        mu = cosine_directions(Xt[None], torch.as_tensor(codes)[None], len(self.classes_))
+
+class CosineRule(ClassifierMixin, BaseEstimator):
+    """Cosine-to-class-direction classifier (scikit-learn's estimator contract; ``check_estimator`` passes except
+    for sparse input, which the tags opt out of: the rules act on dense feature arrays).
+
+    Fitted: ``classes_ [K]``, ``directions_ [K, D]`` (unnormalised class means of unit vectors; with
+    ``sample_weight`` the weighted means, so weight k ≡ k copies of the row), ``n_features_in_``."""
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> CosineRule:
+        """``X [n, D]``, ``y [n]``, ``sample_weight [n]`` (optional) → self."""
+        X = validate_features(self, X, reset=True)
+        self.classes_, codes = validate_labels(self, y, X.shape[0])
+        sw = validate_sample_weight(sample_weight, X.shape[0])
+        mu = cosine_directions(
+            _float64(X)[None],
+            torch.as_tensor(codes)[None],
+            len(self.classes_),
+            sample_weight=None if sw is None else torch.as_tensor(sw)[None],
+        )
         self.directions_ = mu[0].numpy()
-        self.n_features_in_ = X.shape[1]
         return self
 
-    def decision_function(self, X: Any) -> np.ndarray:
-        """``X [m, D]`` → cosines ``[m, K]``."""
+    def cosines(self, X: Any) -> np.ndarray:
+        """``X [m, D]`` → cosines to every class direction ``[m, K]``."""
         check_fitted(self, "directions_")
-        X = as_features(X)
-        check_width(X, self.n_features_in_)
-        Xt = torch.as_tensor(np.asarray(X.cpu() if isinstance(X, torch.Tensor) else X, dtype=np.float64))
-        return cosine_scores(Xt[None], torch.as_tensor(self.directions_)[None])[0].numpy()
+        X = validate_features(self, X, reset=False)
+        return cosine_scores(_float64(X)[None], torch.as_tensor(self.directions_)[None])[0].numpy()
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``X [m, D]`` → the cosines ``[m, K]``; for K = 2, ``cos(x, μ_1) − cos(x, μ_0)`` ``[m]`` (scikit-learn's
+        binary convention: positive means the second class)."""
+        cos = self.cosines(X)
+        return cos[:, 1] - cos[:, 0] if cos.shape[1] == 2 else cos
 
     def predict(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → labels ``[m]``."""
-        scores = self.decision_function(X)  # first: raises NotFittedError before classes_ is read
-        return self.classes_[scores.argmax(1)]
+        best = self.cosines(X).argmax(1)  # first: raises NotFittedError before classes_ is read
+        return self.classes_[best]
 
-    def score(self, X: Any, y: Any) -> float:
-        """Mean accuracy; labels must be among ``classes_``."""
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Mean accuracy (weighted by ``sample_weight``); labels must be among ``classes_``."""
         check_fitted(self, "directions_")
         check_labels_known(y, self.classes_)
-        return float(np.mean(self.predict(X) == np.asarray(y)))
+        correct = (self.predict(X) == np.asarray(y)).astype(np.float64)
+        return float(np.average(correct, weights=sample_weight))
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        return tags

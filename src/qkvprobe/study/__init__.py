@@ -417,6 +417,11 @@ class _Study:
                 **extra,
             )
         self._note_excluded(d.spec, shots, stores["train"].classes, excluded.get(shots, []))
+        if getattr(evaluation, "unconverged", None):
+            units = [f"{m.name} · {d.spec} · {u}" for u in evaluation.unconverged]
+            self.log(f"not converged (results marked converged=false): {'; '.join(units)}")
+            self.info.setdefault("unconverged", []).extend(units)
+            self.info["unconverged_units"] = len(self.info["unconverged"])
         if not evaluation:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
         rows = [replace(r, weights=self.sources.get(m.name, "")) for r in evaluation]

@@ -62,7 +62,7 @@ def direction_cosines(
     import torch
 
     from ..rules.cosine import cosine_directions
-    from ..rules.hyperplane import balanced_sample_weight, default_dtype, fit_hyperplane_batched
+    from ..rules.logistic import balanced_sample_weight, default_dtype, fit_logistic
 
     classes, codes = np.unique(y, return_inverse=True)
     G, K = X.shape[0], len(classes)
@@ -74,10 +74,10 @@ def direction_cosines(
         if class_weight == "balanced"
         else None
     )
-    coef, _, _, _ = fit_hyperplane_batched(
+    fit = fit_logistic(
         Xt, yt, K, torch.as_tensor(Cs, dtype=dt, device=device), sample_weight=sw, max_iter=DIRECTION_MAX_ITER
     )
-    W = coef.cpu().numpy()
+    W = fit.coef.cpu().numpy()
     if W.shape[1] == 1:
         W = np.concatenate([-W, W], axis=1)
     mu = cosine_directions(Xt, yt, K).cpu().numpy()

@@ -1,10 +1,9 @@
 """Batched products of many small matrices (few-shot episodes, span-reduced problems).
 
-Why not always ``torch.matmul``: on CPU, torch 2.14's batched GEMM is 2–3× slower than numpy's ``matmul``
-(OpenBLAS, one GEMM per matrix of the stack) for the skinny shapes of few-shot work, measured single-threaded
-by ``benchmarks/bench_rules.py kernels`` (2 000 episodes' calls): ``[32, 75, 384] @ [32, 384, 5]`` 20.6 vs
-7.2 ms, ``[32, 25, 384] @ [32, 384, 25]`` 22.2 vs 10.2 ms, ``[2000, 5, 26] @ [2000, 26, 25]`` 10.1 vs 6.4 ms. Both are float32/float64
-BLAS products; only the batching differs. Accelerators and autograd keep torch.
+Why not always ``torch.matmul``: on CPU, torch's batched GEMM is several times slower than numpy's ``matmul``
+(OpenBLAS, one GEMM per matrix of the stack) for the skinny shapes of few-shot work; both are the same float32 /
+float64 BLAS products, only the batching differs (``benchmarks/bench_rules.py kernels`` measures it).
+Accelerators and autograd keep torch.
 """
 
 from __future__ import annotations
