@@ -1,6 +1,6 @@
 """Speed and memory of the rules and protocols against scikit-learn. CPU, one process.
 
-Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|all]``;
+Run: ``nice -n 10 .venv/bin/python benchmarks/bench_rules.py [standard|fewshot|cosine|segmentation|kernels|knn|gap|all]``;
 ``python benchmarks/bench_rules.py precond [STORE [TOKENS [POSITION]]]`` (the curvature preconditioner on and off);
 ``python benchmarks/bench_rules.py grid [STORE [TOKENS [POSITION|patch [EVERY]]]]`` (a C grid one C at a time
 and as one batch sharing the features);
@@ -185,6 +185,105 @@ def bench_fewshot(
         f"memory copy bandwidth {bandwidth:.1f} GB/s (reading the {query_gb:.2f} GB of query features once at "
         f"that rate: {query_gb / bandwidth:.3f} s)"
     )
+
+
+def bench_knn(n: int = 60_000, n_test: int = 10_000, dim: int = 384, num_classes: int = 10) -> None:
+    """Standard weighted k-NN (k = 20, T = 0.07) on ViT-like features: ours (exact top-k in blocks, float32)
+    against scikit-learn's brute-force ``KNeighborsClassifier(metric="cosine")`` with the same vote weights, side by
+    side, and how many predictions agree."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from qkvprobe.rules.knn import KNN_T, KNNRule
+
+    X, y = vit_like(n + n_test, dim, num_classes, seed=3)
+    Xtr, ytr, Xte, yte = X[:n], y[:n], X[n:], y[n:]
+    print(f"[knn] {n} x {dim} train, {n_test} test, {num_classes} classes, k = 20, T = {KNN_T}")
+    ours = KNNRule(k=20, T=KNN_T).fit(Xtr, ytr)
+    t0 = time.perf_counter()
+    pred = ours.predict(Xte)
+    ours_s = time.perf_counter() - t0
+    sk = KNeighborsClassifier(
+        n_neighbors=20, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / KNN_T)
+    ).fit(Xtr, ytr)
+    t0 = time.perf_counter()
+    sk_pred = sk.predict(Xte)
+    sk_s = time.perf_counter() - t0
+    print(
+        f"  ours {ours_s:.2f} s, accuracy {np.mean(pred == yte) * 100:.2f}; scikit-learn {sk_s:.2f} s, accuracy "
+        f"{np.mean(sk_pred == yte) * 100:.2f}; same prediction on {np.mean(pred == sk_pred) * 100:.2f} % of the test set"
+    )
+    print(f"  SPEED-UP knn: {sk_s / ours_s:.1f}x (target >= 5x)")
+
+
+def bench_knn_segmentation(num_patches: int = 5_000_000, dim: int = 384) -> None:
+    """Peak resident memory of the standard segmentation k-NN with a ``num_patches`` training-patch store (the
+    memory bank is the budgeted seeded sample, ``protocols.knn.KNN_MEMORY_BYTES``), in this process."""
+    from qkvprobe.protocols import segmentation as seg
+    from qkvprobe.protocols.knn import KNN_MEMORY_BYTES
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    root = (
+        Path(os.environ.get("QKV_BENCH_DIR", tempfile.gettempdir()))
+        / f"qkvprobe_bench_seg_{num_patches}_{dim}"
+    )
+    train = DiskStore(root / "train", num_patches // 1024, dim)
+    test = DiskStore(root / "test", 64, dim, seed=1)
+    t0 = time.perf_counter()
+    res = seg.standard_segmentation(train, test, token="q", rule="knn", masks=test.mask)
+    took = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"[knn-segmentation] {train.num_samples * 1024} training patches x {dim}, memory budget "
+        f"{KNN_MEMORY_BYTES / 2**20:.0f} MiB: {took:.0f} s, mIoU {res.miou * 100:.1f}; RSS after imports {base:.0f} "
+        f"MB, PEAK RSS {peak:.0f} MB (target <= 2048 MB)"
+    )
+
+
+def bench_gap() -> None:
+    """The hyperplane fit's distance from the optimum on an ill-conditioned problem: scikit-learn's digits (raw
+    0–16 pixels, the 1 257-row training split of ``train_test_split(test_size=0.3, random_state=0)``), as they are
+    and with column 10 scaled ×300, at C ∈ {1e-2, 1, 1e2, 1e4}. Objective ``C·Σ logloss + ½‖W‖²`` of
+    ``HyperplaneRule(C=C)`` at its defaults and of scikit-learn's ``LogisticRegression(C=C)`` at its defaults,
+    against the optimum: the better of scikit-learn's Newton–Cholesky and L-BFGS at tol = 1e-12."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    from qkvprobe.rules import HyperplaneRule
+
+    def objective(coef: np.ndarray, intercept: np.ndarray, X: np.ndarray, y: np.ndarray, C: float) -> float:
+        z = X @ coef.T + intercept
+        m = z.max(1)
+        loss = m + np.log(np.exp(z - m[:, None]).sum(1)) - z[np.arange(len(y)), y]
+        return float(C * loss.sum() + 0.5 * (coef**2).sum())
+
+    X, y = load_digits(return_X_y=True)
+    Xtr, _, ytr, _ = train_test_split(X, y, test_size=0.3, random_state=0)
+    print("[gap] digits 1257 x 64, float64; relative distance of each fit's objective from the optimum")
+    print(
+        f"  {'features':<9} {'C':>6} {'optimum':>10} {'qkvprobe':>10} {'rel.':>8} {'it.':>5} {'certified':>9}  sklearn defaults"
+    )
+    for scaled in (False, True):
+        Xs = Xtr.copy()
+        if scaled:
+            Xs[:, 10] *= 300
+        for C in (1e-2, 1.0, 1e2, 1e4):
+            refs = []
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for solver, it in (("newton-cholesky", 2000), ("lbfgs", 100_000)):
+                    ref = LogisticRegression(C=C, solver=solver, tol=1e-12, max_iter=it).fit(Xs, ytr)
+                    refs.append(objective(ref.coef_, ref.intercept_, Xs, ytr, C))
+                sk = LogisticRegression(C=C).fit(Xs, ytr)
+                ours = HyperplaneRule(C=C).fit(Xs, ytr)
+            f_opt = min(refs)
+            f_ours = objective(ours.coef_, ours.intercept_, Xs, ytr, C)
+            f_sk = objective(sk.coef_, sk.intercept_, Xs, ytr, C)
+            print(
+                f"  {'x300 col' if scaled else 'raw':<9} {C:>6g} {f_opt:>10.6g} {f_ours:>10.6g} "
+                f"{(f_ours - f_opt) / f_opt:>8.1e} {int(ours.n_iter_[0]):>5} {ours.converged_!s:>9}  "
+                f"{f_sk:.6g} ({(f_sk - f_opt) / f_opt:.1e})"
+            )
 
 
 def bench_kernels(repeats: int = 62) -> None:
@@ -557,6 +656,14 @@ def main(argv: list[str]) -> None:
         bench_fewshot()
     if which == "kernels":
         bench_kernels()
+    if which == "gap":
+        bench_gap()
+    if which == "knn":
+        bench_knn()
+        # own process, so ru_maxrss is the segmentation k-NN's peak alone
+        subprocess.run([sys.executable, __file__, "knn-segmentation"], check=True)
+    if which == "knn-segmentation":
+        bench_knn_segmentation(*(int(a) for a in argv[2:4]))
     if which == "gpu":  # needs CUDA; not part of "all"
         bench_gpu(*(int(a) for a in argv[2:6]))
     if which == "precond":  # not part of "all"

@@ -153,7 +153,7 @@ def test_standard_segmentation_ties_are_not_tested_and_equal_values_tie() -> Non
 def test_the_study_tests_the_best_the_answer_names_on_equal_values() -> None:
     """When two choices score exactly the same, paired_verdicts and the answer table pick the same best, so the
     report finds that choice's tests."""
-    from qkvprobe.protocols.classification import Evaluation
+    from qkvprobe.protocols import Evaluation, UnitKey
 
     rng = np.random.default_rng(0)
     rows = [
@@ -162,7 +162,7 @@ def test_the_study_tests_the_best_the_answer_names_on_equal_values() -> None:
         )
         for t, r, v in (("q", "cosine", 0.7), ("q", "hyperplane", 0.7), ("k", "cosine", 0.5))
     ]
-    per_episode = {(r.token, "cls", r.rule, 5): rng.uniform(0, 1, 40) for r in rows}
+    per_episode = {UnitKey(5, r.token, "cls", r.rule, 1): rng.uniform(0, 1, 40) for r in rows}
     tests = paired_verdicts(rows, Evaluation(rows, per_episode=per_episode), None)
     frame = pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS))
     (a,) = answers(frame, tests)

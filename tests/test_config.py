@@ -111,7 +111,7 @@ def test_fingerprint_ignores_cosmetic_keys() -> None:
             ["tokens=[q, x]"],
             r"tokens.1: 'x' is not allowed; input should be 'q', 'k', 'v', 'ffn' or 'ffn_norm'",
         ),
-        (["rules=[knn]"], r"rules.0: 'knn' is not allowed; input should be 'hyperplane' or 'cosine'"),
+        (["rules=[nearest]"], r"rules: unknown rule 'nearest'; choose from hyperplane, cosine, knn"),
         (
             ["settings=[zero-shot]"],
             r"settings.0: 'zero-shot' is not allowed; input should be 'standard' or 'fewshot'",
@@ -234,9 +234,12 @@ def test_relative_paths_resolve_against_the_config_files_folder(
             "hf:facebook/dino-vits16",
         ],
         "datasets": [
-            {"spec": "imagefolder:data/imgs?x=1"},
+            {"spec": "imagefolder:data/imgs"},
             {"spec": "fashion-mnist", "root": "fm"},
             {"spec": f"segfolder:{tmp_path / 'abs'}"},
+            {"spec": "wds:shards?image=png"},
+            {"spec": "hfds:./parquet"},
+            {"spec": "hfds:org/name"},
         ],
     }
     (folder / "study.yaml").write_text(yaml.safe_dump(data))
@@ -248,9 +251,12 @@ def test_relative_paths_resolve_against_the_config_files_folder(
     assert cfg.weights_path(dino) == base / "ckpt" / "dino.pth" and cfg.weights_path(mae) is None
     assert cfg.model_spec(mae) == f"hf:{base / 'models' / 'mae'}"
     assert cfg.model_spec(hub) == "hf:facebook/dino-vits16"  # a hub id, not a folder
-    imgs, fm, seg = cfg.datasets
-    assert cfg.dataset_spec(imgs) == f"imagefolder:{base / 'data' / 'imgs'}?x=1"
-    assert imgs.spec == "imagefolder:data/imgs?x=1"  # the label (results' dataset column) stays as written
+    imgs, fm, seg, shards, parquet, hub_id = cfg.datasets
+    assert cfg.dataset_spec(imgs) == f"imagefolder:{base / 'data' / 'imgs'}"
+    assert imgs.spec == "imagefolder:data/imgs"  # the label (results' dataset column) stays as written
+    assert cfg.dataset_spec(shards) == f"wds:{base / 'shards'}?image=png"  # options kept
+    assert cfg.dataset_spec(parquet) == f"hfds:{base / 'parquet'}"
+    assert cfg.dataset_spec(hub_id) == "hfds:org/name"  # a hub id, not a folder
     assert cfg.dataset_root(fm) == str(base / "fm") and cfg.dataset_spec(fm) == "fashion-mnist"
     assert cfg.dataset_spec(seg) == seg.spec
     # The fingerprint does not depend on where the config lies; --set values resolve the same way.

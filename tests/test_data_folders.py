@@ -127,7 +127,7 @@ def test_unknown_spec_suggests() -> None:
     with pytest.raises(SpecError, match=r"unknown dataset spec 'fashion-minst'; did you mean fashion-mnist"):
         open_dataset("fashion-minst", "train")
     with pytest.raises(
-        SpecError, match=r"Hugging Face datasets \('hf:beans'\) are not supported; export them"
+        SpecError, match=r"'hf:beans': hf: names a model; Hugging Face datasets are read with hfds:PATH_OR_ID"
     ):
         open_dataset("hf:beans", "train")
     with pytest.raises(SpecError, match=r"'voc' needs a directory: write voc:PATH"):

@@ -20,7 +20,7 @@ from conftest import write_tiny_builtin
 from qkvprobe import load_backbone, open_dataset
 from qkvprobe.data import Dataset, sample_classification_episodes, sample_segmentation_episodes
 from qkvprobe.features import extract_features
-from qkvprobe.protocols import evaluate_classification, evaluate_segmentation
+from qkvprobe.protocols import UnitKey, evaluate_classification, evaluate_segmentation
 from qkvprobe.rules import CosineRule
 
 TOKENS = ("q", "k", "v", "ffn")
@@ -87,16 +87,18 @@ def test_standard_classification_on_real_stores_matches_sklearn(cls_stores) -> N
     assert train.num_samples == 10 * PER_CLASS_TRAIN and test.num_samples == 1000
     with threadpool_limits(1):
         rows = evaluate_classification(train, test, setting="standard", tokens=TOKENS, positions=("cls",))
-    assert {(r.token, r.rule) for r in rows} == {(t, r) for t in TOKENS for r in ("hyperplane", "cosine")}
-    assert all(0.0 <= r.value <= 1.0 and r.metric == "accuracy" and r.block == 1 for r in rows)
+    assert {(r.token, r.rule) for r in rows.rows} == {
+        (t, r) for t in TOKENS for r in ("hyperplane", "cosine")
+    }
+    assert all(0.0 <= r.value <= 1.0 and r.metric == "accuracy" and r.block == 1 for r in rows.rows)
     Xtr, ytr, yte = train.get("ffn", "cls").astype(np.float64), train.labels(), test.labels()
     Xte = test.get("ffn", "cls").astype(np.float64)
-    hyp = next(r for r in rows if r.token == "ffn" and r.rule == "hyperplane")
+    hyp = next(r for r in rows.rows if r.token == "ffn" and r.rule == "hyperplane")
     with threadpool_limits(1):
         sk = LogisticRegression(C=hyp.C, tol=1e-8, max_iter=5000).fit(Xtr, ytr)
     assert abs(hyp.value - sk.score(Xte, yte)) <= 0.003  # ±0.3 points = 3 of the 1000 test images
     assert hyp.value > 0.3  # random-init ViT features still carry the pixels: far above chance (0.1)
-    cos = next(r for r in rows if r.token == "ffn" and r.rule == "cosine")
+    cos = next(r for r in rows.rows if r.token == "ffn" and r.rule == "cosine")
     assert cos.value == pytest.approx(CosineRule().fit(Xtr, ytr).score(Xte, yte), abs=1e-12)
 
 
@@ -112,8 +114,8 @@ def test_fewshot_classification_on_real_stores(cls_stores) -> None:
         episodes=30,
         queries=5,
     )
-    assert len(out) == 2 * 2 * 2 and all(0.0 <= r.value <= 1.0 and r.episodes == 30 for r in out)
-    assert {r.shots for r in out} == {1, 5} and all(r.ci95 > 0 for r in out)
+    assert len(out.rows) == 2 * 2 * 2 and all(0.0 <= r.value <= 1.0 and r.episodes == 30 for r in out.rows)
+    assert {r.shots for r in out.rows} == {1, 5} and all(r.ci95 > 0 for r in out.rows)
     # The cosine rows equal per-episode CosineRule fits on the same (seeded) episodes of the real arrays.
     ep = sample_classification_episodes(
         train.labels(), test.labels(), ways=5, shots=5, queries=5, episodes=30, seed=0
@@ -123,7 +125,7 @@ def test_fewshot_classification_on_real_stores(cls_stores) -> None:
         CosineRule().fit(Ftr[ep.support[e]], ep.support_labels[e]).score(Fte[ep.query[e]], ep.query_labels[e])
         for e in range(30)
     ]
-    np.testing.assert_allclose(out.per_episode[("k", "cls", "cosine", 1, 5)], ref)
+    np.testing.assert_allclose(out.per_episode[UnitKey(1, "k", "cls", "cosine", 5)], ref)
 
 
 def test_per_head_tokens_on_real_stores(cls_stores, backbone: Any, tmp_path: Path) -> None:
@@ -142,11 +144,11 @@ def test_per_head_tokens_on_real_stores(cls_stores, backbone: Any, tmp_path: Pat
     Xtr, Xte = train.get("q", "cls").astype(np.float64), test.get("q", "cls").astype(np.float64)
     for h in (0, H - 1):
         cols = slice(h * d, (h + 1) * d)
-        hyp = next(r for r in rows if r.token == f"q.h{h}" and r.rule == "hyperplane")
+        hyp = next(r for r in rows.rows if r.token == f"q.h{h}" and r.rule == "hyperplane")
         with threadpool_limits(1):
             sk = LogisticRegression(C=hyp.C, tol=1e-8, max_iter=5000).fit(Xtr[:, cols], train.labels())
         assert abs(hyp.value - sk.score(Xte[:, cols], test.labels())) <= 0.003
-        cos = next(r for r in rows if r.token == f"q.h{h}" and r.rule == "cosine")
+        cos = next(r for r in rows.rows if r.token == f"q.h{h}" and r.rule == "cosine")
         ref = CosineRule().fit(Xtr[:, cols], train.labels()).score(Xte[:, cols], test.labels())
         assert cos.value == pytest.approx(ref, abs=1e-12)
     # The command line: --heads adds every head of the attention tokens asked for.
@@ -218,13 +220,13 @@ def test_segmentation_on_real_stores(backbone: Any, tmp_path: Path) -> None:
             episodes=8,
             episode_sampler=partial(sample_segmentation_episodes, exclude=rare),
         )
-    assert {(r.rule, r.metric) for r in std} == {
+    assert {(r.rule, r.metric) for r in std.rows} == {
         (r, m) for r in ("hyperplane", "cosine") for m in ("miou", "pixel_accuracy")
     }
-    assert {(r.rule, r.metric) for r in few} == {
+    assert {(r.rule, r.metric) for r in few.rows} == {
         (r, m) for r in ("hyperplane", "cosine") for m in ("miou", "fb_iou")
     }
-    assert all(0.0 <= r.value <= 1.0 for r in [*std, *few])
+    assert all(0.0 <= r.value <= 1.0 for r in [*std.rows, *few.rows])
     # Independent recomputation of both rules' mIoU from the store arrays.
     X, labels = train.get("ffn", "patch").astype(np.float64), train.patch_labels()
     keep = labels.reshape(-1) != 255
@@ -232,10 +234,10 @@ def test_segmentation_on_real_stores(backbone: Any, tmp_path: Path) -> None:
     unit = Xf / np.linalg.norm(Xf, axis=1, keepdims=True)
     mu = np.stack([unit[yf == c].sum(0) for c in range(len(train.classes))])
     mu /= np.linalg.norm(mu, axis=1, keepdims=True)
-    cos = next(r for r in std if r.rule == "cosine" and r.metric == "miou")
+    cos = next(r for r in std.rows if r.rule == "cosine" and r.metric == "miou")
     ref = miou_from_predictions(test, "ffn", lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)) @ mu.T)
     assert cos.value == pytest.approx(ref, abs=1e-9)
-    hyp = next(r for r in std if r.rule == "hyperplane" and r.metric == "miou")
+    hyp = next(r for r in std.rows if r.rule == "hyperplane" and r.metric == "miou")
     assert hyp.C in (0.1, 1.0)
     with threadpool_limits(1):
         sk = LogisticRegression(C=hyp.C, tol=1e-8, max_iter=5000).fit(Xf, yf)

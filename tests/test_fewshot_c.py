@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from qkvprobe.data.episodes import sample_classification_episodes, sample_segmentation_episodes
 from qkvprobe.errors import DataError, RuleError
-from qkvprobe.protocols import evaluate_classification, evaluate_segmentation, fewshot_classification
+from qkvprobe.protocols import UnitKey, evaluate_classification, evaluate_segmentation, fewshot_classification
 from qkvprobe.protocols.fewshot_c import FEWSHOT_C_GRID, check_fewshot_C, choose_C, split_pools
 from qkvprobe.protocols.segmentation import fewshot_segmentation
 from qkvprobe.report.tables import label_rule_variants
@@ -83,7 +83,7 @@ def test_auto_C_classification() -> None:
     for e in range(len(val.classes)):
         assert np.array_equal(ytr[val.support[e]], val.classes[e][val.support_labels[e]])
         assert np.array_equal(ytr[val.query[e]], val.classes[e][val.query_labels[e]])
-    chosen = out.chosen_C[("q", "cls", 1, 2)]
+    chosen = out.chosen_C[UnitKey(1, "q", "cls", "hyperplane", 2)]
     ref = {
         C: fewshot_classification(
             Xtr,
@@ -100,7 +100,7 @@ def test_auto_C_classification() -> None:
     }
     assert chosen.scores == pytest.approx(ref, abs=1e-12) and len(set(ref.values())) > 1
     assert max(ref, key=lambda C: (ref[C], -C)) == chosen.C
-    hyper = next(r for r in out if r.rule == "hyperplane")
+    hyper = next(r for r in out.rows if r.rule == "hyperplane")
     test = fewshot_classification(
         Xtr,
         Xte * 4,
@@ -117,11 +117,11 @@ def test_auto_C_classification() -> None:
         and hyper.value == pytest.approx(test.mean, abs=1e-12)
         and hyper.C_choice == "auto"
     )
-    assert math.isnan(next(r for r in out if r.rule == "cosine").C)
+    assert math.isnan(next(r for r in out.rows if r.rule == "cosine").C)
     # The evaluation split plays no part in the choice.
     noise = FakeStore({("q", "cls"): np.random.default_rng(0).normal(size=Xte.shape)}, labels=yte)
     again = evaluate_classification(tr, noise, **kw)
-    assert again.chosen_C[("q", "cls", 1, 2)] == chosen
+    assert again.chosen_C[UnitKey(1, "q", "cls", "hyperplane", 2)] == chosen
 
 
 def test_auto_C_classification_needs_enough_training_rows() -> None:
@@ -146,7 +146,7 @@ def test_auto_C_classification_needs_enough_training_rows() -> None:
         rules=("cosine",),
         C="auto",
     )
-    assert not rows.chosen_C and [r.rule for r in rows] == ["cosine"]
+    assert not rows.chosen_C and [r.rule for r in rows.rows] == ["cosine"]
 
 
 def test_auto_C_segmentation() -> None:
@@ -190,7 +190,7 @@ def test_auto_C_segmentation() -> None:
         ).miou
         for C in FEWSHOT_C_GRID
     }
-    chosen = out.chosen_C[("v", "patch", 1, 1)]
+    chosen = out.chosen_C[UnitKey(1, "v", "patch", "hyperplane", 1)]
     assert chosen.scores == pytest.approx(ref, abs=1e-12) and max(ref, key=lambda C: (ref[C], -C)) == chosen.C
     test = fewshot_segmentation(
         ftr * 3,
@@ -206,7 +206,7 @@ def test_auto_C_segmentation() -> None:
         C=chosen.C,
         class_weight="balanced",
     )
-    miou = next(r for r in out if r.metric == "miou")
+    miou = next(r for r in out.rows if r.metric == "miou")
     assert miou.C == chosen.C and miou.value == pytest.approx(test.miou, abs=1e-12)
 
 
@@ -247,9 +247,9 @@ def test_fixed_and_auto_C_runs_share_one_table(tmp_path) -> None:
     kw = dict(setting="fewshot", tokens=("q",), ways=3, shots=2, queries=4, episodes=20, seed=2)
     path = tmp_path / "results.csv"
     fixed = evaluate_classification(tr, te, C=0.5, **kw)
-    assert {(r.rule, r.C_choice) for r in fixed} == {("hyperplane", "0.5"), ("cosine", "")}
-    write_results(path, fixed)
-    write_results(path, evaluate_classification(tr, te, C="auto", **kw))
+    assert {(r.rule, r.C_choice) for r in fixed.rows} == {("hyperplane", "0.5"), ("cosine", "")}
+    write_results(path, fixed.rows)
+    write_results(path, evaluate_classification(tr, te, C="auto", **kw).rows)
     rows = read_results(path)
     assert sorted((r.rule, r.C_choice) for r in rows) == [
         ("cosine", ""),
@@ -259,5 +259,5 @@ def test_fixed_and_auto_C_runs_share_one_table(tmp_path) -> None:
     frame = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
     assert sorted(frame["rule"]) == ["cosine", "hyperplane·C=0.5", "hyperplane·C=auto"]
     # One C choice in the table: the rule keeps its name.
-    one = label_rule_variants(pd.DataFrame([r.__dict__ for r in fixed], columns=list(COLUMNS)))
+    one = label_rule_variants(pd.DataFrame([r.__dict__ for r in fixed.rows], columns=list(COLUMNS)))
     assert sorted(one["rule"]) == ["cosine", "hyperplane"]

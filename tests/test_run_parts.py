@@ -93,8 +93,10 @@ def test_saved_fits_give_the_direction_cosines(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     W, mu = rng.normal(size=(2, 4, 6)), rng.normal(size=(2, 4, 6))
     mu[:, 2] = 0  # a class without training samples (segmentation) has no direction: left out
+    from qkvprobe.protocols import UnitKey
+
     weights = {
-        (t, "cls", r, 5): (W if r == "hyperplane" else mu)[g]
+        UnitKey(5, t, "cls", r): (W if r == "hyperplane" else mu)[g]
         for g, t in enumerate(["q", "k"])
         for r in ("hyperplane", "cosine")
     }
@@ -137,12 +139,12 @@ def test_paired_verdicts_between_top_choices() -> None:
     rng = np.random.default_rng(0)
     rows = [_row("v", "cosine", 0.9), _row("q", "cosine", 0.89), _row("k", "cosine", 0.5)]
 
-    from qkvprobe.protocols.classification import Evaluation
+    from qkvprobe.protocols import Evaluation, UnitKey
 
     per_episode = {
-        ("v", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
-        ("q", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
-        ("k", "cls", "cosine", 1): rng.uniform(0.3, 0.6, 50),
+        UnitKey(1, "v", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
+        UnitKey(1, "q", "cls", "cosine", 1): rng.uniform(0.8, 1.0, 50),
+        UnitKey(1, "k", "cls", "cosine", 1): rng.uniform(0.3, 0.6, 50),
     }
 
     tests = paired_verdicts(rows, Evaluation(rows, per_episode=per_episode), None)
@@ -211,7 +213,7 @@ def test_mcnemar_verdict_compares_the_best_with_the_others() -> None:
     (a test of the best against itself would always say "no significant difference")."""
     from scipy.stats import binomtest
 
-    from qkvprobe.protocols.classification import Evaluation
+    from qkvprobe.protocols import Evaluation, UnitKey
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 200)
@@ -227,7 +229,10 @@ def test_mcnemar_verdict_compares_the_best_with_the_others() -> None:
             _row("q", "hyperplane", 0.65, 1.0), setting="standard", ways=0, shots=0, episodes=0, ci95=math.nan
         ),
     ]
-    predictions = {("v", "cls", "hyperplane", 1): best_pred, ("q", "cls", "hyperplane", 1): other_pred}
+    predictions = {
+        UnitKey(1, "v", "cls", "hyperplane"): best_pred,
+        UnitKey(1, "q", "cls", "hyperplane"): other_pred,
+    }
     tests = paired_verdicts(rows, Evaluation(rows, predictions=predictions), labels)
     assert len(tests) == 1 and (tests[0]["a"]["token"], tests[0]["b"]["token"]) == ("v", "q")
     a_only = int(np.sum((best_pred == labels) & (other_pred != labels)))

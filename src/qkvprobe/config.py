@@ -3,8 +3,8 @@ overrides, validated once. Every error is a one-line :class:`~qkvprobe.errors.Co
 path (``fewshot.shots.1``) and, where the value is one of a set, the allowed values.
 
 Relative paths in a config file — ``out_dir``, ``cache_dir``, a model's ``weights``, a local ``hf:./dir`` model, a
-dataset's ``root`` and the path of a folder dataset spec (``imagefolder:data/x``, ``voc:``, ``ade20k:``,
-``segfolder:``) — are taken relative to the folder of that file, so a study runs the same from any working
+dataset's ``root`` and the path of a dataset spec that takes one (``imagefolder:data/x``, ``voc:``, ``ade20k:``,
+``segfolder:``, ``wds:``; ``hfds:./dir``) — are taken relative to the folder of that file, so a study runs the same from any working
 directory; ``--set`` values are part of the config and resolve the same way. The embedded default study (no file)
 resolves them against the working directory. The config keeps them as written: they are its labels (the results'
 ``dataset`` column) and its fingerprint.
@@ -32,25 +32,13 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
-from .vocab import RULES, TOKENS, Position, RuleName, Setting, Token
+from .data.registry import KINDS, dataset_kind, dataset_task, parse_spec
+from .errors import ConfigError, SpecError
+from .vocab import RULES, TOKENS, Position, Setting, Token
 
-#: Dataset spec kind (text before ``:``) -> the task it serves.
-DATASET_TASKS: dict[str, str] = {
-    "fashion-mnist": "classification",
-    "imagefolder": "classification",
-    "fashion-mnist-scenes": "segmentation",
-    "voc": "segmentation",
-    "ade20k": "segmentation",
-    "segfolder": "segmentation",
-}
 MODEL_PREFIXES: tuple[str, ...] = ("timm:", "hf:", "builtin:")
 #: Image-level positions per task; segmentation always works on patch tokens.
 TASK_POSITIONS: dict[str, tuple[str, ...]] = {"classification": ("cls", "avg"), "segmentation": ("patch",)}
-
-
-#: Dataset spec kinds whose text after ``:`` is a folder (resolved against a config file's folder when relative).
-FOLDER_KINDS: tuple[str, ...] = ("imagefolder", "voc", "ade20k", "segfolder")
 
 
 def resolve_path(path: str | Path, base: Path | None) -> Path:
@@ -59,12 +47,20 @@ def resolve_path(path: str | Path, base: Path | None) -> Path:
     return p if p.is_absolute() or base is None else base / p
 
 
+def _explicitly_relative(path: str) -> bool:
+    return path.startswith(("./", "../"))
+
+
 def resolve_dataset_spec(spec: str, base: Path | None) -> str:
-    """A folder dataset spec with a relative path rewritten against ``base`` (``"imagefolder:data/x?opt=1"`` →
-    ``"imagefolder:/cfg/dir/data/x?opt=1"``); other specs unchanged."""
+    """A dataset spec whose kind takes a path (``imagefolder:``, ``voc:``, ``ade20k:``, ``segfolder:``, ``wds:``;
+    ``hfds:`` only for ``./``/``../`` paths, its text may be a hub id) with a relative path rewritten against
+    ``base`` (``"imagefolder:data/x?opt=1"`` → ``"imagefolder:/cfg/dir/data/x?opt=1"``); other specs unchanged."""
     body, q, options = spec.partition("?")
     prefix, colon, path = body.partition(":")
-    if base is None or dataset_kind(spec) not in FOLDER_KINDS or not colon:
+    kind = KINDS.get(dataset_kind(spec))
+    if base is None or kind is None or not kind.path or not colon:
+        return spec
+    if kind.name == "hfds" and not _explicitly_relative(path):
         return spec
     return f"{prefix}:{resolve_path(path, base)}{q}{options}"
 
@@ -73,14 +69,9 @@ def resolve_model_spec(spec: str, base: Path | None) -> str:
     """``hf:./local-dir`` (a path that starts with ``./`` or ``../``) rewritten against ``base``; hub ids and other
     specs unchanged (``hf:facebook/dino-vits16`` is a repository id, not a folder)."""
     prefix, _, name = spec.partition(":")
-    if base is None or prefix != "hf" or not name.startswith(("./", "../")):
+    if base is None or prefix != "hf" or not _explicitly_relative(name):
         return spec
     return f"hf:{resolve_path(name, base)}"
-
-
-def dataset_kind(spec: str) -> str:
-    """``"voc:/data/VOC2012"`` -> ``"voc"``; ``"fashion-mnist-scenes?train=500"`` -> ``"fashion-mnist-scenes"``."""
-    return spec.partition("?")[0].partition(":")[0].lower()
 
 
 class _Strict(BaseModel):
@@ -137,20 +128,25 @@ class DatasetConfig(_Strict):
     @classmethod
     def _check_spec(cls, v: str) -> str:
         kind = dataset_kind(v)
-        if kind not in DATASET_TASKS:
-            close = difflib.get_close_matches(kind, DATASET_TASKS, n=1)
+        if kind not in KINDS:
+            close = difflib.get_close_matches(kind, KINDS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown dataset kind {kind!r}{hint}; allowed: {', '.join(DATASET_TASKS)}")
+            raise ValueError(f"unknown dataset kind {kind!r}{hint}; allowed: {', '.join(KINDS)}")
         body = v.partition("?")[0]
         if ":" in body and body.split(":", 1)[1] == "":
             raise ValueError(f"dataset spec {v!r} needs a path after ':'")
-        if kind in ("imagefolder", "voc", "ade20k", "segfolder") and ":" not in body:
+        if KINDS[kind].path and ":" not in body:
             raise ValueError(f"dataset spec {v!r} needs a path: {kind}:PATH")
+        try:
+            parse_spec(v)
+            dataset_task(v)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     @property
     def task(self) -> str:
-        return DATASET_TASKS[dataset_kind(self.spec)]
+        return dataset_task(self.spec)
 
     @property
     def name(self) -> str:
@@ -162,7 +158,7 @@ class DatasetConfig(_Strict):
         spec = info.data.get("spec")
         if v is None or spec is None:  # spec already failed: its own error says why
             return v
-        task = DATASET_TASKS[dataset_kind(spec)]
+        task = dataset_task(spec)
         allowed = TASK_POSITIONS[task]
         bad = [p for p in v if p not in allowed]
         if bad:
@@ -211,6 +207,13 @@ class FewShotConfig(_Strict):
         return _unique(v, "shot count")
 
 
+class KnnConfig(_Strict):
+    """The k-NN rule's parameters (DINO's defaults): ``k`` neighbours vote with weights ``exp(s/T)``."""
+
+    k: int = Field(20, ge=1)
+    T: float = Field(0.07, gt=0)
+
+
 class BlockSweepConfig(_Strict):
     """Score every token type at every block (standard setting, image-level datasets) for some models."""
 
@@ -221,7 +224,7 @@ class BlockSweepConfig(_Strict):
     blocks: Literal["all"] | list[int] = "all"
     position: Literal["cls", "avg"] = "cls"
     #: Rules swept (empty = the study's rules); the heatmap shows the best of them per token and block.
-    rules: list[RuleName] = []
+    rules: list[str] = []
     #: Dataset specs to sweep; empty = every classification dataset.
     datasets: list[str] = []
 
@@ -251,7 +254,7 @@ class StudyConfig(_Strict):
     datasets: list[DatasetConfig] = Field(min_length=1)
     settings: list[Setting] = ["standard", "fewshot"]
     tokens: list[Token] = list(TOKENS)
-    rules: list[RuleName] = list(RULES)
+    rules: list[str] = list(RULES)
     blocks: list[int] = [-1]
     #: C grid of the standard hyperplane protocol (None = the protocol's own log-spaced grid).
     c_grid: list[float] | None = None
@@ -261,6 +264,7 @@ class StudyConfig(_Strict):
     #: Also evaluate every attention head of q, k and v alone (its D/H columns; the report draws head maps).
     heads: bool = False
     fewshot: FewShotConfig = FewShotConfig()
+    knn: KnnConfig = KnnConfig()
     block_sweep: BlockSweepConfig = BlockSweepConfig()
     report: ReportConfig = ReportConfig()
     #: The folder relative paths resolve against (the config file's; None = the working directory).
@@ -298,6 +302,13 @@ class StudyConfig(_Strict):
         if not v:
             raise ValueError(f"{info.field_name} must not be empty")
         return _unique(v, info.field_name.rstrip("s"))
+
+    @field_validator("rules")
+    @classmethod
+    def _check_rules(cls, v: list[str]) -> list[str]:
+        from .protocols.registry import check_rules
+
+        return check_rules(v)  # the rule registry: hyperplane, cosine, knn and any registered rule
 
     @field_validator("c_grid")
     @classmethod

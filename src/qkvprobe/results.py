@@ -1,7 +1,8 @@
 """The results table (``results.csv``): one row per measurement, long format (docs/CONTRACTS.md).
 
-Columns added after the first release (``class_weight``, ``C_choice``, ``converged``, ``weights``) are filled in
-when an older table is read, so tables written by earlier versions stay readable and mergeable.
+Columns added after the first release (``class_weight``, ``C_choice``, ``params``, ``converged``,
+``allowed_mismatch``, ``weights``) are filled in when an older table is read, so tables written by earlier
+versions stay readable and mergeable.
 
 Rows are appended atomically (the whole file is rewritten to a temporary name and renamed), and a row whose
 key columns equal an existing row's replaces it, so a resumed run never duplicates measurements.
@@ -39,7 +40,9 @@ COLUMNS: tuple[str, ...] = (
     "C",
     "class_weight",
     "C_choice",
+    "params",
     "converged",
+    "allowed_mismatch",
     "weights",
 )
 #: The hyperplane rule's class weighting ("none" = PAPER.md's plain fit, "balanced" = scikit-learn's
@@ -54,15 +57,17 @@ C_AUTO = "auto"
 #: Whether every hyperplane fit behind a row reached its certified optimum (``rules.logistic``): "true" or
 #: "false" ("" for the cosine rule, and for rows of tables written before the column existed). An outcome column.
 CONVERGED: tuple[str, ...] = ("true", "false", "")
-# The weights column says where the model's weights came from (``Backbone.weights_source``: a hub tag, a built-in
-# file, or a local file with the start of its sha256), so a row never passes a local checkpoint off as the hub's;
-# "" where not recorded. It is not a key column: the model label names the run (a model loaded with local weights
-# gets a label that says so), and a label measured again replaces its rows.
-#: Columns that identify a measurement; the rest (value, ci95, C, converged, weights) are its outcome and
-#: provenance.
-KEY_COLUMNS: tuple[str, ...] = tuple(
-    c for c in COLUMNS if c not in ("value", "ci95", "C", "converged", "weights")
-)
+#: A rule's own parameters other than C, as ``name=value`` pairs (the k-NN rule's ``k=20,T=0.07``; "" for rules
+#: without any), a key column: two k of one token are different measurements.
+#: ``allowed_mismatch``: the store fields an evaluation was told to let differ between its train and test stores
+#: (``--allow-mismatch``), comma-separated; "" normally. An outcome column.
+#: ``weights``: where the model's weights came from (``Backbone.weights_source``: a hub tag, a built-in file, or a
+#: local file with the start of its sha256), so a row never passes a local checkpoint off as the hub's; "" where
+#: not recorded. An outcome column: the model label names the run (a model loaded with local weights gets a label
+#: that says so), and a label measured again replaces its rows.
+OUTCOME_COLUMNS: tuple[str, ...] = ("value", "ci95", "C", "converged", "allowed_mismatch", "weights")
+#: Columns that identify a measurement; the rest are its outcome.
+KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in OUTCOME_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,9 @@ class ResultRow:
     C: float = math.nan
     class_weight: str = ""
     C_choice: str = ""
+    params: str = ""
     converged: str = ""
+    allowed_mismatch: str = ""
     weights: str = ""
 
     def __post_init__(self) -> None:
@@ -135,8 +142,15 @@ def fixed_C_text(C: float) -> str:
 _TYPES = {f.name: f.type for f in fields(ResultRow)}
 #: Columns newer than the first tables, and the value an older row gets ("" → a hyperplane row's "none": its
 #: fits were plain; and its C_choice default: "auto" in the standard setting, the recorded C in the few-shot one;
-#: converged and weights "": not recorded).
-_ADDED: dict[str, object] = {"class_weight": "", "C_choice": "", "converged": "", "weights": ""}
+#: weights "": not recorded).
+_ADDED: dict[str, object] = {
+    "class_weight": "",
+    "C_choice": "",
+    "params": "",
+    "converged": "",
+    "allowed_mismatch": "",
+    "weights": "",
+}
 
 
 def _parse(name: str, text: str) -> object:

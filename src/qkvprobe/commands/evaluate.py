@@ -49,7 +49,13 @@ def evaluate(
     store: Path = typer.Option(None, "--store", help="A folder holding the two stores as train/ and test/."),
     task: str = typer.Option(None, "--task", help="classification|segmentation (default: the store's task)."),
     setting: str = typer.Option("standard", "--setting", help="standard|fewshot."),
-    rules: str = typer.Option("hyperplane,cosine", "--rules", "--rule", help="Comma-separated rules."),
+    rules: str = typer.Option(
+        "hyperplane,cosine",
+        "--rules",
+        "--rule",
+        help="Comma-separated rules: hyperplane, cosine, knn (and any rule registered in "
+        "qkvprobe.protocols.registry).",
+    ),
     tokens: str = typer.Option(
         None, "--tokens", help="Comma-separated token types (default: every token type the stores hold)."
     ),
@@ -86,6 +92,16 @@ def evaluate(
         "--heads",
         help="Also evaluate every attention head of q, k and v in --tokens on its own (tokens q.h0 … v.h{H-1}: "
         "the head's D/H columns). Single heads can be named in --tokens too, e.g. q.h3.",
+    ),
+    knn_k: int = typer.Option(20, "--knn-k", help="k-NN rule: neighbours that vote (DINO's 20)."),
+    knn_t: float = typer.Option(
+        0.07, "--knn-t", help="k-NN rule: vote temperature T, votes exp(s/T) (DINO's 0.07)."
+    ),
+    allow_mismatch: str = typer.Option(
+        "",
+        "--allow-mismatch",
+        help="Comma-separated store fields allowed to differ between --train-store and --test-store (backbone, "
+        "weights, mean, std, image_size, interpolation, blocks, classes); recorded in the rows.",
     ),
     label: str = typer.Option(
         None,
@@ -158,13 +174,19 @@ def evaluate(
     )
     if fewshot_c is not None:
         kw["C"] = fewshot_c
+    kw.update(
+        k=knn_k,
+        T=knn_t,
+        allow_mismatch=[f.strip() for f in allow_mismatch.split(",") if f.strip()],
+    )
     reporter = Reporter(Console(stderr=True), enabled=progress)
     reporter.log(
-        f"evaluate {kw['model'] or train.backbone_spec}: {setting}, tokens {','.join(token_list)}, positions {','.join(position_list)}"
+        f"evaluate {kw['model'] or train.backbone_spec}: {setting}, tokens {','.join(token_list)}, "
+        f"positions {','.join(position_list)}"
     )
     with reporter.units("evaluate") as tell:
         if task == "classification":
-            evaluation = evaluate_classification(
+            ev = evaluate_classification(
                 train,
                 test,
                 ways=ways,
@@ -174,10 +196,14 @@ def evaluate(
                 **kw,
             )
         else:
-            evaluation = evaluate_segmentation(train, test, episodes=episodes or 1000, progress=tell, **kw)
+            ev = evaluate_segmentation(train, test, episodes=episodes or 1000, progress=tell, **kw)
     source = manifest_weights_source(manifest)
-    rows = [replace(r, weights=source) for r in evaluation]
+    rows = [replace(r, weights=source) for r in ev.rows]
     write_results(out, rows)
+    if ev.allowed_mismatch:
+        typer.echo(
+            f"train and test stores differ in {', '.join(ev.allowed_mismatch)} (allowed); rows record it"
+        )
     for r in rows:
         ci = "" if r.ci95 != r.ci95 else f" ± {100 * r.ci95:.2f}"
         rule = f"{r.rule} ({r.class_weight})" if r.class_weight == "balanced" else r.rule
@@ -187,11 +213,11 @@ def evaluate(
             f"{r.metric} {100 * r.value:.2f}{ci}{C}"
         )
     labels = test.labels() if task == "classification" else None
-    _print_summary(rows, evaluation, labels, manifest)
-    if getattr(evaluation, "unconverged", None):
+    _print_summary(rows, ev, labels, manifest)
+    if ev.unconverged:
         typer.echo(
             f"not converged (rows marked converged=false; raise the solver's max_iter or check the features): "
-            f"{'; '.join(evaluation.unconverged)}",
+            f"{'; '.join(ev.unconverged)}",
             err=True,
         )
     typer.echo(f"wrote {len(rows)} rows to {out}")
@@ -217,9 +243,7 @@ def _print_summary(rows: list, evaluation: object, test_labels: object, manifest
     whole = [r for r in rows if split_head(r.token)[1] is None]
     paired = []
     for shots in sorted({r.shots for r in whole}):  # one best choice per shot count, as in the study
-        paired += paired_verdicts(
-            [r for r in whole if r.shots == shots], _one_shot_count(evaluation, shots), test_labels
-        )
+        paired += paired_verdicts([r for r in whole if r.shots == shots], evaluation, test_labels)
     backbone = manifest.get("backbone") or {}
     weights = (
         {
@@ -231,17 +255,3 @@ def _print_summary(rows: list, evaluation: object, test_labels: object, manifest
         else {}
     )
     Console().print(summary_table(main, paired, weights))
-
-
-def _one_shot_count(evaluation: object, shots: int) -> object:
-    """The evaluation's per-episode scores of one shot count keyed as a one-shot-count evaluation keys them
-    ``(token, position, rule, block)``; several shot counts add the shots as a fifth key part."""
-    from types import SimpleNamespace
-
-    per_episode = {}
-    for key, scores in (getattr(evaluation, "per_episode", {}) or {}).items():
-        if len(key) == 5 and key[4] == shots:
-            per_episode[key[:4]] = scores
-        elif len(key) == 4:
-            per_episode[key] = scores
-    return SimpleNamespace(per_episode=per_episode, predictions=getattr(evaluation, "predictions", {}) or {})

@@ -89,7 +89,9 @@ def extract(
     model: str = typer.Option(
         ..., "--model", help="Backbone spec: timm:NAME, hf:REPO_OR_DIR or builtin:NAME."
     ),
-    data: str = typer.Option(..., "--data", help="Dataset spec, e.g. fashion-mnist or imagefolder:PATH."),
+    data: str = typer.Option(
+        ..., "--data", help="Dataset spec, e.g. fashion-mnist, imagefolder:PATH, hfds:PATH_OR_ID or wds:DIR."
+    ),
     out: Path = typer.Option(
         ..., "--out", help="Feature store directory (created; resumed when incomplete)."
     ),

@@ -1,33 +1,39 @@
-"""Datasets (Fashion-MNIST, Fashion-MNIST Scenes, ImageFolder, segfolder, VOC 2012, ADE20K), preprocessing and
-few-shot episode samplers. Entry point: ``open_dataset(spec, split)``; ``list_datasets()`` says what is where.
+"""Datasets, preprocessing and few-shot episode samplers. Entry point: ``open_dataset(spec, split)``;
+``list_datasets()`` says what is where.
 
-Spec strings: ``fashion-mnist``, ``fashion-mnist-scenes``, ``imagefolder:PATH``, ``voc:PATH``, ``ade20k:PATH``,
-``segfolder:PATH``; options after ``?`` (``fashion-mnist?source=bundled``,
-``fashion-mnist-scenes?seed=1&train=500&test=100``). Hugging Face ``hf:NAME`` datasets are not supported
-(the ``datasets`` library is not a dependency); export them to ``imagefolder``/``segfolder`` layouts.
+Spec strings are ``kind[:PATH][?key=value&...]``; the kinds, their tasks, options and readers are listed once,
+in :data:`qkvprobe.data.registry.KINDS`: ``fashion-mnist``, ``fashion-mnist-scenes``, ``imagefolder:PATH``,
+``voc:PATH``, ``ade20k:PATH``, ``segfolder:PATH``, ``hfds:PATH_OR_ID`` (Hugging Face ``datasets``) and
+``wds:DIR`` (WebDataset tar shards). Options after ``?`` (``fashion-mnist?source=bundled``,
+``hfds:/data/in1k?image=jpg&label=cls``).
+
+Names are imported on first use, so that ``qkvprobe.config`` can read the registry without loading torch.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from ..errors import QkvprobeError
+from .registry import KINDS, DatasetKind, parse_spec, search_paths
 
-from ..errors import DataError, QkvprobeError
-from ._util import check_options, int_option, parse_spec
-from .base import Dataset
-from .episodes import sample_classification_episodes, sample_segmentation_episodes
-from .fashion_mnist import FashionMNIST
-from .fashion_mnist import count_split as _count_fashion_mnist
-from .fashion_mnist import locate as _locate_fashion_mnist
-from .files import check_on_bad_image
-from .folders import ADE20K, ImageFolder, SegFolder, VOCSegmentation
-from .preprocess import Preprocess, build_preprocess, patch_majority_labels
-from .scenes import DEFAULT_SIZES as SCENE_SIZES
-from .scenes import FashionMNISTScenes
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .base import Dataset
+
+_LAZY: dict[str, str] = {
+    "Dataset": "qkvprobe.data.base",
+    "Preprocess": "qkvprobe.data.preprocess",
+    "build_preprocess": "qkvprobe.data.preprocess",
+    "patch_majority_labels": "qkvprobe.data.preprocess",
+    "sample_classification_episodes": "qkvprobe.data.episodes",
+    "sample_segmentation_episodes": "qkvprobe.data.episodes",
+}
 
 __all__ = [
     "Dataset",
@@ -41,7 +47,11 @@ __all__ = [
     "sample_segmentation_episodes",
 ]
 
-_FOLDERS = {"imagefolder": ImageFolder, "voc": VOCSegmentation, "ade20k": ADE20K, "segfolder": SegFolder}
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qkvprobe.data' has no attribute {name!r}")
 
 
 def open_dataset(
@@ -50,35 +60,21 @@ def open_dataset(
     """Open one split of a dataset by spec string (see module docstring); ``root`` = Fashion-MNIST directory.
 
     ``on_bad_image="skip"`` leaves unreadable images out and lists them in ``ds.skipped`` (folder layouts).
+    SpecError for an unknown kind, option or a missing path; DataError when the data is not there.
     """
+    from .files import check_on_bad_image
+
     name, path, options = parse_spec(spec)
     check_on_bad_image(on_bad_image)
-    if name == "fashion-mnist":
-        check_options(spec, options, ("source",))
-        return FashionMNIST(split, root=root, source=options.get("source", "auto"), spec=spec)
-    if name == "fashion-mnist-scenes":
-        check_options(spec, options, ("seed", "train", "test", "source"))
-        split_key = "train" if split == "train" else "test"
-        size = (
-            int_option(spec, options, split_key, SCENE_SIZES[split_key], minimum=1)
-            if split in ("train", "test", "val")
-            else None
-        )
-        return FashionMNISTScenes(
-            split,
-            root=root,
-            seed=int_option(spec, options, "seed", 0),
-            num_scenes=size,
-            source=options.get("source", "auto"),
-            spec=spec,
-        )
-    check_options(spec, options, ())
-    assert path is not None  # parse_spec guarantees a path for folder specs
-    return _FOLDERS[name](path, split, on_bad_image=on_bad_image, spec=spec)
+    return KINDS[name].open(spec, path, options, split, root=root, on_bad_image=on_bad_image)
 
 
 def class_pixel_counts(dataset: Dataset) -> np.ndarray:
     """Pixels of each class in each image, int64 [N, C] (ignore pixels not counted); reads masks only."""
+    import numpy as np
+
+    from ..errors import DataError
+
     if dataset.task != "segmentation":
         raise DataError(f"class_pixel_counts needs a segmentation dataset; {dataset.spec} is {dataset.task}")
     fast = getattr(dataset, "pixel_counts", None)
@@ -93,27 +89,29 @@ def class_pixel_counts(dataset: Dataset) -> np.ndarray:
     return counts
 
 
-def _folder_entry(kind: str, candidates: list[Path]) -> dict[str, Any]:
+def _path_entry(kind: DatasetKind, candidates: list[Path]) -> dict[str, Any]:
+    """The listing row of a kind that needs a path: the first candidate that opens, else where to put it."""
     entry: dict[str, Any] = {
-        "spec": f"{kind}:PATH",
-        "task": "segmentation" if kind != "imagefolder" else "classification",
-        "num_classes": {"voc": 21, "ade20k": 150}.get(kind, ""),
+        "spec": f"{kind.name}:PATH",
+        "task": kind.task if isinstance(kind.task, str) else "classification|segmentation",
+        "num_classes": kind.num_classes if kind.num_classes is not None else "",
         "train": "",
         "test": "",
     }
     for path in candidates:
-        if not path.is_dir():
+        if not path.exists():
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                train = open_dataset(f"{kind}:{path}", "train")
-                test = open_dataset(f"{kind}:{path}", "val")
+                train = open_dataset(f"{kind.name}:{path}", "train")
+                test = open_dataset(f"{kind.name}:{path}", "val")
         except QkvprobeError as exc:
             entry["source"] = f"{path}: {exc}"
             return entry
         entry.update(
-            spec=f"{kind}:{path}",
+            spec=f"{kind.name}:{path}",
+            task=train.task,
             num_classes=len(train.classes),
             train=len(train),
             test=len(test),
@@ -127,41 +125,19 @@ def _folder_entry(kind: str, candidates: list[Path]) -> dict[str, Any]:
 
 
 def list_datasets() -> list[dict[str, Any]]:
-    """What ``open_dataset`` can open here: dicts with ``spec, task, num_classes, train, test, source``.
+    """What ``open_dataset`` can open here, one row per registry kind: ``spec, task, num_classes, train,
+    test, source``.
 
-    Never downloads; folder layouts are looked for under ``$QKVPROBE_DATA`` (``imagenet``, ``VOCdevkit``,
-    ``ADEChallengeData2016``).
+    Never downloads; kinds that need a path are looked for under ``$QKVPROBE_DATA`` (the registry's
+    ``where`` names: ``imagenet``, ``VOCdevkit``, ``ADEChallengeData2016``, ``imagenet-1k``, ``imagenet-wds`` …).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        located = _locate_fashion_mnist(allow_download=False)
-    train, test = (_count_fashion_mnist(located, s) for s in ("train", "test"))
-    entries = [
-        {
-            "spec": "fashion-mnist",
-            "task": "classification",
-            "num_classes": 10,
-            "train": train,
-            "test": test,
-            "source": located.source,
-        },
-        {
-            "spec": "fashion-mnist-scenes",
-            "task": "segmentation",
-            "num_classes": 11,
-            "train": SCENE_SIZES["train"],
-            "test": SCENE_SIZES["test"],
-            "source": f"generated on first use (seed 0) from Fashion-MNIST {located.source}",
-        },
-    ]
     env = os.environ.get("QKVPROBE_DATA")
     base = Path(env).expanduser() if env else None
-    where = {
-        "imagefolder": ["imagenet", "ImageNet", "imagefolder"],
-        "voc": ["VOCdevkit", "VOC2012"],
-        "ade20k": ["ADEChallengeData2016"],
-        "segfolder": [],
-    }
-    for kind, names in where.items():
-        entries.append(_folder_entry(kind, [base / n for n in names] if base else []))
+    entries = []
+    for kind in KINDS.values():
+        if kind.lister is not None:
+            module, _, function = kind.lister.partition(":")
+            entries.append(getattr(importlib.import_module(module), function)())
+        else:
+            entries.append(_path_entry(kind, search_paths(kind, base)))
     return entries

@@ -1,72 +1,29 @@
-"""Small helpers shared by the dataset loaders: spec parsing, cache directory, atomic writes, hashing."""
+"""Small helpers shared by the dataset loaders: option parsing, cache directory, atomic writes, hashing.
+
+Spec parsing lives in :mod:`qkvprobe.data.registry` (re-exported here for the loaders).
+"""
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 from ..errors import DataError, SpecError
+from .registry import PATH_SPECS, SPEC_NAMES, check_options, parse_spec
 
-#: Spec names ``open_dataset`` understands; ``*`` marks the ones that need ``:PATH``.
-SPEC_NAMES: tuple[str, ...] = (
-    "fashion-mnist",
-    "fashion-mnist-scenes",
-    "imagefolder",
-    "voc",
-    "ade20k",
-    "segfolder",
-)
-PATH_SPECS: tuple[str, ...] = ("imagefolder", "voc", "ade20k", "segfolder")
-
-
-def parse_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
-    """Split ``name[:path][?key=value&...]`` into ``(name, path, options)``.
-
-    Options are how a spec string carries everything that changes the data (the feature store re-opens a
-    dataset from its spec alone), e.g. ``fashion-mnist-scenes?seed=1&train=500``.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise SpecError(
-            f"dataset spec must be a non-empty string, got {spec!r}; try one of {', '.join(SPEC_NAMES)}"
-        )
-    body, _, query = spec.strip().partition("?")
-    name, sep, path = body.partition(":")
-    name = name.lower()
-    if name == "hf":
-        raise SpecError(
-            f"Hugging Face datasets ({spec!r}) are not supported; export them to an imagefolder or segfolder layout"
-        )
-    if name not in SPEC_NAMES:
-        close = difflib.get_close_matches(name, SPEC_NAMES, n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(close)}?" if close else f"known specs: {', '.join(SPEC_NAMES)}"
-        raise SpecError(f"unknown dataset spec {spec!r}; {hint}")
-    if name in PATH_SPECS and not path:
-        raise SpecError(f"dataset spec {spec!r} needs a directory: write {name}:PATH")
-    if name not in PATH_SPECS and sep:
-        raise SpecError(
-            f"dataset spec {spec!r} takes no path; give the data root with root=... (or --data-root)"
-        )
-    try:
-        options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    except ValueError:
-        raise SpecError(
-            f"malformed options {query!r} in dataset spec {spec!r}; write ?key=value&key=value"
-        ) from None
-    return name, (path or None), options
-
-
-def check_options(spec: str, options: dict[str, str], allowed: Iterable[str]) -> None:
-    """Refuse options a loader does not know (a typo must not silently fall back to a default)."""
-    allowed = tuple(allowed)
-    for key in options:
-        if key not in allowed:
-            valid = ", ".join(allowed) or "none"
-            raise SpecError(f"unknown option {key!r} in dataset spec {spec!r}; valid options: {valid}")
+__all__ = [
+    "PATH_SPECS",
+    "SPEC_NAMES",
+    "atomic_write_bytes",
+    "cache_dir",
+    "check_options",
+    "int_option",
+    "parse_spec",
+    "require_dir",
+    "sha256_parts",
+]
 
 
 def int_option(spec: str, options: dict[str, str], key: str, default: int, minimum: int = 0) -> int:

@@ -25,6 +25,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -267,3 +268,25 @@ class FashionMNIST(Dataset):
     def targets(self) -> np.ndarray:
         """Class index per sample, int64 [N] (no decoding)."""
         return self.labels.copy()
+
+
+def open_spec(
+    spec: str, path: str | None, options: dict[str, str], split: str, *, root: Any = None, **_: Any
+) -> FashionMNIST:
+    """Registry opener of ``fashion-mnist[?source=...]``."""
+    return FashionMNIST(split, root=root, source=options.get("source", "auto"), spec=spec)
+
+
+def list_entry() -> dict[str, Any]:
+    """The ``qkvprobe datasets`` row: sizes from the IDX headers, never a download."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        located = locate(allow_download=False)
+    return {
+        "spec": "fashion-mnist",
+        "task": "classification",
+        "num_classes": len(CLASSES),
+        "train": count_split(located, "train"),
+        "test": count_split(located, "test"),
+        "source": located.source,
+    }

@@ -8,6 +8,7 @@ by value; an RGB mask is refused, since colours are not indices.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 ON_BAD_IMAGE = ("fail", "skip")
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L"})
+IGNORE = 255
 _BAD_FILE = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
@@ -34,17 +36,19 @@ class MaskFormatError(DataError):
     """A mask stored as colours instead of class indices: a layout error that ``skip`` must not hide."""
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """Decode an image file to uint8 [C, H, W] (C = 1 for grey files, else 3); DataError names a bad file."""
+_SKIP_HINT = "replace it, or pass --on-bad-image skip to leave it out (listed in the run record)"
+
+
+def read_image(path: Path | bytes, *, name: str | None = None, hint: str = _SKIP_HINT) -> torch.Tensor:
+    """Decode an image file (a path, or the file's bytes named ``name``) to uint8 [C, H, W] (C = 1 for grey
+    files, else 3); DataError names a bad file."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             im.load()  # forces the full decode, so a truncated file fails here and not later
             im = im.convert("L" if im.mode in _GREY_MODES else "RGB")
             array = np.asarray(im)
     except _BAD_FILE as exc:
-        raise DataError(
-            f"unreadable or truncated image {path} ({exc}); replace it, or pass --on-bad-image skip to leave it out (listed in the run record)"
-        ) from None
+        raise DataError(f"unreadable or truncated image {name or path} ({exc}); {hint}") from None
     tensor = torch.from_numpy(array.copy())
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
 
@@ -58,22 +62,58 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DataError(f"unreadable image {path} ({exc}); replace it, or pass --on-bad-image skip") from None
 
 
-def read_mask(path: Path, *, kind: str = "mask") -> np.ndarray:
-    """Decode a label PNG to an integer array [H, W] of indices (palette index or grey value)."""
+def read_mask(
+    path: Path | bytes,
+    *,
+    kind: str = "mask",
+    name: str | None = None,
+    hint: str = "replace it, or pass --on-bad-image skip to leave it out",
+) -> np.ndarray:
+    """Decode a label PNG (a path, or its bytes named ``name``) to an integer array [H, W] of indices
+    (palette index or grey value)."""
+    name = name or str(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             im.load()
             mode = im.mode
             if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
                 raise MaskFormatError(
-                    f"{kind} {path} is saved as {mode} colours, not class indices; save it as a palette (P) or grey (L) PNG whose pixel values are the class indices"
+                    f"{kind} {name} is saved as {mode} colours, not class indices; save it as a palette (P) or grey (L) PNG whose pixel values are the class indices"
                 )
             array = np.asarray(im)
     except _BAD_FILE as exc:
-        raise DataError(
-            f"unreadable or truncated mask {path} ({exc}); replace it, or pass --on-bad-image skip to leave it out"
-        ) from None
+        raise DataError(f"unreadable or truncated mask {name} ({exc}); {hint}") from None
     return array.astype(np.int64)
+
+
+def check_mask(
+    mask: np.ndarray,
+    *,
+    num_classes: int,
+    reduce_zero_label: bool,
+    size: tuple[int, int],
+    mask_name: str,
+    image_name: str,
+    kind: str = "mask",
+) -> torch.Tensor:
+    """Validate a decoded mask [H, W] against its image ``size`` (W, H) and the class range, then apply the
+    reduce-zero-label convention (0 → 255, v → v-1) when asked; int64 tensor [H, W], 255 = ignore."""
+    if (mask.shape[1], mask.shape[0]) != tuple(size):
+        raise DataError(
+            f"{kind} {mask_name} is {mask.shape[1]}x{mask.shape[0]} but image {image_name} is {size[0]}x{size[1]}; masks must have the image's size"
+        )
+    num = num_classes + (1 if reduce_zero_label else 0)
+    bad = (mask >= num) & (mask != (IGNORE if not reduce_zero_label else -1))
+    bad |= mask < 0
+    if bad.any():
+        value = int(mask[bad][0])
+        allowed = f"0..{num - 1}" + ("" if reduce_zero_label else " or 255 (ignore)")
+        raise DataError(
+            f"{kind} {mask_name} has value {value} outside the class range {allowed}; fix the mask or the class list"
+        )
+    if reduce_zero_label:
+        mask = np.where(mask == 0, IGNORE, mask - 1)
+    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
 
 
 def list_images(directory: Path) -> tuple[list[Path], list[Path]]:
@@ -203,20 +243,12 @@ class SegmentationBase(FileDataset):
 
     def _mask(self, index: int, size: tuple[int, int]) -> torch.Tensor:
         image_path, mask_path = self.samples[index]
-        mask = read_mask(mask_path, kind=self.mask_kind)
-        if (mask.shape[1], mask.shape[0]) != tuple(size):
-            raise DataError(
-                f"{self.mask_kind} {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is {size[0]}x{size[1]}; masks must have the image's size"
-            )
-        num = len(self.classes) + (1 if self.reduce_zero_label else 0)
-        bad = (mask >= num) & (mask != (self.ignore_index if not self.reduce_zero_label else -1))
-        bad |= mask < 0
-        if bad.any():
-            value = int(mask[bad][0])
-            allowed = f"0..{num - 1}" + ("" if self.reduce_zero_label else " or 255 (ignore)")
-            raise DataError(
-                f"{self.mask_kind} {mask_path} has value {value} outside the class range {allowed}; fix the mask or the class list"
-            )
-        if self.reduce_zero_label:
-            mask = np.where(mask == 0, self.ignore_index, mask - 1)
-        return torch.from_numpy(mask)
+        return check_mask(
+            read_mask(mask_path, kind=self.mask_kind),
+            num_classes=len(self.classes),
+            reduce_zero_label=self.reduce_zero_label,
+            size=size,
+            mask_name=str(mask_path),
+            image_name=str(image_path),
+            kind=self.mask_kind,
+        )

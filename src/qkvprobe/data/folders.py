@@ -17,9 +17,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
-from .files import ClassFolderBase, SegmentationBase, check_on_bad_image, list_images
+from .files import ClassFolderBase, FileDataset, SegmentationBase, check_on_bad_image, list_images
 
 VOC_CLASSES: list[str] = [
     "background",
@@ -379,3 +380,15 @@ class ADE20K(SegmentationBase):
         self.samples = [(p, mask_dir / f"{p.stem}.png") for p in images]
         self.source = str(self.root)
         self._finish("ade20k", on_bad_image)
+
+
+_CLASSES = {"imagefolder": ImageFolder, "voc": VOCSegmentation, "ade20k": ADE20K, "segfolder": SegFolder}
+
+
+def open_spec(
+    spec: str, path: str | None, options: dict[str, str], split: str, *, on_bad_image: str = "fail", **_: Any
+) -> FileDataset:
+    """Registry opener of the folder kinds (``imagefolder:``, ``voc:``, ``ade20k:``, ``segfolder:``)."""
+    assert path is not None  # the registry requires a path for these kinds
+    kind = spec.partition(":")[0].strip().lower()
+    return _CLASSES[kind](path, split, on_bad_image=on_bad_image, spec=spec)

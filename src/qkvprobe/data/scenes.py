@@ -24,12 +24,13 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import DataError
-from ._util import atomic_write_bytes, cache_dir, sha256_parts
+from ._util import atomic_write_bytes, cache_dir, int_option, sha256_parts
 from .base import Dataset
 from .fashion_mnist import CLASSES as GARMENTS
 from .fashion_mnist import SPLIT_ALIASES, load_split, locate
@@ -172,3 +173,40 @@ class FashionMNISTScenes(Dataset):
         return np.bincount((flat + offsets).ravel(), minlength=len(flat) * len(CLASSES)).reshape(
             -1, len(CLASSES)
         )
+
+
+def open_spec(
+    spec: str, path: str | None, options: dict[str, str], split: str, *, root: Any = None, **_: Any
+) -> FashionMNISTScenes:
+    """Registry opener of ``fashion-mnist-scenes[?seed=&train=&test=&source=]``."""
+    split_key = "train" if split == "train" else "test"
+    size = (
+        int_option(spec, options, split_key, DEFAULT_SIZES[split_key], minimum=1)
+        if split in ("train", "test", "val")
+        else None
+    )
+    return FashionMNISTScenes(
+        split,
+        root=root,
+        seed=int_option(spec, options, "seed", 0),
+        num_scenes=size,
+        source=options.get("source", "auto"),
+        spec=spec,
+    )
+
+
+def list_entry() -> dict[str, Any]:
+    """The ``qkvprobe datasets`` row (the scenes are generated on first use)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        located = locate(allow_download=False)
+    return {
+        "spec": "fashion-mnist-scenes",
+        "task": "segmentation",
+        "num_classes": len(CLASSES),
+        "train": DEFAULT_SIZES["train"],
+        "test": DEFAULT_SIZES["test"],
+        "source": f"generated on first use (seed 0) from Fashion-MNIST {located.source}",
+    }

@@ -14,7 +14,9 @@ Every rank extracts a disjoint set of fixed sample ranges (shards of at most 102
 rank 0 marks the store complete once every shard is on disk. The store is bitwise the same for any number of
 processes (same device type and batch size). A killed run is resumed by running the same command again (any
 number of processes): only the missing shards are computed. A store with fewer shards than processes leaves
-some processes idle.
+some processes idle. Streamed datasets (``wds:`` tars, ``hfds:`` Parquet files) are split by part instead: each
+rank takes whole tars (round-robin over those with missing shards), so no tar is read by two ranks; a dataset
+with fewer parts than processes leaves some idle.
 
 Keeping a GPU fed: ``--num-workers N`` decodes and preprocesses in N worker processes per rank (start with
 4-8 per GPU; 0 = in the main process, fine on CPU); batches are copied from pinned memory on CUDA; and

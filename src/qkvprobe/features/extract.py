@@ -2,6 +2,12 @@
 
 Works alone or under ``torchrun`` (see :mod:`qkvprobe.features.distributed`): shards are fixed sample ranges,
 each rank computes a round-robin share of the missing ones, rank 0 marks the store complete at the end.
+
+Map-style datasets (random access) are read through a batch sampler over the missing shards' ranges.
+Streamed datasets (:class:`qkvprobe.data.stream.StreamDataset`: WebDataset tars, Parquet files) get shards
+that never cross a part, and ranks and DataLoader workers take whole parts: each part is read front to back
+once, the samples of finished shards are passed over undecoded, and batches start at each shard's first
+sample as in the map-style path, so both give the same bytes (design: :mod:`qkvprobe.data.stream`).
 """
 
 from __future__ import annotations
@@ -11,18 +17,20 @@ import json
 import os
 import time
 import warnings
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
 from ..backbones.base import Backbone
 from ..data import build_preprocess, patch_majority_labels
 from ..data.base import Dataset
+from ..data.stream import StreamDataset
 from ..errors import ConfigError, DataError, FeatureError, StoreError
 from ..taps import select_positions
 from ..vocab import IGNORE_INDEX, PAPER_TOKENS, POSITIONS, TOKENS
@@ -86,6 +94,9 @@ class _Prepared(TorchDataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, Any]:
         image, target = self.dataset[index]
+        return self.prepare(index, image, target)
+
+    def prepare(self, index: int, image: torch.Tensor, target: Any) -> tuple[int, torch.Tensor, Any]:
         image, target = self.preprocess(image, target)
         if self.task == "segmentation":
             target = torch.as_tensor(
@@ -94,6 +105,46 @@ class _Prepared(TorchDataset):
         else:
             target = int(target)
         return index, image, target
+
+
+class _StreamBatches(IterableDataset):
+    """Batches of a streamed dataset: ``units`` = ``[(part, [(start, stop) of the shards to compute])]``.
+
+    Each DataLoader worker takes whole parts (``units[worker::workers]``) and reads each front to back; a batch
+    covers ``[b, min(b + batch_size, stop))`` for ``b`` = start, start + batch_size, … of its shard (the
+    map-style path's batches), collated with torch's default collate. Memory: the DataLoader's prefetched
+    batches per worker, and in the main process up to one partly assembled shard per worker.
+    """
+
+    def __init__(
+        self, prepared: _Prepared, units: list[tuple[int, list[tuple[int, int]]]], batch_size: int
+    ) -> None:
+        self.prepared, self.units, self.batch_size = prepared, units, batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        dataset: StreamDataset = self.prepared.dataset  # type: ignore[assignment]
+        worker = get_worker_info()
+        units = self.units if worker is None else self.units[worker.id :: worker.num_workers]
+        starts = dataset.part_starts()
+        for part, ranges in units:
+            offset = starts[part]
+            ends: set[int] = set()  # the last index of every batch: the batch is complete there
+            wanted = np.zeros(dataset.part_sizes[part], dtype=bool)
+            for lo, hi in ranges:
+                wanted[lo - offset : hi - offset] = True
+                for b in range(lo, hi, self.batch_size):
+                    ends.add(min(b + self.batch_size, hi) - 1)
+            batch: list[tuple[int, torch.Tensor, Any]] = []
+            for index, image, target in dataset.iter_part(part, lambda j, w=wanted: bool(w[j])):
+                batch.append(self.prepared.prepare(index, image, target))
+                if index in ends:
+                    yield default_collate(batch)
+                    batch = []
+            if batch:  # the part ended early: the reader lost samples the index promised
+                raise DataError(
+                    f"part {dataset.parts[part]} of {dataset.spec} ended before sample {batch[-1][0] + 1}; "
+                    "it changed since it was opened: re-run the command"
+                )
 
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -215,7 +266,15 @@ def plan_store(
         "amp": amp,
     }
     key_fields = json.loads(json.dumps(key_fields))  # tuples → lists: compares equal to a manifest read back
-    starts = range(0, num_samples, shard_size)
+    if isinstance(dataset, StreamDataset):
+        # A shard never crosses a part (tar / Parquet file): each part's samples cut every shard_size.
+        ranges = [
+            (s, min(s + shard_size, p0 + n), p)
+            for p, (p0, n) in enumerate(zip(dataset.part_starts(), dataset.part_sizes, strict=True))
+            for s in range(p0, p0 + n, shard_size)
+        ]
+    else:
+        ranges = [(s, min(s + shard_size, num_samples), None) for s in range(0, num_samples, shard_size)]
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "key": store_key(key_fields),
@@ -240,7 +299,8 @@ def plan_store(
             "task": dataset.task,
             "classes": list(dataset.classes),
             "source": getattr(dataset, "source", ""),
-        },
+        }
+        | ({"parts": dataset.describe_parts()} if isinstance(dataset, StreamDataset) else {}),
         "preprocessing": key_fields["preprocessing"],
         "image_size": [height, width],
         "patch_size": int(backbone.patch_size),
@@ -253,8 +313,9 @@ def plan_store(
         "num_samples": num_samples,
         "shard_size": shard_size,
         "shards": [
-            {"name": shard_name(i), "start": s, "stop": min(s + shard_size, num_samples), "state": "pending"}
-            for i, s in enumerate(starts)
+            {"name": shard_name(i), "start": a, "stop": b, "state": "pending"}
+            | ({} if p is None else {"part": p})
+            for i, (a, b, p) in enumerate(ranges)
         ],
         "num_complete_shards": 0,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -324,6 +385,11 @@ def _dataloader(
         # Workers fork the dataset; keep them warm across the whole run rather than per shard.
         persistent_workers=False,
     )
+
+
+def _stream_loader(batches: _StreamBatches, num_workers: int, pin_memory: bool) -> DataLoader:
+    # The dataset yields whole batches: no sampler, no re-batching.
+    return DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def _progress(enabled: bool, total: int) -> Any:
@@ -471,17 +537,30 @@ def extract_features(
 
     done = completed_shards(out, manifest)
     missing = [i for i, ok in enumerate(done) if not ok]
-    mine = qdist.shard_for_rank(missing, info.rank, info.world_size)
     shards = manifest["shards"]
-    batches = [
-        list(range(b, min(b + batch_size, shards[i]["stop"])))
-        for i in mine
-        for b in range(shards[i]["start"], shards[i]["stop"], batch_size)
-    ]
     prepared = (_RawJpeg if device_decode else _Prepared)(
         dataset, preprocess, backbone.patch_size, dataset.task
     )
     pin = torch.device(backbone.device).type == "cuda" if pin_memory is None else pin_memory
+    if isinstance(dataset, StreamDataset) and all("part" in shards[i] for i in missing):
+        # Whole parts per rank: a part is read by one rank only, front to back.
+        parts = sorted({shards[i]["part"] for i in missing})
+        mine_parts = qdist.shard_for_rank(parts, info.rank, info.world_size)
+        mine = [i for i in missing if shards[i]["part"] in set(mine_parts)]
+        units = [
+            (p, [(shards[i]["start"], shards[i]["stop"]) for i in mine if shards[i]["part"] == p])
+            for p in mine_parts
+        ]
+        loader = _stream_loader(_StreamBatches(prepared, units, batch_size), num_workers, pin)
+    else:
+        mine = qdist.shard_for_rank(missing, info.rank, info.world_size)
+        batches = [
+            list(range(b, min(b + batch_size, shards[i]["stop"])))
+            for i in mine
+            for b in range(shards[i]["start"], shards[i]["stop"], batch_size)
+        ]
+        loader = _dataloader(prepared, batches, num_workers, pin)
+    shard_starts = [int(s["start"]) for s in shards]
     label_key = "patch_labels" if dataset.task == "segmentation" else "labels"
     total = sum(shards[i]["stop"] - shards[i]["start"] for i in mine)
 
@@ -489,10 +568,10 @@ def extract_features(
     with _progress(progress and info.is_main, total) as bar:
         task = bar.add_task("extract", total=total, rate="-")
         t0, seen = time.perf_counter(), 0
-        for indices, images, targets, *is_jpeg in _dataloader(prepared, batches, num_workers, pin):
+        for indices, images, targets, *is_jpeg in loader:
             if is_jpeg:
                 images = _decode_on_device(images, is_jpeg[0], preprocess, torch.device(backbone.device))
-            shard = int(indices[0]) // manifest["shard_size"]
+            shard = bisect_right(shard_starts, int(indices[0])) - 1
             arrays = _extract_batch(backbone, images, indices, manifest, amp)
             arrays["indices"] = indices.numpy().astype(np.int64)
             arrays[label_key] = torch.as_tensor(targets).numpy().astype(np.int64)

@@ -8,8 +8,10 @@ Layout::
     DIR/shard-00000/patch_labels.npy       [n, h*w] int64 majority label per patch, 255 = ignore
     DIR/shard-00000/b{block}.{token}.{position}.npy   cls/avg [n, D], patch [n, h*w, D]
 
-Shard ``i`` always holds samples ``[i*S, min((i+1)*S, N))`` for the shard size ``S`` fixed in the manifest, so
-its bytes do not depend on how many processes wrote the store nor in which order. A shard is written into
+Shard ``i`` holds the sample range ``[start, stop)`` recorded for it in the manifest: ``[i*S, min((i+1)*S, N))`` for
+the shard size ``S`` fixed there, or, for a streamed dataset, a range of at most ``S`` samples inside one part (tar
+shard, Parquet file; see :mod:`qkvprobe.data.stream`). Its bytes do not depend on how many processes wrote the
+store nor in which order. A shard is written into
 ``.shard-XXXXX.tmp-<host>-<pid>/``, every file fsynced, then renamed into place: a shard directory that exists is
 complete. The manifest is only marked complete after every shard directory has been checked.
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import gzip
 import math
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError, SpecError, StoreError
+from ..errors import ConfigError, SpecError, StoreError
 
 FMNIST_MEAN = 0.2860
 FMNIST_STD = 0.3530
@@ -34,7 +33,6 @@ ARCHS: dict[str, dict[str, int]] = {
     "vit-tiny-p4": {"embed_dim": 192, "depth": 6, "num_heads": 3},
 }
 DATASETS = ("fashion-mnist", "fashion-mnist+scenes")
-DATA_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
 
 @dataclasses.dataclass
@@ -121,27 +119,14 @@ def build_encoder(arch: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def _read_idx(path: Path) -> np.ndarray:
-    # IDX is a 4-byte magic + big-endian dims + uint8 payload; a 10-line reader beats a dependency.
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def load_train_images(root: str | None = None, limit: int | None = None) -> torch.Tensor:
-    """Fashion-MNIST train images as uint8 ``[N, 1, 28, 28]`` (first ``limit`` if given)."""
-    candidates = [Path(root)] if root else [Path(d) for d in DATA_DIRS]
-    for folder in candidates:
-        path = folder / "train-images-idx3-ubyte.gz"
-        if path.is_file():
-            images = torch.from_numpy(_read_idx(path).copy())[:limit]
-            return images.unsqueeze(1)
-    raise DataError(
-        f"Fashion-MNIST train images not found in {[str(c) for c in candidates]}; "
-        "install the Debian package dataset-fashion-mnist or pass --data-root DIR"
-    )
+    """Fashion-MNIST train images as uint8 ``[N, 1, 28, 28]`` (first ``limit`` if given), found the way the
+    ``fashion-mnist`` dataset finds them (``root``, ``$QKVPROBE_DATA``, the Debian package, the download, the
+    bundled subset; ``qkvprobe.data.fashion_mnist.locate``)."""
+    from ..data.fashion_mnist import load_split, locate
+
+    images, _, _ = load_split(locate(root), "train")
+    return torch.from_numpy(np.array(images[:limit]))[:, None]
 
 
 def scene_crops(images: torch.Tensor, num: int, gen: torch.Generator) -> torch.Tensor:

@@ -1,17 +1,30 @@
-"""Evaluation protocols (classification, segmentation × standard, few-shot) and metrics."""
+"""Evaluation protocols (classification, segmentation × standard, few-shot), one driver over both tasks, the rule
+registry, and metrics (docs/science.md §2)."""
 
 from __future__ import annotations
 
-from .classification import (
+from .classification import fewshot_classification, standard_classification
+from .driver import (
+    MATCH_FIELDS,
+    ClassificationTask,
+    SegmentationTask,
+    check_matching_stores,
+    evaluate,
+    evaluate_classification,
+    evaluate_segmentation,
+)
+from .evaluation import (
     C_GRID,
     FEWSHOT_C,
     VAL_FRACTION,
     Evaluation,
+    FeatureSource,
     FewshotResult,
+    FewshotSegmentationResult,
+    RuleOptions,
+    SegmentationResult,
     StandardResult,
-    evaluate_classification,
-    fewshot_classification,
-    standard_classification,
+    UnitKey,
 )
 from .metrics import (
     ConfusionMatrix,
@@ -27,39 +40,48 @@ from .metrics import (
     paired_test,
     pixel_accuracy,
 )
-from .segmentation import (
-    FewshotSegmentationResult,
-    SegmentationResult,
-    evaluate_segmentation,
-    fewshot_segmentation,
-    standard_segmentation,
-)
+from .registry import PatchScorer, RuleProtocol, check_rules, get_rule, register_rule, rule_names
+from .segmentation import fewshot_segmentation, standard_segmentation
 
 __all__ = [
     "C_GRID",
     "FEWSHOT_C",
+    "MATCH_FIELDS",
     "VAL_FRACTION",
+    "ClassificationTask",
     "ConfusionMatrix",
     "Evaluation",
+    "FeatureSource",
     "FewshotResult",
     "FewshotSegmentationResult",
     "PairedTest",
+    "PatchScorer",
+    "RuleOptions",
+    "RuleProtocol",
     "SegmentationResult",
+    "SegmentationTask",
     "StandardResult",
+    "UnitKey",
     "accuracy",
+    "check_matching_stores",
+    "check_rules",
     "confusion_matrix",
+    "evaluate",
     "evaluate_classification",
     "evaluate_segmentation",
     "fb_iou",
     "fewshot_classification",
     "fewshot_miou",
     "fewshot_segmentation",
+    "get_rule",
     "iou_per_class",
     "mcnemar",
     "mean_ci95",
     "mean_iou",
     "paired_test",
     "pixel_accuracy",
+    "register_rule",
+    "rule_names",
     "standard_classification",
     "standard_segmentation",
 ]

@@ -23,9 +23,7 @@ are paired.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,12 +32,12 @@ from sklearn.model_selection import train_test_split
 
 from ..errors import FeatureError, RuleError
 from ..features.distributed import all_gather_objects, shard_for_rank
-from ..results import ResultRow
 from ..rules import class_normals, hyperplane_scores
 from ..rules.batched import bmm
 from ..rules.checks import as_features, check_C
 from ..rules.cosine import EPS as COS_EPS
 from ..rules.cosine import cosine_directions, cosine_scores
+from ..rules.knn import KNN_K, KNN_T
 from ..rules.logistic import (
     balanced_sample_weight,
     check_class_weight,
@@ -50,17 +48,9 @@ from ..rules.logistic import (
     span_expand,
     span_reduce,
 )
-from .fewshot_c import AUTO, ChosenC, check_fewshot_C, choose_C, validation_episodes
+from .evaluation import C_GRID, FEWSHOT_C, VAL_FRACTION, FewshotResult, RuleOptions, StandardResult
 from .metrics import mean_ci95
 
-#: Log-spaced C grid of the standard protocol (objective C·Σloss + ½‖W‖² on raw features, as scikit-learn).
-C_GRID: tuple[float, ...] = tuple(float(10.0**p) for p in range(-5, 3))
-#: Fraction of the training split held out (stratified) to choose C.
-VAL_FRACTION = 0.1
-#: Fixed C of the few-shot hyperplane rule. scikit-learn's default. Raw ViT features have norms of tens,
-#: so with n = N·K ≤ 100 support samples the ½‖W‖² term is weak next to C·Σloss: the rule is close to the
-#: max-margin separator of the (always separable) support set and its predictions change little with C.
-FEWSHOT_C = 1.0
 #: dtype of the few-shot hyperplane's span-reduced solves (CPU and accelerators): float32 halves their memory
 #: traffic; an episode float32 rounding keeps from its certified optimum is finished in float64
 #: (``rules.logistic.solve_span``).
@@ -78,79 +68,6 @@ COSINE_SUPPORT_BYTES = 32 * 1024**2
 COSINE_QUERY_BYTES = 3 * 1024**2
 #: Byte budget of one standard-protocol batch of token types in the solver's dtype.
 STANDARD_BATCH_BYTES = 1024**3
-
-
-#: ``progress(label, done, total)``: called before each unit of an evaluation, and with ``done == total`` at the end.
-ProgressFn = Callable[[str, int, int], None]
-
-
-class Steps:
-    """Counts the units of one evaluation for an optional progress callback (``qkvprobe evaluate``'s bar)."""
-
-    def __init__(self, progress: ProgressFn | None, total: int) -> None:
-        self.progress, self.total, self.done = progress, total, 0
-
-    def __call__(self, label: str) -> None:
-        if self.progress is not None:
-            self.progress(label, self.done, self.total)
-        self.done += 1
-
-    def finish(self) -> None:
-        if self.progress is not None:
-            self.progress("done", self.total, self.total)
-
-
-@dataclass
-class StandardResult:
-    """One feature set under the standard protocol: test accuracy, chosen C (NaN for cosine), held-out
-    accuracy per C of the grid, test predictions ``[m]`` (for McNemar) and the fitted rule's class vectors
-    ``weights [K, D]`` float32 (rows in the order of the sorted training labels): the hyperplane normals
-    ``w_c`` (two classes: ``-w, w``) or the cosine rule's class directions ``μ_c``; ``converged``: every
-    hyperplane fit behind it (the C sweep and the refit) reached its certified optimum (None for cosine)."""
-
-    accuracy: float
-    C: float
-    val_accuracy: dict[float, float]
-    predictions: np.ndarray
-    weights: np.ndarray | None = None
-    converged: bool | None = None
-
-
-@dataclass
-class FewshotResult:
-    """Few-shot accuracy: ``per_episode [E]``, mean and 95 % half-width, and the number of episodes whose
-    hyperplane fit was not certified at its optimum (0 for cosine)."""
-
-    per_episode: np.ndarray
-    mean: float
-    ci95: float
-    unconverged: int = 0
-
-
-class Evaluation(list):
-    """``list[ResultRow]`` plus, for paired tests, per-episode scores (few-shot) and test predictions
-    (standard) keyed by ``(token, position, rule, block)`` — with ``shots`` appended when several shots ran.
-
-    Standard setting only: ``weights`` (same keys) holds the fitted class vectors ``[K, D]`` of each rule
-    (hyperplane normals / cosine class directions), rows labelled by ``classes`` (the label values), so the
-    "which direction?" angles need no second fit."""
-
-    def __init__(
-        self, rows: Sequence[ResultRow] = (), per_episode: dict | None = None, predictions: dict | None = None
-    ) -> None:
-        super().__init__(rows)
-        self.per_episode: dict[tuple[str, str, str, int], np.ndarray] = per_episode or {}
-        self.predictions: dict[tuple[str, str, str, int], np.ndarray] = predictions or {}
-        self.weights: dict[tuple[str, str, str, int], np.ndarray] = {}
-        self.classes: np.ndarray | None = None
-        #: Few-shot ``C="auto"``: the chosen C and its validation scores per (token, position, block, shots).
-        self.chosen_C: dict[tuple[str, str, int, int], ChosenC] = {}
-        #: Units whose hyperplane fits were not all certified at their optimum, in words (one entry per unit).
-        self.unconverged: list[str] = []
-
-    @property
-    def rows(self) -> list[ResultRow]:
-        return list(self)
 
 
 def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -191,10 +108,13 @@ def standard_classification(
     max_iter: int | None = None,
     tol: float | None = None,
     class_weight: str | None = None,
+    k: int = KNN_K,
+    T: float = KNN_T,
 ) -> list[StandardResult]:
     """Standard protocol for G feature sets sharing labels: ``train[g] [n, D_g]``, ``test[g] [m, D_g]`` →
-    one :class:`StandardResult` per feature set (same order). ``class_weight="balanced"`` weighs the hyperplane
-    rule's classes by n / (K · n_k) (scikit-learn's) in the C sweep and the refit; None = plain (PAPER.md)."""
+    one :class:`StandardResult` per feature set (same order), with any registered ``rule``.
+    ``class_weight="balanced"`` weighs the hyperplane rule's classes by n / (K · n_k) (scikit-learn's) in the C
+    sweep and the refit; None = plain (docs/science.md). ``k``, ``T``: the k-NN rule's."""
     class_weight = check_class_weight(class_weight)
     if len(train) != len(test) or not train:
         raise FeatureError(f"need one test array per train array, got {len(train)} and {len(test)}")
@@ -213,6 +133,21 @@ def standard_classification(
                 f"feature set #{g}: test width {test[g].shape[1]} != train width {train[g].shape[1]}; "
                 "use the same token/block/model for both splits"
             )
+    from .registry import get_rule
+
+    impl = get_rule(rule)
+    opts = RuleOptions(
+        device=device,
+        seed=seed,
+        Cs=tuple(Cs),
+        val_fraction=val_fraction,
+        class_weight=class_weight,
+        max_iter=max_iter,
+        tol=tol,
+        k=k,
+        T=T,
+    )
+    impl.check(opts)
     dev, dt = torch.device(device), default_dtype(device)
     results: list[StandardResult | None] = [None] * len(train)
     # Group feature sets of equal width into batches that fit STANDARD_BATCH_BYTES.
@@ -226,49 +161,43 @@ def standard_classification(
             ids = members[lo : lo + batch]
             Xtr = torch.stack([_as_tensor(train[g], dev, dt) for g in ids])
             Xte = torch.stack([_as_tensor(test[g], dev, dt) for g in ids])
-            for g, res in zip(
-                ids,
-                _standard_batch(
-                    Xtr, ytr, Xte, yte, K, rule, Cs, val_fraction, seed, max_iter, tol, class_weight
-                ),
-                strict=True,
-            ):
+            for g, res in zip(ids, impl.standard_classification(Xtr, ytr, Xte, yte, K, opts), strict=True):
                 res.predictions = classes[res.predictions]
                 results[g] = res
     return results  # type: ignore[return-value]
 
 
-def _standard_batch(
+def cosine_standard(
+    Xtr: torch.Tensor, ytr: np.ndarray, Xte: torch.Tensor, yte: np.ndarray, K: int
+) -> list[StandardResult]:
+    """The cosine rule on G feature sets of one width (predictions as codes)."""
+    y_all = torch.as_tensor(ytr, device=Xtr.device).expand(Xtr.shape[0], -1)
+    mu = cosine_directions(Xtr, y_all, K)
+    pred = cosine_scores(Xte, mu).argmax(2).cpu().numpy()
+    weights = mu.float().cpu().numpy()
+    return [
+        StandardResult(float(np.mean(p == yte)), math.nan, {}, p, w)
+        for p, w in zip(pred, weights, strict=True)
+    ]
+
+
+def hyperplane_standard(
     Xtr: torch.Tensor,
     ytr: np.ndarray,
     Xte: torch.Tensor,
     yte: np.ndarray,
     K: int,
-    rule: str,
-    Cs: Sequence[float],
-    val_fraction: float,
-    seed: int,
-    max_iter: int | None,
-    tol: float | None,
-    class_weight: str | None = None,
+    opts: RuleOptions,
 ) -> list[StandardResult]:
-    """One batch of G feature sets of one width: results with predictions as codes (the caller maps them)."""
+    """The hyperplane rule on G feature sets of one width: C from the grid on a stratified held-out split, then
+    the refit on all training rows (module doc); predictions as codes."""
     G, dev = Xtr.shape[0], Xtr.device
     y_all = torch.as_tensor(ytr, device=dev).expand(G, -1)
-    if rule == "cosine":
-        mu = cosine_directions(Xtr, y_all, K)
-        pred = cosine_scores(Xte, mu).argmax(2).cpu().numpy()
-        weights = mu.float().cpu().numpy()
-        return [
-            StandardResult(float(np.mean(p == yte)), math.nan, {}, p, w)
-            for p, w in zip(pred, weights, strict=True)
-        ]
-    if rule != "hyperplane":
-        raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
-    Cs = sorted(check_C(C) for C in Cs)
+    Cs = sorted(check_C(C) for C in opts.Cs)
     if not Cs:
         raise RuleError("the C grid is empty; pass at least one C value")
-    opts: dict[str, Any] = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
+    solver = opts.solver()
+    val_fraction = opts.val_fraction
     num_val = math.ceil(val_fraction * len(ytr))
     counts = np.bincount(ytr)
     if num_val < K or counts.min() < 2:
@@ -279,21 +208,21 @@ def _standard_batch(
             f"(at least {math.ceil(K / val_fraction)} and 2 per class)"
         )
     fit_idx, val_idx = train_test_split(
-        np.arange(len(ytr)), test_size=val_fraction, stratify=ytr, random_state=seed
+        np.arange(len(ytr)), test_size=val_fraction, stratify=ytr, random_state=opts.seed
     )
     fit_idx, val_idx = (
         torch.as_tensor(np.sort(fit_idx), device=dev),
         torch.as_tensor(np.sort(val_idx), device=dev),
     )
-    balanced = class_weight == "balanced"
+    balanced = opts.class_weight == "balanced"
     # Under torchrun (an initialised process group) every rank sweeps its round-robin share of the grid and the
     # shares are merged: all ranks then hold the whole sweep and make the same choice. Alone: the whole grid.
     if _group_size() > 1:
         parts = all_gather_objects(
-            _c_sweep(Xtr, y_all, fit_idx, val_idx, K, shard_for_rank(Cs), opts, balanced)
+            _c_sweep(Xtr, y_all, fit_idx, val_idx, K, shard_for_rank(Cs), solver, balanced)
         )
     else:
-        parts = [_c_sweep(Xtr, y_all, fit_idx, val_idx, K, Cs, opts, balanced)]
+        parts = [_c_sweep(Xtr, y_all, fit_idx, val_idx, K, Cs, solver, balanced)]
     sweep = sorted(
         (
             (C, part["val"][:, j], part["coef"][j], part["intercept"][j])
@@ -317,7 +246,7 @@ def _standard_batch(
         intercept_init=b0,
         reduce=False,
         sample_weight=_balanced(y_all, K, balanced, Xtr),
-        **opts,
+        **solver,
     )
     pred = hyperplane_scores(Xte, refit.coef, refit.intercept).argmax(2).cpu().numpy()
     va = val_acc.cpu().numpy()
@@ -442,20 +371,25 @@ def fewshot_classification(
     C: float = FEWSHOT_C,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
-    batch: int = EPISODE_BATCH,
     max_iter: int | None = None,
     tol: float | None = None,
+    k: int = KNN_K,
+    T: float = KNN_T,
 ) -> FewshotResult:
     """Few-shot protocol on index arrays (``qkvprobe.data.episodes`` layout): ``train_features [Ntr, D]``,
     ``test_features [Nte, D]``, ``support/support_labels [E, N·K]``, ``query/query_labels [E, N·Q]``
-    (``classes [E, N]`` is informational). Returns per-episode accuracies ``[E]``, mean and CI."""
+    (``classes [E, N]`` is informational), with any registered ``rule``. Returns per-episode accuracies
+    ``[E]``, mean and CI."""
+    from .registry import get_rule
+
+    impl = get_rule(rule)
     support, support_labels = np.asarray(support, np.int64), np.asarray(support_labels, np.int64)
     query, query_labels = np.asarray(query, np.int64), np.asarray(query_labels, np.int64)
     _check_episodes(support, support_labels, query, query_labels, len(train_features), len(test_features))
-    if rule not in ("hyperplane", "cosine"):
-        raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
-    if rule == "hyperplane":
-        C = check_C(C)
+    opts = RuleOptions(
+        device=device, C=check_C(C) if impl.has_C else FEWSHOT_C, max_iter=max_iter, tol=tol, k=k, T=T
+    )
+    impl.check(opts)
     as_features(train_features, name="train features")
     as_features(test_features, name="test features")
     if train_features.shape[1] != test_features.shape[1]:
@@ -465,24 +399,34 @@ def fewshot_classification(
         )
     dev = torch.device(device)
     # Features are gathered and projected in float32 (CPU and GPU): only argmaxes of scores depend on them,
-    # and the hyperplane's reduced n×n problems are solved in the solver dtype (float64 on CPU) anyway.
+    # and the hyperplane's reduced n×n problems are formed in float64 anyway (rules.logistic.span_reduce).
     dt = dtype or torch.float32
     Ftr = _as_tensor(train_features, dev, dt)
     Fte = _as_tensor(test_features, dev, dt)
     ways = int(support_labels.max()) + 1
-    opts = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
     s_idx, q_idx = torch.as_tensor(support, device=dev), torch.as_tensor(query, device=dev)
     ys, yq = torch.as_tensor(support_labels, device=dev), torch.as_tensor(query_labels, device=dev)
-    E = len(support)
-    # Gathered episode features are touched in cache-sized slices of `CACHE_EPISODES` (gathering all queries
-    # of 10 000 episodes at once would write ~1 GB); the L-BFGS runs on all reduced problems of a batch.
-    if rule == "cosine":
-        acc = _fewshot_cosine(Ftr, Fte, s_idx, ys, q_idx, yq, ways).cpu().numpy()
-        mean, ci = mean_ci95(acc)
-        return FewshotResult(acc, mean, ci)
+    return impl.fewshot_classification(Ftr, Fte, s_idx, ys, q_idx, yq, ways, opts)
+
+
+def hyperplane_fewshot(
+    Ftr: torch.Tensor,
+    Fte: torch.Tensor,
+    s_idx: torch.Tensor,
+    ys: torch.Tensor,
+    q_idx: torch.Tensor,
+    yq: torch.Tensor,
+    ways: int,
+    opts: RuleOptions,
+) -> FewshotResult:
+    """The hyperplane rule's episodes: span-reduced problems solved in batches of ``EPISODE_BATCH`` episodes."""
+    E, batch = len(s_idx), EPISODE_BATCH
     acc = np.empty(E)
     unconverged = 0
-    # Gather buffers reused by every slice: a fresh multi-MB tensor per slice costs page faults on CPU.
+    solver = opts.solver()
+    # Gathered episode features are touched in cache-sized slices of `CACHE_EPISODES` (gathering all queries
+    # of 10 000 episodes at once would write ~1 GB); the L-BFGS runs on all reduced problems of a batch. Gather
+    # buffers are reused by every slice: a fresh multi-MB tensor per slice costs page faults on CPU.
     sbuf = Ftr.new_empty(CACHE_EPISODES * s_idx.shape[1], Ftr.shape[1])
     qbuf = Fte.new_empty(CACHE_EPISODES * q_idx.shape[1], Fte.shape[1])
     for lo in range(0, E, batch):
@@ -490,7 +434,7 @@ def fewshot_classification(
         slices = [slice(a, min(hi, a + CACHE_EPISODES)) for a in range(lo, hi, CACHE_EPISODES)]
         reds = [
             span_reduce(
-                _rows(Ftr, s_idx[sl], out=sbuf),
+                gather_rows(Ftr, s_idx[sl], out=sbuf),
                 None,
                 FEWSHOT_SOLVE_DTYPE,
                 overwrite=True,
@@ -498,15 +442,22 @@ def fewshot_classification(
             )
             for sl in slices
         ]
-        W, ok = _solve_episodes(torch.cat([r.X for r in reds]), ys[lo:hi], ways, C, opts)
+        W, ok = _solve_episodes(torch.cat([r.X for r in reds]), ys[lo:hi], ways, opts.C, solver)
         unconverged += int((~ok).sum())
         for sl, r in zip(slices, reds, strict=True):
             part = slice(sl.start - lo, sl.stop - lo)
-            coef, intercept = span_expand(r, _rows(Ftr, s_idx[sl], out=sbuf), None, W[part])
-            scores = hyperplane_scores(_rows(Fte, q_idx[sl], out=qbuf), coef, intercept)
+            coef, intercept = span_expand(r, gather_rows(Ftr, s_idx[sl], out=sbuf), None, W[part])
+            scores = hyperplane_scores(gather_rows(Fte, q_idx[sl], out=qbuf), coef, intercept)
             acc[sl] = (scores.argmax(2) == yq[sl]).to(torch.float64).mean(1).cpu().numpy()
     mean, ci = mean_ci95(acc)
     return FewshotResult(acc, mean, ci, unconverged)
+
+
+def episode_result(acc: torch.Tensor) -> FewshotResult:
+    """Per-episode accuracies ``[E]`` → :class:`FewshotResult` (mean and 95 % half-width)."""
+    values = acc.cpu().numpy()
+    mean, ci = mean_ci95(values)
+    return FewshotResult(values, mean, ci)
 
 
 def _solve_episodes(
@@ -519,7 +470,7 @@ def _solve_episodes(
     return W, res.converged
 
 
-def _rows(F: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_rows(F: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``F[idx]`` for ``idx [E, m]`` → ``[E, m, D]``; index_select on the flat indices is several times faster
     than advanced indexing on CPU. ``out``: a ``[≥ E·m, D]`` buffer to gather into (reused across chunks)."""
     if out is None:
@@ -527,7 +478,7 @@ def _rows(F: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -
     return torch.index_select(F, 0, idx.reshape(-1), out=out[: idx.numel()]).view(*idx.shape, F.shape[1])
 
 
-def _fewshot_cosine(
+def cosine_fewshot(
     Ftr: torch.Tensor,
     Fte: torch.Tensor,
     s_idx: torch.Tensor,
@@ -567,7 +518,7 @@ def _fewshot_cosine(
             )
             mu = mu.view(b_hi - b_lo, ways, D)
         else:
-            S = _rows(Ftr, s_sorted[b_lo:b_hi])
+            S = gather_rows(Ftr, s_sorted[b_lo:b_hi])
             mu = torch.nn.functional.one_hot(ys_sorted[b_lo:b_hi], ways).to(S.dtype).transpose(1, 2) @ S
         # The mean's 1/K does not change a cosine.
         mu_t = mu.div_(torch.linalg.vector_norm(mu, dim=2, keepdim=True).clamp_min_(COS_EPS)).transpose(1, 2)
@@ -576,233 +527,3 @@ def _fewshot_cosine(
             Q = torch.index_select(Fte, 0, q_flat[lo * NQ : hi * NQ], out=qbuf[: (hi - lo) * NQ])
             torch.argmax(bmm(Q.view(hi - lo, NQ, D), mu_t[lo - b_lo : hi - b_lo]), 2, out=pred[lo:hi])
     return (pred == yq).sum(1).double() / NQ
-
-
-# -- feature stores ---------------------------------------------------------------------------------------
-def as_list(value: Any) -> list:
-    """A scalar or a sequence → list (CLI and Python callers pass either)."""
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def store_block(store: Any, block: int) -> int:
-    """The stored non-negative block index (rows carry it, so -1 and L-1 are one measurement)."""
-    return int(store.resolve_block(block)) if hasattr(store, "resolve_block") else int(block)
-
-
-def row_maker(
-    store: Any,
-    *,
-    model: str | None,
-    dataset: str | None,
-    task: str,
-    setting: str,
-    seed: int,
-    class_weight: str | None = None,
-    C: float | str = AUTO,
-):
-    """A ``ResultRow`` factory with the columns shared by one evaluation filled in; hyperplane rows record
-    ``class_weight`` ("none" or "balanced") and ``C_choice`` (``C``: "auto", or the few-shot setting's fixed C),
-    cosine rows leave both empty."""
-    common = {
-        "model": model or store.backbone_spec,
-        "objective": getattr(store, "objective", "unknown"),
-        "dataset": dataset or store.dataset_spec,
-        "task": task,
-        "setting": setting,
-        "seed": seed,
-    }
-    weighting = "balanced" if class_weight == "balanced" else "none"
-    choice = AUTO if C == AUTO else ""  # "" → ResultRow's default: "auto" (standard) or the fixed C as text
-
-    def make(**kw: Any) -> ResultRow:
-        hyper = kw["rule"] == "hyperplane"
-        return ResultRow(
-            **common, **kw, class_weight=weighting if hyper else "", C_choice=choice if hyper else ""
-        )
-
-    return make
-
-
-def _validation_accuracy(train_features: Any, val: Any, device: str, C: float) -> float:
-    """Mean accuracy of the hyperplane rule at ``C`` on training-split validation episodes."""
-    return fewshot_classification(
-        train_features,
-        train_features,
-        val.classes,
-        val.support,
-        val.support_labels,
-        val.query,
-        val.query_labels,
-        rule="hyperplane",
-        C=C,
-        device=device,
-    ).mean
-
-
-def evaluate_classification(
-    train_store: Any,
-    test_store: Any,
-    *,
-    setting: str,
-    rules: Sequence[str] = ("hyperplane", "cosine"),
-    tokens: Sequence[str] = ("q", "k", "v", "ffn"),
-    positions: Sequence[str] = ("cls",),
-    blocks: Sequence[int] = (-1,),
-    ways: int = 5,
-    shots: int | Sequence[int] = (1, 5),
-    queries: int = 15,
-    episodes: int = 2000,
-    seed: int = 0,
-    model: str | None = None,
-    dataset: str | None = None,
-    device: str = "cpu",
-    Cs: Sequence[float] = C_GRID,
-    C: float | str = FEWSHOT_C,
-    episode_sampler: Any = None,
-    class_weight: str | None = None,
-    progress: ProgressFn | None = None,
-) -> Evaluation:
-    """Evaluate every (block, position, token, rule) of two classification stores → rows of the results
-    table (``accuracy``), with per-episode accuracies (few-shot) / test predictions (standard) attached.
-    ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_classification_episodes``.
-    ``class_weight`` (None or "balanced") applies to the standard hyperplane fits; few-shot episodes hold the same
-    number of shots per class, where balanced weights are all 1. ``progress(label, done, total)`` is told of each
-    unit (one batched fit per block × position × rule; few-shot: per shots × block × position × token × rule).
-    Few-shot ``C="auto"`` chooses the hyperplane's C on training-split episodes (``protocols.fewshot_c``)."""
-    check_class_weight(class_weight)
-    C = check_fewshot_C(C)
-    if setting not in ("standard", "fewshot"):
-        raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
-    for r in rules:
-        if r not in ("hyperplane", "cosine"):
-            raise RuleError(f"unknown rule {r!r}; use 'hyperplane' or 'cosine'")
-    ytr, yte = train_store.labels(), test_store.labels()
-    make = row_maker(
-        train_store,
-        model=model,
-        dataset=dataset,
-        task="classification",
-        setting=setting,
-        seed=seed,
-        class_weight=class_weight,
-        C=C,
-    )
-    out = Evaluation()
-    if setting == "standard":
-        step = Steps(progress, len(blocks) * len(positions) * len(rules))
-        for block in blocks:
-            b = store_block(train_store, block)
-            for position in positions:
-                train = [train_store.get(t, position, block) for t in tokens]
-                test = [test_store.get(t, position, block) for t in tokens]
-                for rule in rules:
-                    step(f"block {b} · {position} · {rule} ({len(tokens)} tokens)")
-                    results = standard_classification(
-                        train,
-                        ytr,
-                        test,
-                        yte,
-                        rule=rule,
-                        Cs=Cs,
-                        seed=seed,
-                        device=device,
-                        class_weight=class_weight,
-                    )
-                    for token, res in zip(tokens, results, strict=True):
-                        out.append(
-                            make(
-                                block=b,
-                                token=token,
-                                position=position,
-                                rule=rule,
-                                ways=0,
-                                shots=0,
-                                episodes=0,
-                                metric="accuracy",
-                                value=res.accuracy,
-                                C=res.C,
-                                converged=res.converged,
-                            )
-                        )
-                        if res.converged is False:
-                            out.unconverged.append(f"block {b} · {token}·{position} · hyperplane (standard)")
-                        out.predictions[(token, position, rule, b)] = res.predictions
-                        if res.weights is not None:
-                            out.weights[(token, position, rule, b)] = res.weights
-        out.classes = np.unique(ytr)
-        step.finish()
-        return out
-    if episode_sampler is None:
-        from ..data.episodes import sample_classification_episodes as episode_sampler
-    auto = C == AUTO and "hyperplane" in rules
-    step = Steps(
-        progress, len(as_list(shots)) * len(blocks) * len(positions) * len(tokens) * (len(rules) + auto)
-    )
-    for k in as_list(shots):
-        if (
-            auto
-        ):  # before the evaluation's episodes: a sampler that records what it left out then ends on those
-            val = validation_episodes(
-                episode_sampler,
-                lambda rows: ytr[rows],
-                len(ytr),
-                episodes=episodes,
-                seed=seed,
-                ways=ways,
-                shots=k,
-                queries=queries,
-            )
-        ep = episode_sampler(ytr, yte, ways=ways, shots=k, queries=queries, episodes=episodes, seed=seed)
-        for block in blocks:
-            b = store_block(train_store, block)
-            for position in positions:
-                for token in tokens:
-                    Ftr, Fte = train_store.get(token, position, block), test_store.get(token, position, block)
-                    C_used = FEWSHOT_C if C == AUTO else C
-                    if auto:
-                        step(f"{ways}-way {k}-shot · block {b} · {token}·{position} · choosing C")
-                        chosen = choose_C(partial(_validation_accuracy, Ftr, val, device))
-                        out.chosen_C[(token, position, b, k)] = chosen
-                        C_used = chosen.C
-                    for rule in rules:
-                        step(f"{ways}-way {k}-shot · block {b} · {token}·{position} · {rule}")
-                        res = fewshot_classification(
-                            Ftr,
-                            Fte,
-                            ep.classes,
-                            ep.support,
-                            ep.support_labels,
-                            ep.query,
-                            ep.query_labels,
-                            rule=rule,
-                            C=C_used,
-                            device=device,
-                        )
-                        out.append(
-                            make(
-                                block=b,
-                                token=token,
-                                position=position,
-                                rule=rule,
-                                ways=ways,
-                                shots=k,
-                                episodes=len(res.per_episode),
-                                metric="accuracy",
-                                value=res.mean,
-                                ci95=res.ci95,
-                                C=C_used if rule == "hyperplane" else math.nan,
-                                converged=(res.unconverged == 0) if rule == "hyperplane" else None,
-                            )
-                        )
-                        if res.unconverged:
-                            out.unconverged.append(
-                                f"{ways}-way {k}-shot · block {b} · {token}·{position} · hyperplane: "
-                                f"{res.unconverged} of {len(res.per_episode)} episodes"
-                            )
-                        out.per_episode[
-                            (token, position, rule, b)
-                            if len(as_list(shots)) == 1
-                            else (token, position, rule, b, k)
-                        ] = res.per_episode
-    step.finish()
-    return out

@@ -30,10 +30,8 @@ background (foreground) everywhere.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -41,12 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FeatureError, RuleError
-from ..rules import class_normals
 from ..rules.checks import check_C
-from ..rules.cosine import cosine_directions, cosine_scores
+from ..rules.cosine import cosine_scores
+from ..rules.knn import KNN_K, KNN_T
 from ..rules.logistic import (
-    DEFAULT_MAX_ITER,
-    DEFAULT_TOL,
     PRECOND_ROWS,
     StreamedLogistic,
     augment,
@@ -54,24 +50,19 @@ from ..rules.logistic import (
     balanced_sample_weight,
     check_class_weight,
     default_dtype,
-    fit_logistic,
     grid_step,
     num_logits,
     solve,
 )
 from ..vocab import IGNORE_INDEX
-from .classification import (
+from .evaluation import (
     C_GRID,
     FEWSHOT_C,
     VAL_FRACTION,
-    Evaluation,
-    ProgressFn,
-    Steps,
-    as_list,
-    row_maker,
-    store_block,
+    FewshotSegmentationResult,
+    RuleOptions,
+    SegmentationResult,
 )
-from .fewshot_c import AUTO, check_fewshot_C, choose_C, validation_episodes
 from .metrics import ConfusionMatrix, fb_iou, fewshot_miou, mean_ci95, mean_iou
 
 #: Patches per compute chunk of the streaming solver and of scoring.
@@ -88,37 +79,7 @@ CLASS_WEIGHT: str | None = None
 Masks = Callable[[int], np.ndarray]
 
 
-@dataclass
-class SegmentationResult:
-    """Standard protocol outcome: ``miou``, ``pixel_accuracy``, per-class IoU ``[K]``, chosen C (NaN for
-    cosine), the held-out patch mIoU per C, the fitted class vectors ``weights [K, D]`` float32 (hyperplane
-    normals, or cosine class directions — zero for a class without training patches), and whether every
-    hyperplane fit behind it (the C sweep and the refit) reached its certified optimum (None for cosine)."""
-
-    miou: float
-    pixel_accuracy: float
-    iou: np.ndarray
-    C: float
-    val_miou: dict[float, float]
-    weights: np.ndarray | None = None
-    converged: bool | None = None
-
-
-@dataclass
-class FewshotSegmentationResult:
-    """Few-shot outcome: ``miou`` (per-class foreground IoU, mean over classes), ``fb_iou``, per episode
-    foreground IoU ``[E]`` (for paired tests; its 95 % CI is ``ci95``), and the number of episodes whose hyperplane
-    fit was not certified at its optimum (0 for cosine)."""
-
-    miou: float
-    fb_iou: float
-    per_episode: np.ndarray
-    ci95: float
-    per_class: np.ndarray
-    unconverged: int = 0
-
-
-class _PatchSource:
+class PatchSource:
     """Labelled patches of a subset of a store's images as ``(X [m, D+1] augmented, y [m])`` chunks."""
 
     def __init__(
@@ -187,8 +148,30 @@ class _PatchSource:
         return (acc / count)[None]
 
 
+@dataclass
+class PatchData:
+    """The labelled training patches of one token and block of a store: what a rule fits a segmentation scorer on.
+    ``source(rows)`` streams the patches of the images ``rows`` (all images by default) as augmented chunks."""
+
+    store: Any
+    token: str
+    block: int
+    labels: np.ndarray  # [N, h·w] majority labels, 255 = ignore
+    dtype: torch.dtype
+    device: torch.device
+
+    def source(self, rows: np.ndarray | None = None) -> PatchSource:
+        rows = np.arange(len(self.labels)) if rows is None else rows
+        return PatchSource(self.store, self.token, self.block, rows, self.labels, self.dtype, self.device)
+
+    def class_counts(self) -> np.ndarray:
+        """Labelled patches per class ``[K]`` of the whole training split."""
+        lab = self.labels[self.labels != IGNORE_INDEX]
+        return np.bincount(lab.ravel(), minlength=len(self.store.classes))[: len(self.store.classes)]
+
+
 def _fit_streaming(
-    source: _PatchSource,
+    source: PatchSource,
     num_classes: int,
     Cs: Sequence[float],
     W0: torch.Tensor | None,
@@ -218,12 +201,14 @@ def _fit_streaming(
     return torch.cat(out), torch.cat(converged)
 
 
-def _patch_scores(X: torch.Tensor, rule: str, params: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``X [m, D]`` → scores ``[m, K]``; ``params`` = W ``[D+1, Kf]`` (hyperplane) or directions ``[K, D]``."""
-    if rule == "cosine":
-        return cosine_scores(X[None], params[None])[0]
-    s = augment(X) @ params
-    return torch.cat([torch.zeros_like(s), s], 1) if num_classes == 2 else s
+def linear_scores(W: torch.Tensor, num_classes: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Patch scores of a hyperplane ``W [D+1, Kf]``: ``X [m, D]`` → ``[m, K]`` (K = 2: ``(0, s)``)."""
+
+    def scores(X: torch.Tensor) -> torch.Tensor:
+        s = augment(X) @ W
+        return torch.cat([torch.zeros_like(s), s], 1) if num_classes == 2 else s
+
+    return scores
 
 
 def upsample_argmax(scores: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -236,20 +221,24 @@ def score_store(
     store: Any,
     token: str,
     block: int,
-    rule: str,
-    params: torch.Tensor,
+    scores_of: Callable[[torch.Tensor], torch.Tensor],
     num_classes: int,
     masks: Masks,
     dtype: torch.dtype,
     device: torch.device,
 ) -> ConfusionMatrix:
-    """Stream a store's images, predict full-resolution masks and accumulate a confusion matrix."""
+    """Stream a store's images, score their patches (``scores_of(X [m, D]) → [m, K]``), predict full-resolution
+    masks and accumulate a confusion matrix."""
     cm = ConfusionMatrix(num_classes)
     indices = store.indices()
     hw = store.grid[0] * store.grid[1]
     for start, array in store.iter_chunks(token, "patch", block, chunk_size=max(1, CHUNK_ROWS // hw)):
         X = torch.as_tensor(np.array(array)).to(device, dtype)  # [b, h·w, D]; copy: memmaps are read-only
-        scores = _patch_scores(X.reshape(-1, X.shape[-1]), rule, params, num_classes).reshape(len(X), hw, -1)
+        if not bool(torch.isfinite(X).all()):
+            raise FeatureError(
+                f"patch features of evaluation images {start}..{start + len(X) - 1} contain NaN/Inf; re-extract them"
+            )
+        scores = scores_of(X.reshape(-1, X.shape[-1])).reshape(len(X), hw, -1)
         for j in range(len(X)):
             mask = torch.as_tensor(np.asarray(masks(int(indices[start + j]))))
             pred = upsample_argmax(scores[j], store.grid, tuple(mask.shape))
@@ -269,64 +258,94 @@ def standard_segmentation(
     val_fraction: float = VAL_FRACTION,
     seed: int = 0,
     device: str = "cpu",
-    max_iter: int = DEFAULT_MAX_ITER,
-    tol: float = DEFAULT_TOL,
+    max_iter: int | None = None,
+    tol: float | None = None,
     class_weight: str | None = CLASS_WEIGHT,
+    k: int = KNN_K,
+    T: float = KNN_T,
 ) -> SegmentationResult:
-    """Standard protocol for one (token, block) of two patch stores; see the module docstring."""
-    class_weight = check_class_weight(class_weight)
+    """Standard protocol for one (token, block) of two patch stores with any registered ``rule``; see the module
+    docstring."""
+    from .registry import get_rule
+
+    impl = get_rule(rule)
+    opts = RuleOptions(
+        device=device,
+        seed=seed,
+        Cs=tuple(Cs),
+        val_fraction=val_fraction,
+        class_weight=check_class_weight(class_weight),
+        max_iter=max_iter,
+        tol=tol,
+        k=k,
+        T=T,
+    )
+    impl.check(opts)
     num_classes = len(train_store.classes)
     dev, dt = torch.device(device), default_dtype(device)
-    labels = train_store.patch_labels()
-    rows = np.arange(len(labels))
-    if rule == "cosine":
-        source = _PatchSource(train_store, token, block, rows, labels, dt, dev)
-        sums = None
-        for X, y in source():
-            if sums is None:
-                sums = torch.zeros(num_classes, X.shape[1] - 1, dtype=dt, device=dev)
-            sums.index_add_(0, y, F.normalize(X[:, :-1], dim=1))
-        if sums is None:
-            raise RuleError(
-                "no labelled training patches (all patch labels are 255); check the training store"
-            )
-        params = sums  # unnormalised class means: the cosine only needs their directions
-        C_best, val, converged = math.nan, {}, None
-    elif rule == "hyperplane":
-        Cs = sorted(check_C(C) for C in Cs)
-        perm = np.random.default_rng(seed).permutation(len(labels))
-        num_val = max(1, round(val_fraction * len(labels))) if len(labels) > 1 else 0
-        val_rows, fit_rows = np.sort(perm[:num_val]), np.sort(perm[num_val:])
-        fit_src = _PatchSource(train_store, token, block, fit_rows, labels, dt, dev)
-        val_src = _PatchSource(train_store, token, block, val_rows, labels, dt, dev)
-        moment = fit_src.moment()
-        val, best = {}, (-1.0, None, None)
-        # Every C an independent fit from W = 0, all Cs in one batch (one read of the patches per iteration).
-        sweep, sweep_ok = _fit_streaming(fit_src, num_classes, Cs, None, moment, max_iter, tol, class_weight)
-        for C, W in zip(Cs, sweep.split(1), strict=True):
-            Wm = W.view(moment.shape[-1], -1)
-            cm = ConfusionMatrix(num_classes)
-            for X, y in val_src():
-                cm.update(_patch_scores(X[:, :-1], "hyperplane", Wm, num_classes).argmax(1).cpu(), y.cpu())
-            val[C] = mean_iou(cm.matrix)
-            if val[C] > best[0]:
-                best = (val[C], C, W)
-        C_best = best[1]
-        del fit_src, val_src  # drop their cached patches before caching the full training set
-        all_src = _PatchSource(train_store, token, block, rows, labels, dt, dev)
-        W, refit_ok = _fit_streaming(
-            all_src, num_classes, [C_best], best[2], moment, max_iter, tol, class_weight
-        )
-        params = W.view(moment.shape[-1], -1)
-        converged = bool(sweep_ok.all()) and bool(refit_ok.all())
-    else:
-        raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
-    cm = score_store(test_store, token, block, rule, params, num_classes, masks, dt, dev)
+    data = PatchData(train_store, token, block, train_store.patch_labels(), dt, dev)
+    scorer = impl.segmentation_scorer(data, num_classes, opts)
+    cm = score_store(test_store, token, block, scorer.scores, num_classes, masks, dt, dev)
     out = cm.compute()
-    weights = F.normalize(params, dim=1) if rule == "cosine" else class_normals(params[:-1].T)
     return SegmentationResult(
-        out["miou"], out["pixel_accuracy"], out["iou"], C_best, val, weights.float().cpu().numpy(), converged
+        out["miou"],
+        out["pixel_accuracy"],
+        out["iou"],
+        scorer.C,
+        scorer.val_miou or {},
+        scorer.weights,
+        scorer.converged,
     )
+
+
+def cosine_patch_scorer(data: PatchData) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The cosine rule's class sums of unit patch vectors ``[K, D]`` (unnormalised means: only their directions
+    matter) and its scorer."""
+    sums = None
+    for X, y in data.source()():
+        if sums is None:
+            sums = torch.zeros(len(data.store.classes), X.shape[1] - 1, dtype=data.dtype, device=data.device)
+        sums.index_add_(0, y, F.normalize(X[:, :-1], dim=1))
+    if sums is None:
+        raise RuleError("no labelled training patches (all patch labels are 255); check the training store")
+    return sums, lambda X: cosine_scores(X[None], sums[None])[0]
+
+
+def hyperplane_patch_fit(
+    data: PatchData, num_classes: int, opts: RuleOptions
+) -> tuple[torch.Tensor, float, dict, bool]:
+    """The hyperplane rule on patches: every C of the grid from W = 0 on the fit images (one batch), C chosen by
+    patch mIoU on the held-out images (ties → the smaller C), refit on all images from that C's solution →
+    (W ``[D+1, Kf]``, chosen C, held-out mIoU per C, converged)."""
+    from ..rules.logistic import DEFAULT_MAX_ITER, DEFAULT_TOL
+
+    Cs = sorted(check_C(C) for C in opts.Cs)
+    if not Cs:
+        raise RuleError("the C grid is empty; pass at least one C value")
+    max_iter = opts.max_iter or DEFAULT_MAX_ITER
+    tol = opts.tol or DEFAULT_TOL
+    n = len(data.labels)
+    perm = np.random.default_rng(opts.seed).permutation(n)
+    num_val = max(1, round(opts.val_fraction * n)) if n > 1 else 0
+    val_rows, fit_rows = np.sort(perm[:num_val]), np.sort(perm[num_val:])
+    fit_src, val_src = data.source(fit_rows), data.source(val_rows)
+    moment = fit_src.moment()
+    val, best = {}, (-1.0, None, None)
+    # Every C an independent fit from W = 0, all Cs in one batch (one read of the patches per iteration).
+    sweep, sweep_ok = _fit_streaming(fit_src, num_classes, Cs, None, moment, max_iter, tol, opts.class_weight)
+    for C, W in zip(Cs, sweep.split(1), strict=True):
+        score = linear_scores(W.view(moment.shape[-1], -1), num_classes)
+        cm = ConfusionMatrix(num_classes)
+        for X, y in val_src():
+            cm.update(score(X[:, :-1]).argmax(1).cpu(), y.cpu())
+        val[C] = mean_iou(cm.matrix)
+        if val[C] > best[0]:  # ascending Cs, strict: ties keep the smaller C
+            best = (val[C], C, W)
+    del fit_src, val_src  # drop their cached patches before caching the full training set
+    W, refit_ok = _fit_streaming(
+        data.source(), num_classes, [best[1]], best[2], moment, max_iter, tol, opts.class_weight
+    )
+    return W.view(moment.shape[-1], -1), best[1], val, bool(sweep_ok.all()) and bool(refit_ok.all())
 
 
 def fewshot_segmentation(
@@ -346,10 +365,15 @@ def fewshot_segmentation(
     max_iter: int | None = None,
     tol: float | None = None,
     class_weight: str | None = CLASS_WEIGHT,
+    k: int = KNN_K,
+    T: float = KNN_T,
 ) -> FewshotSegmentationResult:
-    """1-way K-shot protocol. ``train_patches [Ntr, h·w, D]`` and ``test_patches [Nte, h·w, D]`` (memmaps are
-    fine: only episode rows are read), ``train_patch_labels [Ntr, h·w]``, ``test_indices [Nte]`` dataset
-    indices for ``masks``, episodes ``classes [E]``, ``support [E, K]`` (train rows), ``query [E]`` (test rows)."""
+    """1-way K-shot protocol with any registered ``rule``. ``train_patches [Ntr, h·w, D]`` and ``test_patches
+    [Nte, h·w, D]`` (memmaps are fine: only episode rows are read), ``train_patch_labels [Ntr, h·w]``,
+    ``test_indices [Nte]`` dataset indices for ``masks``, episodes ``classes [E]``, ``support [E, K]`` (train
+    rows), ``query [E]`` (test rows)."""
+    from .registry import get_rule
+
     classes, support, query = np.asarray(classes), np.asarray(support, np.int64), np.asarray(query, np.int64)
     if (
         support.ndim != 2
@@ -362,11 +386,17 @@ def fewshot_segmentation(
             f"empty or malformed episodes: classes {classes.shape}, support {support.shape}, query "
             f"{query.shape}; expected [E], [E, K], [E] with E, K >= 1"
         )
-    if rule not in ("hyperplane", "cosine"):
-        raise RuleError(f"unknown rule {rule!r}; use 'hyperplane' or 'cosine'")
-    if rule == "hyperplane":
-        C = check_C(C)
-    class_weight = check_class_weight(class_weight)
+    impl = get_rule(rule)
+    opts = RuleOptions(
+        device=device,
+        C=check_C(C) if impl.has_C else FEWSHOT_C,
+        class_weight=check_class_weight(class_weight),
+        max_iter=max_iter,
+        tol=tol,
+        k=k,
+        T=T,
+    )
+    impl.check(opts)
     if train_patches.shape[-1] != test_patches.shape[-1]:
         raise FeatureError(
             f"test patch features have width {test_patches.shape[-1]} but train "
@@ -376,7 +406,6 @@ def fewshot_segmentation(
     E, K = support.shape
     hw, D = train_patches.shape[1], train_patches.shape[2]
     batch = max(1, EPISODE_BATCH_BYTES // (K * hw * (D + 1) * 8))
-    opts = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
     inter, union = np.zeros(E), np.zeros(E)
     fb = np.zeros((2, 2), dtype=np.int64)
     unconverged = 0
@@ -394,15 +423,10 @@ def fewshot_segmentation(
         sw = (pl != IGNORE_INDEX).to(dt)
         num_fg, num_bg = (y * sw).sum(1), ((1 - y) * sw).sum(1)
         Xq = torch.as_tensor(np.array(test_patches[query[sl]])).to(dev, dt)  # [e, h·w, D]
-        if rule == "hyperplane":
-            fit_sw = balanced_sample_weight(y, sw, 2) if class_weight == "balanced" else sw
-            fit = fit_logistic(X, y, 2, C, sample_weight=fit_sw, **opts)
-            unconverged += int((~fit.converged).sum())
-            s = (Xq @ fit.coef.transpose(1, 2))[..., 0] + fit.intercept  # [e, h·w] foreground logit
-        else:
-            mu = cosine_directions(X, y, 2, sample_weight=sw)
-            cs = cosine_scores(Xq, mu)
-            s = cs[..., 1] - cs[..., 0]
+        if not bool(torch.isfinite(Xq).all()):
+            raise FeatureError("query patch features contain NaN/Inf; re-extract the features")
+        s, failed = impl.fewshot_segmentation_scores(X, y, sw, Xq, opts)  # [e, h·w] foreground scores
+        unconverged += failed
         # Degenerate support sets: no foreground → background everywhere, and vice versa.
         s = torch.where((num_fg == 0)[:, None], -1.0, torch.where((num_bg == 0)[:, None], 1.0, s))
         for j, e in enumerate(range(sl.start, sl.stop)):
@@ -419,6 +443,29 @@ def fewshot_segmentation(
     per_episode = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
     _, ci = mean_ci95(per_episode)
     return FewshotSegmentationResult(miou, fb_iou(fb), per_episode, ci, per_class, unconverged)
+
+
+def hyperplane_support_scores(
+    X: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, Xq: torch.Tensor, opts: RuleOptions
+) -> tuple[torch.Tensor, int]:
+    """The binary hyperplane rule on support patches ``X [e, n, D]`` (``y`` 1 = foreground, ``valid`` 0 for
+    ignored patches) → foreground logits of the query patches ``Xq [e, m, D]`` and the unconverged count."""
+    from ..rules.logistic import fit_logistic
+
+    sw = balanced_sample_weight(y, valid, 2) if opts.class_weight == "balanced" else valid
+    fit = fit_logistic(X, y, 2, opts.C, sample_weight=sw, **opts.solver())
+    return (Xq @ fit.coef.transpose(1, 2))[..., 0] + fit.intercept, int((~fit.converged).sum())
+
+
+def cosine_support_scores(
+    X: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, Xq: torch.Tensor, opts: RuleOptions
+) -> tuple[torch.Tensor, int]:
+    """The cosine rule with a foreground and a background direction (ignored patches excluded) → cos to the
+    foreground direction minus cos to the background one, per query patch."""
+    from ..rules.cosine import cosine_directions
+
+    cs = cosine_scores(Xq, cosine_directions(X, y, 2, sample_weight=valid))
+    return cs[..., 1] - cs[..., 0], 0
 
 
 def dataset_masks(store: Any) -> Masks:
@@ -441,216 +488,3 @@ def patch_pixel_counts(patch_labels: np.ndarray, num_classes: int, patch_size: i
     counts = np.zeros((N, num_classes), dtype=np.int64)
     np.add.at(counts, (rows[keep], flat[keep]), 1)
     return counts * patch_size * patch_size
-
-
-def _validation_miou(
-    train_patches: Any,
-    train_patch_labels: np.ndarray,
-    train_store: Any,
-    val: Any,
-    train_masks: Masks,
-    device: str,
-    class_weight: str | None,
-    C: float,
-) -> float:
-    """Few-shot mIoU of the hyperplane rule at ``C`` on training-split validation episodes."""
-    return fewshot_segmentation(
-        train_patches,
-        train_patch_labels,
-        train_patches,
-        train_store.indices(),
-        train_store.grid,
-        val.classes,
-        val.support,
-        val.query,
-        rule="hyperplane",
-        masks=train_masks,
-        C=C,
-        device=device,
-        class_weight=class_weight,
-    ).miou
-
-
-def evaluate_segmentation(
-    train_store: Any,
-    test_store: Any,
-    *,
-    setting: str,
-    rules: Sequence[str] = ("hyperplane", "cosine"),
-    tokens: Sequence[str] = ("q", "k", "v", "ffn"),
-    positions: Sequence[str] = ("patch",),
-    blocks: Sequence[int] = (-1,),
-    ways: int = 1,
-    shots: int | Sequence[int] = (1, 5),
-    queries: int = 1,
-    episodes: int = 1000,
-    seed: int = 0,
-    model: str | None = None,
-    dataset: str | None = None,
-    device: str = "cpu",
-    Cs: Sequence[float] = C_GRID,
-    C: float | str = FEWSHOT_C,
-    masks: Masks | None = None,
-    episode_sampler: Any = None,
-    class_weight: str | None = CLASS_WEIGHT,
-    progress: ProgressFn | None = None,
-    train_masks: Masks | None = None,
-) -> Evaluation:
-    """Evaluate every (block, token, rule) of two segmentation stores → rows (standard: ``miou`` and
-    ``pixel_accuracy``; few-shot: ``miou`` with the CI of per-episode foreground IoU, and ``fb_iou``).
-    ``masks(i)`` gives the test split's full-resolution mask of dataset index i (default: opened from the
-    store's dataset); ``episode_sampler`` defaults to ``qkvprobe.data.episodes.sample_segmentation_episodes``;
-    ``class_weight`` (None or "balanced") weighs the hyperplane rule's classes (see the module docstring);
-    ``progress(label, done, total)`` is told of each (shots ×) block × token × rule. Few-shot ``C="auto"``
-    chooses the hyperplane's C on training-split episodes (``protocols.fewshot_c``), scored against
-    ``train_masks(i)``, the training split's full-resolution masks (default: opened from the store's dataset)."""
-    if setting not in ("standard", "fewshot"):
-        raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
-    if any(p != "patch" for p in positions):
-        raise RuleError(
-            f"segmentation uses patch tokens, got positions {list(positions)}; pass --positions patch"
-        )
-    class_weight = check_class_weight(class_weight)
-    C = check_fewshot_C(C)
-    masks = masks or dataset_masks(test_store)
-    make = row_maker(
-        train_store,
-        model=model,
-        dataset=dataset,
-        task="segmentation",
-        setting=setting,
-        seed=seed,
-        class_weight=class_weight,
-        C=C,
-    )
-    out = Evaluation()
-    if setting == "standard":
-        step = Steps(progress, len(blocks) * len(tokens) * len(rules))
-        for block in blocks:
-            b = store_block(train_store, block)
-            for token in tokens:
-                for rule in rules:
-                    step(f"block {b} · {token}·patch · {rule}")
-                    res = standard_segmentation(
-                        train_store,
-                        test_store,
-                        token=token,
-                        block=block,
-                        rule=rule,
-                        masks=masks,
-                        Cs=Cs,
-                        seed=seed,
-                        device=device,
-                        class_weight=class_weight,
-                    )
-                    for metric in ("miou", "pixel_accuracy"):
-                        out.append(
-                            make(
-                                block=b,
-                                token=token,
-                                position="patch",
-                                rule=rule,
-                                ways=0,
-                                shots=0,
-                                episodes=0,
-                                metric=metric,
-                                value=getattr(res, metric),
-                                C=res.C,
-                                converged=res.converged,
-                            )
-                        )
-                    if res.converged is False:
-                        out.unconverged.append(f"block {b} · {token}·patch · hyperplane (standard)")
-                    if res.weights is not None:
-                        out.weights[(token, "patch", rule, b)] = res.weights
-        out.classes = np.arange(len(train_store.classes))
-        step.finish()
-        return out
-    if episode_sampler is None:
-        from ..data.episodes import sample_segmentation_episodes as episode_sampler
-    num_classes = len(train_store.classes)
-    tr_labels, te_labels = train_store.patch_labels(), test_store.patch_labels()
-    tr_counts = patch_pixel_counts(tr_labels, num_classes, train_store.patch_size)
-    te_counts = patch_pixel_counts(te_labels, num_classes, test_store.patch_size)
-    auto = C == AUTO and "hyperplane" in rules
-    if auto:
-        train_masks = train_masks or dataset_masks(train_store)
-    step = Steps(progress, len(as_list(shots)) * len(blocks) * len(tokens) * (len(rules) + auto))
-    for k in as_list(shots):
-        if (
-            auto
-        ):  # before the evaluation's episodes: a sampler that records what it left out then ends on those
-            val = validation_episodes(
-                episode_sampler,
-                lambda rows: tr_counts[rows],
-                len(tr_counts),
-                episodes=episodes,
-                seed=seed,
-                shots=k,
-            )
-        ep = episode_sampler(tr_counts, te_counts, shots=k, episodes=episodes, seed=seed)
-        for block in blocks:
-            b = store_block(train_store, block)
-            for token in tokens:
-                Ftr, Fte = train_store.get(token, "patch", block), test_store.get(token, "patch", block)
-                C_used = FEWSHOT_C if C == AUTO else C
-                if auto:
-                    step(f"{k}-shot · block {b} · {token}·patch · choosing C")
-                    chosen = choose_C(
-                        partial(
-                            _validation_miou,
-                            Ftr,
-                            tr_labels,
-                            train_store,
-                            val,
-                            train_masks,
-                            device,
-                            class_weight,
-                        )
-                    )
-                    out.chosen_C[(token, "patch", b, k)] = chosen
-                    C_used = chosen.C
-                for rule in rules:
-                    step(f"{k}-shot · block {b} · {token}·patch · {rule}")
-                    res = fewshot_segmentation(
-                        Ftr,
-                        tr_labels,
-                        Fte,
-                        test_store.indices(),
-                        test_store.grid,
-                        ep.classes,
-                        ep.support,
-                        ep.query,
-                        rule=rule,
-                        masks=masks,
-                        C=C_used,
-                        device=device,
-                        class_weight=class_weight,
-                    )
-                    Cv = C_used if rule == "hyperplane" else math.nan
-                    common = dict(
-                        block=b,
-                        token=token,
-                        position="patch",
-                        rule=rule,
-                        ways=1,
-                        shots=k,
-                        episodes=len(res.per_episode),
-                        C=Cv,
-                        converged=(res.unconverged == 0) if rule == "hyperplane" else None,
-                    )
-                    if res.unconverged:
-                        out.unconverged.append(
-                            f"{k}-shot · block {b} · {token}·patch · hyperplane: {res.unconverged} of "
-                            f"{len(res.per_episode)} episodes"
-                        )
-                    out.append(make(**common, metric="miou", value=res.miou, ci95=res.ci95))
-                    out.append(make(**common, metric="fb_iou", value=res.fb_iou))
-                    key = (
-                        (token, "patch", rule, b)
-                        if len(as_list(shots)) == 1
-                        else (token, "patch", rule, b, k)
-                    )
-                    out.per_episode[key] = res.per_episode
-    step.finish()
-    return out

@@ -413,18 +413,20 @@ class _Study:
                 dataset=d.spec,
                 device=self.device,
                 class_weight=self.cfg.class_weight,
+                k=self.cfg.knn.k,
+                T=self.cfg.knn.T,
                 progress=tell,
                 **extra,
             )
         self._note_excluded(d.spec, shots, stores["train"].classes, excluded.get(shots, []))
-        if getattr(evaluation, "unconverged", None):
+        if evaluation.unconverged:
             units = [f"{m.name} · {d.spec} · {u}" for u in evaluation.unconverged]
             self.log(f"not converged (results marked converged=false): {'; '.join(units)}")
             self.info.setdefault("unconverged", []).extend(units)
             self.info["unconverged_units"] = len(self.info["unconverged"])
-        if not evaluation:
+        if not evaluation.rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
-        rows = [replace(r, weights=self.sources.get(m.name, "")) for r in evaluation]
+        rows = [replace(r, weights=self.sources.get(m.name, "")) for r in evaluation.rows]
         write_results(self.run_dir / RESULTS, rows)
         if setting == "standard" and paired and evaluation.weights:
             from .sides import save_fits

@@ -84,11 +84,11 @@ def direction_cosines(
     return classes, np.sum(_unit(W) * _unit(mu), axis=-1)
 
 
-def save_fits(path: Path, weights: dict[tuple, np.ndarray], classes: np.ndarray) -> None:
-    """Save the standard protocol's class vectors (``Evaluation.weights``, keyed (token, position, rule, block))
-    and their class labels to one ``.npz``, atomically."""
+def save_fits(path: Path, weights: dict[Any, np.ndarray], classes: np.ndarray) -> None:
+    """Save the standard protocol's class vectors (``Evaluation.weights``, keyed by ``UnitKey``) and their class
+    labels to one ``.npz`` (array names ``token|position|rule|block``), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"|".join(map(str, key)): w for key, w in weights.items()}
+    arrays = {f"{k.token}|{k.position}|{k.rule}|{k.block}": w for k, w in weights.items()}
     tmp = path.with_name("." + path.name + ".tmp.npz")
     np.savez(tmp, __classes__=np.asarray(classes), **arrays)
     os.replace(tmp, path)
@@ -186,10 +186,15 @@ def paired_verdicts(
     out: list[dict] = []
     if len(ranked) < 2:
         return out
+    from ..protocols import UnitKey
+
+    def key(r: Any) -> UnitKey:
+        return UnitKey(r.block, r.token, r.position, r.rule, r.shots, r.params)
+
     best = ranked[0]
-    ka = (best.token, best.position, best.rule, best.block)
+    ka = key(best)
     for other in ranked[1:top]:  # top=None: every other choice
-        kb = (other.token, other.position, other.rule, other.block)
+        kb = key(other)
         if ka in per_episode and kb in per_episode:
             res = paired_test(per_episode[ka], per_episode[kb])
         elif ka in predictions and kb in predictions and test_labels is not None:

@@ -44,9 +44,12 @@ from torch import Tensor
 
 #: Curvature pairs kept per problem (the L-BFGS memory) unless an objective asks for another number.
 HISTORY = 10
-#: Iterations between two refreshes of an objective's preconditioner at the current iterate (objectives with a
-#: ``refresh`` method; the curvature history is dropped then, since it was scaled by the old preconditioner).
-REFRESH_EVERY = 25
+#: Iterations between two chances to refresh an objective's preconditioner at the current iterate (objectives with
+#: a ``refresh`` method; taken when a problem would not converge within the next window at its current rate; the
+#: curvature history is dropped then, since it was scaled by the old preconditioner).
+REFRESH_EVERY = 10
+#: Iterations a problem whose gap bound meets the tolerance waits at most for its one-pass certification.
+CERTIFY_WAIT = 10
 #: Recovery levels after a failed line search or a stall: 0 = quasi-Newton step, 1 = preconditioned gradient
 #: (history dropped), 2 = scaled steepest descent; a failure at the last level stops the problem.
 _LAST_LEVEL = 2
@@ -75,7 +78,9 @@ class Objective(Protocol):
         ...
 
     # Optional: ``refresh(w [G, P]) -> bool`` re-derives the preconditioner at ``w`` (False: kept as it was);
-    # ``duality_gap(w, g, f) -> [G]`` a rigorous upper bound of ``f(w) − f*`` (see the module doc).
+    # ``duality_gap(w, g, f) -> [G]`` a rigorous upper bound of ``f(w) − f*`` (see the module doc);
+    # ``shared_passes = False`` when problems do not share their data (each is evaluated on its own rows);
+    # ``refresh_horizon``: the further iterations above which a refresh pays (default ``REFRESH_EVERY``).
 
 
 @dataclass
@@ -118,11 +123,13 @@ def minimize_lbfgs(
     max_ls: int = 50,
     ftol: float | None = None,
     compact_min: int = 16,
+    certify: bool = True,
 ) -> LbfgsResult:
     """Minimise every problem of ``objective`` from ``w0 [G, P]`` until ``gap ≤ tol·|f|`` (module doc).
 
     ``ftol`` (default ``64·eps`` of ``w0``'s dtype, scipy's L-BFGS-B setting as scikit-learn uses it): a relative
-    decrease below it is a stall, answered by a restart, never taken as convergence."""
+    decrease below it is a stall, answered by a restart, never taken as convergence. ``certify=False``: stop on the
+    gap bound alone, for a caller that certifies the results itself (float32 solves re-certified in float64)."""
     if ftol is None:
         ftol = 64 * torch.finfo(w0.dtype).eps
     if hasattr(objective, "refresh"):
@@ -146,7 +153,10 @@ def minimize_lbfgs(
     gam = torch.ones(history, G, dtype=dt, device=dev)  # sᵀy / yᵀPy of the pair (1 where invalid)
     n_iter = torch.zeros(G, dtype=torch.int64, device=dev)
     level = torch.zeros(G, dtype=torch.int64, device=dev)  # recovery level (module doc)
-    certifies = hasattr(objective, "duality_gap")
+    certifies = certify and hasattr(objective, "duality_gap")
+    shared = getattr(objective, "shared_passes", True)  # problems share one pass over the data (module doc)
+    # A problem is slow (worth a refresh) when it would need more than this many further iterations.
+    horizon = getattr(objective, "refresh_horizon", REFRESH_EVERY)
     # The gap bound with μ is exact for the penalised coefficients but not for the free intercept, whose curvature
     # can be below μ (nearly separable classes at large C): where the objective offers a duality gap, a problem
     # whose bound meets the tolerance is certified by it, and if that fails its bound must first shrink by the
@@ -179,6 +189,10 @@ def minimize_lbfgs(
 
     bound = gap_bound(g, mu)
     gap = bound.clone()
+    mark = bound.clone()  # the gap bound at the start of the current refresh window
+    waiting = torch.zeros(
+        G, dtype=torch.int64, device=dev
+    )  # iterations a candidate has waited to be certified
     conv = certify(objective, w, f, g, bound, scale, gap, bound <= tol * f.abs())
     active = ~conv
     num_active = int(active.sum())
@@ -198,14 +212,31 @@ def minimize_lbfgs(
             flush(~active)
             keep = active.nonzero().squeeze(1)
             w, f, g, mu, gap, level = w[keep], f[keep], g[keep], mu[keep], gap[keep], level[keep]
-            bound, scale = bound[keep], scale[keep]
+            bound, scale, mark, waiting = bound[keep], scale[keep], mark[keep], waiting[keep]
             S, Yh, rho, gam = S[:, keep], Yh[:, keep], rho[:, keep], gam[:, keep]
             ids, n_iter, conv, active = ids[keep], n_iter[keep], conv[keep], active[keep]
             objective = objective.select(keep)
-        if k and k % REFRESH_EVERY == 0 and hasattr(objective, "refresh") and objective.refresh(w):
-            rho.zero_()
-            gam.fill_(1.0)
-            history_start = k
+        if k and k % REFRESH_EVERY == 0:
+            # Refresh the preconditioner only where it pays: an active problem is slow when its gap bound, at the rate
+            # of the last window, would not reach the tolerance within the next window (a refresh costs K Gram
+            # matrices per problem).
+            rate = (bound / mark.clamp_min(tiny)).clamp_min(tiny) ** (1.0 / REFRESH_EVERY)
+            target = (tol * f.abs() / scale).clamp_min(tiny)
+            left = torch.log(target / bound.clamp_min(tiny)) / torch.log(rate.clamp(max=1 - 1e-12))
+            slow = active & ((rate >= 1) | (left > horizon))
+            mark = bound.clone()
+            # The refresh is for the whole working set, so it waits until the slow problems are most of it (the
+            # others finish and leave it soon).
+            if (
+                2 * int(slow.sum()) >= num_active > 0
+                and hasattr(objective, "refresh")
+                and objective.refresh(w)
+            ):
+                # The stored pairs are still curvature of the objective: keep them, rescale with the new metric.
+                for s in range(min(k - history_start, history)):
+                    y_s = Yh[s]
+                    yPy = torch.linalg.vecdot(y_s, objective.precondition(y_s))
+                    gam[s] = torch.where((rho[s] > 0) & (yPy > 0), 1.0 / (rho[s] * yPy).clamp_min(tiny), 1.0)
         all_active = num_active == len(active)
         act = active[:, None]
 
@@ -234,8 +265,8 @@ def minimize_lbfgs(
         if bool((plain | steep).any()):
             reset = plain | steep
             d = torch.where(plain[:, None], -objective.precondition(g), d)
-            scale = f.abs() / torch.linalg.vecdot(g, g).clamp_min(tiny)
-            d = torch.where(steep[:, None], -g * scale[:, None], d)
+            sd_step = f.abs() / torch.linalg.vecdot(g, g).clamp_min(tiny)
+            d = torch.where(steep[:, None], -g * sd_step[:, None], d)
             gd = torch.linalg.vecdot(g, d)
             rho[:, reset] = 0.0  # forget the history (and its scaling) of those problems
             gam[:, reset] = 1.0
@@ -295,7 +326,15 @@ def minimize_lbfgs(
         n_iter += accepted.long()
         bound_old, bound = bound, gap_bound(g, mu)
         gap = torch.where(accepted, bound, gap)
-        done = certify(objective, w, f, g, bound, scale, gap, accepted & (bound * scale <= tol * f.abs()))
+        want = accepted & (bound * scale <= tol * f.abs())
+        waiting = torch.where(want, waiting + 1, torch.zeros_like(waiting))
+        if certifies and shared:
+            # A certificate costs a pass over the data whether it is for one problem or for all that share it, so
+            # candidates wait until half the active problems are candidates, or CERTIFY_WAIT iterations.
+            ready = 2 * int(want.sum()) >= num_active or bool((waiting >= CERTIFY_WAIT).any())
+            want = want if ready else torch.zeros_like(want)
+        done = certify(objective, w, f, g, bound, scale, gap, want)
+        waiting = torch.where(done, torch.zeros_like(waiting), waiting)
         conv |= done
         # A failed search, or a step that moved neither the objective nor (by half) the gap bound, escalates the
         # recovery level; real progress returns to quasi-Newton steps.

@@ -165,6 +165,11 @@ def _log_softmax_parts(z: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return logp, torch.exp(logp)
 
 
+def _plogp(p: Tensor, logp: Tensor) -> Tensor:
+    """``p·log p`` with ``0·log 0 = 0`` (a class whose probability was moved away entirely has ``log p = −inf``)."""
+    return torch.where(p > 0, p * logp, torch.zeros_like(p))
+
+
 def dual_sums(
     X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int, gbar: Tensor, mass: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -205,7 +210,7 @@ def dual_sums(
         logp2 = torch.where(surplus, logp + torch.log1p(-down), torch.logaddexp(logp, logq + log_up))
         logq2 = torch.where(surplus, torch.logaddexp(logq, logp + log_down), logq + torch.log1p(-up))
         p2, q2 = torch.exp(logp2), torch.exp(logq2)
-        H = -(p2 * logp2 + q2 * logq2)
+        H = -(_plogp(p2, logp2) + _plogp(q2, logq2))
         u = torch.where(t > 0, -q2, p2)[..., None]  # π₁ − y, without cancelling 1 − q against 1
     else:
         logp, p = _log_softmax_parts(z, 3)  # [G, n, R, K]
@@ -220,7 +225,7 @@ def dual_sums(
             gb > 0, logp + torch.log1p(-take), torch.where(gb < 0, torch.logaddexp(logp, log_given), logp)
         )
         p2 = torch.exp(logp2)
-        H = -(p2 * logp2).sum(3)
+        H = -_plogp(p2, logp2).sum(3)
         # u = π − onehot, with the true class's entry as minus the others' sum (no 1 − π cancellation).
         others = p2.scatter(3, idx, 0.0)
         u = others.scatter(3, idx, -others.sum(3, keepdim=True))

@@ -24,7 +24,7 @@ from torch import Tensor
 #: Rows used to estimate the features' second moments (an approximation is enough).
 PRECOND_ROWS = 20_000
 #: Rows used to estimate the per-class curvature blocks (K Gram matrices: kept cheaper).
-CURVATURE_ROWS = 4_096
+CURVATURE_ROWS = 8_192
 #: Use a curvature preconditioner only when its Gram matrices cost at most this many loss/gradient evaluations
 #: of the problem, estimated as rows·D1/(7·n) for K blocks (:func:`curvature_cost`).
 CURVATURE_MAX_EVALS = 24

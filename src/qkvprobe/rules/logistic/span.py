@@ -34,6 +34,15 @@ class SpanLogistic:
         X: ``[G, n, D1]`` reduced features (:func:`span_reduce`, then ``loss.augment``). y: ``[G, n]`` codes.
         sw: ``[G, n]`` sample weights. C: ``[G]``. num_classes: K. XT: ``Xᵀ`` contiguous, when already made."""
 
+    #: Every episode has its own rows: certifying some of them costs only theirs (``lbfgs`` certifies at once).
+    shared_passes = False
+    #: Block preconditioners make every later iteration of these tiny problems several times dearer: refresh only
+    #: for problems that would otherwise need many more iterations (nearly separable episodes at large C).
+    refresh_horizon = 100
+    #: L-BFGS curvature pairs: these small, well-preconditioned problems take about as many iterations with 5 pairs
+    #: as with 10, at half the two-loop's cost (``benchmarks/bench_rules.py fewshot``).
+    history = 5
+
     def __init__(
         self, X: Tensor, y: Tensor, sw: Tensor, C: Tensor, num_classes: int, XT: Tensor | None = None
     ) -> None:
