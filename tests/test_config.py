@@ -218,3 +218,72 @@ def test_cli_run_reports_config_errors_in_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(get_app(), ["run", "--set", "tokens=[x]"])
     assert result.exit_code == 1 and "tokens.0: 'x' is not allowed" in result.output
     assert "Traceback" not in result.output
+
+
+def test_relative_paths_resolve_against_the_config_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    data = {
+        "out_dir": "../runs",
+        "cache_dir": "cache",
+        "models": [
+            {"spec": "timm:vit_small_patch16_224.dino", "weights": "ckpt/dino.pth"},
+            {"spec": "hf:./models/mae", "label": "mae"},
+            "hf:facebook/dino-vits16",
+        ],
+        "datasets": [
+            {"spec": "imagefolder:data/imgs"},
+            {"spec": "fashion-mnist", "root": "fm"},
+            {"spec": f"segfolder:{tmp_path / 'abs'}"},
+            {"spec": "wds:shards?image=png"},
+            {"spec": "hfds:./parquet"},
+            {"spec": "hfds:org/name"},
+        ],
+    }
+    (folder / "study.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)  # anywhere but the config's folder
+    cfg = load_config(Path("project/configs/study.yaml"))
+    base = folder.resolve()
+    assert cfg.run_dir() == base / "../runs" / "default" and cfg.cache_root() == base / "cache"
+    dino, mae, hub = cfg.models
+    assert cfg.weights_path(dino) == base / "ckpt" / "dino.pth" and cfg.weights_path(mae) is None
+    assert cfg.model_spec(mae) == f"hf:{base / 'models' / 'mae'}"
+    assert cfg.model_spec(hub) == "hf:facebook/dino-vits16"  # a hub id, not a folder
+    imgs, fm, seg, shards, parquet, hub_id = cfg.datasets
+    assert cfg.dataset_spec(imgs) == f"imagefolder:{base / 'data' / 'imgs'}"
+    assert imgs.spec == "imagefolder:data/imgs"  # the label (results' dataset column) stays as written
+    assert cfg.dataset_spec(shards) == f"wds:{base / 'shards'}?image=png"  # options kept
+    assert cfg.dataset_spec(parquet) == f"hfds:{base / 'parquet'}"
+    assert cfg.dataset_spec(hub_id) == "hfds:org/name"  # a hub id, not a folder
+    assert cfg.dataset_root(fm) == str(base / "fm") and cfg.dataset_spec(fm) == "fashion-mnist"
+    assert cfg.dataset_spec(seg) == seg.spec
+    # The fingerprint does not depend on where the config lies; --set values resolve the same way.
+    copy = tmp_path / "elsewhere" / "study.yaml"
+    copy.parent.mkdir()
+    copy.write_text((folder / "study.yaml").read_text())
+    assert load_config(copy).fingerprint() == cfg.fingerprint()
+    moved = load_config(Path("project/configs/study.yaml"), ["out_dir=out"])
+    assert moved.run_dir() == base / "out" / "default"
+    assert moved.with_run_dir("here").run_dir() == Path("here")  # qkvprobe run --out: the working directory's
+    # The embedded default has no file: its paths are the working directory's.
+    assert load_config().run_dir() == Path("runs") / "default"
+
+
+def test_a_model_with_local_weights_is_not_labelled_as_the_hubs_checkpoint() -> None:
+    cfg = validate_config(
+        {
+            "models": [
+                {"spec": "timm:vit_small_patch16_224.dino", "weights": "/ckpt/random.pth"},
+                "timm:vit_small_patch16_224.dino",
+                {"spec": "builtin:fmnist-dino-vit-tiny", "weights": "w.safetensors", "label": "mine"},
+            ],
+            "datasets": ["fashion-mnist"],
+        }
+    )
+    assert [m.name for m in cfg.models] == [
+        "timm:vit_small_patch16_224.dino + random.pth",
+        "timm:vit_small_patch16_224.dino",
+        "mine",
+    ]

@@ -558,7 +558,7 @@ def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     ok = CliRunner().invoke(get_app(), [*hyp, "--class-weight", "balanced"])
     assert ok.exit_code == 0, ok.output
     assert "hyperplane (balanced)" in ok.output
-    assert "Best token per rule" in ok.output and "q·cls" in ok.output  # the closing summary
+    assert "Which token, with which rule?" in ok.output and "q·cls" in ok.output  # the closing answer table
     ok = CliRunner().invoke(get_app(), hyp)  # plain rows join the balanced ones instead of replacing them
     assert ok.exit_code == 0, ok.output
     assert sorted((r.rule, r.class_weight) for r in read_results(tmp_path / "balanced.csv")) == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 from qkvprobe.cli import get_app
 from qkvprobe.errors import QkvprobeError
 from qkvprobe.report import load_run, main_rows, render_report, save_direction_map, summary_table, write_json
+from qkvprobe.report.answer import answer_lines, answers
 from qkvprobe.report.insights import insights
 from qkvprobe.report.tables import BALANCED_RULE, head_grids, heat_tables, is_head, sweep_grids
 from qkvprobe.results import ResultRow, read_results, write_results
@@ -224,6 +226,8 @@ def parse(path: Path) -> _Collector:
 
 def test_report_tables_figures_and_self_contained(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
+    (run / "figures").mkdir()
+    (run / "figures" / "fewshot__an-earlier-rendering.png").write_bytes(b"stale")  # must not outlive it
     out = render_report(run)
     assert out == run / "report.html"
     html = parse(out)
@@ -235,13 +239,15 @@ def test_report_tables_figures_and_self_contained(tmp_path: Path) -> None:
     # few-shot bars (2 models × 2 datasets), direction maps (2 images), one block sweep
     assert len(html.imgs) == 4 + 2 + 1
     for img in html.imgs:
-        assert img["src"].startswith("data:image/png;base64,")  # embedded: readable offline
+        # embedded (readable offline): vector SVG, except the direction maps (images: high-DPI PNG)
+        kind = "png" if "/map__" in img["data-file"] else "svg+xml"
+        assert img["src"].startswith(f"data:image/{kind};base64,"), img["data-file"]
         assert (run / img["data-file"]).is_file()
-    assert sorted(p.name for p in (run / "figures").glob("*.png")) == sorted(
+    assert sorted(p.name for p in (run / "figures").iterdir()) == sorted(
         Path(i["data-file"]).name for i in html.imgs
     )
     text = out.read_text()
-    assert text.count("★") >= 12  # every table marks its best cell
+    assert text.count("★") >= 12 + 12  # every table marks its best cell; the answer table its best rows
     assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text
     assert "hyperplane class weights" in text and "balanced (n" not in text  # the config has no class_weight
 
@@ -329,12 +335,49 @@ def test_main_block_defaults_to_last_without_run_json(tmp_path: Path) -> None:
 
 def test_insights_find_planted_structure(tmp_path: Path) -> None:
     files = load_run(make_run(tmp_path / "run"))
-    lines = insights(main_rows(files.results, files.run_info), files.directions)
+    main = main_rows(files.results, files.run_info)
+    lines = insights(main, files.directions, answers(main, files.paired))
     joined = "\n".join(lines)
-    assert "classification · standard · dino: best is v·" in joined
-    assert "classification · standard · mae: best is ffn·" in joined and "hyperplane rule" in joined
-    assert "Objectives disagree on classification · standard" in joined
-    assert "On mae features the cosine rule trails the hyperplane" in joined
+    assert "dino-m: of its 6 dataset × setting tables, the best rule is cosine in 6" in joined
+    assert "mae-m: of its 6 dataset × setting tables, the best rule is hyperplane in 6" in joined
+    assert (
+        "Objective families on fashion-mnist (joint-embedding: dino-m; masked-image-modelling: mae-m) — standard: "
+        "joint-embedding → v·cls cosine, masked-image-modelling → ffn·cls hyperplane; 5-way 1-shot:" in joined
+    )
+    assert "mae-m on classification: the cosine rule trails the hyperplane by" in joined
+    # never a mean over unrelated models
+    assert "mean over 2" not in joined and "models)" not in joined
+
+
+def test_insights_compare_models_only_within_a_family_or_between_families(tmp_path: Path) -> None:
+    """A second joint-embedding model that agrees with the first, and one of neither family (I-JEPA → "other")."""
+    run = make_run(tmp_path / "run")
+    rows = read_results(run / "results.csv")
+    twin = [replace(r, model="dino-2") for r in rows if r.model == "dino-m" and r.block == 3]
+    jepa = [replace(r, model="jepa-m", objective="jepa") for r in rows if r.model == "mae-m"]
+    write_results(run / "results.csv", twin + jepa)
+    files = load_run(run)
+    main = main_rows(
+        files.results, {"main_blocks": {m: [3] for m in ("dino-m", "dino-2", "mae-m", "jepa-m")}}
+    )
+    found = answers(main, files.paired)
+    assert {a.model: a.family for a in found} == {
+        "dino-m": "joint-embedding",
+        "dino-2": "joint-embedding",
+        "mae-m": "masked-image-modelling",
+        "jepa-m": "other",
+    }
+    joined = "\n".join(insights(main, None, found))
+    assert (
+        "The 2 joint-embedding models (dino-m, dino-2) on fashion-mnist: standard: all → v·cls cosine; "
+        "5-way 1-shot: all → v·cls cosine; 5-way 5-shot: all → v·cls cosine." in joined
+    )
+    assert (
+        "joint-embedding: dino-m, dino-2; masked-image-modelling: mae-m; other: jepa-m) — standard: "
+        in joined
+    )
+    assert "other → ffn·cls hyperplane" in joined
+    assert "mean over" not in joined.replace("mean over this model", "")
 
 
 def test_sweep_grid_takes_best_rule(tmp_path: Path) -> None:
@@ -352,10 +395,26 @@ def test_report_without_side_files(tmp_path: Path) -> None:
     assert "No paired tests were recorded" in text and "No direction maps were recorded" in text
 
 
-def test_summary_table_one_row_per_model_task_setting_rule(tmp_path: Path) -> None:
-    files = load_run(make_run(tmp_path / "run"))
-    table = summary_table(main_rows(files.results, files.run_info))
-    assert table.row_count == 2 * 2 * 3 * 2
+def test_summary_and_report_answer_come_from_one_function(tmp_path: Path) -> None:
+    """The terminal summary and the report's answer table show the same rows: answer_lines of the same answers."""
+    from rich.console import Console
+
+    run = make_run(tmp_path / "run")
+    files = load_run(run)
+    main = main_rows(files.results, files.run_info)
+    lines = answer_lines(answers(main, files.paired))
+    # 2 models × 2 datasets × 3 settings: the best row and the best of the other rule
+    assert len(lines) == 2 * 2 * 3 * 2 and sum(line.best for line in lines) == 12
+    console = Console(record=True, width=200)
+    console.print(summary_table(main, files.paired))
+    terminal = console.export_text()
+    html = render_report(run).read_text()
+    for line in lines:
+        assert f"{line.choice} {line.rule}" in terminal and line.verdict in terminal
+        assert escape(f"{line.choice} {line.rule}") in html and escape(line.verdict) in html
+    # The answer comes first: before the run's details, the insights and every other table.
+    assert html.index('id="answer"') < html.index('id="run-info"') < html.index('id="insights"')
+    assert html.index('class="answer"') < html.index('class="heatmap"')
 
 
 def test_report_errors(tmp_path: Path) -> None:
@@ -379,7 +438,7 @@ def test_cli_report_rerenders_from_saved_files(tmp_path: Path) -> None:
     result = CliRunner().invoke(get_app(), ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "report.html").is_file()
-    assert "Best choice" in result.output
+    assert "Which token, with which rule?" in result.output
     bad = CliRunner().invoke(get_app(), ["report", str(tmp_path / "missing")])
     assert bad.exit_code == 1 and "does not exist" in bad.output
     info = json.loads((run / "run.json").read_text())
@@ -442,3 +501,30 @@ def test_rule_letters_of_hyperplane_variants() -> None:
     assert rule_letter("hyperplane·C=0.01") == "H C=0.01"
     assert rule_letter(f"{BALANCED_RULE}·C=auto") == "Hb C=auto"
     assert rule_letter("knn") == "?"
+
+
+def test_heat_table_cells_sit_under_their_column_headers(tmp_path: Path) -> None:
+    """Pin: every cell of a token × (rule · position) table holds the value of the row its header and row label
+    name (a table filled in another order than its headers would be silently mislabelled)."""
+    run = make_run(tmp_path / "run")
+    files = load_run(run)
+    main = main_rows(files.results, files.run_info)
+    checked = 0
+    for table in heat_tables(main):
+        g = table.group
+        sub = main[
+            (main["model"] == g["model"])
+            & (main["dataset"] == g["dataset"])
+            & (main["setting"] == g["setting"])
+            & (main["shots"] == g["shots"])
+        ]
+        positions = list(dict.fromkeys(sub["position"]))
+        for label, cells in table.rows:
+            for header, cell in zip(table.col_headers, cells, strict=True):
+                rule, _, position = header.partition(" · ")
+                position = position or positions[0]
+                hit = sub[(sub["token"] == label) & (sub["rule"] == rule) & (sub["position"] == position)]
+                assert len(hit) == 1, (header, label)
+                assert float(cell.text.split(" ")[0]) == pytest.approx(100 * hit["value"].iloc[0], abs=0.051)
+                checked += 1
+    assert checked == 2 * (3 * 5 * 4 + 3 * 5 * 2)  # 2 models × (classification 4 columns, segmentation 2)

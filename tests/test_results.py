@@ -154,3 +154,28 @@ def test_table_from_before_the_C_choice_column(tmp_path: Path) -> None:
         ("fewshot", 0.62),
         ("standard", 0.80),
     ]
+
+
+def test_table_from_before_the_weights_column(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    before = [c for c in COLUMNS if c != "weights"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=before)
+        writer.writeheader()
+        for r in (row("hyperplane", 0.80), row("cosine", 0.70)):
+            writer.writerow(
+                {
+                    c: ("" if isinstance(v, float) and math.isnan(v) else v)
+                    for c, v in r.__dict__.items()
+                    if c in before
+                }
+            )
+    assert [(r.rule, r.weights) for r in read_results(path)] == [("hyperplane", ""), ("cosine", "")]
+    # The weights' source is provenance, not part of the key: a new measurement of the same row replaces the old.
+    write_results(path, [row("cosine", 0.71, weights="builtin: m.safetensors")])
+    with path.open(newline="") as fh:
+        assert next(csv.reader(fh)) == list(COLUMNS)
+    assert sorted((r.rule, r.value, r.weights) for r in read_results(path)) == [
+        ("cosine", 0.71, "builtin: m.safetensors"),
+        ("hyperplane", 0.80, ""),
+    ]

@@ -141,6 +141,8 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
     missing = expected_keys(cfg) - keys
     assert not missing, sorted(missing)[:5]
     assert all(0.0 <= r.value <= 1.0 for r in rows)
+    # every row names its weights: the built-in file, not just the spec
+    assert {r.weights for r in rows if r.model == "builtin:tiny-dino"} == {"builtin: tiny-dino.safetensors"}
     assert len({r.key() for r in rows}) == len(rows)
     # block sweep: the first model, cls, blocks 0 and 1 for every token and rule
     sweep = {(r.token, r.rule) for r in rows if r.model == "builtin:tiny-dino" and r.block == 0}
@@ -148,6 +150,11 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
     assert not any(r.model == "builtin:tiny-mae" and r.block == 0 for r in rows)
 
     info = json.loads((run_dir / "run.json").read_text())
+    assert [(e["label"], e["weights_source"], e["family"]) for e in info["models"]] == [
+        ("builtin:tiny-dino", "builtin: tiny-dino.safetensors", "joint-embedding"),
+        ("builtin:tiny-mae", "builtin: tiny-mae.safetensors", "masked-image-modelling"),
+    ]
+    assert all(len(e["weights_digest"]) == 64 and e["weights"] is None for e in info["models"])
     assert info["status"] == "complete" and info["episodes_seed"] == 0
     assert info["config"]["fewshot"]["episodes"] == 10 and info["versions"]["torch"]
     assert info["main_blocks"] == {"builtin:tiny-dino": [1], "builtin:tiny-mae": [1]}
@@ -176,13 +183,26 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
         == 2 * 2 * 3
     )
     assert html.imgs and all(
-        (run_dir / i["data-file"]).is_file() and i["src"].startswith("data:image/png;base64,")
-        for i in html.imgs
+        (run_dir / i["data-file"]).is_file() and i["src"].startswith("data:image/") for i in html.imgs
     )
     assert any("sweep" in i["data-file"] for i in html.imgs) and any(
         "map__" in i["data-file"] for i in html.imgs
     )
-    assert result.summary.row_count == 2 * 2 * 3 * 2
+    # The answer table (report and terminal): per model, its weights; per dataset × setting, the best choice
+    # and the best of the other rule, ties decided by the paired tests of the best against every other choice.
+    text = (run_dir / "report.html").read_text()
+    assert text.count("weights: builtin: tiny-dino.safetensors") == 1
+    assert text.index('class="answer"') < text.index('class="heatmap"')
+    tests = json.loads((run_dir / "paired.json").read_text())["tests"]
+    unit = [
+        t
+        for t in tests
+        if t["model"] == "builtin:tiny-dino" and t["setting"] == "fewshot" and t["shots"] == 1
+    ]
+    classification = [t for t in unit if t["task"] == "classification"]
+    assert len(classification) == len(TOKENS) * 2 * 2 - 1  # tokens × positions × rules, less the best
+    assert {t["test"] for t in classification} == {"wilcoxon"}
+    assert {t["test"] for t in tests if t["setting"] == "standard"} == {"mcnemar"}
 
     # a second run resumes: every unit is skipped, the table is unchanged
     again = run_study(cfg, progress=False)
@@ -257,3 +277,82 @@ def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, builtin_model
     info = json.loads((tmp_path / "runs" / "test" / "run.json").read_text())
     assert info["resumed"] is True and info["timings"]["total_s"] > 0
     assert len(info["timings_earlier"]) == 1 and "total_s" not in info["timings_earlier"][0]  # the killed one
+
+
+def test_cli_run_paths_progress_and_answer(
+    tmp_path: Path, patched_builtins: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`qkvprobe run CONFIG` from another working directory: the config's relative paths resolve against its
+    folder, `--out` against the working directory; progress lines on stderr, the answer table on stdout."""
+    from typer.testing import CliRunner
+
+    from qkvprobe.cli import get_app
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    data = study_config(
+        tmp_path,
+        datasets=[{"spec": "fashion-mnist?source=bundled", "train_size": 60, "test_size": 30}],
+        settings=["standard"],
+        tokens=["ffn"],
+        rules=["cosine"],
+        models=["builtin:tiny-dino"],
+        block_sweep={"enabled": False},
+        report={"enabled": False},
+    )
+    data.update(out_dir="runs", cache_dir="cache")
+    (folder / "study.yaml").write_text(yaml.safe_dump(data))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(get_app(), ["run", "../project/study.yaml"])
+    assert result.exit_code == 0, result.output
+    assert (folder / "runs" / "test" / "results.csv").is_file() and (folder / "cache").is_dir()
+    assert not (elsewhere / "runs").exists()
+    assert "Which token, with which rule?" in result.stdout and "weights: builtin: tiny-dino" in result.stdout
+    assert (
+        "] builtin:tiny-dino · fashion-mnist?source=bundled · train: features of 60 samples" in result.stderr
+    )
+    assert "]   evaluate 1/2 block 1 · cls · cosine (1 tokens)" in result.stderr
+    assert "· train: features extracted in " in result.stderr
+    result = CliRunner().invoke(get_app(), ["run", "../project/study.yaml", "--out", "here", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "here" / "results.csv").is_file() and result.stderr == ""
+    again = CliRunner().invoke(get_app(), ["run", "../project/study.yaml", "--out", "again"])
+    assert again.exit_code == 0 and "· train: features from the cache (" in again.stderr
+
+
+def test_study_warns_before_extracting_many_patches(tmp_path: Path, patched_builtins: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from qkvprobe.study import run_study
+
+    cfg = validate_config(
+        study_config(
+            tmp_path,
+            datasets=[
+                {
+                    "spec": "fashion-mnist-scenes?source=bundled",
+                    "train_size": 12,
+                    "test_size": 6,
+                    "image_size": 119,
+                }
+            ],
+            settings=["standard"],
+            tokens=["q"],
+            rules=["cosine"],
+            models=["builtin:tiny-dino"],
+            block_sweep={"enabled": False},
+            report={"enabled": False},
+        )
+    )
+    buf = io.StringIO()
+    run_study(cfg, progress=False, console=Console(file=buf, width=80))  # a warning is shown even when quiet
+    text = buf.getvalue()
+    assert (
+        "warning: builtin:tiny-dino · fashion-mnist-scenes?source=bundled · train: 119x119 px images give "
+        in text
+    )
+    assert "17x17 = 289 patches per image (more than 256)" in text and "fit or score 3,468 patch rows" in text

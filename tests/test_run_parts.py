@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,79 @@ def test_tolerant_sampler_records_each_call_and_the_study_reports_validation_onl
     fake.log = fake.logged.append
     _Study._note_excluded(fake, "scenes", 1, ["bg", "a", "b", "c"], [[3], [3]])
     assert fake.info == {"fewshot_excluded_classes": {"scenes 1-shot": ["c"]}} and len(fake.logged) == 1
+
+
+def test_mcnemar_verdict_compares_the_best_with_the_others() -> None:
+    """Pin: the standard setting's McNemar test takes the best choice's and the other choice's own predictions
+    (a test of the best against itself would always say "no significant difference")."""
+    from scipy.stats import binomtest
+
+    from qkvprobe.protocols import Evaluation, UnitKey
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    best_pred = labels.copy()
+    best_pred[:20] = (labels[:20] + 1) % 3  # 180 right
+    other_pred = labels.copy()
+    other_pred[100:170] = (labels[100:170] + 1) % 3  # 130 right
+    rows = [
+        replace(
+            _row("v", "hyperplane", 0.9, 1.0), setting="standard", ways=0, shots=0, episodes=0, ci95=math.nan
+        ),
+        replace(
+            _row("q", "hyperplane", 0.65, 1.0), setting="standard", ways=0, shots=0, episodes=0, ci95=math.nan
+        ),
+    ]
+    predictions = {
+        UnitKey(1, "v", "cls", "hyperplane"): best_pred,
+        UnitKey(1, "q", "cls", "hyperplane"): other_pred,
+    }
+    tests = paired_verdicts(rows, Evaluation(rows, predictions=predictions), labels)
+    assert len(tests) == 1 and (tests[0]["a"]["token"], tests[0]["b"]["token"]) == ("v", "q")
+    a_only = int(np.sum((best_pred == labels) & (other_pred != labels)))
+    b_only = int(np.sum((best_pred != labels) & (other_pred == labels)))
+    assert (a_only, b_only) == (70, 20)
+    assert tests[0]["test"] == "mcnemar" and tests[0]["statistic"] == a_only
+    assert tests[0]["p_value"] == pytest.approx(binomtest(a_only, a_only + b_only, 0.5).pvalue, rel=1e-12)
+    assert tests[0]["verdict"].startswith("A better")
+
+
+class _FakeStore:
+    """The few FeatureStore reads :func:`class_direction_map` makes, over in-memory patch features."""
+
+    task = "segmentation"
+
+    def __init__(self, feats: np.ndarray, patch_labels: np.ndarray, classes: list[str], grid: tuple) -> None:
+        self.feats, self._labels, self.classes, self.grid = feats, patch_labels, classes, grid
+
+    def patch_labels(self) -> np.ndarray:
+        return self._labels
+
+    def get(self, token: str, position: str, block: int) -> np.ndarray:
+        assert position == "patch"
+        return self.feats
+
+
+def test_direction_maps_are_cosines_of_normalised_patch_tokens() -> None:
+    """Pin: a direction map is cos(μ_c, patch token) — both sides L2-normalised — checked against NumPy."""
+    from qkvprobe.study.sides import class_direction_map
+
+    rng = np.random.default_rng(0)
+    n, h, w, D, K = 6, 2, 3, 5, 4
+    labels = rng.integers(0, 3, (n, h * w))  # class 3 has no training patches
+    labels[0, 0] = 255
+    scale = rng.uniform(0.5, 30.0, (n, h * w, 1))  # patch norms far from 1
+    feats = (rng.normal(size=(n, h * w, D)) + 2 * np.eye(D)[labels % D]) * scale
+    train = _FakeStore(feats.astype(np.float32), labels, ["a", "b", "c", "d"], (h, w))
+    test_feats = rng.normal(size=(3, h * w, D)) * rng.uniform(0.5, 30.0, (3, h * w, 1))
+    test = _FakeStore(test_feats.astype(np.float32), labels[:3], ["a", "b", "c", "d"], (h, w))
+    cos = class_direction_map(train, test, "q", 1, 3, 10_000, 0)
+    assert cos.shape == (3, K, h, w)
+    keep = labels.reshape(-1) != 255
+    X, y = feats.reshape(-1, D)[keep], labels.reshape(-1)[keep]
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    for c in range(3):
+        mu = unit[y == c].mean(0)
+        ref = test_feats @ mu / np.linalg.norm(test_feats, axis=-1) / np.linalg.norm(mu)
+        np.testing.assert_allclose(cos[:, c].reshape(3, -1), ref, atol=1e-5)
+    assert np.isnan(cos[:, 3]).all()

@@ -2,7 +2,12 @@
 overrides, validated once. Every error is a one-line :class:`~qkvprobe.errors.ConfigError` naming the key
 path (``fewshot.shots.1``) and, where the value is one of a set, the allowed values.
 
-Relative paths (``out_dir``, ``cache_dir``, dataset ``root``) are taken relative to the working directory.
+Relative paths in a config file — ``out_dir``, ``cache_dir``, a model's ``weights``, a local ``hf:./dir`` model, a
+dataset's ``root`` and the path of a dataset spec that takes one (``imagefolder:data/x``, ``voc:``, ``ade20k:``,
+``segfolder:``, ``wds:``; ``hfds:./dir``) — are taken relative to the folder of that file, so a study runs the same from any working
+directory; ``--set`` values are part of the config and resolve the same way. The embedded default study (no file)
+resolves them against the working directory. The config keeps them as written: they are its labels (the results'
+``dataset`` column) and its fingerprint.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .data.registry import KINDS, dataset_kind, dataset_task, parse_spec
 from .errors import ConfigError, SpecError
@@ -26,6 +39,39 @@ from .vocab import RULES, TOKENS, Position, Setting, Token
 MODEL_PREFIXES: tuple[str, ...] = ("timm:", "hf:", "builtin:")
 #: Image-level positions per task; segmentation always works on patch tokens.
 TASK_POSITIONS: dict[str, tuple[str, ...]] = {"classification": ("cls", "avg"), "segmentation": ("patch",)}
+
+
+def resolve_path(path: str | Path, base: Path | None) -> Path:
+    """``path`` with ``~`` expanded, joined to ``base`` when it is relative and a base is known."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or base is None else base / p
+
+
+def _explicitly_relative(path: str) -> bool:
+    return path.startswith(("./", "../"))
+
+
+def resolve_dataset_spec(spec: str, base: Path | None) -> str:
+    """A dataset spec whose kind takes a path (``imagefolder:``, ``voc:``, ``ade20k:``, ``segfolder:``, ``wds:``;
+    ``hfds:`` only for ``./``/``../`` paths, its text may be a hub id) with a relative path rewritten against
+    ``base`` (``"imagefolder:data/x?opt=1"`` → ``"imagefolder:/cfg/dir/data/x?opt=1"``); other specs unchanged."""
+    body, q, options = spec.partition("?")
+    prefix, colon, path = body.partition(":")
+    kind = KINDS.get(dataset_kind(spec))
+    if base is None or kind is None or not kind.path or not colon:
+        return spec
+    if kind.name == "hfds" and not _explicitly_relative(path):
+        return spec
+    return f"{prefix}:{resolve_path(path, base)}{q}{options}"
+
+
+def resolve_model_spec(spec: str, base: Path | None) -> str:
+    """``hf:./local-dir`` (a path that starts with ``./`` or ``../``) rewritten against ``base``; hub ids and other
+    specs unchanged (``hf:facebook/dino-vits16`` is a repository id, not a folder)."""
+    prefix, _, name = spec.partition(":")
+    if base is None or prefix != "hf" or not _explicitly_relative(name):
+        return spec
+    return f"hf:{resolve_path(name, base)}"
 
 
 class _Strict(BaseModel):
@@ -40,7 +86,8 @@ def _unique(values: list, what: str) -> list:
 
 
 class ModelConfig(_Strict):
-    """One backbone: a spec string, optional local weights, and the label used in results (default: spec)."""
+    """One backbone: a spec string, optional local weights, and the label used in results (default: the spec, plus
+    ``" + <weights file name>"`` with local weights: :func:`qkvprobe.provenance.model_label`)."""
 
     spec: str
     weights: str | None = None
@@ -57,7 +104,9 @@ class ModelConfig(_Strict):
 
     @property
     def name(self) -> str:
-        return self.label or self.spec
+        from .provenance import model_label
+
+        return model_label(self.spec, self.weights, self.label)
 
 
 class DatasetConfig(_Strict):
@@ -218,6 +267,10 @@ class StudyConfig(_Strict):
     knn: KnnConfig = KnnConfig()
     block_sweep: BlockSweepConfig = BlockSweepConfig()
     report: ReportConfig = ReportConfig()
+    #: The folder relative paths resolve against (the config file's; None = the working directory).
+    _base_dir: Path | None = PrivateAttr(default=None)
+    #: A run directory given on the command line (``qkvprobe run --out``), in place of ``out_dir/name``.
+    _run_dir: Path | None = PrivateAttr(default=None)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -288,15 +341,46 @@ class StudyConfig(_Strict):
         return self
 
     # ---- derived values -------------------------------------------------------------------------------
+    @property
+    def base_dir(self) -> Path | None:
+        return self._base_dir
+
+    def with_base_dir(self, base: str | Path | None) -> StudyConfig:
+        """Resolve this config's relative paths against ``base`` (a config file's folder) from now on."""
+        self._base_dir = None if base is None else Path(base).expanduser().resolve()
+        return self
+
+    def with_run_dir(self, run_dir: str | Path | None) -> StudyConfig:
+        """Write the run into ``run_dir`` instead of ``out_dir/name`` (relative to the working directory)."""
+        self._run_dir = None if run_dir is None else Path(run_dir).expanduser()
+        return self
+
     def run_dir(self) -> Path:
-        return Path(self.out_dir).expanduser() / self.name
+        if self._run_dir is not None:
+            return self._run_dir
+        return resolve_path(self.out_dir, self._base_dir) / self.name
 
     def cache_root(self) -> Path:
         return (
-            Path(self.cache_dir).expanduser()
+            resolve_path(self.cache_dir, self._base_dir)
             if self.cache_dir
             else Path.home() / ".cache" / "qkvprobe" / "features"
         )
+
+    def model_spec(self, m: ModelConfig) -> str:
+        """The spec to load ``m`` from (a relative ``hf:./dir`` resolved)."""
+        return resolve_model_spec(m.spec, self._base_dir)
+
+    def weights_path(self, m: ModelConfig) -> Path | None:
+        """``m``'s local weights file, resolved; None for the spec's own weights."""
+        return None if m.weights is None else resolve_path(m.weights, self._base_dir)
+
+    def dataset_spec(self, d: DatasetConfig) -> str:
+        """The spec to open ``d`` from (a folder spec's relative path resolved); ``d.spec`` stays its label."""
+        return resolve_dataset_spec(d.spec, self._base_dir)
+
+    def dataset_root(self, d: DatasetConfig) -> str | None:
+        return None if d.root is None else str(resolve_path(d.root, self._base_dir))
 
     def sweep_models(self) -> list[ModelConfig]:
         if not self.block_sweep.enabled:
@@ -440,7 +524,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key_path, value = parse_override(item)
         apply_override(data, key_path, value)
-    return validate_config(data, source + (" with --set overrides" if overrides else ""))
+    cfg = validate_config(data, source + (" with --set overrides" if overrides else ""))
+    return cfg.with_base_dir(None if path is None else Path(path).parent)
 
 
 def dump_config(cfg: StudyConfig) -> dict:

@@ -1,8 +1,8 @@
 """The results table (``results.csv``): one row per measurement, long format (docs/CONTRACTS.md).
 
 Columns added after the first release (``class_weight``, ``C_choice``, ``params``, ``converged``,
-``allowed_mismatch``) are filled in when an older table is read, so tables written by earlier versions stay
-readable and mergeable.
+``allowed_mismatch``, ``weights``) are filled in when an older table is read, so tables written by earlier
+versions stay readable and mergeable.
 
 Rows are appended atomically (the whole file is rewritten to a temporary name and renamed), and a row whose
 key columns equal an existing row's replaces it, so a resumed run never duplicates measurements.
@@ -43,6 +43,7 @@ COLUMNS: tuple[str, ...] = (
     "params",
     "converged",
     "allowed_mismatch",
+    "weights",
 )
 #: The hyperplane rule's class weighting ("none" = PAPER.md's plain fit, "balanced" = scikit-learn's
 #: n / (K·n_class)); "" for the cosine rule, which has no weights. A key column: plain and balanced fits of the
@@ -60,7 +61,11 @@ CONVERGED: tuple[str, ...] = ("true", "false", "")
 #: without any), a key column: two k of one token are different measurements.
 #: ``allowed_mismatch``: the store fields an evaluation was told to let differ between its train and test stores
 #: (``--allow-mismatch``), comma-separated; "" normally. An outcome column.
-OUTCOME_COLUMNS: tuple[str, ...] = ("value", "ci95", "C", "converged", "allowed_mismatch")
+#: ``weights``: where the model's weights came from (``Backbone.weights_source``: a hub tag, a built-in file, or a
+#: local file with the start of its sha256), so a row never passes a local checkpoint off as the hub's; "" where
+#: not recorded. An outcome column: the model label names the run (a model loaded with local weights gets a label
+#: that says so), and a label measured again replaces its rows.
+OUTCOME_COLUMNS: tuple[str, ...] = ("value", "ci95", "C", "converged", "allowed_mismatch", "weights")
 #: Columns that identify a measurement; the rest are its outcome.
 KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in OUTCOME_COLUMNS)
 
@@ -70,7 +75,8 @@ class ResultRow:
     """One measurement. ``value``/``ci95`` are fractions in [0, 1]; ``ways``/``shots``/``episodes`` are 0 in
     the standard setting; ``ci95`` is NaN where no interval exists; ``C`` is NaN and ``class_weight`` and
     ``C_choice`` are "" for the cosine rule. A hyperplane row's ``C_choice`` defaults to "auto" in the standard
-    setting and to its C as text in the few-shot one (see ``C_AUTO``)."""
+    setting and to its C as text in the few-shot one (see ``C_AUTO``). ``weights`` names the weights' source
+    (the comment above ``KEY_COLUMNS``)."""
 
     model: str
     objective: str
@@ -94,6 +100,7 @@ class ResultRow:
     params: str = ""
     converged: str = ""
     allowed_mismatch: str = ""
+    weights: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.converged, bool) or self.converged is None:
@@ -134,13 +141,15 @@ def fixed_C_text(C: float) -> str:
 
 _TYPES = {f.name: f.type for f in fields(ResultRow)}
 #: Columns newer than the first tables, and the value an older row gets ("" → a hyperplane row's "none": its
-#: fits were plain; and its C_choice default: "auto" in the standard setting, the recorded C in the few-shot one).
+#: fits were plain; and its C_choice default: "auto" in the standard setting, the recorded C in the few-shot one;
+#: weights "": not recorded).
 _ADDED: dict[str, object] = {
     "class_weight": "",
     "C_choice": "",
     "params": "",
     "converged": "",
     "allowed_mismatch": "",
+    "weights": "",
 }
 
 

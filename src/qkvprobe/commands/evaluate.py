@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -28,26 +26,19 @@ def _ints(text: str, name: str) -> list[int]:
         ) from None
 
 
-@contextmanager
-def _bar(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich bar on stderr (a terminal only) fed by the protocols' ``progress(label, done, total)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def default_positions(held: list[str], task: str, where: str) -> list[str]:
+    """Every position ``held`` (in both stores, in their order) that ``task`` evaluates: cls/avg for classification,
+    patch for segmentation. ConfigError when the stores hold none of them."""
+    from ..config import TASK_POSITIONS
 
-    console = Console(stderr=True)
-    bar = Progress(
-        TextColumn("evaluate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-        disable=not (enabled and console.is_terminal),
-    )
-    with bar:
-        task = bar.add_task("", total=None)
-        yield lambda label, done, total: bar.update(task, description=label, completed=done, total=total)
+    usable = [p for p in held if p in TASK_POSITIONS[task]]
+    if not usable:
+        wanted = ",".join(TASK_POSITIONS[task])
+        raise ConfigError(
+            f"{where} hold positions {','.join(held)} but {task} evaluates {' or '.join(TASK_POSITIONS[task])}; "
+            f"extract again with --positions {wanted}"
+        )
+    return usable
 
 
 @app.command("evaluate")
@@ -65,9 +56,13 @@ def evaluate(
         help="Comma-separated rules: hyperplane, cosine, knn (and any rule registered in "
         "qkvprobe.protocols.registry).",
     ),
-    tokens: str = typer.Option("q,k,v,ffn", "--tokens", help="Comma-separated token types."),
+    tokens: str = typer.Option(
+        None, "--tokens", help="Comma-separated token types (default: every token type the stores hold)."
+    ),
     positions: str = typer.Option(
-        None, "--positions", help="cls,avg (classification) or patch (default by task)."
+        None,
+        "--positions",
+        help="cls,avg (classification) or patch (segmentation); default: every one of them the stores hold.",
     ),
     blocks: str = typer.Option(
         "-1", "--blocks", help="Comma-separated block indices (negative from the end)."
@@ -108,15 +103,29 @@ def evaluate(
         help="Comma-separated store fields allowed to differ between --train-store and --test-store (backbone, "
         "weights, mean, std, image_size, interpolation, blocks, classes); recorded in the rows.",
     ),
+    label: str = typer.Option(
+        None,
+        "--label",
+        help="The rows' model name (default: the label the extract command recorded, else the backbone spec, "
+        "plus ' + <weights file>' for local weights).",
+    ),
     out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
     progress: bool = typer.Option(
-        True, "--progress/--no-progress", help="Progress bar (only on a terminal)."
+        True,
+        "--progress/--no-progress",
+        help="Progress on stderr: a bar on a terminal, else one line per unit of work with the elapsed time.",
     ),
 ) -> None:
     """Evaluate decision rules on token features of existing stores; write rows of the results table."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
     from ..features.store import FeatureStore
+    from ..feedback import Reporter
     from ..protocols import evaluate_classification, evaluate_segmentation
     from ..protocols.fewshot_c import check_fewshot_C
+    from ..provenance import manifest_weights_source, store_label
     from ..results import write_results
 
     if store is not None:
@@ -140,7 +149,15 @@ def evaluate(
                 "--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split"
             )
         fewshot_c = check_fewshot_C(fewshot_c)
-    token_list = _split(tokens, "tokens")
+    manifest = getattr(train, "manifest", None) or {}  # the label and weights' source extract recorded
+    # default: every token type and position both stores hold (and the task evaluates)
+    token_list = [t for t in train.tokens if t in test.tokens] if tokens is None else _split(tokens, "tokens")
+    held = [p for p in train.positions if p in test.positions]
+    position_list = (
+        _split(positions, "positions")
+        if positions is not None
+        else default_positions(held, task, "the stores")
+    )
     if heads:
         token_list += [t for t in train.head_tokens(token_list) if t not in token_list]
     kw = dict(
@@ -152,6 +169,8 @@ def evaluate(
         seed=seed,
         device=device,
         class_weight=None if class_weight == "none" else class_weight,
+        positions=position_list,
+        model=label or store_label(manifest) or None,  # None: the protocols use the store's spec
     )
     if fewshot_c is not None:
         kw["C"] = fewshot_c
@@ -160,12 +179,16 @@ def evaluate(
         T=knn_t,
         allow_mismatch=[f.strip() for f in allow_mismatch.split(",") if f.strip()],
     )
-    with _bar(progress) as tell:
+    reporter = Reporter(Console(stderr=True), enabled=progress)
+    reporter.log(
+        f"evaluate {kw['model'] or train.backbone_spec}: {setting}, tokens {','.join(token_list)}, "
+        f"positions {','.join(position_list)}"
+    )
+    with reporter.units("evaluate") as tell:
         if task == "classification":
             ev = evaluate_classification(
                 train,
                 test,
-                positions=_split(positions or "cls", "positions"),
                 ways=ways,
                 queries=queries,
                 episodes=episodes or 2000,
@@ -173,15 +196,9 @@ def evaluate(
                 **kw,
             )
         else:
-            ev = evaluate_segmentation(
-                train,
-                test,
-                positions=_split(positions or "patch", "positions"),
-                episodes=episodes or 1000,
-                progress=tell,
-                **kw,
-            )
-    rows = ev.rows
+            ev = evaluate_segmentation(train, test, episodes=episodes or 1000, progress=tell, **kw)
+    source = manifest_weights_source(manifest)
+    rows = [replace(r, weights=source) for r in ev.rows]
     write_results(out, rows)
     if ev.allowed_mismatch:
         typer.echo(
@@ -195,7 +212,8 @@ def evaluate(
             f"{r.token:>8} {r.position:<5} {rule:<10} block {r.block} shots {r.shots}: "
             f"{r.metric} {100 * r.value:.2f}{ci}{C}"
         )
-    _print_summary(rows)
+    labels = test.labels() if task == "classification" else None
+    _print_summary(rows, ev, labels, manifest)
     if ev.unconverged:
         typer.echo(
             f"not converged (rows marked converged=false; raise the solver's max_iter or check the features): "
@@ -205,15 +223,35 @@ def evaluate(
     typer.echo(f"wrote {len(rows)} rows to {out}")
 
 
-def _print_summary(rows: list) -> None:
-    """The best token per rule among the rows just measured (the table `qkvprobe run` ends with)."""
+def _print_summary(rows: list, evaluation: object, test_labels: object, manifest: dict) -> None:
+    """The answer table of `qkvprobe run` for the rows just measured, with the paired tests of this evaluation."""
     import pandas as pd
     from rich.console import Console
 
+    from ..provenance import manifest_weights_source
     from ..report import main_rows, summary_table
+    from ..report.answer import weights_text
     from ..report.tables import label_rule_variants
     from ..results import COLUMNS
+    from ..study.sides import paired_verdicts
+    from ..vocab import split_head
 
     df = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
     every_block = {m: sorted(int(b) for b in sub["block"].unique()) for m, sub in df.groupby("model")}
-    Console().print(summary_table(main_rows(df, {"main_blocks": every_block}), title="Best token per rule"))
+    main = main_rows(df, {"main_blocks": every_block})
+    main = main[main["token"].map(lambda t: split_head(str(t))[1] is None)]
+    whole = [r for r in rows if split_head(r.token)[1] is None]
+    paired = []
+    for shots in sorted({r.shots for r in whole}):  # one best choice per shot count, as in the study
+        paired += paired_verdicts([r for r in whole if r.shots == shots], evaluation, test_labels)
+    backbone = manifest.get("backbone") or {}
+    weights = (
+        {
+            str(rows[0].model): weights_text(
+                manifest_weights_source(manifest), str(backbone.get("weights_digest", ""))
+            )
+        }
+        if rows
+        else {}
+    )
+    Console().print(summary_table(main, paired, weights))

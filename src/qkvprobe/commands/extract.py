@@ -60,6 +60,29 @@ def _parse_blocks(value: str) -> object:
     return parse_blocks(value)
 
 
+def default_positions(task: str, has_cls_token: bool) -> list[str]:
+    """The positions a task evaluates, so the store fits the next command: segmentation ``patch``;
+    classification ``cls, avg`` (``avg`` alone for a model without a class token)."""
+    from ..config import TASK_POSITIONS
+
+    return [p for p in TASK_POSITIONS[task] if p != "cls" or has_cls_token]
+
+
+def record_label(path: Path, label: str, source: str) -> None:
+    """Write the run's label (and, where the loader did not record one, the weights' source) into the store's
+    manifest: ``qkvprobe evaluate`` names its rows after them. Neither is part of the store's key, so the same
+    features under another label are reused and relabelled."""
+    from ..features.store import MANIFEST, read_manifest, write_json_atomic
+
+    manifest = read_manifest(path)
+    backbone = manifest.setdefault("backbone", {})
+    if backbone.get("label") == label and backbone.get("weights_source"):
+        return
+    backbone["label"] = label
+    backbone.setdefault("weights_source", source)
+    write_json_atomic(path / MANIFEST, manifest)
+
+
 @app.command("extract")
 @edge
 def extract(
@@ -85,9 +108,10 @@ def extract(
         "q,k,v,ffn", "--tokens", help=f"Comma list from {','.join(TOKENS)}.", callback=_checked(_parse_tokens)
     ),
     positions: str = typer.Option(
-        "cls,avg",
+        None,
         "--positions",
-        help=f"Comma list from {','.join(POSITIONS)}.",
+        help=f"Comma list from {','.join(POSITIONS)} (default by task: classification cls,avg — avg alone for "
+        "a model without a class token —, segmentation patch).",
         callback=_checked(_parse_positions),
     ),
     device: str = typer.Option(
@@ -114,8 +138,16 @@ def extract(
         help="fail or skip unreadable images.",
         callback=_checked(_choice(ON_BAD_IMAGE, "--on-bad-image value")),
     ),
+    label: str | None = typer.Option(
+        None,
+        "--label",
+        help="Name of this model run, recorded in the store for `qkvprobe evaluate` (default: the spec, plus "
+        "' + <weights file>' with --weights).",
+    ),
     progress: bool = typer.Option(
-        True, "--progress/--no-progress", help="Progress bar (only on a terminal)."
+        True,
+        "--progress/--no-progress",
+        help="Progress on stderr: a bar on a terminal, else a line every 30 s with the shards written.",
     ),
     gpu_decode: bool = typer.Option(
         False,
@@ -124,31 +156,45 @@ def extract(
     ),
 ) -> None:
     """Extract token features of one dataset split into a content-addressed, resumable feature store."""
+    from rich.console import Console
+
     from ..backbones import load_backbone
     from ..data import open_dataset
     from ..features import extract_features
     from ..features.distributed import dist_info, local_device
-    from ..features.extract import parse_blocks
+    from ..features.extract import parse_blocks, plan_store
+    from ..feedback import Reporter, many_tokens_warning
+    from ..provenance import model_label, weights_source
 
     if gpu_decode and device != "cuda":
         raise ConfigError(f"--gpu-decode needs --device cuda, got --device {device}; drop --gpu-decode")
     backbone = load_backbone(model, weights=weights, device=local_device(device))
     dataset = open_dataset(data, split, root=root, on_bad_image=on_bad_image)
-    store = extract_features(
-        backbone,
-        dataset,
-        out,
-        blocks=parse_blocks(blocks),
-        tokens=tokens,
-        positions=positions,
-        dtype=dtype,
-        amp=amp,
-        batch_size=batch_size,
-        image_size=image_size,
-        num_workers=num_workers,
-        progress=progress,
-        device_decode=gpu_decode,
-    )
+    positions = positions or ",".join(default_positions(dataset.task, backbone.has_cls_token))
+    options = {
+        "blocks": parse_blocks(blocks),
+        "tokens": tokens,
+        "positions": positions,
+        "dtype": dtype,
+        "amp": amp,
+        "image_size": image_size,
+        "device_decode": gpu_decode,
+    }
+    planned, _ = plan_store(backbone, dataset, **options)
+    reporter = Reporter(Console(stderr=True), enabled=progress and dist_info().is_main)
+    warning = many_tokens_warning(planned)
+    if warning and dist_info().is_main:
+        reporter.warn(warning)
+    with reporter.heartbeat(out, f"extract {dataset.spec} {split}"):
+        store = extract_features(
+            backbone,
+            dataset,
+            out,
+            **options,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
     info = dist_info()
     if info.distributed:
         import torch.distributed as dist
@@ -156,6 +202,7 @@ def extract(
         if dist.is_initialized():  # nothing follows in this process: leave the group cleanly
             dist.destroy_process_group()
     if info.is_main:
+        record_label(store.path, model_label(model, weights, label), weights_source(backbone, weights))
         typer.echo(
             f"feature store {store.path}: {store.num_samples} samples, blocks {store.blocks}, tokens "
             f"{','.join(store.tokens)}, positions {','.join(store.positions)}, {store.dtype}, key {store.key[:16]}"

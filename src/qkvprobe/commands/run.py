@@ -25,6 +25,14 @@ def run_command(
             "--set", help="Override a config key, e.g. --set fewshot.episodes=100 (repeatable; YAML values)."
         ),
     ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run directory (default: the config's out_dir/name; relative to the working directory).",
+        ),
+    ] = None,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Discard the run directory's earlier results instead of resuming.")
     ] = False,
@@ -32,15 +40,17 @@ def run_command(
 ) -> None:
     """Run a study: extract (cached) features, evaluate every token × rule × setting, write results and report.
 
-    A killed run resumes where it stopped when started again with the same config."""
+    Progress goes to stderr (plain lines, one per unit of work, when stderr is not a terminal); the answer table
+    to stdout. A killed run resumes where it stopped when started again with the same config. Relative paths in
+    a config file resolve against that file's folder."""
     from rich.console import Console
 
     from ..config import load_config
     from ..study import run_study
 
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, set_ or []).with_run_dir(out)
+    result = run_study(cfg, fresh=fresh, progress=not quiet, console=Console(stderr=True))
     console = Console()
-    result = run_study(cfg, fresh=fresh, progress=not quiet, console=console)
     console.print(result.summary)
     console.print(f"results: {result.run_dir / 'results.csv'}")
     if result.report is not None:
@@ -62,9 +72,14 @@ def report_command(
     from rich.console import Console
 
     from ..report import load_run, main_rows, render_report, summary_table
+    from ..report.answer import weights_by_model
 
     path = render_report(run_dir, out)
     files = load_run(run_dir)
     console = Console()
-    console.print(summary_table(main_rows(files.results, files.run_info)))
+    console.print(
+        summary_table(
+            main_rows(files.results, files.run_info), files.paired, weights_by_model(files.run_info)
+        )
+    )
     console.print(f"report: {path}")

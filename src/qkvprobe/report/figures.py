@@ -1,7 +1,9 @@
-"""Report figures (matplotlib, Agg): few-shot bars with 95 % CIs, block-sweep heatmaps, direction maps.
+"""Report figures (matplotlib, Agg): few-shot bars with 95 % CIs, block-sweep and head heatmaps, direction maps.
 
-Each figure is saved under ``figures/`` and embedded in the HTML as a base64 PNG, so the report is one
-self-contained file.
+Bars and heatmaps are SVG (sharp at any zoom; text kept as text, which keeps the files small and lets the browser
+draw it in its sans-serif font), direction maps — images by nature — PNG at ``MAP_DPI``. Each figure is saved under ``figures/`` and embedded in the HTML as a
+base64 data URI, so the report is one self-contained file. Legends sit outside the plotted data, and heatmap colour
+scales span at least ``HEAT_SPAN`` below the best value, so a small difference never fills the whole scale.
 """
 
 from __future__ import annotations
@@ -21,10 +23,21 @@ import pandas as pd
 
 from ..vocab import POSITIONS, TOKENS
 from .files import DirectionMap
-from .tables import BALANCED_RULE, REPORT_RULES, order_present, setting_label
+from .tables import BALANCED_RULE, HEAT_SPAN, REPORT_RULES, order_present, setting_label
 
-# User text (class names, model labels) must never be read as mathtext ("$" in a name would crash).
-_RC = {"text.parse_math": False, "font.size": 8, "axes.titlesize": 9, "figure.dpi": 100}
+# User text (class names, model labels) must never be read as mathtext ("$" in a name would crash). A fixed SVG
+# hash salt keeps the element ids, and so the files, the same from one rendering to the next; SVG text stays text
+# (not paths): smaller files, written faster.
+_RC = {
+    "text.parse_math": False,
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "figure.dpi": 100,
+    "svg.hashsalt": "qkvprobe",
+    "svg.fonttype": "none",
+}
+#: Resolution of the raster figures (direction maps): sharp on high-density screens and in print.
+MAP_DPI = 200
 RULE_COLOURS = {"hyperplane": "#3b6ea8", BALANCED_RULE: "#7fa7d4", "cosine": "#e08a2c"}
 #: The sweep heatmap names each cell's best rule by a letter.
 RULE_LETTERS = {"hyperplane": "H", BALANCED_RULE: "Hb", "cosine": "C"}
@@ -43,6 +56,8 @@ class Figure:
     name: str  # file name under figures/
     caption: str
     data_uri: str
+    #: Display width in CSS pixels for a high-DPI PNG (its pixels at 100 per inch); None for SVG (own size).
+    width: int | None = None
 
 
 def slug(*parts: object) -> str:
@@ -50,14 +65,34 @@ def slug(*parts: object) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:150]
 
 
+_MIME = {"svg": "image/svg+xml", "png": "image/png"}
+
+
 def _save(fig: plt.Figure, figures_dir: Path, name: str, caption: str) -> Figure:
+    """Write ``fig`` as ``figures_dir/name`` (SVG or PNG by the name's suffix) and return it as a data URI."""
+    kind = name.rsplit(".", 1)[-1]
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    if kind == "svg":
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    else:
+        fig.savefig(buf, format="png", bbox_inches="tight", dpi=MAP_DPI)
     plt.close(fig)
-    png = buf.getvalue()
+    data = buf.getvalue()
     figures_dir.mkdir(parents=True, exist_ok=True)
-    (figures_dir / name).write_bytes(png)
-    return Figure(name, caption, "data:image/png;base64," + base64.b64encode(png).decode("ascii"))
+    (figures_dir / name).write_bytes(data)
+    # a PNG's width is bytes 16-19 of its IHDR chunk; shown at 100 px per inch, it keeps its size, sharper
+    width = None if kind == "svg" else round(int.from_bytes(data[16:20], "big") * 100 / MAP_DPI)
+    uri = f"data:{_MIME[kind]};base64," + base64.b64encode(data).decode("ascii")
+    return Figure(name, caption, uri, width)
+
+
+def _colour_range(values: np.ndarray) -> tuple[float, float]:
+    """(vmin, vmax) of a heatmap: vmax the best value, vmin at least ``HEAT_SPAN`` below it."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    hi = float(finite.max())
+    return min(float(finite.min()), hi - HEAT_SPAN), hi
 
 
 def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
@@ -68,7 +103,12 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
         for (model, dataset), sub in few.groupby(["model", "dataset"], sort=False):
             shots = sorted(sub["shots"].unique())
             fig, axes = plt.subplots(
-                1, len(shots), figsize=(max(4.0, 3.6 * len(shots)), 3.0), squeeze=False, sharey=True
+                1,
+                len(shots),
+                figsize=(max(4.0, 3.6 * len(shots)) + 1.4, 3.0),
+                squeeze=False,
+                sharey=True,
+                layout="constrained",
             )
             for ax, k in zip(axes[0], shots, strict=True):
                 cur = sub[sub["shots"] == k]
@@ -93,13 +133,14 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
                 ax.set_ylim(0, 1)
                 ax.grid(axis="y", alpha=0.3)
             axes[0][0].set_ylabel(sub["metric"].iloc[0])
-            axes[0][-1].legend(fontsize=7, loc="lower right")
-            fig.suptitle(f"{model} · {dataset}: few-shot (mean ± 95 % CI)", y=1.03)
+            # outside the axes: a legend inside would cover bars
+            fig.legend(*axes[0][-1].get_legend_handles_labels(), loc="outside right upper", title="rule")
+            fig.suptitle(f"{model} · {dataset}: few-shot (mean ± 95 % CI)")
             out.append(
                 _save(
                     fig,
                     figures_dir,
-                    slug("fewshot", model, dataset) + ".png",
+                    slug("fewshot", model, dataset) + ".svg",
                     f"Few-shot {sub['metric'].iloc[0]} of {model} on {dataset}; error bars are 95 % CIs.",
                 )
             )
@@ -111,12 +152,13 @@ def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
     value, tokens, blocks = grid["value"], grid["tokens"], grid["blocks"]
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(blocks) + 1.5), 0.45 * len(tokens) + 1.2))
-        im = ax.imshow(value, cmap="viridis", aspect="auto")
+        vmin, vmax = _colour_range(value)
+        im = ax.imshow(value, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
         for i in range(len(tokens)):
             for j in range(len(blocks)):
                 if np.isfinite(value[i, j]):
                     rule = rule_letter(str(grid["rule"][i, j]))
-                    colour = "white" if value[i, j] < np.nanmean(value) else "black"
+                    colour = "white" if value[i, j] < (vmin + vmax) / 2 else "black"
                     ax.text(
                         j,
                         i,
@@ -136,7 +178,7 @@ def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
     return _save(
         fig,
         figures_dir,
-        slug("sweep", grid["model"], grid["dataset"], grid["position"]) + ".png",
+        slug("sweep", grid["model"], grid["dataset"], grid["position"]) + ".svg",
         f"Block sweep of {grid['model']} on {grid['dataset']} ({grid['position']}): the best rule's "
         f"{grid['metric']} (×100; H = hyperplane, "
         + ("Hb = balanced hyperplane, " if BALANCED_RULE in set(grid["rule"].ravel()) else "")
@@ -151,13 +193,14 @@ def head_heatmap(grid: dict, figures_dir: Path) -> Figure:
     table = np.concatenate([value, whole[:, None]], axis=1)
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * (H + 1) + 1.5), 0.45 * len(tokens) + 1.3))
-        im = ax.imshow(table, cmap="viridis", aspect="auto")
+        vmin, vmax = _colour_range(table)
+        im = ax.imshow(table, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
         ax.axvline(H - 0.5, color="white", linewidth=2)
         for i in range(len(tokens)):
             best = int(np.nanargmax(value[i])) if np.isfinite(value[i]).any() else -1
             for j in range(H + 1):
                 if np.isfinite(table[i, j]):
-                    colour = "white" if table[i, j] < np.nanmean(table) else "black"
+                    colour = "white" if table[i, j] < (vmin + vmax) / 2 else "black"
                     mark = "*" if j == best else ""
                     ax.text(
                         j,
@@ -176,7 +219,7 @@ def head_heatmap(grid: dict, figures_dir: Path) -> Figure:
             f"{grid['model']} · {grid['dataset']} · {grid['slabel']} · {grid['position']} · {grid['rule']}"
         )
     name = (
-        slug("heads", grid["model"], grid["dataset"], grid["slabel"], grid["position"], grid["rule"]) + ".png"
+        slug("heads", grid["model"], grid["dataset"], grid["slabel"], grid["position"], grid["rule"]) + ".svg"
     )
     return _save(
         fig,

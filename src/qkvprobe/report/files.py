@@ -4,17 +4,19 @@
     results.csv      the long results table (:mod:`qkvprobe.results`)
     run.json         resolved config, versions, timings (``timings_earlier``: interrupted invocations of a resumed
                      run), data sources, episode seed, subsampling, ``main_blocks``
-                     (model -> block indices of the main tables; other blocks are the block sweep)
+                     (model -> block indices of the main tables; other blocks are the block sweep), ``models``
+                     ([{label, spec, weights, weights_source, weights_digest, objective, family}])
     directions.json  ``{"entries": [{model, objective, dataset, block, token, position, C, classes: [..],
                      cosine: [..]}]}`` — per class, cos(w_c, μ_c) between the hyperplane normal and the class
                      direction, fitted on the standard training features
     paired.json      ``{"tests": [{model, dataset, task, setting, ways, shots, metric, a: {token, position, rule,
-                     value}, b: {...}, test, statistic, p_value, alpha, verdict}]}`` — paired tests between the
-                     top choices on the same episodes
+                     value}, b: {...}, test, statistic, p_value, num_pairs, alpha, verdict}]}`` — paired tests
+                     of each unit's best choice against every other, on the same episodes (Wilcoxon) or test
+                     images (McNemar); the answer table Holm-adjusts the p-values of one best choice
     maps/*.npz       direction maps, one file per model × dataset × token: ``images`` uint8 [n,H,W] or [n,H,W,3],
                      ``masks`` int [n,H,W] (255 ignore), ``cosine`` float [n,C,h,w] (cos(μ_c, patch token)),
                      ``classes`` str [C], ``meta`` JSON str {model, dataset, token, block}
-    figures/*.png    written by the report
+    figures/*.svg    written by the report (direction maps: figures/map__*.png)
     report.html      written by the report (self-contained: figures are embedded)
 """
 

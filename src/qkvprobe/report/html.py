@@ -13,10 +13,12 @@ import pandas as pd
 from .. import __version__
 from ..vocab import TOKENS
 from . import figures as figs
+from .answer import ANSWER_LEGEND, answer_lines, answers, weights_by_model
 from .files import FIGURES, REPORT, RESULTS, RunFiles, load_run
 from .insights import insights
 from .tables import (
     BALANCED_RULE,
+    HEAT_SPAN,
     Cell,
     HeatTable,
     fmt,
@@ -104,7 +106,10 @@ def _paired_rows(tests: list[dict]) -> list[dict]:
 def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
     cfg = info.get("config", {})
     rows: list[tuple[str, str]] = []
-    if cfg:
+    for m in info.get("models") or []:
+        what = f"{m.get('spec', '')}" + (f", weights file {m['weights']}" if m.get("weights") else "")
+        rows.append((f"model: {m.get('label', '')}", f"{what}; {m.get('weights_source', '')}"))
+    if cfg and not info.get("models"):
         rows.append(
             ("models", ", ".join(str(m.get("label") or m.get("spec")) for m in cfg.get("models", [])))
         )
@@ -160,17 +165,45 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     return render_run(run, Path(out) if out else run.run_dir / REPORT)
 
 
+def _answer_models(lines: list) -> list[dict]:
+    """The answer table's rows grouped by model (one heading per model, with its weights)."""
+    out: list[dict] = []
+    for line in lines:
+        if not out or out[-1]["model"] != line.model:
+            out.append(
+                {
+                    "model": line.model,
+                    "objective": line.objective,
+                    "family": line.family,
+                    "weights": line.weights or "not recorded",
+                    "lines": [],
+                }
+            )
+        out[-1]["lines"].append(line)
+    return out
+
+
 def render_run(run: RunFiles, out: Path) -> Path:
     fig_dir = run.run_dir / FIGURES
+    # figures/ belongs to the report: drop the previous rendering's files, so none outlives its section
+    for stale in fig_dir.glob("*") if fig_dir.is_dir() else []:
+        if stale.is_file() and stale.suffix in (".png", ".svg"):
+            stale.unlink()
     main = main_rows(run.results, run.run_info)
     heads = main[is_head(main["token"])]
     main = main[~is_head(main["token"])]  # single heads get their own figures, not rows in every table
+    found = answers(main, run.paired, weights_by_model(run.run_info))
+    tables = heat_tables(main, found)
     context = {
         "title": run.run_info.get("name") or run.run_dir.name,
         "created": run.run_info.get("finished", ""),
         "meta": _meta(run.run_info, run.results),
-        "insights": insights(main, run.directions),
-        "tables": heat_tables(main),
+        "answer_models": _answer_models(answer_lines(found)),
+        "answer_legend": ANSWER_LEGEND,
+        "heat_span": f"{100 * HEAT_SPAN:.0f}",
+        "any_unconverged": any(c.unconverged for t in tables for _, row in t.rows for c in row),
+        "insights": insights(main, run.directions, found),
+        "tables": tables,
         "fewshot_figures": figs.fewshot_bars(main, fig_dir),
         "paired": _paired_rows(run.paired),
         "direction_tables": direction_tables(run.directions),

@@ -1,36 +1,55 @@
-"""The compact terminal summary: best token/position per model × task × setting × rule (a rich table)."""
+"""The terminal summary of ``qkvprobe run`` / ``evaluate`` / ``report``: the report's answer table
+(:func:`qkvprobe.report.answer.answer_lines`), one rich table per model."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 
 import pandas as pd
+from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
-from .tables import best_choices, fmt
+from .answer import ANSWER_LEGEND, answer_lines, answers
+
+TITLE = "Which token, with which rule?"
 
 
-def summary_table(main: pd.DataFrame, title: str = "Best choice per model × task × setting × rule") -> Table:
-    """``main`` holds the primary-metric rows (:func:`qkvprobe.report.tables.main_rows`)."""
-    table = Table(title=title, show_lines=False, pad_edge=False)
-    for col, kw in (
-        ("model", {"overflow": "fold"}),
-        ("task · setting", {}),
-        ("rule", {}),
-        ("best token", {}),
-        ("%", {"justify": "right", "no_wrap": True}),
-    ):
-        table.add_column(col, **kw)
-    best = best_choices(main)
-    for _, r in best.iterrows():
-        ci = float(r["ci95"]) if r["ci95"] is not None else math.nan
-        task = {"classification": "cls", "segmentation": "seg"}.get(str(r["task"]), str(r["task"]))
-        table.add_row(
-            str(r["model"]).removeprefix("builtin:"),
-            f"{task} · {r['setting_label']}",
-            str(r["rule"]),
-            f"{r['token']}·{r['position']}",
-            fmt(float(r["value"]), ci),
+def summary_table(
+    main: pd.DataFrame,
+    paired: list[dict] | None = None,
+    weights: Mapping[str, str] | None = None,
+    title: str = TITLE,
+) -> Group:
+    """``main`` holds the primary-metric rows (:func:`qkvprobe.report.tables.main_rows`); ``paired`` the paired
+    tests and ``weights`` the models' weight sources, as :func:`qkvprobe.report.answer.answers` takes them."""
+    lines = answer_lines(answers(main, paired, weights))
+    parts: list = [Text(title, style="bold")]
+    if not lines:
+        parts.append(Text("No results."))
+    for model in dict.fromkeys(line.model for line in lines):
+        mine = [line for line in lines if line.model == model]
+        head = mine[0]
+        table = Table(
+            title=Text(
+                f"{model} ({head.objective}, {head.family})\nweights: {head.weights or 'not recorded'}"
+            ),
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
         )
-    table.caption = "cls = classification (accuracy), seg = segmentation (mIoU); value ± 95 % CI"
-    return table
+        table.add_column("dataset · setting / choice", overflow="fold", ratio=3)
+        table.add_column("%", justify="right", no_wrap=True)
+        table.add_column("ties / vs. the best", overflow="fold", ratio=4)
+        for line in mine:
+            if line.best:
+                table.add_row(Text(f"{line.dataset} · {line.setting} ({line.metric})", style="bold"), "", "")
+            table.add_row(
+                Text(("★ " if line.best else "  ") + f"{line.choice} {line.rule}"),
+                line.value,
+                Text(line.verdict),
+            )
+        parts.append(table)
+    parts.append(Text(ANSWER_LEGEND, style="dim"))
+    return Group(*parts)

@@ -79,6 +79,10 @@ class Cell:
     style: str = ""
     best: bool = False
     tip: str = ""
+    #: Statistically tied with the table's best (:mod:`qkvprobe.report.answer`): shaded like the best, marked ≈.
+    tied: bool = False
+    #: The hyperplane fit of this cell did not converge (a ``converged`` column that says False): marked †.
+    unconverged: bool = False
 
 
 @dataclass
@@ -92,6 +96,12 @@ class HeatTable:
     group: dict = field(default_factory=dict)
 
 
+#: Colour span of the token × rule tables, as a fraction of the metric: the best cell (and every cell tied with it)
+#: gets the darkest colour, a cell HEAT_SPAN or more below it the lightest. A fixed span anchored at the best keeps
+#: a 0.3-point difference a 0.3-point shade, where a min-to-max scale would paint it as the whole range.
+HEAT_SPAN = 0.20
+
+
 def heat_style(value: float, lo: float, hi: float, cmap: str = "YlGn") -> str:
     """Inline CSS background for ``value`` on [lo, hi] (text turns white on dark cells)."""
     if not math.isfinite(value):
@@ -100,6 +110,13 @@ def heat_style(value: float, lo: float, hi: float, cmap: str = "YlGn") -> str:
     rgba = colormaps[cmap](0.08 + 0.8 * t)
     luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
     return f"background:{to_hex(rgba)};color:{'#fff' if luminance < 0.5 else '#111'}"
+
+
+def anchored_style(value: float, best: float, span: float = HEAT_SPAN) -> str:
+    """:func:`heat_style` on the fixed span [best − span, best] (values below it get the lightest colour)."""
+    if not math.isfinite(value):
+        return ""
+    return heat_style(max(value, best - span), best - span, best)
 
 
 def fmt(value: float, ci: float = math.nan, pct: bool = True) -> str:
@@ -111,20 +128,31 @@ def fmt(value: float, ci: float = math.nan, pct: bool = True) -> str:
     return s
 
 
-def heat_tables(main: pd.DataFrame) -> list[HeatTable]:
-    """One token × (position, rule) table per model × dataset × setting, best cell marked."""
+def _is_false(value: object) -> bool:
+    """A ``converged`` cell that says the fit did not converge (absent, empty or NaN: unknown, not False)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("false", "0", "no")
+    return value is False or (isinstance(value, (bool, np.bool_)) and not value)
+
+
+def heat_tables(main: pd.DataFrame, answers: list | None = None) -> list[HeatTable]:
+    """One token × (position, rule) table per model × dataset × setting: the best cell marked ★, the cells
+    statistically tied with it (``answers``, :func:`qkvprobe.report.answer.answers`) marked ≈ and shaded like it,
+    the others shaded on ``HEAT_SPAN`` below the best; cells whose fit did not converge (an optional ``converged``
+    column) marked †."""
     tables: list[HeatTable] = []
     if main.empty:
         return tables
+    by_group = {(a.model, a.dataset, a.setting, a.shots): a for a in answers or []}
     for key, sub in main.groupby(GROUP, sort=False):
         g = dict(zip(GROUP, key, strict=True))
+        answer = by_group.get((g["model"], g["dataset"], g["setting"], g["shots"]))
         positions = order_present(sub["position"], POSITIONS)
         rules = order_present(sub["rule"], REPORT_RULES)
         tokens = order_present(sub["token"], TOKENS)
         blocks = sorted(sub["block"].unique())
         cols = [(p, r) for p in positions for r in rules]
-        best_value = sub["value"].max()
-        lo, hi = sub["value"].min(), best_value
+        best_value = float(sub["value"].max())
         table = HeatTable(
             title=f"{g['model']} · {g['dataset']} · {setting_label(g['setting'], g['ways'], g['shots'])}",
             metric=PRIMARY_METRIC.get(g["task"], sub["metric"].iloc[0]),
@@ -145,9 +173,13 @@ def heat_tables(main: pd.DataFrame) -> list[HeatTable]:
                         cells.append(Cell("–"))
                         continue
                     v, ci = float(hit["value"].iloc[0]), float(hit["ci95"].iloc[0])
-                    best = bool(np.isclose(v, best_value))
+                    status = answer.status_of((tok, p, r, int(b))) if answer is not None else None
+                    best = status == "best" if answer is not None else bool(np.isclose(v, best_value))
+                    tied = status == "tied"
                     tip = f"C={hit['C'].iloc[0]:g}" if math.isfinite(float(hit["C"].iloc[0])) else ""
-                    cells.append(Cell(fmt(v, ci), heat_style(v, lo, hi), best, tip))
+                    style = anchored_style(best_value if (best or tied) else v, best_value)
+                    unconverged = "converged" in hit and _is_false(hit["converged"].iloc[0])
+                    cells.append(Cell(fmt(v, ci), style, best, tip, tied, unconverged))
                 label = tok if len(blocks) == 1 else f"{tok} (block {b})"
                 table.rows.append((label, cells))
         tables.append(table)

@@ -5,6 +5,11 @@ token, position and block needed; then the protocols per setting (and shot count
 side files. Rows are written after each unit of work, and finished units are recorded in
 ``progress.json``, so a killed run resumes where it stopped (cached features reused, finished rows kept, no
 duplicate rows). At the end: ``run.json``, the report and a terminal summary.
+
+Progress goes to the console as one line per unit of work (and, inside an evaluation, per protocol unit), plain
+and unwrapped when the console is not a terminal (:class:`qkvprobe.feedback.Reporter`); while features are
+extracted off a terminal, a heartbeat line says how many shards are written. Rows carry the weights' source
+(``weights`` column) and ``run.json`` a ``models`` entry per model (label, spec, weights file, source, digest).
 """
 
 from __future__ import annotations
@@ -13,16 +18,16 @@ import inspect
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
+from rich.console import Console, RenderableType
 
 from .. import __version__
 from ..config import DatasetConfig, ModelConfig, StudyConfig, dump_config
 from ..errors import QkvprobeError
+from ..feedback import Reporter, many_tokens_warning, seconds, shard_progress
 from ..report.files import (
     DIRECTIONS,
     FITS,
@@ -35,6 +40,7 @@ from ..report.files import (
     write_json,
 )
 from ..results import ResultRow, read_results, write_results
+from ..vocab import objective_family, split_head
 from .state import Progress, unit_id
 
 __all__ = ["StudyResult", "run_study"]
@@ -50,7 +56,7 @@ SUBSAMPLING_NOTE = (
 class StudyResult:
     run_dir: Path
     rows: list[ResultRow]
-    summary: Table
+    summary: RenderableType
     report: Path | None
     timings: dict[str, Any] = field(default_factory=dict)
     skipped_units: int = 0
@@ -100,10 +106,12 @@ class _Study:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console
         self.verbose = progress
+        self.reporter = Reporter(console, enabled=progress)
         self.device = _device(cfg.device)
         self.progress = Progress(self.run_dir, cfg.fingerprint(), fresh=fresh)
         self.timings: dict[str, float] = {}
         self.skipped = 0
+        self.sources: dict[str, str] = {}  # model label -> weights source (the rows' weights column)
         previous = read_json(self.run_dir / RUN_JSON, {}) or {}
         self.info: dict[str, Any] = {
             "name": cfg.name,
@@ -120,6 +128,7 @@ class _Study:
             "episodes_seed": cfg.seed,
             "subsampling": self._subsampling(),
             "data_sources": previous.get("data_sources", {}),
+            "models": previous.get("models", []) if self.progress.resumed else [],
             "main_blocks": previous.get("main_blocks", {}),
             "timings": {},
             # A resumed run's "timings" are this invocation's; the interrupted ones' (partial) timings are kept.
@@ -130,8 +139,7 @@ class _Study:
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
-        if self.verbose:
-            self.console.log(msg)
+        self.reporter.log(msg)
 
     def _note_excluded(self, spec: str, shots: int, classes: Any, calls: list[list[int]]) -> None:
         """Log and record (run.json) the classes the tolerant few-shot segmentation sampler left out: of the
@@ -193,10 +201,27 @@ class _Study:
 
     def run_model(self, m: ModelConfig) -> None:
         from ..backbones import load_backbone
+        from ..provenance import weights_source
 
-        bb = self.timed(f"load {m.name}", lambda: load_backbone(m.spec, m.weights, device=self.device))
+        weights = self.cfg.weights_path(m)
+        what = m.spec + (f" with weights {weights}" if weights else "")
+        self.log(f"loading {m.name}" + (f" ({what})" if what != m.name else ""))
+        bb = self.timed(
+            f"load {m.name}", lambda: load_backbone(self.cfg.model_spec(m), weights, device=self.device)
+        )
         main_blocks = sorted({bb.resolve_block(b) for b in self.cfg.blocks})
         self.info["main_blocks"][m.name] = main_blocks
+        self.sources[m.name] = weights_source(bb, weights)
+        entry = {
+            "label": m.name,
+            "spec": m.spec,
+            "weights": None if weights is None else str(weights),
+            "weights_source": self.sources[m.name],
+            "weights_digest": bb.weights_digest,
+            "objective": bb.objective,
+            "family": objective_family(bb.objective),
+        }
+        self.info["models"] = [e for e in self.info["models"] if e.get("label") != m.name] + [entry]
         self.save_info()
         sweep_models = {s.name for s in self.cfg.sweep_models()}
         sweep_sets = {d.spec for d in self.cfg.sweep_datasets()} if m.name in sweep_models else set()
@@ -207,6 +232,7 @@ class _Study:
         self, m: ModelConfig, bb: Any, d: DatasetConfig, main_blocks: list[int], *, sweep: bool
     ) -> None:
         from ..features import cached_store
+        from ..features.extract import plan_store
         from .data import open_split
 
         sweep_blocks: list[int] = []
@@ -225,24 +251,47 @@ class _Study:
             return
         stores = {}
         for which in ("train", "test"):
-            ds = self.timed(f"open {d.spec} {which}", lambda which=which: open_split(d, which, self.cfg.seed))
-            self.info["data_sources"][f"{d.spec} ({which})"] = f"{ds.source}; {len(ds)} samples"
-            self.log(f"{m.name} · {d.spec} · {which}: features of {len(ds)} samples")
-            stores[which] = self.timed(
-                f"extract {m.name} {d.spec} {which}",
-                lambda ds=ds: cached_store(
-                    self.cfg.cache_root(),
-                    bb,
-                    ds,
-                    blocks=sorted(set(main_blocks) | set(sweep_blocks)),
-                    tokens=list(self.cfg.tokens),
-                    positions=positions,
-                    dtype=self.cfg.dtype,
-                    batch_size=self.cfg.batch_size,
-                    image_size=d.image_size,
-                    progress=self.verbose,
+            ds = self.timed(
+                f"open {d.spec} {which}",
+                lambda which=which: open_split(
+                    d,
+                    which,
+                    self.cfg.seed,
+                    spec=self.cfg.dataset_spec(d),
+                    root=self.cfg.dataset_root(d),
                 ),
             )
+            self.info["data_sources"][f"{d.spec} ({which})"] = f"{ds.source}; {len(ds)} samples"
+            plan = {
+                "blocks": sorted(set(main_blocks) | set(sweep_blocks)),
+                "tokens": list(self.cfg.tokens),
+                "positions": positions,
+                "dtype": self.cfg.dtype,
+                "image_size": d.image_size,
+            }
+            manifest, _ = plan_store(bb, ds, **plan)
+            warning = many_tokens_warning(manifest)
+            if warning:
+                self.reporter.warn(f"{m.name} · {d.spec} · {which}: {warning}")
+            path = self.cfg.cache_root() / manifest["key"][:16]
+            self.log(f"{m.name} · {d.spec} · {which}: features of {len(ds)} samples")
+            t0 = time.perf_counter()
+            before = shard_progress(path)  # every shard already written: the cache serves this store
+            cached = before is not None and before[0] == before[1] > 0
+            with self.reporter.heartbeat(path, f"{m.name} · {d.spec} · {which}: extracting"):
+                stores[which] = self.timed(
+                    f"extract {m.name} {d.spec} {which}",
+                    lambda ds=ds, plan=plan: cached_store(
+                        self.cfg.cache_root(),
+                        bb,
+                        ds,
+                        **plan,
+                        batch_size=self.cfg.batch_size,
+                        progress=self.verbose,
+                    ),
+                )
+            how = "from the cache" if cached else f"extracted in {seconds(time.perf_counter() - t0)}"
+            self.log(f"{m.name} · {d.spec} · {which}: features {how} ({path})")
             if which == "test":
                 stores["test_dataset"] = ds
         self.save_info()
@@ -345,46 +394,51 @@ class _Study:
             from .sides import tolerant_segmentation_sampler
 
             extra["episode_sampler"] = tolerant_segmentation_sampler(excluded)
-        rows = _call(
-            fn,
-            train_store=stores["train"],
-            test_store=stores["test"],
-            setting=setting,
-            rules=list(rules or self.cfg.rules),
-            tokens=tokens,
-            positions=list(positions or ["patch"]),
-            blocks=list(blocks),
-            ways=fs.ways,
-            shots=shots,
-            queries=fs.queries,
-            episodes=episodes,
-            seed=self.cfg.seed,
-            model=m.name,
-            dataset=d.spec,
-            device=self.device,
-            class_weight=self.cfg.class_weight,
-            k=self.cfg.knn.k,
-            T=self.cfg.knn.T,
-            **extra,
-        )
+        with self.reporter.units("  evaluate") as tell:
+            evaluation = _call(
+                fn,
+                train_store=stores["train"],
+                test_store=stores["test"],
+                setting=setting,
+                rules=list(rules or self.cfg.rules),
+                tokens=tokens,
+                positions=list(positions or ["patch"]),
+                blocks=list(blocks),
+                ways=fs.ways,
+                shots=shots,
+                queries=fs.queries,
+                episodes=episodes,
+                seed=self.cfg.seed,
+                model=m.name,
+                dataset=d.spec,
+                device=self.device,
+                class_weight=self.cfg.class_weight,
+                k=self.cfg.knn.k,
+                T=self.cfg.knn.T,
+                progress=tell,
+                **extra,
+            )
         self._note_excluded(d.spec, shots, stores["train"].classes, excluded.get(shots, []))
-        if rows.unconverged:
-            units = [f"{m.name} · {d.spec} · {u}" for u in rows.unconverged]
+        if evaluation.unconverged:
+            units = [f"{m.name} · {d.spec} · {u}" for u in evaluation.unconverged]
             self.log(f"not converged (results marked converged=false): {'; '.join(units)}")
             self.info.setdefault("unconverged", []).extend(units)
             self.info["unconverged_units"] = len(self.info["unconverged"])
-        if not rows.rows:
+        if not evaluation.rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
-        write_results(self.run_dir / RESULTS, rows.rows)
-        if setting == "standard" and paired and rows.weights:
+        rows = [replace(r, weights=self.sources.get(m.name, "")) for r in evaluation.rows]
+        write_results(self.run_dir / RESULTS, rows)
+        if setting == "standard" and paired and evaluation.weights:
             from .sides import save_fits
 
-            save_fits(self._fits_path(m, d), rows.weights, rows.classes)
+            save_fits(self._fits_path(m, d), evaluation.weights, evaluation.classes)
         if paired:  # the block sweep is a map, not a contest: no tests there
             from .sides import paired_verdicts
 
             labels = stores["test"].labels() if d.task == "classification" else None
-            tests = paired_verdicts(rows.rows, rows, labels)
+            # whole token types: the answer table ranks those (single heads get their own figures)
+            whole = [r for r in rows if split_head(r.token)[1] is None]
+            tests = paired_verdicts(whole, evaluation, labels)
             if tests:
                 self._merge_side(PAIRED, "tests", tests, ("model", "dataset", "setting", "shots"))
 
@@ -466,6 +520,7 @@ def run_study(
 ) -> StudyResult:
     """Run (or resume) a study; write results.csv, run.json, side files and the report into ``cfg.run_dir()``."""
     from ..report import main_rows, render_report, summary_table
+    from ..report.answer import weights_by_model
     from ..report.files import load_run
 
     console = console or Console(stderr=True)
@@ -473,10 +528,13 @@ def run_study(
     study.run()
     report = None
     if cfg.report.enabled:
+        study.log("writing the report")
         report = study.timed("report", lambda: render_report(study.run_dir))
         study.save_info()
     files = load_run(study.run_dir)
-    summary = summary_table(main_rows(files.results, files.run_info))
+    summary = summary_table(
+        main_rows(files.results, files.run_info), files.paired, weights_by_model(files.run_info)
+    )
     return StudyResult(
         study.run_dir,
         read_results(study.run_dir / RESULTS),

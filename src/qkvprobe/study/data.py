@@ -73,17 +73,23 @@ def sized_spec(cfg: DatasetConfig, size_options: tuple[str, str] = ("train", "te
     return spec + ("&" if "?" in spec else "?") + "&".join(extra)
 
 
-def open_split(cfg: DatasetConfig, which: str, seed: int) -> Dataset:
-    """Open the train (``which="train"``) or test split of a configured dataset, subsampled as configured."""
+def open_split(
+    cfg: DatasetConfig, which: str, seed: int, *, spec: str | None = None, root: str | None = None
+) -> Dataset:
+    """Open the train (``which="train"``) or test split of a configured dataset, subsampled as configured.
+    ``spec``/``root``: the config's own with relative paths resolved (``StudyConfig.dataset_spec``/``dataset_root``);
+    default ``cfg.spec``/``cfg.root`` as written."""
     from ..data import open_dataset
     from ..data.registry import KINDS, dataset_kind
 
     split = cfg.train_split if which == "train" else cfg.test_split
     size = cfg.train_size if which == "train" else cfg.test_size
+    spec = spec or cfg.spec
+    root = root if root is not None else cfg.root
     kind = KINDS[dataset_kind(cfg.spec)]
     if kind.size_options is not None:
-        return open_dataset(sized_spec(cfg, kind.size_options), split, root=cfg.root)
-    ds = open_dataset(cfg.spec, split, root=cfg.root)
+        return open_dataset(sized_spec(cfg, kind.size_options), split, root=root)
+    ds = open_dataset(spec, split, root=root)
     if size is None:
         return ds
     if ds.task != "classification":

@@ -168,15 +168,21 @@ ALPHA = 0.05
 
 
 def paired_verdicts(
-    rows: list[Any], evaluation: Any, test_labels: np.ndarray | None, top: int = 3
+    rows: list[Any], evaluation: Any, test_labels: np.ndarray | None, top: int | None = None
 ) -> list[dict]:
-    """Paired tests between the best choice of a unit and the next ``top - 1`` (same episodes: Wilcoxon on
-    per-episode scores; standard classification: exact McNemar on the same test images)."""
+    """Paired tests between the best choice of a unit and every other (or the next ``top - 1``): Wilcoxon on
+    per-episode scores of the same episodes; standard classification: exact McNemar on the same test images. The
+    best is ranked as the answer table ranks it (:func:`qkvprobe.report.answer.rank_key`), so the report finds
+    the tests of its own best choice."""
     from ..protocols.metrics import mcnemar, paired_test
+    from ..report.answer import rank_key
 
     per_episode = getattr(evaluation, "per_episode", {}) or {}
     predictions = getattr(evaluation, "predictions", {}) or {}
-    ranked = sorted((r for r in rows if r.metric == PRIMARY.get(r.task)), key=lambda r: -r.value)
+    ranked = sorted(
+        (r for r in rows if r.metric == PRIMARY.get(r.task)),
+        key=lambda r: rank_key(r.value, r.token, r.position, r.rule, r.block),
+    )
     out: list[dict] = []
     if len(ranked) < 2:
         return out
@@ -187,7 +193,7 @@ def paired_verdicts(
 
     best = ranked[0]
     ka = key(best)
-    for other in ranked[1:top]:
+    for other in ranked[1:top]:  # top=None: every other choice
         kb = key(other)
         if ka in per_episode and kb in per_episode:
             res = paired_test(per_episode[ka], per_episode[kb])
