@@ -147,7 +147,7 @@ class DenseLogistic:
 
     def precondition(self, v: Tensor) -> Tensor:
         """The preconditioner times ``v [Ga, D1·Kf]``."""
-        return apply_preconditioner(self.P, v, self.kf)
+        return apply_preconditioner(self.P, v, self.kf, self.reg)
 
     def _full(self, W: Tensor) -> Tensor:
         """Parameters of every problem of X ``[G·R, D1, Kf]``: the working problems', zeros for those that left."""

@@ -32,6 +32,8 @@ from .span import SpanLogistic, span_expand, span_reduce
 DEFAULT_MAX_ITER = 1000
 #: Relative accuracy of the objective every fit certifies: ``f(w) − f* ≤ tol · f(w)`` (:mod:`.lbfgs`).
 DEFAULT_TOL = 1e-4
+#: Iterations of a float32 span solve (``solve_span``) before its unfinished problems move to float64.
+LOWER_MAX_ITER = 200
 #: Memory of one batch of a C grid fitted together (solver state; off the CPU also a pass's logits): ``grid_step``.
 GRID_BYTES = 512 * 1024**2
 
@@ -124,7 +126,16 @@ def solve_span(
     # Tiny problems: the per-kernel-call cost dominates, so compaction pays only in large batches. A float32 solve
     # stops on its gap bound: it is certified in finish_dtype below (a float32 certificate would not be exact).
     lower = finish_dtype is not None and X.dtype != finish_dtype
-    res = solve(objective, w0, max_iter=max_iter, tol=tol, compact_min=16, certify=not lower)
+    # A problem float32 does not solve within LOWER_MAX_ITER iterations is one whose rounding noise keeps it from
+    # the tolerance: it is finished in finish_dtype rather than left to wander.
+    res = solve(
+        objective,
+        w0,
+        max_iter=min(max_iter, LOWER_MAX_ITER) if lower else max_iter,
+        tol=tol,
+        compact_min=16,
+        certify=not lower,
+    )
     if finish_dtype is not None and X.dtype != finish_dtype:
         # The certificate is only as exact as the gradient it is computed from: float32 residuals of confidently
         # classified rows can hide a gradient of the size the test compares with, so every float32 solution is

@@ -13,6 +13,15 @@ preconditioner needs many times more iterations. Two approximations of the Hessi
   what makes ill-conditioned problems at large C converge. Where K blocks would cost too much memory
   (``CURVATURE_BYTES``), one block with the classes' summed curvature is used instead.
 
+Multinomial problems are invariant to adding one vector to every class's parameters (the softmax does not see
+it): along that common direction the objective is the penalty alone, an exact quadratic of curvature ``reg`` (zero
+for the intercept, which the objective does not see there at all), and the optimum's W sums to zero over the
+classes. A shared block maps the two parts (sum-zero and common) to themselves; per-class blocks mix them, and a
+step that leaves the sum-zero subspace is held back only by the weak penalty. Per-class blocks are therefore
+applied as ``ΠPΠ`` on the sum-zero part (symmetric positive definite there) plus the exact inverse curvature
+``1/reg`` on the common part, so a common component that rounding or a warm start brings in is removed in one
+step instead of never.
+
 A preconditioner changes the path, never the optimum.
 """
 
@@ -28,6 +37,9 @@ CURVATURE_ROWS = 8_192
 #: A warm start uses a curvature preconditioner only when its Gram matrices cost at most this many evaluations of
 #: the problem (:func:`curvature_cost`); a refresh while solving weighs the cost against the iterations it saves.
 CURVATURE_MAX_EVALS = 24
+#: dtype of the curvature Gram matrices and of the curvature preconditioners (the W = 0 one stays in the
+#: solver's dtype): an approximation read at every iteration, where float32 halves the memory traffic.
+GRAM_DTYPE = torch.float32
 #: Memory of the per-class curvature blocks of one batch (G·K·D1² numbers); above it, one summed block.
 CURVATURE_BYTES = 256 * 1024**2
 
@@ -57,20 +69,28 @@ def moment_preconditioner(moment: Tensor, reg: Tensor, num_classes: int) -> Tens
 
 
 def class_curvature(
-    X: Tensor, weights: Tensor, W: Tensor, num_classes: int, per_class: bool = True
+    X: Tensor,
+    weights: Tensor,
+    W: Tensor,
+    num_classes: int,
+    per_class: bool = True,
+    gram_dtype: torch.dtype = GRAM_DTYPE,
 ) -> Tensor:
     """Per-class blocks of the data term's Hessian at ``W [G, D1, Kf]``: ``Σ_i w_i p_ik (1 − p_ik) x_i x_iᵀ``
     ``[G, Kf, D1, D1]`` over ``X [G, n, D1]`` with row weights ``weights [G, n]`` (p: softmax, or sigmoid when
     K = 2); ``per_class=False``: their sum, ``[G, 1, D1, D1]``. Sums over rows, so chunks add up; the caller
-    strides or chunks the rows."""
+    strides or chunks the rows. The Gram products run in ``gram_dtype`` (returned in X's dtype)."""
     z = X @ W
     p = torch.sigmoid(z) if num_classes == 2 else torch.softmax(z, dim=2)
     c = weights[..., None] * p * (1 - p)  # [G, n, Kf]
-    XT = X.transpose(1, 2)
+    # The Gram products run in GRAM_DTYPE: a preconditioner is an approximation, and these K products are the
+    # costliest part of a refresh.
+    Xg, c = X.to(gram_dtype), c.to(gram_dtype)
+    XT = Xg.transpose(1, 2)
     if not per_class:
-        return (XT @ (X * c.sum(2, keepdim=True)))[:, None]
+        return (XT @ (Xg * c.sum(2, keepdim=True)))[:, None].to(X.dtype)
     # One class at a time: a [G, Kf, n, D1] product of all classes' scaled rows would be Kf times X's memory.
-    return torch.stack([XT @ (X * c[..., k : k + 1]) for k in range(c.shape[2])], 1)
+    return torch.stack([XT @ (Xg * c[..., k : k + 1]) for k in range(c.shape[2])], 1).to(X.dtype)
 
 
 def curvature_cost(num_rows: int, width: int) -> float:
@@ -101,13 +121,26 @@ def curvature_preconditioner(curvature: Tensor, reg: Tensor) -> Tensor | None:
     scale = H.diagonal(dim1=2, dim2=3).amax(2, keepdim=True)[..., None]
     H = H + 1e-10 * scale * torch.eye(D1, dtype=H.dtype, device=H.device)
     L, info = torch.linalg.cholesky_ex(H)
-    return None if bool((info != 0).any()) else torch.cholesky_inverse(L)
+    # Stored in GRAM_DTYPE: per-class blocks are read at every iteration (twice), K·D1² numbers per problem.
+    return None if bool((info != 0).any()) else torch.cholesky_inverse(L).to(GRAM_DTYPE)
 
 
-def apply_preconditioner(P: Tensor, v: Tensor, kf: int) -> Tensor:
+def apply_preconditioner(P: Tensor, v: Tensor, kf: int, reg: Tensor) -> Tensor:
     """``P`` ``[G, D1, D1]`` or ``[G, 1, D1, D1]`` (one block for every class) or ``[G, Kf, D1, D1]`` (per class)
-    times the parameters ``v [G, D1·Kf]`` (layout W ``[G, D1, Kf]``)."""
+    times the parameters ``v [G, D1·Kf]`` (layout W ``[G, D1, Kf]``); ``reg [G]`` the penalty's strength."""
     V = v.view(v.shape[0], -1, kf)
     if P.dim() == 3 or P.shape[1] == 1:
-        return (P.view(P.shape[0], *P.shape[-2:]) @ V).reshape(v.shape)
-    return (P @ V.transpose(1, 2)[..., None])[..., 0].transpose(1, 2).reshape(v.shape)
+        out = P.view(P.shape[0], *P.shape[-2:]) @ V.to(P.dtype)
+        return out.reshape(v.shape).to(v.dtype)
+    common = V.mean(2, keepdim=True)
+    out = (P @ (V - common).to(P.dtype).transpose(1, 2)[..., None])[..., 0].transpose(1, 2)
+    out = out - out.mean(2, keepdim=True)
+    return (out.to(v.dtype) + common_step(common, reg, row_axis=1)).reshape(v.shape)
+
+
+def common_step(common: Tensor, reg: Tensor, row_axis: int) -> Tensor:
+    """The exact Newton step along the classes' common direction (module doc): the common component ``common``
+    (rows of the parameters on ``row_axis``, the intercept last) over the penalty's curvature ``reg [G]``; zero for
+    the intercept, which the objective does not see along it."""
+    step = common / reg.to(common.dtype).view(-1, *([1] * (common.dim() - 1)))
+    return step.index_fill(row_axis, torch.tensor([common.shape[row_axis] - 1], device=common.device), 0.0)

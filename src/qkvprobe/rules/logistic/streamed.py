@@ -116,7 +116,7 @@ class StreamedLogistic:
 
     def precondition(self, v: Tensor) -> Tensor:
         """The preconditioner times ``v [R, D1·Kf]``."""
-        return apply_preconditioner(self.P, v, self.kf)
+        return apply_preconditioner(self.P, v, self.kf, self.reg)
 
     def _shares(self, like: Tensor) -> Tensor:
         """Each class's share of the row weights ``[Kf]`` (class 1's alone for one binary logit)."""
