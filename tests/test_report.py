@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from html import escape
+from html import escape, unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -500,7 +500,32 @@ def test_rule_letters_of_hyperplane_variants() -> None:
     assert [rule_letter(r) for r in ("hyperplane", BALANCED_RULE, "cosine")] == ["H", "Hb", "C"]
     assert rule_letter("hyperplane·C=0.01") == "H C=0.01"
     assert rule_letter(f"{BALANCED_RULE}·C=auto") == "Hb C=auto"
-    assert rule_letter("knn") == "?"
+    assert rule_letter("knn") == "N" and rule_letter("unknown-rule") == "?"
+
+
+def test_every_registered_rule_has_its_own_letter_and_colour() -> None:
+    from qkvprobe.protocols.registry import rule_names
+    from qkvprobe.report.figures import RULE_COLOURS, RULE_LETTERS
+
+    names = (*rule_names(), BALANCED_RULE)
+    assert set(names) <= set(RULE_LETTERS) and set(names) <= set(RULE_COLOURS)
+    assert len({RULE_LETTERS[n] for n in names}) == len(names)
+    assert len({RULE_COLOURS[n] for n in names}) == len(names)
+
+
+def test_report_prints_the_caveat_of_a_rule_it_shows(tmp_path: Path) -> None:
+    from qkvprobe.protocols.registry import get_rule
+
+    run = make_run(tmp_path / "run")
+    note = get_rule("knn").note
+    assert note not in unescape(render_report(run).read_text())  # no k-NN rows, no k-NN caveat
+    rows = read_results(run / "results.csv")
+    twins = [
+        replace(r, rule="knn", C=math.nan, value=max(0.0, r.value - 0.01)) for r in rows if r.rule == "cosine"
+    ]
+    (run / "results.csv").unlink()
+    write_results(run / "results.csv", rows + twins)
+    assert note in unescape(render_report(run).read_text())
 
 
 def test_heat_table_cells_sit_under_their_column_headers(tmp_path: Path) -> None:

@@ -38,9 +38,9 @@ _RC = {
 }
 #: Resolution of the raster figures (direction maps): sharp on high-density screens and in print.
 MAP_DPI = 200
-RULE_COLOURS = {"hyperplane": "#3b6ea8", BALANCED_RULE: "#7fa7d4", "cosine": "#e08a2c"}
+RULE_COLOURS = {"hyperplane": "#3b6ea8", BALANCED_RULE: "#7fa7d4", "cosine": "#e08a2c", "knn": "#4d9a5a"}
 #: The sweep heatmap names each cell's best rule by a letter.
-RULE_LETTERS = {"hyperplane": "H", BALANCED_RULE: "Hb", "cosine": "C"}
+RULE_LETTERS = {"hyperplane": "H", BALANCED_RULE: "Hb", "cosine": "C", "knn": "N"}
 
 
 def rule_letter(rule: str) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..protocols.registry import get_rule, rule_names
 from ..vocab import TOKENS
 from . import figures as figs
 from .answer import ANSWER_LEGEND, answer_lines, answers, weights_by_model
@@ -183,6 +184,12 @@ def _answer_models(lines: list) -> list[dict]:
     return out
 
 
+def rule_notes(main: pd.DataFrame) -> list[tuple[str, str]]:
+    """(rule, caveat) for each registered rule in the rows that carries one (:attr:`RuleProtocol.note`)."""
+    present = {str(r).partition("·")[0] for r in main.get("rule", pd.Series(dtype=str)).unique()}
+    return [(name, get_rule(name).note) for name in rule_names() if name in present and get_rule(name).note]
+
+
 def render_run(run: RunFiles, out: Path) -> Path:
     fig_dir = run.run_dir / FIGURES
     # figures/ belongs to the report: drop the previous rendering's files, so none outlives its section
@@ -204,6 +211,7 @@ def render_run(run: RunFiles, out: Path) -> Path:
         "any_unconverged": any(c.unconverged for t in tables for _, row in t.rows for c in row),
         "insights": insights(main, run.directions, found),
         "tables": tables,
+        "rule_notes": rule_notes(main),
         "fewshot_figures": figs.fewshot_bars(main, fig_dir),
         "paired": _paired_rows(run.paired),
         "direction_tables": direction_tables(run.directions),
