@@ -553,3 +553,29 @@ def test_heat_table_cells_sit_under_their_column_headers(tmp_path: Path) -> None
                 assert float(cell.text.split(" ")[0]) == pytest.approx(100 * hit["value"].iloc[0], abs=0.051)
                 checked += 1
     assert checked == 2 * (3 * 5 * 4 + 3 * 5 * 2)  # 2 models × (classification 4 columns, segmentation 2)
+
+
+def test_findings_document_reads_every_number_from_the_run(tmp_path: Path) -> None:
+    from qkvprobe.report.findings import findings_markdown, write_findings
+
+    run = make_run(tmp_path / "run")
+    loaded = load_run(run)
+    text = findings_markdown(loaded, "qkvprobe run cfg.yaml")
+    assert "`qkvprobe run cfg.yaml`" in text and "do not edit by hand" in text
+    main = main_rows(loaded.results, loaded.run_info)
+    main = main[~is_head(main["token"])]
+    found = answers(main, loaded.paired)
+    for a in found:  # every table's best value, as the answer table prints it, with its choice
+        assert f"★ {a.best.name(a.several_blocks)} {a.best.rule}" in text
+    for line in answer_lines(found):
+        assert f"| {line.value} |" in text
+    for t in heat_tables(main, found):  # every cell of every token × rule table
+        assert f"### {t.title} ({t.metric})" in text
+        for _, cells in t.rows:
+            for c in cells:
+                assert c.text in text
+    out = write_findings(run, tmp_path / "docs" / "findings.md", "qkvprobe run cfg.yaml")
+    assert out.read_text() == text and not list(out.parent.glob(".*"))
+    with pytest.raises(QkvprobeError, match="does not exist"):
+        write_findings(tmp_path / "missing", tmp_path / "f.md")
+    assert not (tmp_path / "f.md").exists()

@@ -179,14 +179,14 @@ class DatasetConfig(_Strict):
 
 
 class FewShotConfig(_Strict):
-    """N-way K-shot episodes (PAPER.md §2); the same seed gives the same episodes for every token and rule."""
+    """N-way K-shot episodes (docs/science.md §2); the same seed gives the same episodes for every token and rule."""
 
     ways: int = Field(default=5, ge=2)
     shots: list[int] = [1, 5]
     queries: int = Field(default=15, ge=1)
     episodes: int = Field(default=2000, ge=1)
     segmentation_episodes: int = Field(default=1000, ge=1)
-    #: The hyperplane rule's C: fixed (PAPER.md; 1.0 = ``FEWSHOT_C``) or "auto", chosen per token on
+    #: The hyperplane rule's C: fixed (the paper's; 1.0 = ``FEWSHOT_C``) or "auto", chosen per token on
     #: validation episodes from the training split alone (``qkvprobe.protocols.fewshot_c``).
     C: float | Literal["auto"] = 1.0
 
@@ -259,7 +259,7 @@ class StudyConfig(_Strict):
     #: C grid of the standard hyperplane protocol (None = the protocol's own log-spaced grid).
     c_grid: list[float] | None = None
     #: Class weighting of the hyperplane rule (standard fits, few-shot segmentation): None = plain logistic
-    #: regression (PAPER.md); "balanced" = n / (K·n_class) per class, as scikit-learn's class_weight.
+    #: regression (the paper's); "balanced" = n / (K·n_class) per class, as scikit-learn's class_weight.
     class_weight: Literal["balanced"] | None = None
     #: Also evaluate every attention head of q, k and v alone (its D/H columns; the report draws head maps).
     heads: bool = False

@@ -45,7 +45,7 @@ COLUMNS: tuple[str, ...] = (
     "allowed_mismatch",
     "weights",
 )
-#: The hyperplane rule's class weighting ("none" = PAPER.md's plain fit, "balanced" = scikit-learn's
+#: The hyperplane rule's class weighting ("none" = the paper's plain fit, "balanced" = scikit-learn's
 #: n / (K·n_class)); "" for the cosine rule, which has no weights. A key column: plain and balanced fits of the
 #: same token are different measurements and live side by side in one table.
 CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced", "")

@@ -1,4 +1,4 @@
-"""Names shared by every stage: token types, positions, rules, tasks, settings and metrics (PAPER.md §2)."""
+"""Names shared by every stage: token types, positions, rules, tasks, settings and metrics (docs/science.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Few-shot episode samplers (PAPER.md §2), seeded with an explicit numpy Generator and exportable to JSON.
+"""Few-shot episode samplers (docs/science.md §2), seeded with an explicit numpy Generator and exportable to JSON.
 
 Classification (``N``-way ``K``-shot, ``Q`` queries): per episode draw ``N`` distinct classes uniformly from
 the classes present; for each (in drawn order) ``K`` distinct support images from the training split and

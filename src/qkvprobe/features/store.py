@@ -1,4 +1,4 @@
-"""The on-disk feature store: a directory of ``.npy`` shards plus a ``manifest.json`` (DESIGN.md §3).
+"""The on-disk feature store: a directory of ``.npy`` shards plus a ``manifest.json``.
 
 Layout::
 

@@ -15,7 +15,7 @@ are merged with ``all_gather_objects``, so every rank chooses the same C; alone,
 
 Few-shot protocol: every episode's rule is fitted on its support set and scored on its queries; the hyperplane
 rule uses ``FEWSHOT_C`` (no validation data exists in a 1-shot episode), or with ``C="auto"`` a C chosen on
-validation episodes drawn from the training split alone (``protocols.fewshot_c``, beyond PAPER.md). Episodes
+validation episodes drawn from the training split alone (``protocols.fewshot_c``, beyond the paper (docs/science.md §5)). Episodes
 are solved in batches; the same index arrays are used for every token type and rule, so per-episode accuracies
 are paired.
 """

@@ -1,6 +1,6 @@
-"""The few-shot hyperplane's C chosen on training-split episodes (``C="auto"``), an option beyond PAPER.md.
+"""The few-shot hyperplane's C chosen on training-split episodes (``C="auto"``), an option beyond the paper (docs/science.md §5).
 
-PAPER.md fixes the few-shot C (``FEWSHOT_C``) because a 1-shot episode holds no validation data. The fixed C
+The paper fixes the few-shot C (``FEWSHOT_C``) because a 1-shot episode holds no validation data. The fixed C
 is a choice that favours neither rule only by luck: on the Scenes, where background is most of every support
 set, C = 1 leaves the hyperplane 10–15 mIoU points behind the cosine rule, and C = 0.01 closes the gap. With
 ``C="auto"`` the C is chosen the way few-shot work chooses hyper-parameters, on validation episodes that never

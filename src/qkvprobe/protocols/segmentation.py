@@ -1,4 +1,4 @@
-"""Segmentation protocols (PAPER.md §2) with bounded memory.
+"""Segmentation protocols (docs/science.md §2) with bounded memory.
 
 Standard: training label of a patch = its majority pixel label (patches labelled 255 are skipped). The
 cosine rule needs one streaming pass (per-class sums of unit vectors). The hyperplane rule is full-batch
@@ -71,7 +71,7 @@ CHUNK_ROWS = 65_536
 MEMORY_BUDGET_BYTES = 512 * 1024**2
 #: Bytes of gathered support features per few-shot batch of episodes.
 EPISODE_BATCH_BYTES = 256 * 1024**2
-#: Class weighting of the hyperplane rule: None = plain logistic regression (PAPER.md); "balanced" weighs each
+#: Class weighting of the hyperplane rule: None = plain logistic regression (the paper's); "balanced" weighs each
 #: class by n / (K · n_k), as scikit-learn. Few-shot supports are mostly background (on the Scenes, ~74 % of the
 #: patches), and at a fixed C the plain fit then under-predicts the foreground; see the README's "Class weights".
 CLASS_WEIGHT: str | None = None
