@@ -160,7 +160,7 @@ def evaluate(
     if tokens is None:
         token_list = held_tokens
     else:
-        num_heads = train.num_heads
+        num_heads = getattr(train, "num_heads", None)
 
         def one_head(t: str) -> bool:  # q.h3: a head of a held attention token type, below the head count
             base, head = split_head(t)
@@ -189,6 +189,8 @@ def evaluate(
         position_list = default_positions(held, task, "the stores")
     for b in block_list:
         for held_by in (train, test):
+            if not hasattr(held_by, "resolve_block"):  # a store-like object the protocols resolve themselves
+                continue
             try:
                 held_by.resolve_block(b)
             except StoreError:
