@@ -68,8 +68,11 @@ def test_models_family_filter(family: str, objectives: set[str]) -> None:
 
 def test_models_unknown_family() -> None:
     result = runner.invoke(get_app(), ["models", "--family", "contrastive"])
-    assert result.exit_code == 1
-    assert "unknown --family 'contrastive'; choose an objective or a family: dino, msn" in result.output
+    assert result.exit_code == 2
+    assert (
+        "Invalid value for '--family': unknown objective or family 'contrastive'; choose from dino, msn"
+        in result.output
+    )
 
 
 def test_models_json_is_the_catalogue() -> None:

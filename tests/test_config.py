@@ -109,7 +109,7 @@ def test_fingerprint_ignores_cosmetic_keys() -> None:
         (["fewshot.wayz=3"], r"fewshot.wayz: unknown key \(did you mean 'ways'\?\); allowed: ways, shots"),
         (
             ["tokens=[q, x]"],
-            r"tokens.1: 'x' is not allowed; input should be 'q', 'k', 'v', 'ffn' or 'ffn_norm'",
+            r"tokens.1: 'x' is not allowed; input should be 'q', 'k', 'v', 'ffn', 'ffn_norm', 'q_rope' or 'k_rope'",
         ),
         (["rules=[nearest]"], r"rules: unknown rule 'nearest'; choose from hyperplane, cosine, knn"),
         (

@@ -547,13 +547,17 @@ def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     rows = read_results(out)
     assert len(rows) == 1 and rows[0].rule == "cosine" and rows[0].setting == "standard"
     bad = CliRunner().invoke(get_app(), [*args, "--setting", "oneshot"])
-    assert bad.exit_code == 1 and "--setting must be standard or fewshot" in bad.output
+    assert bad.exit_code == 2
+    assert (
+        "Invalid value for '--setting': unknown setting 'oneshot'; choose from standard, fewshot"
+        in bad.output
+    )
     bad = CliRunner().invoke(get_app(), [*args, "--task", "segmentation"])
     assert bad.exit_code == 1 and "does not match the stores" in bad.output
     bad = CliRunner().invoke(get_app(), [*args, "--blocks", "last"])
-    assert bad.exit_code == 1 and "--blocks must be comma-separated integers" in bad.output
+    assert bad.exit_code == 2 and "Invalid value for '--blocks': block 'last' is not an integer" in bad.output
     bad = CliRunner().invoke(get_app(), ["evaluate", "--test-store", str(tmp_path / "te")])
-    assert bad.exit_code == 1 and "--train-store and --test-store" in bad.output
+    assert bad.exit_code == 2 and "--train-store and --test-store" in bad.output
     hyp = [*args[:-6], "--rules", "hyperplane", "--blocks", "-1", "--out", str(tmp_path / "balanced.csv")]
     ok = CliRunner().invoke(get_app(), [*hyp, "--class-weight", "balanced"])
     assert ok.exit_code == 0, ok.output
@@ -566,7 +570,7 @@ def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) 
         ("hyperplane", "none"),
     ]
     bad = CliRunner().invoke(get_app(), [*hyp, "--class-weight", "auto"])
-    assert bad.exit_code == 1 and "--class-weight must be none or balanced" in bad.output
+    assert bad.exit_code == 2 and "unknown class weight 'auto'; choose from none, balanced" in bad.output
     few = [*hyp, "--setting", "fewshot", "--ways", "3", "--shots", "1", "--queries", "2", "--episodes", "5"]
     ok = CliRunner().invoke(get_app(), [*few, "--fewshot-c", "0.25"])
     assert ok.exit_code == 0, ok.output
@@ -575,9 +579,9 @@ def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) 
         "none"
     }
     bad = CliRunner().invoke(get_app(), [*hyp, "--fewshot-c", "0.1"])
-    assert bad.exit_code == 1 and "--fewshot-c sets the few-shot C" in bad.output
+    assert bad.exit_code == 2 and "--fewshot-c sets the few-shot C" in bad.output
     bad = CliRunner().invoke(get_app(), [*hyp, "--setting", "fewshot", "--fewshot-c", "-1"])
-    assert bad.exit_code == 1 and "C must be a positive finite number" in bad.output
+    assert bad.exit_code == 2 and "C must be a positive finite number" in bad.output
 
 
 def test_standard_C_sweep_spread_over_ranks(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,7 +34,7 @@ from pydantic import (
 
 from .data.registry import KINDS, dataset_kind, dataset_task, parse_spec
 from .errors import ConfigError, SpecError
-from .vocab import RULES, TOKENS, Position, Setting, Token
+from .vocab import RULES, TOKENS, ExtractToken, Position, Setting
 
 MODEL_PREFIXES: tuple[str, ...] = ("timm:", "hf:", "builtin:")
 #: Image-level positions per task; segmentation always works on patch tokens.
@@ -253,7 +253,8 @@ class StudyConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     datasets: list[DatasetConfig] = Field(min_length=1)
     settings: list[Setting] = ["standard", "fewshot"]
-    tokens: list[Token] = list(TOKENS)
+    #: Token types (``q_rope``/``k_rope`` too: refused at extraction for a model without rotary embeddings).
+    tokens: list[ExtractToken] = list(TOKENS)
     rules: list[str] = list(RULES)
     blocks: list[int] = [-1]
     #: C grid of the standard hyperplane protocol (None = the protocol's own log-spaced grid).

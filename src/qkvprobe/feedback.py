@@ -8,8 +8,10 @@ per unit of work, prefixed with the seconds since the command started, so no lon
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +161,60 @@ class Reporter:
         finally:
             stop.set()
             thread.join()
+
+
+class _ReporterHandler(logging.Handler):
+    """Log records as the reporter's lines: warnings and errors as ``warning: …``, the rest as log lines (no
+    logger name, file or line: a user reads the message, not where it came from)."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        super().__init__()
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                self.reporter.warn(message)
+            else:
+                self.reporter.log(message)
+        except Exception:  # logging's contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
+@contextmanager
+def command_output(console: Console | None = None) -> Iterator[Reporter]:
+    """While a CLI command runs: Python warnings and the ``qkvprobe`` logger's records (WARNING and above) are
+    printed on ``console`` (default stderr) by a :class:`Reporter` — plain ``warning: message`` lines off a
+    terminal, rich on one — instead of Python's ``path/file.py:117: UserWarning: …`` form. Warning filters and
+    logging handlers are restored on exit."""
+    reporter = Reporter(console or Console(stderr=True))
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        reporter.warn(f"{kind}{message}")
+
+    logger = logging.getLogger("qkvprobe")
+    handler = _ReporterHandler(reporter)
+    level, propagate = logger.level, logger.propagate
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False  # the root logger's handlers (if any) would print the record twice
+        try:
+            yield reporter
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def shard_progress(store: Path) -> tuple[int, int, int, int] | None:

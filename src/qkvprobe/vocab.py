@@ -6,6 +6,8 @@ import re
 from typing import Literal
 
 Token = Literal["q", "k", "v", "ffn", "ffn_norm"]
+#: A token type extraction knows: ``Token`` or a rotary one (``ROPE_TOKENS``).
+ExtractToken = Literal["q", "k", "v", "ffn", "ffn_norm", "q_rope", "k_rope"]
 Position = Literal["cls", "avg", "patch"]
 RuleName = Literal["hyperplane", "cosine"]
 Task = Literal["classification", "segmentation"]

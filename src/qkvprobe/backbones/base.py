@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..vocab import TOKENS
+from ..vocab import ROPE_TOKENS, TOKENS
 
 
 class Backbone(ABC):
@@ -62,6 +62,12 @@ class Backbone(ABC):
                 f"(valid: {-self.num_blocks}..{self.num_blocks - 1})"
             )
         return block % self.num_blocks
+
+    def offered_tokens(self) -> tuple[str, ...]:
+        """The token types this model gives: ``vocab.TOKENS`` (less ``ffn_norm`` without a final norm), plus
+        ``vocab.ROPE_TOKENS`` when its attention has rotary embeddings."""
+        base = tuple(t for t in TOKENS if t != "ffn_norm" or getattr(self, "ffn_norm_source", None))
+        return base + (ROPE_TOKENS if getattr(self, "has_rope", False) else ())
 
     @abstractmethod
     def extract(

@@ -60,7 +60,10 @@ def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def file_source(path: str | Path) -> str:
-    """``"file: ckpt.pth (sha256 1a2b3c4d5e6f)"``: a local weights file's name and the start of its digest."""
+    """``"file: ckpt.pth (sha256 1a2b3c4d5e6f)"``: a local weights file's name and the start of its digest;
+    WeightsError when there is no such file."""
+    if not Path(path).is_file():
+        raise WeightsError(f"weights file {path} does not exist; pass an existing .safetensors or .pth file")
     return f"file: {Path(path).name} (sha256 {sha256_file(path)[:12]})"
 
 

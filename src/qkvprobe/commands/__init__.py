@@ -1,1 +1,1 @@
-"""CLI commands, one module per command group; each registers itself on :data:`qkvprobe.cli.app`."""
+"""CLI commands, one module per command group: plain functions that :func:`qkvprobe.cli.build_app` registers."""

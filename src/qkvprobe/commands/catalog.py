@@ -14,9 +14,8 @@ from typing import Any
 
 import typer
 
-from ..cli import app, edge
-from ..errors import ConfigError
 from ..vocab import OBJECTIVE_FAMILIES, OBJECTIVES
+from ._args import one_of
 
 #: Indent of continuation lines (notes and details under their spec).
 INDENT = "      "
@@ -80,19 +79,15 @@ def render_models(rows: Sequence[dict[str, str]], width: int, long: bool = False
 
 
 def filter_models(rows: list[dict[str, str]], family: str | None) -> list[dict[str, str]]:
-    """Rows whose objective or objective family is ``family`` (all when None); ConfigError for other names."""
+    """Rows whose objective or objective family is ``family`` (all when None); typer.BadParameter (a usage
+    error) for other names."""
     if family is None:
         return rows
     choices = [*OBJECTIVES, *dict.fromkeys(OBJECTIVE_FAMILIES.values())]
-    if family not in choices:
-        raise ConfigError(
-            f"unknown --family {family!r}; choose an objective or a family: {', '.join(choices)}"
-        )
+    one_of(family, name="--family", what="objective or family", allowed=choices)
     return [r for r in rows if family in (r["objective"], r["family"])]
 
 
-@app.command("models")
-@edge
 def models_cmd(
     family: str | None = typer.Option(
         None,
@@ -102,7 +97,7 @@ def models_cmd(
     long: bool = typer.Option(False, "--long", help="Also print the longer notes under each model."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
-    """List built-in models (``builtin:<name>``) and the timm / Hugging Face SSL checkpoints we know."""
+    """List built-in models (builtin:NAME) and the timm / Hugging Face SSL checkpoints we know."""
     from ..backbones import list_models
 
     rows = filter_models(list_models(), family)
@@ -133,8 +128,6 @@ def render_datasets(rows: Sequence[dict[str, Any]], width: int) -> list[str]:
     return lines
 
 
-@app.command("datasets")
-@edge
 def datasets_cmd(as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")) -> None:
     """List dataset specs, their sizes and where each was found on this machine."""
     from ..data import list_datasets

@@ -6,24 +6,11 @@ from pathlib import Path
 
 import typer
 
-from ..cli import app, edge
-from ..errors import ConfigError
+from ..errors import ConfigError, QkvprobeError, StoreError
+from ._args import DEVICE_HELP, comma_list, device, int_list, one_of, usage_error
 
-
-def _split(text: str, name: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise ConfigError(f"--{name} is empty; pass a comma-separated list, e.g. --{name} q,k,v,ffn")
-    return items
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        return [int(t) for t in _split(text, name)]
-    except ValueError:
-        raise ConfigError(
-            f"--{name} must be comma-separated integers, got {text!r}; e.g. --{name} -1"
-        ) from None
+SETTINGS = ("standard", "fewshot")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 def default_positions(held: list[str], task: str, where: str) -> list[str]:
@@ -41,8 +28,6 @@ def default_positions(held: list[str], task: str, where: str) -> list[str]:
     return usable
 
 
-@app.command("evaluate")
-@edge
 def evaluate(
     train_store: Path = typer.Option(None, "--train-store", help="Feature store of the training split."),
     test_store: Path = typer.Option(None, "--test-store", help="Feature store of the evaluation split."),
@@ -79,7 +64,7 @@ def evaluate(
         "FEWSHOT_C_GRID on 300 validation episodes drawn from the training split alone (halved into support "
         "and query pools); the rows' C column holds the chosen C.",
     ),
-    device: str = typer.Option("cpu", "--device", help="torch device of the solvers."),
+    device_: str = typer.Option("cpu", "--device", help=f"torch device of the solvers: {DEVICE_HELP}."),
     class_weight: str = typer.Option(
         "none",
         "--class-weight",
@@ -124,61 +109,112 @@ def evaluate(
     from ..features.store import FeatureStore
     from ..feedback import Reporter
     from ..protocols import evaluate_classification, evaluate_segmentation
+    from ..protocols.driver import MATCH_FIELDS
     from ..protocols.fewshot_c import check_fewshot_C
+    from ..protocols.registry import rule_names
     from ..provenance import manifest_weights_source, store_label
     from ..results import write_results
+    from ..vocab import HEAD_TOKENS, TASKS, split_head
+
+    # flags checked before any store is opened: a typo costs nothing
+    one_of(setting, name="--setting", what="setting", allowed=SETTINGS)
+    one_of(class_weight, name="--class-weight", what="class weight", allowed=CLASS_WEIGHTS)
+    if task is not None:
+        one_of(task, name="--task", what="task", allowed=TASKS)
+    rule_list = comma_list(rules, name="--rules", what="rule", allowed=rule_names())
+    block_list = int_list(blocks, name="--blocks", what="block")
+    shot_list = int_list(shots, name="--shots", what="shot count", minimum=1)
+    mismatch = (
+        comma_list(allow_mismatch, name="--allow-mismatch", what="field", allowed=MATCH_FIELDS)
+        if allow_mismatch.strip()
+        else []
+    )
+    device(device_)
+    if fewshot_c is not None:
+        if setting != "fewshot":
+            raise usage_error(
+                "--fewshot-c",
+                "--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split",
+            )
+        try:
+            fewshot_c = check_fewshot_C(fewshot_c)
+        except QkvprobeError as exc:
+            raise usage_error("--fewshot-c", str(exc)) from None
 
     if store is not None:
         train_store, test_store = train_store or store / "train", test_store or store / "test"
     if train_store is None or test_store is None:
-        raise ConfigError("pass --train-store and --test-store (or --store DIR holding train/ and test/)")
+        raise usage_error(
+            "--train-store", "pass --train-store and --test-store (or --store DIR holding train/ and test/)"
+        )
     train, test = FeatureStore.open(train_store), FeatureStore.open(test_store)
     task = task or train.task
-    if task not in ("classification", "segmentation") or task != train.task or task != test.task:
+    if task != train.task or task != test.task:
         raise ConfigError(
             f"--task {task!r} does not match the stores ({train.task}, {test.task}); "
             "pass --task classification or segmentation matching how they were extracted"
         )
-    if setting not in ("standard", "fewshot"):
-        raise ConfigError(f"--setting must be standard or fewshot, got {setting!r}")
-    if class_weight not in ("none", "balanced"):
-        raise ConfigError(f"--class-weight must be none or balanced, got {class_weight!r}")
-    if fewshot_c is not None:
-        if setting != "fewshot":
-            raise ConfigError(
-                "--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split"
-            )
-        fewshot_c = check_fewshot_C(fewshot_c)
     manifest = getattr(train, "manifest", None) or {}  # the label and weights' source extract recorded
     # default: every token type and position both stores hold (and the task evaluates)
-    token_list = [t for t in train.tokens if t in test.tokens] if tokens is None else _split(tokens, "tokens")
+    held_tokens = [t for t in train.tokens if t in test.tokens]
+    if tokens is None:
+        token_list = held_tokens
+    else:
+        num_heads = getattr(train, "num_heads", None)
+
+        def one_head(t: str) -> bool:  # q.h3: a head of a held attention token type, below the head count
+            base, head = split_head(t)
+            return head is not None and base in held_tokens and (num_heads is None or head < num_heads)
+
+        heads_held = [t for t in held_tokens if t in HEAD_TOKENS]
+        shown = ", ".join(held_tokens) + (
+            f" (the stores' token types) or one head such as {heads_held[0]}.h0" if heads_held else ""
+        )
+        token_list = comma_list(
+            tokens, name="--tokens", what="token", allowed=held_tokens, accepts=one_head, shown=shown
+        )
     held = [p for p in train.positions if p in test.positions]
-    position_list = (
-        _split(positions, "positions")
-        if positions is not None
-        else default_positions(held, task, "the stores")
-    )
+    if positions is not None:
+        from ..config import TASK_POSITIONS
+
+        usable = [p for p in held if p in TASK_POSITIONS[task]]
+        position_list = comma_list(
+            positions,
+            name="--positions",
+            what="position",
+            allowed=usable,
+            shown=f"{', '.join(usable) or '(none)'} (what the stores hold and {task} evaluates)",
+        )
+    else:
+        position_list = default_positions(held, task, "the stores")
+    for b in block_list:
+        for held_by in (train, test):
+            if not hasattr(held_by, "resolve_block"):  # a store-like object the protocols resolve themselves
+                continue
+            try:
+                held_by.resolve_block(b)
+            except StoreError:
+                raise usage_error(
+                    "--blocks",
+                    f"block {b} is not in the store {held_by.path} (it holds blocks {held_by.blocks})",
+                ) from None
     if heads:
         token_list += [t for t in train.head_tokens(token_list) if t not in token_list]
     kw = dict(
         setting=setting,
-        rules=_split(rules, "rules"),
+        rules=rule_list,
         tokens=token_list,
-        blocks=_ints(blocks, "blocks"),
-        shots=_ints(shots, "shots"),
+        blocks=block_list,
+        shots=shot_list,
         seed=seed,
-        device=device,
+        device=device_,
         class_weight=None if class_weight == "none" else class_weight,
         positions=position_list,
         model=label or store_label(manifest) or None,  # None: the protocols use the store's spec
     )
     if fewshot_c is not None:
         kw["C"] = fewshot_c
-    kw.update(
-        k=knn_k,
-        T=knn_t,
-        allow_mismatch=[f.strip() for f in allow_mismatch.split(",") if f.strip()],
-    )
+    kw.update(k=knn_k, T=knn_t, allow_mismatch=mismatch)
     reporter = Reporter(Console(stderr=True), enabled=progress)
     reporter.log(
         f"evaluate {kw['model'] or train.backbone_spec}: {setting}, tokens {','.join(token_list)}, "

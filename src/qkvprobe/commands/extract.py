@@ -6,58 +6,15 @@ Also runs under ``torchrun`` (every rank computes a share of the shards; see
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
-from ..cli import app, edge
-from ..errors import ConfigError
-from ..vocab import POSITIONS, TOKENS
+from ..vocab import EXTRACT_TOKENS, POSITIONS
+from ._args import DEVICE_HELP, comma_list, device, int_list, one_of, usage_error
 
-DEVICES = ("cpu", "cuda", "mps")
 ON_BAD_IMAGE = ("fail", "skip")
-
-
-def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
-    """A typer callback that turns the library's ConfigError into a usage error (exit code 2)."""
-
-    def callback(value: str) -> str:
-        if value is not None:
-            try:
-                parse(value)
-            except ConfigError as exc:
-                raise typer.BadParameter(str(exc)) from None
-        return value
-
-    return callback
-
-
-def _choice(options: tuple[str, ...], what: str) -> Callable[[str], object]:
-    def parse(value: str) -> object:
-        if value not in options:
-            raise ConfigError(f"unknown {what} {value!r}; choose from {', '.join(options)}")
-        return value
-
-    return parse
-
-
-def _parse_tokens(value: str) -> object:
-    from ..features.extract import parse_list
-
-    return parse_list(value, TOKENS, "token")
-
-
-def _parse_positions(value: str) -> object:
-    from ..features.extract import parse_list
-
-    return parse_list(value, POSITIONS, "position")
-
-
-def _parse_blocks(value: str) -> object:
-    from ..features.extract import parse_blocks
-
-    return parse_blocks(value)
+DTYPES = ("float16", "float32")
 
 
 def default_positions(task: str, has_cls_token: bool) -> list[str]:
@@ -83,8 +40,6 @@ def record_label(path: Path, label: str, source: str) -> None:
     write_json_atomic(path / MANIFEST, manifest)
 
 
-@app.command("extract")
-@edge
 def extract(
     model: str = typer.Option(
         ..., "--model", help="Backbone spec: timm:NAME, hf:REPO_OR_DIR or builtin:NAME."
@@ -97,47 +52,32 @@ def extract(
     ),
     split: str = typer.Option("train", "--split", help="Dataset split: train or test (val)."),
     weights: Path | None = typer.Option(None, "--weights", help="Local weights (safetensors or state dict)."),
-    root: str | None = typer.Option(None, "--root", help="Where the dataset lives, when the spec needs it."),
+    data_root: str | None = typer.Option(
+        None, "--data-root", help="Where the dataset lives, when the spec needs it."
+    ),
+    root: str | None = typer.Option(None, "--root", hidden=True, help="Deprecated spelling of --data-root."),
     blocks: str = typer.Option(
-        "-1",
-        "--blocks",
-        help="Comma list of block indices (negative count from the end).",
-        callback=_checked(_parse_blocks),
+        "-1", "--blocks", help="Comma list of block indices (negative count from the end)."
     ),
     tokens: str = typer.Option(
-        "q,k,v,ffn", "--tokens", help=f"Comma list from {','.join(TOKENS)}.", callback=_checked(_parse_tokens)
+        "q,k,v,ffn",
+        "--tokens",
+        help=f"Comma list from {','.join(EXTRACT_TOKENS)} (q_rope, k_rope: q and k after the rotary "
+        "embedding, on models that have one).",
     ),
     positions: str = typer.Option(
         None,
         "--positions",
         help=f"Comma list from {','.join(POSITIONS)} (default by task: classification cls,avg — avg alone for "
         "a model without a class token —, segmentation patch).",
-        callback=_checked(_parse_positions),
     ),
-    device: str = typer.Option(
-        "cpu", "--device", help="cpu, cuda or mps.", callback=_checked(_choice(DEVICES, "device"))
-    ),
-    dtype: str = typer.Option(
-        "float16",
-        "--dtype",
-        help="Stored dtype: float16 or float32.",
-        callback=_checked(_choice(("float16", "float32"), "dtype")),
-    ),
-    amp: str | None = typer.Option(
-        None,
-        "--amp",
-        help="bf16: autocast the forward pass.",
-        callback=_checked(_choice(("bf16",), "amp mode")),
-    ),
+    device_: str = typer.Option("cpu", "--device", help=f"{DEVICE_HELP}."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 or float32."),
+    amp: str | None = typer.Option(None, "--amp", help="bf16: autocast the forward pass."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     image_size: int | None = typer.Option(None, "--image-size", min=1, help="Resize images to N x N."),
     num_workers: int = typer.Option(0, "--num-workers", min=0, help="DataLoader worker processes."),
-    on_bad_image: str = typer.Option(
-        "fail",
-        "--on-bad-image",
-        help="fail or skip unreadable images.",
-        callback=_checked(_choice(ON_BAD_IMAGE, "--on-bad-image value")),
-    ),
+    on_bad_image: str = typer.Option("fail", "--on-bad-image", help="fail or skip unreadable images."),
     label: str | None = typer.Option(
         None,
         "--label",
@@ -162,19 +102,37 @@ def extract(
     from ..data import open_dataset
     from ..features import extract_features
     from ..features.distributed import dist_info, local_device
-    from ..features.extract import parse_blocks, plan_store
+    from ..features.extract import plan_store
     from ..feedback import Reporter, many_tokens_warning
     from ..provenance import model_label, weights_source
 
-    if gpu_decode and device != "cuda":
-        raise ConfigError(f"--gpu-decode needs --device cuda, got --device {device}; drop --gpu-decode")
-    backbone = load_backbone(model, weights=weights, device=local_device(device))
-    dataset = open_dataset(data, split, root=root, on_bad_image=on_bad_image)
-    positions = positions or ",".join(default_positions(dataset.task, backbone.has_cls_token))
+    token_list = comma_list(tokens, name="--tokens", what="token", allowed=EXTRACT_TOKENS)
+    position_list = (
+        None
+        if positions is None
+        else comma_list(positions, name="--positions", what="position", allowed=POSITIONS)
+    )
+    block_list = int_list(blocks, name="--blocks", what="block")
+    device(device_)
+    one_of(dtype, name="--dtype", what="dtype", allowed=DTYPES)
+    if amp is not None:
+        one_of(amp, name="--amp", what="amp mode", allowed=("bf16",))
+    one_of(on_bad_image, name="--on-bad-image", what="--on-bad-image value", allowed=ON_BAD_IMAGE)
+    if root is not None:
+        if data_root is not None and data_root != root:
+            raise usage_error("--root", "--root is the old spelling of --data-root; pass --data-root alone")
+        data_root = root
+    if gpu_decode and not device_.startswith("cuda"):
+        raise usage_error(
+            "--gpu-decode", f"--gpu-decode needs --device cuda, got --device {device_}; drop --gpu-decode"
+        )
+    backbone = load_backbone(model, weights=weights, device=local_device(device_))
+    dataset = open_dataset(data, split, root=data_root, on_bad_image=on_bad_image)
+    position_list = position_list or default_positions(dataset.task, backbone.has_cls_token)
     options = {
-        "blocks": parse_blocks(blocks),
-        "tokens": tokens,
-        "positions": positions,
+        "blocks": tuple(block_list),
+        "tokens": token_list,
+        "positions": position_list,
         "dtype": dtype,
         "amp": amp,
         "image_size": image_size,

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import typer
 
-from ..cli import app, edge
+from ._args import DEVICE_HELP, device, one_of
 
 
-@app.command("pretrain")
-@edge
 def pretrain_cmd(
     objective: str = typer.Option(..., help="dino | mae"),
     out: Path = typer.Option(
@@ -40,7 +38,7 @@ def pretrain_cmd(
     momentum: float = typer.Option(0.996, help="DINO: initial EMA momentum (cosine to 1)."),
     mask_ratio: float = typer.Option(0.75, help="MAE: share of patches masked (exact count per image)."),
     name: str | None = typer.Option(None, help="Model name written in the card (default: the folder name)."),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    device_: str = typer.Option("cpu", "--device", help=f"{DEVICE_HELP}."),
     amp: str | None = typer.Option(None, help="bf16 for autocast (CUDA)."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
     time_budget_min: float | None = typer.Option(
@@ -50,8 +48,14 @@ def pretrain_cmd(
     progress: bool = typer.Option(True, help="Progress bar (log lines when not on a terminal)."),
 ) -> None:
     """Self-supervised pre-training (DINO or MAE) of a timm ViT; writes a built-in-format model card."""
-    from ..pretrain import PretrainConfig, pretrain
+    from ..pretrain import ARCHS, DATASETS, PretrainConfig, pretrain
 
+    one_of(objective, name="--objective", what="objective", allowed=("dino", "mae"))
+    one_of(data, name="--data", what="pre-training data", allowed=DATASETS)
+    one_of(arch, name="--arch", what="arch", allowed=tuple(ARCHS))
+    if amp is not None:
+        one_of(amp, name="--amp", what="amp mode", allowed=("bf16",))
+    device(device_)
     cfg = PretrainConfig(
         objective=objective,
         data=data,
@@ -70,7 +74,7 @@ def pretrain_cmd(
         momentum=momentum,
         mask_ratio=mask_ratio,
         name=name,
-        device=device,
+        device=device_,
         amp=amp,
         threads=threads,
         time_budget_min=time_budget_min,

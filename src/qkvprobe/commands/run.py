@@ -7,22 +7,21 @@ from typing import Annotated
 
 import typer
 
-from ..cli import app, edge
 
-
-@app.command("run")
-@edge
 def run_command(
     config: Annotated[
         Path | None,
         typer.Argument(
-            help="Study config (YAML). Omitted: the embedded default study (configs/default.yaml)."
+            metavar="CONFIG",
+            help="Study config (YAML). Omitted: the embedded default study (configs/default.yaml).",
         ),
     ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
-            "--set", help="Override a config key, e.g. --set fewshot.episodes=100 (repeatable; YAML values)."
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a config key, e.g. --set fewshot.episodes=100 (repeatable; YAML values).",
         ),
     ] = None,
     out: Annotated[
@@ -36,7 +35,14 @@ def run_command(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Discard the run directory's earlier results instead of resuming.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; summary only.")] = False,
+    progress: Annotated[
+        bool,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress on stderr: a bar on a terminal, else one line per unit of work with the elapsed time.",
+        ),
+    ] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Same as --no-progress.")] = False,
 ) -> None:
     """Run a study: extract (cached) features, evaluate every token × rule × setting, write results and report.
 
@@ -49,7 +55,7 @@ def run_command(
     from ..study import run_study
 
     cfg = load_config(config, set_ or []).with_run_dir(out)
-    result = run_study(cfg, fresh=fresh, progress=not quiet, console=Console(stderr=True))
+    result = run_study(cfg, fresh=fresh, progress=progress and not quiet, console=Console(stderr=True))
     console = Console()
     console.print(result.summary)
     console.print(f"results: {result.run_dir / 'results.csv'}")
@@ -57,11 +63,12 @@ def run_command(
         console.print(f"report:  {result.report}")
 
 
-@app.command("report")
-@edge
 def report_command(
     run_dir: Annotated[
-        Path, typer.Argument(help="A run directory (holding results.csv) written by `qkvprobe run`.")
+        Path,
+        typer.Argument(
+            metavar="RUN_DIR", help="A run directory (holding results.csv) written by `qkvprobe run`."
+        ),
     ],
     out: Annotated[
         Path | None,

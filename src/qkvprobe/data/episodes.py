@@ -226,8 +226,8 @@ def sample_segmentation_episodes(
         if len(train_pool[c]) < shots or len(test_pool[c]) < 1:
             raise DataError(
                 f"class {c} is present (>= {min_pixels} pixels) in {len(train_pool[c])} training and "
-                f"{len(test_pool[c])} evaluation images; {shots}-shot episodes need >= {shots} and >= 1 "
-                f"(add it to exclude or lower min_pixels)"
+                f"{len(test_pool[c])} evaluation images; {shots}-shot episodes need >= {shots} and >= 1: "
+                f"lower --shots or add images of that class"
             )
     rng = np.random.default_rng(seed)
     out_classes = np.empty(episodes, np.int64)

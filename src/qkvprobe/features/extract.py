@@ -33,7 +33,7 @@ from ..data.base import Dataset
 from ..data.stream import StreamDataset
 from ..errors import ConfigError, DataError, FeatureError, StoreError
 from ..taps import select_positions
-from ..vocab import IGNORE_INDEX, PAPER_TOKENS, POSITIONS, TOKENS
+from ..vocab import EXTRACT_TOKENS, IGNORE_INDEX, PAPER_TOKENS, POSITIONS, ROPE_TOKENS
 from . import distributed as qdist
 from .store import (
     DTYPES,
@@ -223,8 +223,19 @@ def plan_store(
     shard_size: int | None = None,
     device_decode: bool = False,
 ) -> tuple[dict[str, Any], Any]:
-    """The manifest a store for these inputs gets (incl. its content ``key``) and the preprocessing."""
-    tokens = parse_list(tokens, TOKENS, "token")
+    """The manifest a store for these inputs gets (incl. its content ``key``) and the preprocessing.
+
+    Raises:
+        ConfigError: an unknown token, position, dtype or amp mode; ``q_rope``/``k_rope`` asked of a model
+            without rotary embeddings (naming the model and the tokens it offers); ``cls`` without a class token.
+    """
+    tokens = parse_list(tokens, EXTRACT_TOKENS, "token")
+    rope = [t for t in tokens if t in ROPE_TOKENS]
+    if rope and not getattr(backbone, "has_rope", False):
+        raise ConfigError(
+            f"{backbone.spec} has no rotary position embedding, so no {', '.join(rope)}; it offers "
+            f"{', '.join(backbone.offered_tokens())}"
+        )
     positions = parse_list(positions, POSITIONS, "position")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
