@@ -46,7 +46,7 @@ def test_command_modules_do_not_import_the_cli() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     names = [c.name for c in build_app(rich=False).registered_commands]
-    assert names == ["run", "extract", "evaluate", "report", "pretrain", "models", "datasets"]
+    assert names == ["run", "extract", "evaluate", "report", "findings", "pretrain", "models", "datasets"]
 
 
 @pytest.mark.parametrize(

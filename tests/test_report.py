@@ -579,3 +579,18 @@ def test_findings_document_reads_every_number_from_the_run(tmp_path: Path) -> No
     with pytest.raises(QkvprobeError, match="does not exist"):
         write_findings(tmp_path / "missing", tmp_path / "f.md")
     assert not (tmp_path / "f.md").exists()
+
+
+def test_cli_findings_prints_or_writes_the_document(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    runner = CliRunner()
+    printed = runner.invoke(get_app(), ["findings", str(run), "--reproduce", "qkvprobe run my.yaml"])
+    assert printed.exit_code == 0, printed.output
+    assert printed.output.startswith("# Findings") and "`qkvprobe run my.yaml`" in printed.output
+    out = tmp_path / "docs" / "findings.md"
+    wrote = runner.invoke(
+        get_app(), ["findings", str(run), "--out", str(out), "--reproduce", "qkvprobe run my.yaml"]
+    )
+    assert wrote.exit_code == 0 and out.read_text() == printed.output
+    missing = runner.invoke(get_app(), ["findings", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output

@@ -1,5 +1,5 @@
 """qkvprobe: which token of a self-supervised ViT (q, k, v, ffn; CLS or patch), with which decision rule
-(hyperplane or cosine), for classification or segmentation, standard or few-shot?
+(hyperplane, cosine, or k-NN beside them), for classification or segmentation, standard or few-shot?
 
 The public API is imported lazily so ``import qkvprobe`` (and ``qkvprobe --help``) stays fast.
 """
@@ -21,6 +21,10 @@ _EXPORTS: dict[str, str] = {
     "extract_features": "qkvprobe.features.extract",
     "HyperplaneRule": "qkvprobe.rules",
     "CosineRule": "qkvprobe.rules",
+    "KNNRule": "qkvprobe.rules",
+    "evaluate": "qkvprobe.protocols",
+    "register_rule": "qkvprobe.protocols",
+    "RuleProtocol": "qkvprobe.protocols",
     "ResultRow": "qkvprobe.results",
     "read_results": "qkvprobe.results",
     "write_results": "qkvprobe.results",

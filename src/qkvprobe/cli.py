@@ -72,6 +72,7 @@ def build_app(*, rich: bool | None = None) -> typer.Typer:
         ("extract", extract.extract, "Extract token features of a dataset split into a store."),
         ("evaluate", evaluate.evaluate, "Evaluate decision rules on existing feature stores."),
         ("report", run.report_command, "Re-render a run directory's report from its results."),
+        ("findings", run.findings_command, "Write a run's findings as Markdown (docs/findings.md)."),
         ("pretrain", pretrain.pretrain_cmd, "Pre-train a small ViT (DINO or MAE) on Fashion-MNIST."),
         ("models", catalog.models_cmd, "List built-in models and known timm / HF checkpoints."),
         ("datasets", catalog.datasets_cmd, "List dataset specs, their sizes and where each was found."),

@@ -90,3 +90,34 @@ def report_command(
         )
     )
     console.print(f"report: {path}")
+
+
+def findings_command(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RUN_DIR", help="A run directory (holding results.csv) written by `qkvprobe run`."
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Where to write the Markdown (default: print it)."),
+    ] = None,
+    reproduce: Annotated[
+        str,
+        typer.Option(
+            "--reproduce",
+            help="The command that made the run, printed at the top (default: `qkvprobe run`).",
+        ),
+    ] = "qkvprobe run",
+) -> None:
+    """Write the run's findings as Markdown (docs/findings.md): the answer table, the insights and every token ×
+    rule table, each number read from RUN_DIR/results.csv."""
+    from ..report.findings import findings_markdown, write_findings
+
+    if out is None:
+        from ..report import load_run
+
+        typer.echo(findings_markdown(load_run(run_dir), reproduce), nl=False)
+        return
+    typer.echo(f"findings: {write_findings(run_dir, out, reproduce)}")
