@@ -74,17 +74,19 @@ def class_curvature(
     W: Tensor,
     num_classes: int,
     per_class: bool = True,
-    gram_dtype: torch.dtype = GRAM_DTYPE,
+    gram_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Per-class blocks of the data term's Hessian at ``W [G, D1, Kf]``: ``Σ_i w_i p_ik (1 − p_ik) x_i x_iᵀ``
     ``[G, Kf, D1, D1]`` over ``X [G, n, D1]`` with row weights ``weights [G, n]`` (p: softmax, or sigmoid when
     K = 2); ``per_class=False``: their sum, ``[G, 1, D1, D1]``. Sums over rows, so chunks add up; the caller
-    strides or chunks the rows. The Gram products run in ``gram_dtype`` (returned in X's dtype)."""
+    strides or chunks the rows. The Gram products run in ``gram_dtype`` (default ``GRAM_DTYPE``; returned in X's
+    dtype)."""
     z = X @ W
     p = torch.sigmoid(z) if num_classes == 2 else torch.softmax(z, dim=2)
     c = weights[..., None] * p * (1 - p)  # [G, n, Kf]
     # The Gram products run in GRAM_DTYPE: a preconditioner is an approximation, and these K products are the
     # costliest part of a refresh.
+    gram_dtype = GRAM_DTYPE if gram_dtype is None else gram_dtype
     Xg, c = X.to(gram_dtype), c.to(gram_dtype)
     XT = Xg.transpose(1, 2)
     if not per_class:
