@@ -19,8 +19,9 @@ import time
 import warnings
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -83,8 +84,9 @@ def parse_blocks(value: str | Sequence[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(blocks))
 
 
-class _Prepared(TorchDataset):
-    """Dataset sample → ``(index, image float [C',H',W'], label int | patch labels [h*w] int64)``."""
+class _Prepared(TorchDataset[tuple[Any, ...]]):
+    """Dataset sample → ``(index, image float [C',H',W'], label int | patch labels [h*w] int64)`` (a subclass may
+    append fields: :class:`_RawJpeg`)."""
 
     def __init__(self, dataset: Dataset, preprocess: Any, patch_size: int, task: str) -> None:
         self.dataset, self.preprocess, self.patch_size, self.task = dataset, preprocess, patch_size, task
@@ -92,7 +94,7 @@ class _Prepared(TorchDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, Any]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         image, target = self.dataset[index]
         return self.prepare(index, image, target)
 
@@ -107,7 +109,7 @@ class _Prepared(TorchDataset):
         return index, image, target
 
 
-class _StreamBatches(IterableDataset):
+class _StreamBatches(IterableDataset[Any]):
     """Batches of a streamed dataset: ``units`` = ``[(part, [(start, stop) of the shards to compute])]``.
 
     Each DataLoader worker takes whole parts (``units[worker::workers]``) and reads each front to back; a batch
@@ -122,7 +124,7 @@ class _StreamBatches(IterableDataset):
         self.prepared, self.units, self.batch_size = prepared, units, batch_size
 
     def __iter__(self) -> Iterator[Any]:
-        dataset: StreamDataset = self.prepared.dataset  # type: ignore[assignment]
+        dataset = cast(StreamDataset, self.prepared.dataset)  # only streamed datasets are read in parts
         worker = get_worker_info()
         units = self.units if worker is None else self.units[worker.id :: worker.num_workers]
         starts = dataset.part_starts()
@@ -135,7 +137,7 @@ class _StreamBatches(IterableDataset):
                 for b in range(lo, hi, self.batch_size):
                     ends.add(min(b + self.batch_size, hi) - 1)
             batch: list[tuple[int, torch.Tensor, Any]] = []
-            for index, image, target in dataset.iter_part(part, lambda j, w=wanted: bool(w[j])):
+            for index, image, target in dataset.iter_part(part, partial(_is_wanted, wanted)):
                 batch.append(self.prepared.prepare(index, image, target))
                 if index in ends:
                     yield default_collate(batch)
@@ -145,6 +147,10 @@ class _StreamBatches(IterableDataset):
                     f"part {dataset.parts[part]} of {dataset.spec} ended before sample {batch[-1][0] + 1}; "
                     "it changed since it was opened: re-run the command"
                 )
+
+
+def _is_wanted(wanted: np.ndarray, j: int) -> bool:
+    return bool(wanted[j])
 
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -159,6 +165,12 @@ def _quiet_torchvision_io() -> Iterator[None]:
         yield
 
 
+class _FileBacked(Protocol):
+    """A file-backed classification dataset: ``samples`` = ``[(path, class index)]``."""
+
+    samples: Sequence[tuple[str, int]]
+
+
 class _RawJpeg(_Prepared):
     """Like :class:`_Prepared`, but JPEG files come back undecoded (uint8 bytes [L]) for on-device decoding.
 
@@ -166,10 +178,10 @@ class _RawJpeg(_Prepared):
     image formats are decoded and preprocessed in the worker as usual. Items: ``(index, tensor, label, is_jpeg)``.
     """
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, Any, bool]:  # type: ignore[override]
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, Any, bool]:
         from torchvision.io import read_file
 
-        path, target = self.dataset.samples[index]  # type: ignore[attr-defined]
+        path, target = cast(_FileBacked, self.dataset).samples[index]  # checked by plan_store
         if Path(path).suffix.lower() in JPEG_SUFFIXES:
             with _quiet_torchvision_io():
                 return index, read_file(str(path)), int(target), True
@@ -178,7 +190,7 @@ class _RawJpeg(_Prepared):
 
 def _collate_raw(
     items: list[tuple[int, torch.Tensor, Any, bool]],
-) -> tuple[torch.Tensor, list, torch.Tensor, list]:
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[bool]]:
     # Undecoded JPEGs differ in length: keep lists, the main process decodes them in one batched call.
     index, data, target, is_jpeg = zip(*items, strict=True)
     return torch.tensor(index), list(data), torch.tensor(target), list(is_jpeg)
@@ -277,6 +289,7 @@ def plan_store(
         "amp": amp,
     }
     key_fields = json.loads(json.dumps(key_fields))  # tuples → lists: compares equal to a manifest read back
+    ranges: list[tuple[int, int, int | None]]
     if isinstance(dataset, StreamDataset):
         # A shard never crosses a part (tar / Parquet file): each part's samples cut every shard_size.
         ranges = [
@@ -386,11 +399,11 @@ def _store_state(out: Path, planned: dict[str, Any]) -> dict[str, Any] | None:
 
 def _dataloader(
     prepared: _Prepared, batches: list[list[int]], num_workers: int, pin_memory: bool
-) -> DataLoader:
+) -> DataLoader[Any]:
     return DataLoader(
         prepared,
         collate_fn=_collate_raw if isinstance(prepared, _RawJpeg) else None,
-        batch_sampler=batches,  # type: ignore[arg-type]  # a list of index lists is a valid batch sampler
+        batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=pin_memory,
         # Workers fork the dataset; keep them warm across the whole run rather than per shard.
@@ -398,7 +411,7 @@ def _dataloader(
     )
 
 
-def _stream_loader(batches: _StreamBatches, num_workers: int, pin_memory: bool) -> DataLoader:
+def _stream_loader(batches: _StreamBatches, num_workers: int, pin_memory: bool) -> DataLoader[Any]:
     # The dataset yields whole batches: no sampler, no re-batching.
     return DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
 
@@ -555,8 +568,8 @@ def extract_features(
     pin = torch.device(backbone.device).type == "cuda" if pin_memory is None else pin_memory
     if isinstance(dataset, StreamDataset) and all("part" in shards[i] for i in missing):
         # Whole parts per rank: a part is read by one rank only, front to back.
-        parts = sorted({shards[i]["part"] for i in missing})
-        mine_parts = qdist.shard_for_rank(parts, info.rank, info.world_size)
+        part_ids = sorted({shards[i]["part"] for i in missing})
+        mine_parts = qdist.shard_for_rank(part_ids, info.rank, info.world_size)
         mine = [i for i in missing if shards[i]["part"] in set(mine_parts)]
         units = [
             (p, [(shards[i]["start"], shards[i]["stop"]) for i in mine if shards[i]["part"] == p])

@@ -113,7 +113,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise StoreError(f"{path} is not a feature store (no {MANIFEST}); create it with `qkvprobe extract`")
     try:
-        manifest = json.loads(file.read_text())
+        manifest: dict[str, Any] = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
         raise StoreError(f"cannot read {file}: {exc}; delete {path} and re-run the extract command") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -280,7 +280,8 @@ class FeatureStore:
     def _load(self, shard: int, stem: str) -> np.ndarray:
         file = self.path / self.manifest["shards"][shard]["name"] / f"{stem}.npy"
         try:
-            return np.load(file, mmap_mode="r", allow_pickle=False)
+            array: np.ndarray = np.load(file, mmap_mode="r", allow_pickle=False)
+            return array
         except (OSError, ValueError) as exc:
             raise StoreError(
                 f"cannot read {file}: {exc}; delete {self.path} and re-run the extract command"

@@ -6,8 +6,6 @@ from __future__ import annotations
 from .classification import fewshot_classification, standard_classification
 from .driver import (
     MATCH_FIELDS,
-    ClassificationTask,
-    SegmentationTask,
     check_matching_stores,
     evaluate,
     evaluate_classification,
@@ -42,6 +40,7 @@ from .metrics import (
 )
 from .registry import PatchScorer, RuleProtocol, check_rules, get_rule, register_rule, rule_names
 from .segmentation import fewshot_segmentation, standard_segmentation
+from .tasks import ClassificationTask, SegmentationTask
 
 __all__ = [
     "C_GRID",

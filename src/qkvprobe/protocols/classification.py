@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -164,7 +164,7 @@ def standard_classification(
             for g, res in zip(ids, impl.standard_classification(Xtr, ytr, Xte, yte, K, opts), strict=True):
                 res.predictions = classes[res.predictions]
                 results[g] = res
-    return results  # type: ignore[return-value]
+    return cast(list[StandardResult], results)  # every feature set is in one width group: no slot left None
 
 
 def cosine_standard(
@@ -231,7 +231,8 @@ def hyperplane_standard(
         ),
         key=lambda item: item[0],
     )
-    sweep_ok = np.concatenate([part["converged"] for part in parts], 1).all(1)  # [G]
+    # [G]: numpy's stubs type an axis reduction as possibly a scalar; of a 2-d array it is 1-d.
+    sweep_ok = cast(np.ndarray, np.concatenate([part["converged"] for part in parts], 1).all(1))
     val_acc = torch.as_tensor(np.stack([v for _, v, _, _ in sweep], 1))  # [G, len(Cs)]
     best = val_acc.argmax(1)  # first maximum = smallest C among ties
     coef0 = torch.stack([sweep[int(j)][2][g] for g, j in enumerate(best)]).to(dev)
@@ -286,9 +287,9 @@ def _c_sweep(
     val_idx: torch.Tensor,
     K: int,
     Cs: Sequence[float],
-    opts: dict,
+    opts: dict[str, Any],
     balanced: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Independent fits for ``Cs`` (ascending) on the fit rows → held-out accuracy ``val [G, len(Cs)]`` and the
     solutions (on the CPU, so they can be gathered from other ranks)."""
     G = Xtr.shape[0]
@@ -461,7 +462,7 @@ def episode_result(acc: torch.Tensor) -> FewshotResult:
 
 
 def _solve_episodes(
-    X: torch.Tensor, y: torch.Tensor, ways: int, C: float, opts: dict
+    X: torch.Tensor, y: torch.Tensor, ways: int, C: float, opts: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Span-reduced episode problems ``X [E, n, n]`` → (``W [E, n+1, Kf]``, converged ``[E]``), solved in X's dtype
     (float32) with a float64 finish where float32 rounding keeps an episode from its certified optimum."""

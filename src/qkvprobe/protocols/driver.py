@@ -14,7 +14,7 @@ belong together (:func:`check_matching_stores`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -32,6 +32,7 @@ from .evaluation import (
     VAL_FRACTION,
     Evaluation,
     ProgressFn,
+    RowMaker,
     RuleOptions,
     Steps,
     UnitKey,
@@ -282,7 +283,7 @@ def evaluate(
 
 
 def _fewshot(
-    plan: Plan, adapter: Any, out: Evaluation, make: Callable, progress: ProgressFn | None, auto: bool
+    plan: Plan, adapter: Any, out: Evaluation, make: RowMaker, progress: ProgressFn | None, auto: bool
 ) -> None:
     """The few-shot loop: per shots, the episodes (and, for ``C="auto"``, the validation episodes first, so a
     sampler that records what it leaves out ends on the evaluation's), then every unit on the same episodes."""
@@ -336,7 +337,10 @@ def _validation_score(
     adapter: Any, plan: Plan, rule: RuleProtocol, val: Any, token: str, position: str, block: int, C: float
 ) -> float:
     """Mean accuracy / mIoU of ``rule`` at ``C`` on training-split validation episodes (``C="auto"``)."""
-    return adapter.score(adapter.fewshot_unit(plan, rule, val, token, position, block, C, train_as_test=True))
+    score: float = adapter.score(
+        adapter.fewshot_unit(plan, rule, val, token, position, block, C, train_as_test=True)
+    )
+    return score
 
 
 def evaluate_classification(train_store: Any, test_store: Any, **kw: Any) -> Evaluation:

@@ -25,6 +25,8 @@ FEWSHOT_C = 1.0
 
 #: ``progress(label, done, total)``: called before each unit of an evaluation, and with ``done == total`` at the end.
 ProgressFn = Callable[[str, int, int], None]
+#: :func:`row_maker`'s factory: the row's own columns as keywords → a ``ResultRow``.
+RowMaker = Callable[..., ResultRow]
 
 
 class Steps:
@@ -194,7 +196,7 @@ class FeatureSource(Protocol):
     def resolve_block(self, block: int) -> int: ...
 
 
-def as_list(value: Any) -> list:
+def as_list(value: Any) -> list[Any]:
     """A scalar or a sequence → list (CLI and Python callers pass either)."""
     return list(value) if isinstance(value, list | tuple) else [value]
 
@@ -216,11 +218,11 @@ def row_maker(
     C: float | str = C_AUTO,
     solver_rules: Sequence[str] = ("hyperplane",),
     allowed_mismatch: Sequence[str] = (),
-) -> Callable[..., ResultRow]:
+) -> RowMaker:
     """A ``ResultRow`` factory with the columns shared by one evaluation filled in: rows of rules with a solver
     (``solver_rules``) record ``class_weight`` ("none" or "balanced") and ``C_choice`` (``C``: "auto", or the
     few-shot setting's fixed C); the others leave both empty."""
-    common = {
+    common: dict[str, Any] = {
         "model": model or store.backbone_spec,
         "objective": getattr(store, "objective", "unknown"),
         "dataset": dataset or store.dataset_spec,

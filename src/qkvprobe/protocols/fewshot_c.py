@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -50,6 +51,16 @@ def check_fewshot_C(C: float | str) -> float | str:
     return check_C(C)
 
 
+class _Episodes(Protocol):
+    """What :func:`validation_episodes` rewrites of a sampler's episodes: row indices ``[E, ...]``."""
+
+    support: np.ndarray
+    query: np.ndarray
+
+
+EpisodesT = TypeVar("EpisodesT", bound=_Episodes)
+
+
 def split_pools(num_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The training rows halved at random: (support pool, query pool), each sorted."""
     if num_rows < 2:
@@ -59,14 +70,14 @@ def split_pools(num_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def validation_episodes(
-    sample: Callable[..., object],
+    sample: Callable[..., EpisodesT],
     train_part: Callable[[np.ndarray], object],
     num_rows: int,
     *,
     episodes: int,
     seed: int,
     **kw: object,
-):
+) -> EpisodesT:
     """Validation episodes from the training split alone, with indices into the training rows.
 
     ``sample(pool_a, pool_b, episodes=, seed=, **kw)`` is the evaluation's sampler; ``train_part(rows)`` gives

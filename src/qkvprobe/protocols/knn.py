@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from ..rules.knn import knn_predict, knn_topk, knn_votes, normalise
 from .classification import gather_rows
 from .evaluation import FewshotResult, RuleOptions, StandardResult
 from .metrics import mean_ci95
+
+if TYPE_CHECKING:
+    from .segmentation import PatchSource
 
 #: Bytes of float32 training-patch features the standard segmentation k-NN keeps as its memory; beyond it, a
 #: seeded uniform sample of the labelled patches (``benchmarks/bench_rules.py knn`` measures its peak memory).
@@ -80,7 +84,7 @@ def memory_rows(num_rows: int, width: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(num_rows, budget, replace=False))
 
 
-def knn_patch_memory(source, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def knn_patch_memory(source: PatchSource, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The memory bank of a :class:`~qkvprobe.protocols.segmentation.PatchSource`: (unit-length float32 features
     ``[n', D]``, labels ``[n']``, number of labelled patches before subsampling). Filled in place, chunk by chunk:
     the bank is the only full-size array (no list of chunks to concatenate)."""
@@ -89,7 +93,7 @@ def knn_patch_memory(source, seed: int) -> tuple[torch.Tensor, torch.Tensor, int
     keep = None
     seen = filled = 0
     for X, y in source():
-        if memory is None:
+        if memory is None or labels is None:
             keep = memory_rows(source.num_rows, X.shape[1] - 1, seed)
             size = source.num_rows if keep is None else len(keep)
             memory = torch.empty(size, X.shape[1] - 1, dtype=torch.float32, device=X.device)
@@ -102,12 +106,14 @@ def knn_patch_memory(source, seed: int) -> tuple[torch.Tensor, torch.Tensor, int
         memory[filled : filled + len(rows)] = normalise(X[rows, :-1].float())
         labels[filled : filled + len(rows)] = y[rows]
         filled += len(rows)
-    if memory is None or filled == 0:
+    if memory is None or labels is None or filled == 0:
         raise RuleError("no labelled training patches (all patch labels are 255); check the training store")
     return memory[:filled], labels[:filled], seen
 
 
-def knn_patch_scores(memory: torch.Tensor, labels: torch.Tensor, K: int, opts: RuleOptions) -> Callable:
+def knn_patch_scores(
+    memory: torch.Tensor, labels: torch.Tensor, K: int, opts: RuleOptions
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Scorer ``X [m, D]`` → vote shares ``[m, K]`` of the k nearest memory patches."""
 
     def scores(X: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ per-image IoUs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -144,6 +145,14 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> PairedTest:
     return PairedTest("mcnemar", float(a_only), pvalue, float(ca.mean() - cb.mean()), int(ca.size))
 
 
+class MaskScores(TypedDict):
+    """:meth:`ConfusionMatrix.compute`'s result: mean IoU, pixel accuracy and IoU per class ``[K]``."""
+
+    miou: float
+    pixel_accuracy: float
+    iou: np.ndarray
+
+
 class ConfusionMatrix:
     """Dataset-level confusion-matrix accumulator: ``update(pred, target)`` per image, ``compute()`` →
     ``{"miou", "pixel_accuracy", "iou"}``, ``reset()``."""
@@ -165,7 +174,7 @@ class ConfusionMatrix:
             )
         self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
 
-    def compute(self) -> dict[str, object]:
+    def compute(self) -> MaskScores:
         return {
             "miou": mean_iou(self.matrix),
             "pixel_accuracy": pixel_accuracy(self.matrix),

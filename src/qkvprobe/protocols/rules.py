@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +14,7 @@ from ..rules.knn import check_knn_params
 from . import classification as cls
 from . import knn
 from . import segmentation as seg
-from .evaluation import RuleOptions, StandardResult
+from .evaluation import FewshotResult, RuleOptions, StandardResult
 from .registry import PatchScorer, RuleProtocol
 
 
@@ -24,10 +25,28 @@ class Hyperplane(RuleProtocol):
     class_weighted = True
     direction = True
 
-    def standard_classification(self, Xtr, ytr, Xte, yte, num_classes, opts) -> list[StandardResult]:
+    def standard_classification(
+        self,
+        Xtr: torch.Tensor,
+        ytr: np.ndarray,
+        Xte: torch.Tensor,
+        yte: np.ndarray,
+        num_classes: int,
+        opts: RuleOptions,
+    ) -> list[StandardResult]:
         return cls.hyperplane_standard(Xtr, ytr, Xte, yte, num_classes, opts)
 
-    def fewshot_classification(self, Ftr, Fte, support, support_labels, query, query_labels, ways, opts):
+    def fewshot_classification(
+        self,
+        Ftr: torch.Tensor,
+        Fte: torch.Tensor,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        query: torch.Tensor,
+        query_labels: torch.Tensor,
+        ways: int,
+        opts: RuleOptions,
+    ) -> FewshotResult:
         return cls.hyperplane_fewshot(Ftr, Fte, support, support_labels, query, query_labels, ways, opts)
 
     def segmentation_scorer(self, source: Any, num_classes: int, opts: RuleOptions) -> PatchScorer:
@@ -35,7 +54,9 @@ class Hyperplane(RuleProtocol):
         weights = class_normals(W[:-1].T).float().cpu().numpy()
         return PatchScorer(seg.linear_scores(W, num_classes), C, val, weights, converged)
 
-    def fewshot_segmentation_scores(self, X, y, valid, Xq, opts):
+    def fewshot_segmentation_scores(
+        self, X: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, Xq: torch.Tensor, opts: RuleOptions
+    ) -> tuple[torch.Tensor, int]:
         return seg.hyperplane_support_scores(X, y, valid, Xq, opts)
 
 
@@ -44,10 +65,28 @@ class Cosine(RuleProtocol):
     summary = "cosine similarity to each class's direction (mean of L2-normalised training features)"
     direction = True
 
-    def standard_classification(self, Xtr, ytr, Xte, yte, num_classes, opts) -> list[StandardResult]:
+    def standard_classification(
+        self,
+        Xtr: torch.Tensor,
+        ytr: np.ndarray,
+        Xte: torch.Tensor,
+        yte: np.ndarray,
+        num_classes: int,
+        opts: RuleOptions,
+    ) -> list[StandardResult]:
         return cls.cosine_standard(Xtr, ytr, Xte, yte, num_classes)
 
-    def fewshot_classification(self, Ftr, Fte, support, support_labels, query, query_labels, ways, opts):
+    def fewshot_classification(
+        self,
+        Ftr: torch.Tensor,
+        Fte: torch.Tensor,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        query: torch.Tensor,
+        query_labels: torch.Tensor,
+        ways: int,
+        opts: RuleOptions,
+    ) -> FewshotResult:
         acc = cls.cosine_fewshot(Ftr, Fte, support, support_labels, query, query_labels, ways)
         return cls.episode_result(acc)
 
@@ -55,7 +94,9 @@ class Cosine(RuleProtocol):
         sums, scores = seg.cosine_patch_scorer(source)
         return PatchScorer(scores, weights=F.normalize(sums, dim=1).float().cpu().numpy())
 
-    def fewshot_segmentation_scores(self, X, y, valid, Xq, opts):
+    def fewshot_segmentation_scores(
+        self, X: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, Xq: torch.Tensor, opts: RuleOptions
+    ) -> tuple[torch.Tensor, int]:
         return seg.cosine_support_scores(X, y, valid, Xq, opts)
 
 
@@ -73,10 +114,28 @@ class KNN(RuleProtocol):
     def check(self, opts: RuleOptions) -> None:
         check_knn_params(opts.k, opts.T)
 
-    def standard_classification(self, Xtr, ytr, Xte, yte, num_classes, opts) -> list[StandardResult]:
+    def standard_classification(
+        self,
+        Xtr: torch.Tensor,
+        ytr: np.ndarray,
+        Xte: torch.Tensor,
+        yte: np.ndarray,
+        num_classes: int,
+        opts: RuleOptions,
+    ) -> list[StandardResult]:
         return knn.knn_standard(Xtr, ytr, Xte, yte, num_classes, opts)
 
-    def fewshot_classification(self, Ftr, Fte, support, support_labels, query, query_labels, ways, opts):
+    def fewshot_classification(
+        self,
+        Ftr: torch.Tensor,
+        Fte: torch.Tensor,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        query: torch.Tensor,
+        query_labels: torch.Tensor,
+        ways: int,
+        opts: RuleOptions,
+    ) -> FewshotResult:
         return knn.knn_fewshot(Ftr, Fte, support, support_labels, query, query_labels, ways, opts)
 
     def segmentation_scorer(self, source: Any, num_classes: int, opts: RuleOptions) -> PatchScorer:
@@ -86,7 +145,9 @@ class KNN(RuleProtocol):
         )
         return PatchScorer(knn.knn_patch_scores(memory, labels, num_classes, opts))
 
-    def fewshot_segmentation_scores(self, X, y, valid, Xq, opts):
+    def fewshot_segmentation_scores(
+        self, X: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, Xq: torch.Tensor, opts: RuleOptions
+    ) -> tuple[torch.Tensor, int]:
         return knn.knn_support_scores(X, y, valid, Xq, opts)
 
 

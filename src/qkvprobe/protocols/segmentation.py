@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -241,7 +241,7 @@ def score_store(
         scores = scores_of(X.reshape(-1, X.shape[-1])).reshape(len(X), hw, -1)
         for j in range(len(X)):
             mask = torch.as_tensor(np.asarray(masks(int(indices[start + j]))))
-            pred = upsample_argmax(scores[j], store.grid, tuple(mask.shape))
+            pred = upsample_argmax(scores[j], store.grid, cast(tuple[int, int], tuple(mask.shape)))  # [H, W]
             cm.update(pred.cpu(), mask)
     return cm
 
@@ -313,7 +313,7 @@ def cosine_patch_scorer(data: PatchData) -> tuple[torch.Tensor, Callable[[torch.
 
 def hyperplane_patch_fit(
     data: PatchData, num_classes: int, opts: RuleOptions
-) -> tuple[torch.Tensor, float, dict, bool]:
+) -> tuple[torch.Tensor, float, dict[float, float], bool]:
     """The hyperplane rule on patches: every C of the grid from W = 0 on the fit images (one batch), C chosen by
     patch mIoU on the held-out images (ties → the smaller C), refit on all images from that C's solution →
     (W ``[D+1, Kf]``, chosen C, held-out mIoU per C, converged)."""
@@ -330,10 +330,11 @@ def hyperplane_patch_fit(
     val_rows, fit_rows = np.sort(perm[:num_val]), np.sort(perm[num_val:])
     fit_src, val_src = data.source(fit_rows), data.source(val_rows)
     moment = fit_src.moment()
-    val, best = {}, (-1.0, None, None)
+    val: dict[float, float] = {}
+    best: tuple[float, float | None, torch.Tensor | None] = (-1.0, None, None)
     # Every C an independent fit from W = 0, all Cs in one batch (one read of the patches per iteration).
     sweep, sweep_ok = _fit_streaming(fit_src, num_classes, Cs, None, moment, max_iter, tol, opts.class_weight)
-    for C, W in zip(Cs, sweep.split(1), strict=True):
+    for C, W in zip(Cs, torch.split(sweep, 1), strict=True):
         score = linear_scores(W.view(moment.shape[-1], -1), num_classes)
         cm = ConfusionMatrix(num_classes)
         for X, y in val_src():
@@ -342,10 +343,12 @@ def hyperplane_patch_fit(
         if val[C] > best[0]:  # ascending Cs, strict: ties keep the smaller C
             best = (val[C], C, W)
     del fit_src, val_src  # drop their cached patches before caching the full training set
+    best_C = best[1]
+    assert best_C is not None  # mean_iou is never below 0, so the first C already replaced the -1.0 start
     W, refit_ok = _fit_streaming(
-        data.source(), num_classes, [best[1]], best[2], moment, max_iter, tol, opts.class_weight
+        data.source(), num_classes, [best_C], best[2], moment, max_iter, tol, opts.class_weight
     )
-    return W.view(moment.shape[-1], -1), best[1], val, bool(sweep_ok.all()) and bool(refit_ok.all())
+    return W.view(moment.shape[-1], -1), best_C, val, bool(sweep_ok.all()) and bool(refit_ok.all())
 
 
 def fewshot_segmentation(

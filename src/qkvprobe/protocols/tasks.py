@@ -6,16 +6,29 @@ masks reach a rule — behind one interface: ``check_positions``, ``standard``, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError, RuleError
-from .evaluation import Evaluation, RuleOptions, Steps, UnitKey, store_block
+from ..results import ResultRow
+from .evaluation import (
+    Evaluation,
+    FewshotResult,
+    FewshotSegmentationResult,
+    RowMaker,
+    RuleOptions,
+    Steps,
+    UnitKey,
+    store_block,
+)
 from .fewshot_c import validation_episodes
 from .registry import RuleProtocol
+
+if TYPE_CHECKING:
+    from .segmentation import Masks
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,7 @@ class ClassificationTask:
                 f"classification uses image-level tokens, got position {bad[0]!r}; pass --positions cls,avg"
             )
 
-    def standard(self, plan: Plan, out: Evaluation, step: Steps, make: Callable) -> None:
+    def standard(self, plan: Plan, out: Evaluation, step: Steps, make: RowMaker) -> None:
         from .classification import standard_classification
 
         for block in plan.blocks:
@@ -146,7 +159,7 @@ class ClassificationTask:
         C: float,
         *,
         train_as_test: bool = False,
-    ) -> Any:
+    ) -> FewshotResult:
         from .classification import fewshot_classification
 
         Ftr = self.train.get(token, position, block)
@@ -169,10 +182,10 @@ class ClassificationTask:
             T=o.T,
         )
 
-    def fewshot_rows(self, res: Any, common: dict, make: Callable) -> list:
+    def fewshot_rows(self, res: FewshotResult, common: dict[str, Any], make: RowMaker) -> list[ResultRow]:
         return [make(**common, metric="accuracy", value=res.mean, ci95=res.ci95)]
 
-    def score(self, res: Any) -> float:
+    def score(self, res: FewshotResult) -> float:
         return res.mean
 
 
@@ -196,8 +209,8 @@ class SegmentationTask:
         from .segmentation import dataset_masks
 
         self.train, self.test = train, test
-        self.masks = masks or dataset_masks(test)
-        self.train_masks = train_masks or (dataset_masks(train) if need_train_masks else None)
+        self.masks: Masks = masks or dataset_masks(test)
+        self.train_masks: Masks | None = train_masks or (dataset_masks(train) if need_train_masks else None)
         if episode_sampler is None:
             from ..data.episodes import sample_segmentation_episodes as episode_sampler
         self.sampler = episode_sampler
@@ -222,7 +235,7 @@ class SegmentationTask:
             )
         return self._counts
 
-    def standard(self, plan: Plan, out: Evaluation, step: Steps, make: Callable) -> None:
+    def standard(self, plan: Plan, out: Evaluation, step: Steps, make: RowMaker) -> None:
         from .segmentation import standard_segmentation
 
         for block in plan.blocks:
@@ -293,13 +306,14 @@ class SegmentationTask:
         C: float,
         *,
         train_as_test: bool = False,
-    ) -> Any:
+    ) -> FewshotSegmentationResult:
         from .segmentation import fewshot_segmentation
 
         self._pixel_counts()
         Ftr = self.train.get(token, "patch", block)
         if train_as_test:
             Fte, indices, masks = Ftr, self.train.indices(), self.train_masks
+            assert masks is not None  # need_train_masks is set whenever validation episodes run (C="auto")
         else:
             Fte, indices, masks = self.test.get(token, "patch", block), self.test.indices(), self.masks
         o = plan.opts
@@ -323,11 +337,13 @@ class SegmentationTask:
             T=o.T,
         )
 
-    def fewshot_rows(self, res: Any, common: dict, make: Callable) -> list:
+    def fewshot_rows(
+        self, res: FewshotSegmentationResult, common: dict[str, Any], make: RowMaker
+    ) -> list[ResultRow]:
         return [
             make(**common, metric="miou", value=res.miou, ci95=res.ci95),
             make(**common, metric="fb_iou", value=res.fb_iou),
         ]
 
-    def score(self, res: Any) -> float:
+    def score(self, res: FewshotSegmentationResult) -> float:
         return res.miou

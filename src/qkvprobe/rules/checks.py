@@ -8,7 +8,7 @@ scikit-learn's validation (lists, pandas, memmaps; sparse input is refused: the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from sklearn.utils.validation import _check_sample_weight, validate_data
 from ..errors import FeatureError, NotFittedError, RuleError
 
 
-class RuleNotFittedError(NotFittedError, SklearnNotFittedError):
+class RuleNotFittedError(NotFittedError, SklearnNotFittedError):  # type: ignore[misc]  # sklearn: no type stubs
     """A rule used before ``fit``: a qkvprobe error (one line at the CLI) and scikit-learn's ``NotFittedError``."""
 
 
@@ -40,13 +40,14 @@ def validate_features(estimator: Any, X: Any, *, reset: bool) -> np.ndarray | to
     if isinstance(X, torch.Tensor):
         return _validate_tensor(estimator, X, reset=reset)
     try:
-        return validate_data(
+        checked: np.ndarray = validate_data(
             estimator, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=1, ensure_2d=True
         )
     except TypeError as exc:
         raise FeatureTypeError(f"{_one_line(exc)} ({_hint(exc)})") from None
     except ValueError as exc:
         raise FeatureError(f"{_one_line(exc)} ({_hint(exc)})") from None
+    return checked
 
 
 def _hint(exc: Exception) -> str:
@@ -122,7 +123,7 @@ def validate_sample_weight(sample_weight: Any, num_samples: int) -> np.ndarray |
     if isinstance(sample_weight, torch.Tensor):
         sample_weight = sample_weight.detach().cpu().numpy()
     try:
-        sw = _check_sample_weight(
+        sw: np.ndarray = _check_sample_weight(
             sample_weight, np.empty((num_samples, 0)), dtype=np.float64, ensure_non_negative=True
         )
     except ValueError as exc:
@@ -169,13 +170,13 @@ def as_features(X: Any, *, name: str = "X", ndim: int = 2) -> np.ndarray | torch
             f"{name} contains NaN or Inf values; re-extract the features (e.g. without fp16 overflow) or drop "
             "those rows"
         )
-    return X
+    return cast("np.ndarray | torch.Tensor", X)  # a tensor, or the numpy array made above
 
 
 def check_labels_known(y: Any, classes: np.ndarray) -> np.ndarray:
     """Map ``y`` onto indices of ``classes``; a label the rule never saw is an error (for ``score``)."""
     y = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
-    pos = np.searchsorted(classes, y)
+    pos: np.ndarray = np.searchsorted(classes, y)
     pos = np.clip(pos, 0, len(classes) - 1)
     unknown = classes[pos] != y
     if unknown.any():

@@ -44,7 +44,7 @@ def _float64(X: np.ndarray | Tensor) -> Tensor:
     return torch.as_tensor(np.asarray(X.detach().cpu() if isinstance(X, Tensor) else X, dtype=np.float64))
 
 
-class CosineRule(ClassifierMixin, BaseEstimator):
+class CosineRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # scikit-learn ships no type stubs
     """Cosine-to-class-direction classifier (scikit-learn's estimator contract; ``check_estimator`` passes except
     for sparse input, which the tags opt out of: the rules act on dense feature arrays).
 
@@ -80,7 +80,8 @@ class CosineRule(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → labels ``[m]``."""
         best = self.cosines(X).argmax(1)  # first: raises NotFittedError before classes_ is read
-        return self.classes_[best]
+        labels: np.ndarray = self.classes_[best]
+        return labels
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Mean accuracy (weighted by ``sample_weight``); labels must be among ``classes_``."""

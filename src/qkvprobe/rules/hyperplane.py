@@ -38,7 +38,7 @@ def class_normals(coef: Tensor) -> Tensor:
     return torch.cat([-coef, coef], dim=-2) if coef.shape[-2] == 1 else coef
 
 
-class HyperplaneRule(ClassifierMixin, BaseEstimator):
+class HyperplaneRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # scikit-learn ships no type stubs
     """Multinomial (K > 2) / binary (K = 2) logistic regression with an L2 penalty on raw features.
 
     The objective is ``LogisticRegression(C=C)``'s, ``C·Σ sw_i·logloss_i + ½‖W‖²`` (intercept unpenalised), and
@@ -101,7 +101,7 @@ class HyperplaneRule(ClassifierMixin, BaseEstimator):
             )
         dt, dev = self._torch_dtype(), torch.device(self.device)
         Xt = torch.as_tensor(X).to(dev, dt)
-        if keep is not None:
+        if keep is not None and sw is not None:  # keep is None exactly when sw is
             Xt, codes, sw = Xt[torch.as_tensor(keep, device=dev)], codes[keep], sw[keep]
         fit = fit_logistic(
             Xt[None],
@@ -132,7 +132,7 @@ class HyperplaneRule(ClassifierMixin, BaseEstimator):
         from sklearn.utils.class_weight import compute_class_weight
 
         try:
-            return compute_class_weight(
+            weights: np.ndarray = compute_class_weight(
                 self.class_weight, classes=self.classes_, y=self.classes_[codes], sample_weight=sample_weight
             )
         except (ValueError, TypeError) as e:  # scikit-learn names the bad value; we add what is accepted
@@ -140,30 +140,34 @@ class HyperplaneRule(ClassifierMixin, BaseEstimator):
                 f"class_weight={self.class_weight!r} is not usable ({e}); pass None, 'balanced' or a dict "
                 f"mapping labels among {self.classes_.tolist()} to weights"
             ) from None
+        return weights
 
     def decision_function(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → scores ``[m, K]`` (``[m]`` for K = 2, as scikit-learn)."""
         check_fitted(self, "coef_")
         X = validate_features(self, X, reset=False)
         Xn = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else X
-        s = Xn.astype(self.coef_.dtype, copy=False) @ self.coef_.T + self.intercept_
+        s: np.ndarray = Xn.astype(self.coef_.dtype, copy=False) @ self.coef_.T + self.intercept_
         return s[:, 0] if s.shape[1] == 1 else s
 
     def predict(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → labels ``[m]`` from ``classes_``."""
         s = self.decision_function(X)
-        return self.classes_[(s > 0).astype(np.int64) if s.ndim == 1 else s.argmax(1)]
+        labels: np.ndarray = self.classes_[(s > 0).astype(np.int64) if s.ndim == 1 else s.argmax(1)]
+        return labels
 
     def predict_log_proba(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → log class probabilities ``[m, K]`` (softmax; sigmoid for K = 2)."""
         s = self.decision_function(X)
         if s.ndim == 1:
             s = np.stack([np.zeros_like(s), s], axis=1)
-        return s - np.logaddexp.reduce(s, axis=1, keepdims=True)
+        log_proba: np.ndarray = s - np.logaddexp.reduce(s, axis=1, keepdims=True)
+        return log_proba
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → class probabilities ``[m, K]``."""
-        return np.exp(self.predict_log_proba(X))
+        proba: np.ndarray = np.exp(self.predict_log_proba(X))
+        return proba
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Mean accuracy on ``(X [m, D], y [m])`` (weighted by ``sample_weight``); labels must be among

@@ -78,19 +78,21 @@ def knn_topk(
     for lo in range(0, m, KNN_QUERY_ROWS):
         Q = queries[lo : lo + KNN_QUERY_ROWS]
         step = max(k, block_bytes // (len(Q) * queries.element_size()))
-        best_s = best_i = None
+        best_s: Tensor | None = None
+        best_i: Tensor | None = None
         offset = 0
         for B in blocks:
             for a in range(0, len(B), step):
                 S = Q @ B[a : a + step].T  # [q, b]
                 s, i = torch.topk(S, min(k, S.shape[1]), dim=1)
                 i += offset + a
-                if best_s is None:
+                if best_s is None or best_i is None:
                     best_s, best_i = s, i
                 else:
                     best_s, j = torch.topk(torch.cat([best_s, s], 1), k, dim=1)
                     best_i = torch.cat([best_i, i], 1).gather(1, j)
             offset += len(B)
+        assert best_s is not None and best_i is not None  # n > 0: some memory block filled them
         sims[lo : lo + len(Q)], idx[lo : lo + len(Q)] = best_s, best_i
     return sims, idx
 
@@ -113,7 +115,7 @@ def knn_votes(sims: Tensor, labels: Tensor, num_classes: int, T: float, k: int |
     return votes.scatter_add_(-1, labels, w)
 
 
-class KNNRule(ClassifierMixin, BaseEstimator):
+class KNNRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # scikit-learn ships no type stubs
     """Weighted k-NN on cosine similarity (DINO's evaluation; module doc), with scikit-learn's classifier contract.
 
     Parameters: ``k`` (neighbours; fewer training samples → all of them), ``T`` (vote temperature), ``device``.
@@ -156,7 +158,8 @@ class KNNRule(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → normalised votes ``[m, K]``."""
         votes = self._votes(X)[0]
-        return votes / votes.sum(1, keepdims=True)
+        proba: np.ndarray = votes / votes.sum(1, keepdims=True)
+        return proba
 
     def decision_function(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → normalised votes ``[m, K]``; for K = 2 the second class's minus the first's ``[m]``."""
@@ -166,7 +169,8 @@ class KNNRule(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """``X [m, D]`` → labels ``[m]`` (vote ties: the first class of ``classes_``)."""
         best = knn_predict(torch.as_tensor(self._votes(X)[0])).numpy()
-        return self.classes_[best]
+        labels: np.ndarray = self.classes_[best]
+        return labels
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Mean accuracy (weighted by ``sample_weight``); labels must be among ``classes_``."""

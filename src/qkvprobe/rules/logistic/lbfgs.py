@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
@@ -84,6 +84,14 @@ class Objective(Protocol):
     # ``refresh_horizon``: the further iterations above which a refresh pays (default ``REFRESH_EVERY``).
 
 
+class _DualityGap(Protocol):
+    """The optional part of an :class:`Objective` that certifies convergence (module doc)."""
+
+    def duality_gap(self, w: Tensor, g: Tensor, f: Tensor) -> Tensor:
+        """A rigorous upper bound ``[G]`` of ``f(w) − f*``."""
+        ...
+
+
 @dataclass
 class LbfgsResult:
     """Per-problem outcome: solutions ``w [G, P]``, values ``f [G]``, iterations ``n_iter [G]`` (int64),
@@ -99,7 +107,8 @@ class LbfgsResult:
 
 def gap_bound(g: Tensor, mu: Tensor) -> Tensor:
     """``‖g‖² / (2μ)`` per problem: an upper bound of ``f(w) − f*`` for a μ-strongly convex f. ``g [G, P]``."""
-    return torch.linalg.vecdot(g, g) / (2 * mu)
+    sq: Tensor = torch.linalg.vecdot(g, g)  # torch's stubs leave linalg.vecdot untyped
+    return sq / (2 * mu)
 
 
 def _acceptable(
@@ -110,7 +119,8 @@ def _acceptable(
     Wolfe condition ``φ'(t) ≤ (2δ − 1)·φ'(0)``, which for a quadratic is the same test written with slopes (exact
     where values are not): so steps keep reducing the gradient once the objective no longer resolves progress."""
     armijo = ft <= f + _ARMIJO * t * gd  # NaN compares False → backtrack
-    approx = (ft <= f + band) & (torch.linalg.vecdot(gt, d) <= (2 * _ARMIJO - 1) * gd)
+    slope: Tensor = torch.linalg.vecdot(gt, d)  # torch's stubs leave linalg.vecdot untyped
+    approx = (ft <= f + band) & (slope <= (2 * _ARMIJO - 1) * gd)
     return armijo | approx
 
 
@@ -164,7 +174,7 @@ def minimize_lbfgs(
     # observed ratio (``scale``) before the next, one-pass, certification.
     scale = torch.ones(G, dtype=dt, device=dev)
 
-    def certify(
+    def certified(
         objective: Objective,
         w: Tensor,
         f: Tensor,
@@ -179,7 +189,7 @@ def minimize_lbfgs(
             return want
         idx = want.nonzero().squeeze(1)
         sub = objective.select(idx) if len(idx) < len(w) else objective
-        dual = sub.duality_gap(w[idx], g[idx], f[idx])
+        dual = cast(_DualityGap, sub).duality_gap(w[idx], g[idx], f[idx])  # ``certifies`` checked it has one
         gap[idx] = dual
         ok = dual <= tol * f[idx].abs()
         bad = idx[~ok]
@@ -194,7 +204,7 @@ def minimize_lbfgs(
     waiting = torch.zeros(
         G, dtype=torch.int64, device=dev
     )  # iterations a candidate has waited to be certified
-    conv = certify(objective, w, f, g, bound, scale, gap, bound <= tol * f.abs())
+    conv = certified(objective, w, f, g, bound, scale, gap, bound <= tol * f.abs())
     active = ~conv
     num_active = int(active.sum())
     history_start = 0  # the iteration whose pair is the oldest still valid
@@ -339,7 +349,7 @@ def minimize_lbfgs(
             # candidates wait until half the active problems are candidates, or CERTIFY_WAIT iterations.
             ready = 2 * int(want.sum()) >= num_active or bool((waiting >= CERTIFY_WAIT).any())
             want = want if ready else torch.zeros_like(want)
-        done = certify(objective, w, f, g, bound, scale, gap, want)
+        done = certified(objective, w, f, g, bound, scale, gap, want)
         waiting = torch.where(done, torch.zeros_like(waiting), waiting)
         conv |= done
         # A failed search, or a step that moved neither the objective nor (by half) the gap bound, escalates the
@@ -347,7 +357,7 @@ def minimize_lbfgs(
         stalled = active & ~done & (failed | ((rel_decrease <= ftol) & (bound > 0.5 * bound_old)))
         gave_up = stalled & (level >= _LAST_LEVEL)
         if certifies and bool(gave_up.any()):  # its final word: the rigorous gap where it stopped
-            conv |= certify(objective, w, f, g, bound, scale, gap, gave_up)
+            conv |= certified(objective, w, f, g, bound, scale, gap, gave_up)
         level = torch.where(stalled, level + 1, torch.where(accepted, torch.zeros_like(level), level))
         active &= ~done & ~gave_up
         num_active = int(active.sum())
@@ -355,6 +365,6 @@ def minimize_lbfgs(
     if (
         certifies
     ):  # out of iterations: the rigorous gap where they stopped (certified if it meets tol after all)
-        conv |= certify(objective, w, f, g, bound, scale, gap, active & ~conv)
+        conv |= certified(objective, w, f, g, bound, scale, gap, active & ~conv)
     flush(torch.ones(len(w), dtype=torch.bool, device=dev))
     return LbfgsResult(out_w, out_f, out_n, out_conv, out_gap)
