@@ -20,8 +20,8 @@ import yaml
 
 from qkvprobe.config import load_config, validate_config
 from qkvprobe.errors import ConfigError
-from qkvprobe.report.figures import slug
 from qkvprobe.results import read_results
+from qkvprobe.rundir import slug
 from qkvprobe.study.sides import fitted_direction_cosines
 from test_report import _Collector as _Html
 
