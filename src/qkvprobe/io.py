@@ -1,10 +1,12 @@
-"""Atomic file writes: the one way qkvprobe writes a file that someone may read.
+"""Atomic file writes: the one way qkvprobe writes a file that someone may read (a feature-store shard, several
+files published together, is written into a temporary folder renamed whole: :func:`qkvprobe.features.store.write_shard`).
 
 Every writer here creates a temporary file beside the target (same directory, hence same file system), writes
 it, optionally fsyncs it, and renames it over the target with :func:`os.replace`. Readers see the old file or
 the new one, never half of one; on any failure (an exception, ``KeyboardInterrupt``) the temporary file is
-removed and an existing target is left unchanged. A process killed outright (SIGKILL, power loss) can leave a
-temporary file behind, never a truncated target; :func:`temporaries` finds such leftovers.
+removed and an existing target is left unchanged. A process killed outright (SIGKILL) can leave a temporary
+file behind, never a truncated target; :func:`temporaries` finds such leftovers. Across a power loss only
+``fsync=True`` writes are guaranteed to hold their new content.
 
 File mode: the temporary file is created with ``os.open(..., 0o666)``, so the kernel applies the process umask
 (and a directory's default ACL) exactly as for any newly created file: ``0o666 & ~umask``, ``0644`` under
