@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qkvprobe.report import load_run, main_rows, render_report, write_json
+from qkvprobe.io import write_json
+from qkvprobe.report import load_run, main_rows, render_report
 from qkvprobe.report.answer import (
     ALPHA,
     BELOW,

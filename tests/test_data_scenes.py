@@ -12,6 +12,7 @@ import pytest
 from qkvprobe.data import class_pixel_counts, open_dataset
 from qkvprobe.data import scenes as sc
 from qkvprobe.errors import SpecError
+from qkvprobe.io import temporaries
 
 SMALL = "fashion-mnist-scenes?seed=0&train=64&test=16&source=bundled"
 DEBIAN = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -71,7 +72,7 @@ def test_test_scenes_use_the_test_split_and_cache() -> None:
     assert len(test) == 16 and test.garment.max() < 1000  # bundled test split holds 1000 garments
     cached = open_dataset(SMALL, "test")
     assert cached.source.startswith("cached") and digest(cached) == digest(test)
-    assert test.cache_path.is_file() and not list(test.cache_path.parent.glob("*.tmp"))
+    assert test.cache_path.is_file() and not temporaries(test.cache_path)
     test.cache_path.write_bytes(b"garbage")  # a damaged cache entry is rebuilt, not trusted
     rebuilt = open_dataset(SMALL, "test")
     assert rebuilt.source.startswith("generated") and digest(rebuilt) == digest(test)

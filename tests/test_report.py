@@ -15,11 +15,13 @@ from typer.testing import CliRunner
 
 from qkvprobe.cli import get_app
 from qkvprobe.errors import QkvprobeError
-from qkvprobe.report import load_run, main_rows, render_report, save_direction_map, summary_table, write_json
+from qkvprobe.io import write_json
+from qkvprobe.report import load_run, main_rows, render_report, summary_table
 from qkvprobe.report.answer import answer_lines, answers
 from qkvprobe.report.insights import insights
 from qkvprobe.report.tables import BALANCED_RULE, head_grids, heat_tables, is_head, sweep_grids
 from qkvprobe.results import ResultRow, read_results, write_results
+from qkvprobe.rundir import save_direction_map
 
 TOKENS = ("q", "k", "v", "ffn", "ffn_norm")
 CLASSES = ["background", "<script>alert(1)</script>", "shirt & tie", "coat $x$"]

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -20,8 +21,8 @@ import yaml
 
 from qkvprobe.config import load_config, validate_config
 from qkvprobe.errors import ConfigError
-from qkvprobe.report.figures import slug
 from qkvprobe.results import read_results
+from qkvprobe.rundir import RunDir, slug
 from qkvprobe.study.sides import fitted_direction_cosines
 from test_report import _Collector as _Html
 
@@ -208,6 +209,13 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
     again = run_study(cfg, progress=False)
     assert again.skipped_units > 0 and len(read_results(run_dir / "results.csv")) == len(rows)
 
+    # RunDir knows every path the run wrote; every file has the mode the umask gives new files
+    assert {p.name for p in run_dir.iterdir()} == {p.name for p in RunDir(run_dir).paths()}
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in run_dir.rglob("*") if p.is_file()}
+    assert modes == {0o666 & ~mask}
+
 
 def test_changed_config_is_refused_without_fresh(tmp_path: Path, patched_builtins: Path) -> None:
     from qkvprobe.study import run_study
@@ -226,8 +234,22 @@ def test_changed_config_is_refused_without_fresh(tmp_path: Path, patched_builtin
     small["seed"] = 3
     with pytest.raises(ConfigError, match=r"holds results of a different config .* pass --fresh"):
         run_study(validate_config(small), progress=False)
+    # --fresh removes every path of the old run: fits/ and figures/ too (stale files planted), not the user's
+    run_dir = RunDir(validate_config(small).run_dir())
+    stale = [
+        run_dir.fits / "x",
+        run_dir.figures / "fewshot__old.svg",
+        run_dir.maps / "old.npz",
+        run_dir.report,
+    ]
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("stale")
+    (run_dir.path / "notes.txt").write_text("mine")
     result = run_study(validate_config(small), fresh=True, progress=False)
     assert {r.seed for r in result.rows} == {3}
+    assert not [p for p in stale if p.exists()] and (run_dir.path / "notes.txt").read_text() == "mine"
+    assert {p.name for p in run_dir.path.iterdir()} <= {p.name for p in run_dir.paths()} | {"notes.txt"}
 
 
 def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, builtin_models: Path) -> None:

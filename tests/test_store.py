@@ -23,7 +23,8 @@ from qkvprobe.backbones.base import Backbone
 from qkvprobe.data.base import Dataset
 from qkvprobe.errors import StoreError
 from qkvprobe.features import FeatureStore, cached_store, extract_features, plan_store
-from qkvprobe.features.store import MANIFEST, mark_shards, read_manifest, write_json_atomic
+from qkvprobe.features.store import MANIFEST, mark_shards, read_manifest
+from qkvprobe.io import write_json
 
 TESTS_DIR = Path(__file__).parent
 
@@ -291,10 +292,10 @@ def test_open_errors(tmp_path: Path) -> None:
     (store.path / "shard-00001").rmdir()
     with pytest.raises(StoreError, match=r"marked complete but shard shard-00001 is missing"):
         FeatureStore.open(store.path)
-    write_json_atomic(store.path / MANIFEST, m | {"complete": False})
+    write_json(store.path / MANIFEST, m | {"complete": False}, indent=1, fsync=True)
     with pytest.raises(StoreError, match=r"incomplete \(1 of 2 shards\), re-run the same extract command"):
         FeatureStore.open(store.path)
-    write_json_atomic(store.path / MANIFEST, m | {"schema_version": 99})
+    write_json(store.path / MANIFEST, m | {"schema_version": 99}, indent=1, fsync=True)
     with pytest.raises(StoreError, match=r"schema version 99"):
         FeatureStore.open(store.path)
     (store.path / MANIFEST).write_text("{not json")
@@ -310,7 +311,7 @@ def test_resume_after_lost_shard_recomputes_only_it(tmp_path: Path) -> None:
     for f in (ref.path / "shard-00002").iterdir():
         f.unlink()
     (ref.path / "shard-00002").rmdir()
-    write_json_atomic(ref.path / MANIFEST, m | {"complete": False})
+    write_json(ref.path / MANIFEST, m | {"complete": False}, indent=1, fsync=True)
     bb.calls = 0
     again = extract_features(bb, ds, tmp_path / "s", shard_size=2, batch_size=2, progress=False)
     assert bb.calls == 1
@@ -365,7 +366,7 @@ def test_per_head_tokens_need_a_store_that_records_heads(tmp_path: Path) -> None
     )
     m = json.loads((tmp_path / "s" / MANIFEST).read_text())
     del m["backbone"]["num_heads"]  # as written before per-head tokens existed
-    write_json_atomic(tmp_path / "s" / MANIFEST, m)
+    write_json(tmp_path / "s" / MANIFEST, m, indent=1, fsync=True)
     old = FeatureStore.open(tmp_path / "s")
     assert old.num_heads is None and old.get("q", "cls").shape == store.get("q", "cls").shape
     with pytest.raises(

@@ -13,12 +13,12 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import QkvprobeError
+from .io import atomic_open
 
 COLUMNS: tuple[str, ...] = (
     "model",
@@ -167,7 +167,7 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
     path = Path(path)
     if not path.exists():
         return []
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         present = set(reader.fieldnames or [])
         missing = [c for c in COLUMNS if c not in present and c not in _ADDED]
@@ -188,19 +188,12 @@ def write_results(path: str | os.PathLike, rows: Iterable[ResultRow]) -> list[Re
     for r in rows:
         merged[r.key()] = r
     table = list(merged.values())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".csv", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-            writer.writeheader()
-            for r in table:
-                rec = asdict(r)
-                writer.writerow(
-                    {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
-                )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in table:
+            rec = asdict(r)
+            writer.writerow(
+                {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+            )
     return table

@@ -29,7 +29,8 @@ def record_label(path: Path, label: str, source: str) -> None:
     """Write the run's label (and, where the loader did not record one, the weights' source) into the store's
     manifest: ``qkvprobe evaluate`` names its rows after them. Neither is part of the store's key, so the same
     features under another label are reused and relabelled."""
-    from ..features.store import MANIFEST, read_manifest, write_json_atomic
+    from ..features.store import MANIFEST, read_manifest
+    from ..io import write_json
 
     manifest = read_manifest(path)
     backbone = manifest.setdefault("backbone", {})
@@ -37,7 +38,7 @@ def record_label(path: Path, label: str, source: str) -> None:
         return
     backbone["label"] = label
     backbone.setdefault("weights_source", source)
-    write_json_atomic(path / MANIFEST, manifest)
+    write_json(path / MANIFEST, manifest, indent=1, fsync=True)
 
 
 def extract(

@@ -1,4 +1,4 @@
-"""Small helpers shared by the dataset loaders: option parsing, cache directory, atomic writes, hashing.
+"""Small helpers shared by the dataset loaders: option parsing, cache directory, hashing.
 
 Spec parsing lives in :mod:`qkvprobe.data.registry` (re-exported here for the loaders).
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 from ..errors import DataError, SpecError
@@ -16,7 +15,6 @@ from .registry import PATH_SPECS, SPEC_NAMES, check_options, parse_spec
 __all__ = [
     "PATH_SPECS",
     "SPEC_NAMES",
-    "atomic_write_bytes",
     "cache_dir",
     "check_options",
     "int_option",
@@ -45,20 +43,6 @@ def cache_dir() -> Path:
     """``$QKVPROBE_CACHE`` or ``~/.cache/qkvprobe`` (created on demand by the writers)."""
     env = os.environ.get("QKVPROBE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "qkvprobe"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must stay readable by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sha256_parts(*parts: bytes | str) -> str:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError, SpecError
-from ._util import atomic_write_bytes, cache_dir, sha256_parts
+from ..io import write_bytes
+from ._util import cache_dir, sha256_parts
 from .base import Dataset
 from .idx import parse_idx, read_idx_bytes
 
@@ -130,7 +131,7 @@ def download(
             raise DataError(
                 f"checksum mismatch for {url}: md5 {got}, expected {md5}; the download is corrupt or the mirror changed — retry or set $QKVPROBE_FASHION_MNIST_URL"
             )
-        atomic_write_bytes(target, data)
+        write_bytes(target, data)
     return dest
 
 

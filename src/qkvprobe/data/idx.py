@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..io import atomic_open
 
 _DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
@@ -85,9 +86,9 @@ def encode_idx(array: np.ndarray) -> bytes:
 
 
 def write_idx_gz(path: Path, array: np.ndarray) -> None:
-    """Write a gzip IDX file reproducibly (mtime 0, no file name in the header)."""
+    """Write a gzip IDX file reproducibly (mtime 0, no file name in the header), atomically."""
     with (
-        open(path, "wb") as raw,
+        atomic_open(path, "wb") as raw,
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as fh,
     ):
         fh.write(encode_idx(array))

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ._util import atomic_write_bytes, cache_dir, int_option, sha256_parts
+from ..io import write_bytes
+from ._util import cache_dir, int_option, sha256_parts
 from .base import Dataset
 from .fashion_mnist import CLASSES as GARMENTS
 from .fashion_mnist import SPLIT_ALIASES, load_split, locate
@@ -131,7 +132,7 @@ class FashionMNISTScenes(Dataset):
             arrays = generate_scenes(garments, garment_labels, self.num_scenes, self.seed, self.split)
             buffer = io.BytesIO()
             np.savez(buffer, **arrays)
-            atomic_write_bytes(self.cache_path, buffer.getvalue())
+            write_bytes(self.cache_path, buffer.getvalue())
             how = "generated"
         else:
             how = "cached"

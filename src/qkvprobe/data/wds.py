@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, SpecError
-from ._util import atomic_write_bytes, cache_dir, sha256_parts
+from ..io import write_bytes
+from ._util import cache_dir, sha256_parts
 from .stream import (
     STREAM_HINT,
     StreamDataset,
@@ -183,7 +184,7 @@ def tar_index(path: Path) -> tuple[TarIndex, os.stat_result]:
     index = TarIndex.from_file(file) if file.is_file() else None
     if index is None:
         index = TarIndex.scan(path)
-        atomic_write_bytes(file, index.to_bytes())
+        write_bytes(file, index.to_bytes())
     return index, stat
 
 

@@ -33,6 +33,7 @@ from ..data import build_preprocess, patch_majority_labels
 from ..data.base import Dataset
 from ..data.stream import StreamDataset
 from ..errors import ConfigError, DataError, FeatureError, StoreError
+from ..io import write_json
 from ..taps import select_positions
 from ..vocab import EXTRACT_TOKENS, IGNORE_INDEX, PAPER_TOKENS, POSITIONS, ROPE_TOKENS
 from . import distributed as qdist
@@ -49,7 +50,6 @@ from .store import (
     remove_stale_temporaries,
     shard_name,
     store_key,
-    write_json_atomic,
     write_shard,
 )
 
@@ -549,14 +549,14 @@ def extract_features(
         if "num_heads" not in existing["backbone"] and info.is_main:
             # Stores from before num_heads was recorded learn it from the same backbone (per-head tokens).
             existing["backbone"]["num_heads"] = planned["backbone"]["num_heads"]
-            write_json_atomic(out / MANIFEST, existing)
+            write_json(out / MANIFEST, existing, indent=1, fsync=True)
         qdist.barrier()
         return FeatureStore.open(out)  # same key and complete: reuse, never recompute
     # A resumed store keeps its own shard layout (it may come from another shard_size default).
     manifest = existing if existing is not None else planned
     if info.is_main:
         remove_stale_temporaries(out)
-        write_json_atomic(out / MANIFEST, mark_shards(out, manifest) | {"complete": False})
+        write_json(out / MANIFEST, mark_shards(out, manifest) | {"complete": False}, indent=1, fsync=True)
     qdist.barrier()  # every rank sees the manifest before any shard is written
 
     done = completed_shards(out, manifest)
@@ -605,7 +605,9 @@ def extract_features(
             if sum(len(a) for a in parts["indices"]) == shards[shard]["stop"] - shards[shard]["start"]:
                 write_shard(out, shard, {name: np.concatenate(a) for name, a in pending.pop(shard).items()})
                 if info.is_main:  # progress record only; "complete" is set after the final barrier
-                    write_json_atomic(out / MANIFEST, mark_shards(out, manifest) | {"complete": False})
+                    write_json(
+                        out / MANIFEST, mark_shards(out, manifest) | {"complete": False}, indent=1, fsync=True
+                    )
             seen += len(indices)
             rate = f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}"
             bar.update(task, advance=len(indices), rate=rate)
@@ -613,7 +615,7 @@ def extract_features(
     qdist.barrier()  # all ranks have written their shards
     if info.is_main:
         final = mark_shards(out, manifest)
-        write_json_atomic(out / MANIFEST, final)
+        write_json(out / MANIFEST, final, indent=1, fsync=True)
         if not final["complete"]:
             raise StoreError(
                 f"feature store {out} still misses {len(final['shards']) - final['num_complete_shards']} shards "

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io import atomic_path, write_json, write_text
 from .common import FMNIST_MEAN, FMNIST_STD, TIMM_MODEL, Objective, PretrainConfig, build_encoder
 
 
@@ -62,7 +63,8 @@ def write_outputs(
         k: v.detach().to("cpu", torch.float16).contiguous() for k, v in obj.encoder.state_dict().items()
     }
     model_path = out / "model.safetensors"
-    save_file(enc_state, str(model_path))
+    with atomic_path(model_path) as tmp:
+        save_file(enc_state, str(tmp))
     _, kwargs = build_encoder(cfg.arch)
     data_desc = {
         "fashion-mnist": "Fashion-MNIST train split (60 000 garments, 28×28 grey, labels unused)",
@@ -95,9 +97,9 @@ def write_outputs(
         "loss_curve": curve(losses),
         "loss_curve_window_steps": math.ceil(len(losses) / 100) if losses else 0,
     }
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_json(out / "card.json", card, indent=2)
     plot_losses(losses, out / "loss.png", f"{card['name']} ({cfg.objective})")
-    (out / "card.md").write_text(card_markdown(card))
+    write_text(out / "card.md", card_markdown(card))
     return card
 
 
@@ -118,7 +120,8 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, SpecError, StoreError
+from ..io import atomic_path
 
 FMNIST_MEAN = 0.2860
 FMNIST_STD = 0.3530
@@ -177,10 +177,9 @@ def cosine(step: float, total: int, start: float, end: float, warmup: int = 0) -
 
 # --------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically (temp name + rename) so a kill never leaves a half checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write atomically (:func:`qkvprobe.io.atomic_path`) so a kill never leaves a half checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """The report: tables, figures and one self-contained HTML file, built from a run directory's saved files
-only (``results.csv`` plus the side files described in :mod:`qkvprobe.report.files`)."""
+only (``results.csv`` plus the side files described in :mod:`qkvprobe.rundir`)."""
 
 from __future__ import annotations
 
-from .files import RunFiles, load_run, save_direction_map, write_json
+from .files import RunFiles, load_run
 from .html import render_report
 from .summary import summary_table
 from .tables import main_rows
@@ -13,7 +13,5 @@ __all__ = [
     "load_run",
     "main_rows",
     "render_report",
-    "save_direction_map",
     "summary_table",
-    "write_json",
 ]

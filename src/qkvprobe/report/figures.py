@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ..io import write_bytes
+from ..rundir import DirectionMap, slug
 from ..vocab import POSITIONS, TOKENS
-from .files import DirectionMap
 from .tables import BALANCED_RULE, HEAT_SPAN, REPORT_RULES, order_present, setting_label
 
 # User text (class names, model labels) must never be read as mathtext ("$" in a name would crash). A fixed SVG
@@ -60,11 +60,6 @@ class Figure:
     width: int | None = None
 
 
-def slug(*parts: object) -> str:
-    text = "__".join(str(p) for p in parts)
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:150]
-
-
 _MIME = {"svg": "image/svg+xml", "png": "image/png"}
 
 
@@ -78,8 +73,7 @@ def _save(fig: plt.Figure, figures_dir: Path, name: str, caption: str) -> Figure
         fig.savefig(buf, format="png", bbox_inches="tight", dpi=MAP_DPI)
     plt.close(fig)
     data = buf.getvalue()
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    (figures_dir / name).write_bytes(data)
+    write_bytes(figures_dir / name, data)
     # a PNG's width is bytes 16-19 of its IHDR chunk; shown at 100 px per inch, it keeps its size, sharper
     width = None if kind == "svg" else round(int.from_bytes(data[16:20], "big") * 100 / MAP_DPI)
     uri = f"data:{_MIME[kind]};base64," + base64.b64encode(data).decode("ascii")

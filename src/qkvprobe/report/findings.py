@@ -14,9 +14,11 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from ..io import write_text
 from ..protocols.registry import get_rule, rule_names
+from ..rundir import RESULTS
 from .answer import ANSWER_LEGEND, answer_lines, answers, weights_by_model
-from .files import RESULTS, RunFiles, load_run
+from .files import RunFiles, load_run
 from .insights import insights
 from .tables import HEAT_SPAN, heat_tables, is_head, main_rows
 
@@ -136,9 +138,5 @@ def write_findings(
 ) -> Path:
     """Write :func:`findings_markdown` of the run in ``run_dir`` to ``out`` (atomically); returns ``out``."""
     out = Path(out)
-    text = findings_markdown(load_run(run_dir), reproduce)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    write_text(out, findings_markdown(load_run(run_dir), reproduce))
     return out

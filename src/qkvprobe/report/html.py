@@ -11,11 +11,13 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..io import write_text
 from ..protocols.registry import get_rule, rule_names
+from ..rundir import RESULTS, RunDir
 from ..vocab import TOKENS
 from . import figures as figs
 from .answer import ANSWER_LEGEND, answer_lines, answers, weights_by_model
-from .files import FIGURES, REPORT, RESULTS, RunFiles, load_run
+from .files import RunFiles, load_run
 from .insights import insights
 from .tables import (
     BALANCED_RULE,
@@ -163,7 +165,7 @@ def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
 def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Render ``report.html`` (and ``figures/*.png``) from the saved files of ``run_dir`` alone."""
     run = load_run(run_dir)
-    return render_run(run, Path(out) if out else run.run_dir / REPORT)
+    return render_run(run, Path(out) if out else RunDir(run.run_dir).report)
 
 
 def _answer_models(lines: list) -> list[dict]:
@@ -191,7 +193,7 @@ def rule_notes(main: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def render_run(run: RunFiles, out: Path) -> Path:
-    fig_dir = run.run_dir / FIGURES
+    fig_dir = RunDir(run.run_dir).figures
     # figures/ belongs to the report: drop the previous rendering's files, so none outlives its section
     for stale in fig_dir.glob("*") if fig_dir.is_dir() else []:
         if stale.is_file() and stale.suffix in (".png", ".svg"):
@@ -222,8 +224,5 @@ def render_run(run: RunFiles, out: Path) -> Path:
         "results_file": RESULTS,
     }
     html = _env().get_template("report.html.j2").render(**context)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, out)
+    write_text(out, html)
     return out

@@ -28,18 +28,9 @@ from .. import __version__
 from ..config import DatasetConfig, ModelConfig, StudyConfig, dump_config
 from ..errors import QkvprobeError
 from ..feedback import Reporter, many_tokens_warning, seconds, shard_progress
-from ..report.files import (
-    DIRECTIONS,
-    FITS,
-    MAPS,
-    PAIRED,
-    RESULTS,
-    RUN_JSON,
-    read_json,
-    save_direction_map,
-    write_json,
-)
+from ..io import read_json, write_json
 from ..results import ResultRow, read_results, write_results
+from ..rundir import RunDir, save_direction_map
 from ..vocab import objective_family, split_head
 from .state import Progress, unit_id
 
@@ -102,7 +93,8 @@ class _Study:
 
     def __init__(self, cfg: StudyConfig, *, fresh: bool, progress: bool, console: Console) -> None:
         self.cfg = cfg
-        self.run_dir = cfg.run_dir()
+        self.rd = RunDir(cfg.run_dir())
+        self.run_dir = self.rd.path
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console
         self.verbose = progress
@@ -112,7 +104,7 @@ class _Study:
         self.timings: dict[str, float] = {}
         self.skipped = 0
         self.sources: dict[str, str] = {}  # model label -> weights source (the rows' weights column)
-        previous = read_json(self.run_dir / RUN_JSON, {}) or {}
+        previous = read_json(self.rd.run_json, {}) or {}
         self.info: dict[str, Any] = {
             "name": cfg.name,
             "fingerprint": cfg.fingerprint(),
@@ -176,7 +168,7 @@ class _Study:
             **self.info.get("timings", {}),
             **{k: round(v, 3) for k, v in self.timings.items()},
         }
-        write_json(self.run_dir / RUN_JSON, self.info)
+        write_json(self.rd.run_json, self.info)
 
     def timed(self, key: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -187,7 +179,7 @@ class _Study:
     def rows_present(self, model: str, dataset: str, setting: str, shots: int) -> bool:
         return any(
             (r.model, r.dataset, r.setting, r.shots) == (model, dataset, setting, shots)
-            for r in read_results(self.run_dir / RESULTS)
+            for r in read_results(self.rd.results)
         )
 
     # ---- the study --------------------------------------------------------------------------------------
@@ -245,7 +237,7 @@ class _Study:
         if sweep and self.cfg.block_sweep.position not in positions:
             positions.append(self.cfg.block_sweep.position)
         units = self.plan_units(m, d, main_blocks, sweep_blocks)
-        if all(self.progress.is_done(u) for u, _ in units) and (self.run_dir / RESULTS).exists():
+        if all(self.progress.is_done(u) for u, _ in units) and (self.rd.results).exists():
             self.skipped += len(units)
             self.log(f"{m.name} · {d.spec}: done earlier, skipped")
             return
@@ -427,11 +419,11 @@ class _Study:
         if not evaluation.rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
         rows = [replace(r, weights=self.sources.get(m.name, "")) for r in evaluation.rows]
-        write_results(self.run_dir / RESULTS, rows)
+        write_results(self.rd.results, rows)
         if setting == "standard" and paired and evaluation.weights:
             from .sides import save_fits
 
-            save_fits(self._fits_path(m, d), evaluation.weights, evaluation.classes)
+            save_fits(self.rd.fit_file(m.name, d.spec), evaluation.weights, evaluation.classes)
         if paired:  # the block sweep is a map, not a contest: no tests there
             from .sides import paired_verdicts
 
@@ -440,19 +432,13 @@ class _Study:
             whole = [r for r in rows if split_head(r.token)[1] is None]
             tests = paired_verdicts(whole, evaluation, labels)
             if tests:
-                self._merge_side(PAIRED, "tests", tests, ("model", "dataset", "setting", "shots"))
+                self._merge_side(self.rd.paired, "tests", tests, ("model", "dataset", "setting", "shots"))
 
-    def _merge_side(self, name: str, key: str, entries: list[dict], ident: tuple[str, ...]) -> None:
-        path = self.run_dir / name
+    def _merge_side(self, path: Path, key: str, entries: list[dict], ident: tuple[str, ...]) -> None:
         old = (read_json(path, {}) or {}).get(key, [])
         new_ids = {tuple(e.get(k) for k in ident) for e in entries}
         kept = [e for e in old if tuple(e.get(k) for k in ident) not in new_ids]
         write_json(path, {key: kept + list(entries)})
-
-    def _fits_path(self, m: ModelConfig, d: DatasetConfig) -> Path:
-        from ..report.figures import slug
-
-        return self.run_dir / FITS / (slug(m.name, d.spec) + ".npz")
 
     def directions(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
         import numpy as np
@@ -467,11 +453,11 @@ class _Study:
 
         train = stores["train"]
         position = (d.positions or ["patch"])[0]
-        rows = read_results(self.run_dir / RESULTS)
+        rows = read_results(self.rd.results)
         tokens = list(self.cfg.tokens)
         Cs = [lookup_C(rows, m.name, d.spec, t, position, block) for t in tokens]
         # The standard protocol's own fits when saved (no second fit); otherwise refit on a subsample.
-        fitted = fitted_direction_cosines(self._fits_path(m, d), tokens, position, block)
+        fitted = fitted_direction_cosines(self.rd.fit_file(m.name, d.spec), tokens, position, block)
         if fitted is not None:
             classes, cos = fitted
         else:
@@ -492,10 +478,9 @@ class _Study:
             }
             for g, (t, C) in enumerate(zip(tokens, Cs, strict=True))
         ]
-        self._merge_side(DIRECTIONS, "entries", entries, ("model", "dataset", "token", "position"))
+        self._merge_side(self.rd.directions, "entries", entries, ("model", "dataset", "token", "position"))
 
     def maps(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
-        from ..report.figures import slug
         from .sides import class_direction_map, map_images
 
         train, test = stores["train"], stores["test"]
@@ -506,7 +491,7 @@ class _Study:
                 train, test, token, block, n, self.cfg.report.max_fit_samples, self.cfg.seed
             )
             save_direction_map(
-                self.run_dir / MAPS / (slug(m.name, d.spec, token) + ".npz"),
+                self.rd.map_file(m.name, d.spec, token),
                 images=images,
                 masks=masks,
                 cosine=cos,
@@ -519,9 +504,8 @@ def run_study(
     cfg: StudyConfig, *, fresh: bool = False, progress: bool = True, console: Console | None = None
 ) -> StudyResult:
     """Run (or resume) a study; write results.csv, run.json, side files and the report into ``cfg.run_dir()``."""
-    from ..report import main_rows, render_report, summary_table
+    from ..report import load_run, main_rows, render_report, summary_table
     from ..report.answer import weights_by_model
-    from ..report.files import load_run
 
     console = console or Console(stderr=True)
     study = _Study(cfg, fresh=fresh, progress=progress, console=console)
@@ -537,7 +521,7 @@ def run_study(
     )
     return StudyResult(
         study.run_dir,
-        read_results(study.run_dir / RESULTS),
+        read_results(study.rd.results),
         summary,
         report,
         dict(study.info["timings"]),

@@ -10,7 +10,6 @@ the outputs.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from ..data.base import Dataset
 from ..features import FeatureStore
+from ..io import atomic_path
 from ..vocab import IGNORE_INDEX
 
 
@@ -87,11 +87,9 @@ def direction_cosines(
 def save_fits(path: Path, weights: dict[Any, np.ndarray], classes: np.ndarray) -> None:
     """Save the standard protocol's class vectors (``Evaluation.weights``, keyed by ``UnitKey``) and their class
     labels to one ``.npz`` (array names ``token|position|rule|block``), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{k.token}|{k.position}|{k.rule}|{k.block}": w for k, w in weights.items()}
-    tmp = path.with_name("." + path.name + ".tmp.npz")
-    np.savez(tmp, __classes__=np.asarray(classes), **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, __classes__=np.asarray(classes), **arrays)
 
 
 def fitted_direction_cosines(

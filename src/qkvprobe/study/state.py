@@ -7,13 +7,11 @@ most the unit it was in; results rows are merged by key, so redoing a unit never
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..report.files import DIRECTIONS, FIGURES, MAPS, PAIRED, REPORT, RESULTS, RUN_JSON, read_json, write_json
-
-PROGRESS = "progress.json"
+from ..io import read_json, write_json
+from ..rundir import RunDir
 
 
 def unit_id(kind: str, **parts: object) -> str:
@@ -25,10 +23,11 @@ class Progress:
     """The set of finished unit ids of one run directory, bound to the config's fingerprint."""
 
     def __init__(self, run_dir: Path, fingerprint: str, *, fresh: bool = False) -> None:
-        self.path = run_dir / PROGRESS
+        rd = RunDir(run_dir)
+        self.path = rd.progress
         self.fingerprint = fingerprint
         if fresh:
-            clear_run_dir(run_dir)
+            rd.clear()
         data = read_json(self.path, None)
         if data is not None and data.get("fingerprint") != fingerprint:
             raise ConfigError(
@@ -47,11 +46,3 @@ class Progress:
         if uid not in self.done:
             self.done.append(uid)
         write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove what a study writes into ``run_dir`` (and nothing else)."""
-    for name in (RESULTS, RUN_JSON, DIRECTIONS, PAIRED, REPORT, PROGRESS):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in (MAPS, FIGURES):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
