@@ -44,7 +44,7 @@ def test_default_config_is_the_embedded_one() -> None:
     cfg = load_config()
     assert [d.task for d in cfg.datasets] == ["classification", "segmentation"]
     assert cfg.datasets[0].positions == ["cls", "avg"] and cfg.datasets[1].positions == ["patch"]
-    assert cfg.tokens == ["q", "k", "v", "ffn", "ffn_norm"] and cfg.rules == ["hyperplane", "cosine"]
+    assert cfg.tokens == ["q", "k", "v", "ffn", "ffn_norm"] and cfg.rules == ["hyperplane", "cosine", "knn"]
     assert cfg.fewshot.shots == [1, 5] and len(cfg.models) == 2
 
 

@@ -147,7 +147,7 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
     assert len({r.key() for r in rows}) == len(rows)
     # block sweep: the first model, cls, blocks 0 and 1 for every token and rule
     sweep = {(r.token, r.rule) for r in rows if r.model == "builtin:tiny-dino" and r.block == 0}
-    assert sweep == {(t, ru) for t in TOKENS for ru in ("hyperplane", "cosine")}
+    assert sweep == {(t, ru) for t in TOKENS for ru in cfg.rules}
     assert not any(r.model == "builtin:tiny-mae" and r.block == 0 for r in rows)
 
     info = json.loads((run_dir / "run.json").read_text())
@@ -201,7 +201,9 @@ def test_study_end_to_end(tmp_path: Path, patched_builtins: Path) -> None:
         if t["model"] == "builtin:tiny-dino" and t["setting"] == "fewshot" and t["shots"] == 1
     ]
     classification = [t for t in unit if t["task"] == "classification"]
-    assert len(classification) == len(TOKENS) * 2 * 2 - 1  # tokens × positions × rules, less the best
+    assert (
+        len(classification) == len(TOKENS) * 2 * len(cfg.rules) - 1
+    )  # tokens × positions × rules, less the best
     assert {t["test"] for t in classification} == {"wilcoxon"}
     assert {t["test"] for t in tests if t["setting"] == "standard"} == {"mcnemar"}
 
