@@ -21,9 +21,8 @@ import torch
 from ..errors import RuleError
 from ..rules.batched import bmm
 from ..rules.knn import knn_predict, knn_topk, knn_votes, normalise
-from .classification import gather_rows
+from .classification import episode_result, gather_rows
 from .evaluation import FewshotResult, RuleOptions, StandardResult
-from .metrics import mean_ci95
 
 if TYPE_CHECKING:
     from .segmentation import PatchSource
@@ -71,9 +70,7 @@ def knn_fewshot(
         labels = ys[lo:hi, None, :].expand(-1, Q.shape[1], -1).gather(2, idx)
         pred = knn_predict(knn_votes(sims, labels, ways, opts.T))
         acc[lo:hi] = (pred == yq[lo:hi]).double().mean(1)
-    values = acc.cpu().numpy()
-    mean, ci = mean_ci95(values)
-    return FewshotResult(values, mean, ci)
+    return episode_result(acc)
 
 
 def memory_rows(num_rows: int, width: int, seed: int) -> np.ndarray | None:

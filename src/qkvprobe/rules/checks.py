@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, validate_data
@@ -193,3 +194,23 @@ def check_fitted(rule: Any, attribute: str) -> None:
         raise RuleNotFittedError(
             f"this {type(rule).__name__} is not fitted yet (no {attribute}); call fit(X, y) before using it"
         )
+
+
+class RuleEstimator(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # scikit-learn ships no type stubs
+    """What the three rules' estimators share: ``score`` with a label check, and dense input only (the estimator
+    tags). ``_fitted_attribute`` names the attribute ``fit`` sets."""
+
+    _fitted_attribute = ""
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Mean accuracy on ``(X [m, D], y [m])`` (weighted by ``sample_weight``); labels must be among
+        ``classes_``."""
+        check_fitted(self, self._fitted_attribute)
+        check_labels_known(y, self.classes_)
+        correct = (self.predict(X) == np.asarray(y)).astype(np.float64)
+        return float(np.average(correct, weights=sample_weight))
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        return tags

@@ -8,12 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 
 from .checks import (
+    RuleEstimator,
     check_fitted,
-    check_labels_known,
     validate_features,
     validate_labels,
     validate_sample_weight,
@@ -44,12 +43,14 @@ def _float64(X: np.ndarray | Tensor) -> Tensor:
     return torch.as_tensor(np.asarray(X.detach().cpu() if isinstance(X, Tensor) else X, dtype=np.float64))
 
 
-class CosineRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # scikit-learn ships no type stubs
+class CosineRule(RuleEstimator):
     """Cosine-to-class-direction classifier (scikit-learn's estimator contract; ``check_estimator`` passes except
     for sparse input, which the tags opt out of: the rules act on dense feature arrays).
 
     Fitted: ``classes_ [K]``, ``directions_ [K, D]`` (unnormalised class means of unit vectors; with
     ``sample_weight`` the weighted means, so weight k ≡ k copies of the row), ``n_features_in_``."""
+
+    _fitted_attribute = "directions_"
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> CosineRule:
         """``X [n, D]``, ``y [n]``, ``sample_weight [n]`` (optional) → self."""
@@ -82,15 +83,3 @@ class CosineRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # sciki
         best = self.cosines(X).argmax(1)  # first: raises NotFittedError before classes_ is read
         labels: np.ndarray = self.classes_[best]
         return labels
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Mean accuracy (weighted by ``sample_weight``); labels must be among ``classes_``."""
-        check_fitted(self, "directions_")
-        check_labels_known(y, self.classes_)
-        correct = (self.predict(X) == np.asarray(y)).astype(np.float64)
-        return float(np.average(correct, weights=sample_weight))
-
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        return tags

@@ -8,16 +8,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
 from ..errors import RuleError
 from .batched import bmm
 from .checks import (
+    RuleEstimator,
     check_C,
     check_fitted,
-    check_labels_known,
     validate_features,
     validate_labels,
     validate_sample_weight,
@@ -38,7 +37,7 @@ def class_normals(coef: Tensor) -> Tensor:
     return torch.cat([-coef, coef], dim=-2) if coef.shape[-2] == 1 else coef
 
 
-class HyperplaneRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # scikit-learn ships no type stubs
+class HyperplaneRule(RuleEstimator):
     """Multinomial (K > 2) / binary (K = 2) logistic regression with an L2 penalty on raw features.
 
     The objective is ``LogisticRegression(C=C)``'s, ``C·Σ sw_i·logloss_i + ½‖W‖²`` (intercept unpenalised), and
@@ -60,6 +59,8 @@ class HyperplaneRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # s
     on purpose: sparse input (``input_tags.sparse = False``; refused with a message saying so — the rules act on
     dense feature arrays).
     """
+
+    _fitted_attribute = "coef_"
 
     def __init__(
         self,
@@ -168,16 +169,3 @@ class HyperplaneRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # s
         """``X [m, D]`` → class probabilities ``[m, K]``."""
         proba: np.ndarray = np.exp(self.predict_log_proba(X))
         return proba
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Mean accuracy on ``(X [m, D], y [m])`` (weighted by ``sample_weight``); labels must be among
-        ``classes_``."""
-        check_fitted(self, "coef_")
-        check_labels_known(y, self.classes_)
-        correct = (self.predict(X) == np.asarray(y)).astype(np.float64)
-        return float(np.average(correct, weights=sample_weight))
-
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        return tags

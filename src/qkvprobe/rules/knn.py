@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 
 from ..errors import RuleError
-from .checks import check_fitted, check_labels_known, validate_features, validate_labels
+from .checks import RuleEstimator, check_fitted, validate_features, validate_labels
 
 #: DINO's defaults.
 KNN_K = 20
@@ -115,13 +114,15 @@ def knn_votes(sims: Tensor, labels: Tensor, num_classes: int, T: float, k: int |
     return votes.scatter_add_(-1, labels, w)
 
 
-class KNNRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # scikit-learn ships no type stubs
+class KNNRule(RuleEstimator):
     """Weighted k-NN on cosine similarity (DINO's evaluation; module doc), with scikit-learn's classifier contract.
 
     Parameters: ``k`` (neighbours; fewer training samples → all of them), ``T`` (vote temperature), ``device``.
     Fitted: ``classes_ [K]``, ``memory_ [n, D]`` (the unit-length training features, float32),
     ``memory_labels_ [n]`` (codes into ``classes_``), ``n_features_in_``. ``predict_proba`` gives the normalised
     votes. Sparse input is refused (tags), as for the other rules."""
+
+    _fitted_attribute = "memory_"
 
     def __init__(self, *, k: int = KNN_K, T: float = KNN_T, device: str = "cpu") -> None:
         self.k = k
@@ -171,15 +172,3 @@ class KNNRule(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # scikit-l
         best = knn_predict(torch.as_tensor(self._votes(X)[0])).numpy()
         labels: np.ndarray = self.classes_[best]
         return labels
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Mean accuracy (weighted by ``sample_weight``); labels must be among ``classes_``."""
-        check_fitted(self, "memory_")
-        check_labels_known(y, self.classes_)
-        correct = (self.predict(X) == np.asarray(y)).astype(np.float64)
-        return float(np.average(correct, weights=sample_weight))
-
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        return tags
