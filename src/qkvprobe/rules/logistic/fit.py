@@ -136,7 +136,7 @@ def solve_span(
         compact_min=16,
         certify=not lower,
     )
-    if finish_dtype is not None and X.dtype != finish_dtype:
+    if lower:
         # The certificate is only as exact as the gradient it is computed from: float32 residuals of confidently
         # classified rows can hide a gradient of the size the test compares with, so every float32 solution is
         # re-certified with one evaluation in finish_dtype, and the ones that fail are finished there.
@@ -144,17 +144,17 @@ def solve_span(
             augment(X.to(finish_dtype)), y, sw.to(finish_dtype), C.to(finish_dtype), num_classes
         )
         f64, g64 = exact.value_grad(res.w.to(finish_dtype))
-        res.gap = gap_bound(g64, exact.strong_convexity).to(res.gap.dtype)
-        res.f = f64.to(res.f.dtype)
-        res.converged = gap_bound(g64, exact.strong_convexity) <= tol * f64.abs()
-    if finish_dtype is not None and X.dtype != finish_dtype and not bool(res.converged.all()):
+        bound = gap_bound(g64, exact.strong_convexity)
+        res.gap, res.f = bound.to(res.gap.dtype), f64.to(res.f.dtype)
+        res.converged = bound <= tol * f64.abs()
         redo = (~res.converged).nonzero().squeeze(1)
-        again = solve(exact.select(redo), res.w[redo].to(finish_dtype), max_iter=max_iter, tol=tol)
-        res.w[redo] = again.w.to(res.w.dtype)
-        res.f[redo] = again.f.to(res.f.dtype)
-        res.n_iter[redo] += again.n_iter
-        res.converged[redo] = again.converged
-        res.gap[redo] = again.gap.to(res.gap.dtype)
+        if len(redo):
+            again = solve(exact.select(redo), res.w[redo].to(finish_dtype), max_iter=max_iter, tol=tol)
+            res.w[redo] = again.w.to(res.w.dtype)
+            res.f[redo] = again.f.to(res.f.dtype)
+            res.n_iter[redo] += again.n_iter
+            res.converged[redo] = again.converged
+            res.gap[redo] = again.gap.to(res.gap.dtype)
     return res.w.view(G, kf, -1).transpose(1, 2), res
 
 

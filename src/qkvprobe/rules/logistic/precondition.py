@@ -134,15 +134,18 @@ def apply_preconditioner(P: Tensor, v: Tensor, kf: int, reg: Tensor) -> Tensor:
     if P.dim() == 3 or P.shape[1] == 1:
         out = P.view(P.shape[0], *P.shape[-2:]) @ V.to(P.dtype)
         return out.reshape(v.shape).to(v.dtype)
-    common = V.mean(2, keepdim=True)
-    out = (P @ (V - common).to(P.dtype).transpose(1, 2)[..., None])[..., 0].transpose(1, 2)
-    out = out - out.mean(2, keepdim=True)
-    return (out.to(v.dtype) + common_step(common, reg, row_axis=1)).reshape(v.shape)
+    return per_class_step(P, V.transpose(1, 2), reg).transpose(1, 2).reshape(v.shape)
 
 
-def common_step(common: Tensor, reg: Tensor, row_axis: int) -> Tensor:
-    """The exact Newton step along the classes' common direction (module doc): the common component ``common``
-    (rows of the parameters on ``row_axis``, the intercept last) over the penalty's curvature ``reg [G]``; zero for
-    the intercept, which the objective does not see along it."""
-    step = common / reg.to(common.dtype).view(-1, *([1] * (common.dim() - 1)))
-    return step.index_fill(row_axis, torch.tensor([common.shape[row_axis] - 1], device=common.device), 0.0)
+def per_class_step(P: Tensor, V: Tensor, reg: Tensor) -> Tensor:
+    """Per-class blocks ``P [G, Kf, D1, D1]`` applied to class-major parameters ``V [G, Kf, D1]`` (the intercept
+    last): ``ΠPΠ`` on the classes' sum-zero part and the exact Newton step ``1/reg`` on their common part, zero for
+    the intercept, which the objective does not see along it (module doc). ``reg [G]``: the penalty's strength."""
+    if V.shape[1] == 1:  # one class block (binary): no common direction to treat apart
+        return (P @ V.to(P.dtype)[..., None])[..., 0].to(V.dtype)
+    common = V.mean(1, keepdim=True)
+    out = (P @ (V - common).to(P.dtype)[..., None])[..., 0]
+    out = out - out.mean(1, keepdim=True)
+    step = common / reg.to(V.dtype).view(-1, 1, 1)
+    step[..., -1] = 0.0
+    return out.to(V.dtype) + step

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..batched import bmm
 from .loss import class_shares, default_dtype, dual_sums, duality_gap, num_logits
-from .precondition import class_curvature, common_step, curvature_preconditioner
+from .precondition import class_curvature, curvature_preconditioner, per_class_step
 
 
 class SpanLogistic:
@@ -87,15 +87,8 @@ class SpanLogistic:
     def precondition(self, v: Tensor) -> Tensor:
         if self.P.dim() == 2:  # diagonal
             return self.P * v
-        G = v.shape[0]  # per-class blocks [G, Kf, D1, D1] after a refresh
-        V = v.view(G, self.kf, -1)
-        if self.kf == 1:
-            return (self.P @ V.to(self.P.dtype)[..., None])[..., 0].reshape(G, -1).to(v.dtype)
-        # ΠPΠ on the classes' sum-zero part, the exact step on their common part (precondition's module doc)
-        common = V.mean(1, keepdim=True)
-        out = (self.P @ (V - common).to(self.P.dtype)[..., None])[..., 0]
-        out = out - out.mean(1, keepdim=True)
-        return (out.to(v.dtype) + common_step(common, self.reg, row_axis=2)).reshape(G, -1)
+        # per-class blocks [G, Kf, D1, D1] after a refresh (class-major layout)
+        return per_class_step(self.P, v.view(v.shape[0], self.kf, -1), self.reg).reshape(v.shape)
 
     def refresh(self, w: Tensor, budget: float = 0.0) -> bool:
         """Re-precondition with the per-class curvature blocks of the Hessian at ``w`` (class-major layout):
