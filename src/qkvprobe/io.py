@@ -127,23 +127,14 @@ def atomic_open(
     Raises ValueError for any other mode."""
     if mode not in _MODES:
         raise ValueError(f"atomic_open writes a new file: mode must be one of {sorted(_MODES)}, not {mode!r}")
-    path = Path(path)
     binary = mode == "wb"
-    fd, tmp = _create_temp(path)
-    try:
-        with os.fdopen(
-            fd, _MODES[mode], encoding=None if binary else encoding, newline=None if binary else newline
-        ) as fh:
-            yield fh
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        fsync_dir(path.parent)
+    with (
+        atomic_path(path, fsync=fsync) as tmp,
+        open(
+            tmp, _MODES[mode], encoding=None if binary else encoding, newline=None if binary else newline
+        ) as fh,
+    ):
+        yield fh
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> None:
