@@ -1,4 +1,5 @@
-"""``qkvprobe run [CONFIG] [--set key=value ...]`` (the study) and ``qkvprobe report RUN_DIR``."""
+"""``qkvprobe run [CONFIG] [--set key=value ...]`` (the study), ``qkvprobe report RUN_DIR`` and ``qkvprobe findings
+RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+#: The RUN_DIR argument of ``report`` and ``findings``.
+RunDirArgument = Annotated[
+    Path,
+    typer.Argument(
+        metavar="RUN_DIR", help="A run directory (holding results.csv) written by `qkvprobe run`."
+    ),
+]
 
 
 def run_command(
@@ -64,12 +73,7 @@ def run_command(
 
 
 def report_command(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(
-            metavar="RUN_DIR", help="A run directory (holding results.csv) written by `qkvprobe run`."
-        ),
-    ],
+    run_dir: RunDirArgument,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Where to write the HTML (default RUN_DIR/report.html)."),
@@ -93,12 +97,7 @@ def report_command(
 
 
 def findings_command(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(
-            metavar="RUN_DIR", help="A run directory (holding results.csv) written by `qkvprobe run`."
-        ),
-    ],
+    run_dir: RunDirArgument,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Where to write the Markdown (default: print it)."),

@@ -106,7 +106,9 @@ def _paired_rows(tests: list[dict]) -> list[dict]:
     return rows
 
 
-def _meta(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
+def run_details(info: dict, df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(label, text) rows describing a run (models, weights, options, data, subsampling, timings, versions) from
+    its ``run.json`` and its rows ``df``: the report's "About this run" table and the findings' header."""
     cfg = info.get("config", {})
     rows: list[tuple[str, str]] = []
     for m in info.get("models") or []:
@@ -206,7 +208,7 @@ def render_run(run: RunFiles, out: Path) -> Path:
     context = {
         "title": run.run_info.get("name") or run.run_dir.name,
         "created": run.run_info.get("finished", ""),
-        "meta": _meta(run.run_info, run.results),
+        "meta": run_details(run.run_info, run.results),
         "answer_models": _answer_models(answer_lines(found)),
         "answer_legend": ANSWER_LEGEND,
         "heat_span": f"{100 * HEAT_SPAN:.0f}",
