@@ -1,0 +1,240 @@
+"""Pins of the study config (``qkvprobe run``): every key the study hands to the protocols, set to a non-default
+value, must reach the rows of ``results.csv`` — as a column, or as a value only that setting could give. A study
+that silently dropped a key (and used its default) fails one of these tests.
+
+Three small studies are shared by all tests, all through the public door: ``all`` (every key non-default, run
+with :func:`qkvprobe.study.run_study`), and the same config through the CLI (``qkvprobe run CONFIG --set …``)
+with another seed: ``auto`` (the few-shot setting alone, ``fewshot.C: auto``) and ``standard`` (the standard
+setting alone). Their rows are read with :func:`qkvprobe.results.read_results`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import write_tiny_builtin
+from qkvprobe.results import ResultRow, read_results
+
+MODEL = "builtin:tiny"
+FMNIST = "fashion-mnist?source=bundled"
+SCENES = "fashion-mnist-scenes?source=bundled"
+#: The non-default value of every key the pins check (the defaults: config.py).
+WAYS, SHOTS, QUERIES, EPISODES, SEG_EPISODES = 3, [2], 2, 5, 3
+FEWSHOT_C = 0.01
+K, T = 3, 0.5
+C_GRID = [0.037]
+SEED, OTHER_SEED = 7, 3
+TOKENS = ["k", "ffn"]
+BLOCK = 0  # the tiny model has blocks 0 and 1; the default -1 is block 1
+RULES = ["hyperplane", "knn"]  # the default is hyperplane and cosine
+#: The few-shot C="auto" grid (README, "Few-shot C": 1e-5 … 1e3).
+AUTO_GRID = {10.0**p for p in range(-5, 4)}
+RUNS = ("all", "auto", "standard")
+FEWSHOT_RUNS = ("all", "auto")
+
+
+def config(tmp: Path) -> dict:
+    return {
+        "name": "pins",
+        "out_dir": str(tmp / "runs"),
+        "cache_dir": str(tmp / "cache"),
+        "batch_size": 256,
+        "seed": SEED,
+        "models": [MODEL],
+        "datasets": [
+            # 20 training and 16 test images per class: the default 15 queries would fit too.
+            {"spec": FMNIST, "train_size": 200, "test_size": 160, "positions": ["avg"]},
+            {"spec": SCENES, "train_size": 40, "test_size": 20},
+        ],
+        "settings": ["standard", "fewshot"],
+        "tokens": TOKENS,
+        "rules": RULES,
+        "blocks": [BLOCK],
+        "c_grid": C_GRID,
+        "class_weight": "balanced",
+        "heads": True,
+        "fewshot": {
+            "ways": WAYS,
+            "shots": SHOTS,
+            "queries": QUERIES,
+            "episodes": EPISODES,
+            "segmentation_episodes": SEG_EPISODES,
+            "C": FEWSHOT_C,
+        },
+        "knn": {"k": K, "T": T},
+        "report": {"enabled": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory, tiny_vit: torch.nn.Module) -> Iterator[dict]:
+    import qkvprobe.backbones as backbones
+    from qkvprobe.cli import get_app
+    from qkvprobe.config import validate_config
+    from qkvprobe.study import run_study
+
+    tmp = tmp_path_factory.mktemp("pins-study")
+    models = write_tiny_builtin(tiny_vit, tmp / "builtin")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backbones, "builtin_dir", lambda: models)
+        data = config(tmp)
+        result = run_study(validate_config(data), progress=False)
+        path = tmp / "study.yaml"
+        path.write_text(yaml.safe_dump(data))
+        runs = {
+            "auto": [f"seed={OTHER_SEED}", "fewshot.C=auto", "settings=[fewshot]"],
+            "standard": [f"seed={OTHER_SEED}", "settings=[standard]"],
+        }
+        for name, overrides in runs.items():
+            cli = CliRunner().invoke(
+                get_app(),
+                ["run", str(path), "--out", str(tmp / name), "--quiet"]
+                + [a for o in overrides for a in ("--set", o)],
+            )
+            assert cli.exit_code == 0, cli.output
+    yield {"all": read_results(result.run_dir / "results.csv")} | {
+        name: read_results(tmp / name / "results.csv") for name in runs
+    }
+
+
+def pick(rows: list[ResultRow], **where: object) -> list[ResultRow]:
+    """The rows whose columns equal ``where``; at least one (a pin on no rows would pass vacuously)."""
+    out = [r for r in rows if all(getattr(r, k) == v for k, v in where.items())]
+    assert out, f"no rows with {where}"
+    return out
+
+
+def test_class_weight_balanced_reaches_every_hyperplane_row(studies: dict) -> None:
+    rows = pick(studies["all"], rule="hyperplane")
+    assert {(r.setting, r.task) for r in rows} == {
+        (s, t) for s in ("standard", "fewshot") for t in ("classification", "segmentation")
+    }
+    assert {r.class_weight for r in rows} == {"balanced"}
+
+
+def test_fixed_fewshot_C_is_the_rows_C_and_C_choice(studies: dict) -> None:
+    rows = pick(studies["all"], rule="hyperplane", setting="fewshot")
+    assert {r.task for r in rows} == {"classification", "segmentation"}
+    assert {r.C for r in rows} == {FEWSHOT_C}
+    assert {r.C_choice for r in rows} == {"0.01"}
+
+
+def test_auto_fewshot_C_is_chosen_from_the_auto_grid(studies: dict) -> None:
+    rows = pick(studies["auto"], rule="hyperplane", setting="fewshot")
+    assert {r.task for r in rows} == {"classification", "segmentation"}
+    assert {r.C_choice for r in rows} == {"auto"}
+    assert {r.C for r in rows} <= AUTO_GRID
+
+
+def test_c_grid_is_the_standard_hyperplane_C(studies: dict) -> None:
+    rows = pick(studies["all"], rule="hyperplane", setting="standard")
+    assert {r.task for r in rows} == {"classification", "segmentation"}
+    assert {r.C for r in rows} == set(C_GRID)  # 0.037 is on no default grid
+
+
+def test_ways_reach_the_fewshot_classification_rows(studies: dict) -> None:
+    for run in FEWSHOT_RUNS:
+        rows = pick(studies[run], setting="fewshot", task="classification")
+        assert {r.ways for r in rows} == {WAYS}
+
+
+def test_shots_reach_the_fewshot_rows(studies: dict) -> None:
+    for run in FEWSHOT_RUNS:
+        for task in ("classification", "segmentation"):
+            assert {r.shots for r in pick(studies[run], setting="fewshot", task=task)} == set(SHOTS)
+
+
+def test_episodes_and_segmentation_episodes_reach_the_rows(studies: dict) -> None:
+    for run in FEWSHOT_RUNS:
+        assert {r.episodes for r in pick(studies[run], setting="fewshot", task="classification")} == {
+            EPISODES
+        }
+        seg = pick(studies[run], setting="fewshot", task="segmentation")
+        assert {r.episodes for r in seg} == {SEG_EPISODES}
+
+
+def test_queries_set_the_grain_of_the_fewshot_accuracies(studies: dict) -> None:
+    """An episode's accuracy is a count over its ways·queries queries, so a mean over the episodes is a multiple
+    of 1/(episodes·ways·queries): 1/30 here. With the default 15 queries the grain is 1/225, and a mean on the
+    1/30 grain would have a 1-in-15 chance per row."""
+    rows = pick(studies["all"], setting="fewshot", task="classification")
+    assert len(rows) >= 8
+    grain = EPISODES * WAYS * QUERIES
+    off = [(r.token, r.rule, r.value) for r in rows if abs(r.value * grain - round(r.value * grain)) > 1e-6]
+    assert not off, off
+    # Not a grain every value meets: the accuracies are not all 0 or 1.
+    assert any(0 < r.value < 1 for r in rows)
+
+
+def test_knn_k_and_T_reach_the_knn_rows(studies: dict) -> None:
+    for run in RUNS:
+        rows = pick(studies[run], rule="knn")
+        assert {r.params for r in rows} == {f"k={K},T={T}"}
+        others = [r for r in studies[run] if r.rule != "knn"]
+        assert others and {r.params for r in others} == {""}
+
+
+def test_seed_reaches_the_rows_and_the_episodes(studies: dict) -> None:
+    assert {r.seed for r in studies["all"]} == {SEED}
+    assert {r.seed for r in studies["auto"]} == {r.seed for r in studies["standard"]} == {OTHER_SEED}
+
+
+def values(rows: list[ResultRow]) -> dict[tuple, float]:
+    return {(r.dataset, r.token, r.position, r.rule, r.shots, r.metric): r.value for r in rows}
+
+
+def test_seed_draws_other_fewshot_episodes(studies: dict) -> None:
+    """``all`` and ``auto`` differ in the seed, C and settings only: their k-NN few-shot rows (no C) measure the
+    same tokens on other episodes (and subsets), so their values differ."""
+    a = values(pick(studies["all"], rule="knn", setting="fewshot"))
+    b = values(pick(studies["auto"], rule="knn", setting="fewshot"))
+    assert a.keys() == b.keys()
+    assert any(a[key] != b[key] for key in a)
+
+
+def test_seed_draws_other_classification_subsets(studies: dict) -> None:
+    """``all`` and ``standard`` differ in the seed and settings only. On Fashion-MNIST the standard rows depend on
+    the seed through the seeded train/test subsets alone (k-NN has no seed, and with a one-value C grid the
+    hyperplane's held-out split chooses nothing), so their values differ only if the subsets do."""
+    a = values(pick(studies["all"], setting="standard", dataset=FMNIST))
+    b = values(pick(studies["standard"], setting="standard", dataset=FMNIST))
+    assert a.keys() == b.keys()
+    assert any(a[key] != b[key] for key in a)
+
+
+def test_positions_per_dataset(studies: dict) -> None:
+    for run in RUNS:
+        assert {r.position for r in pick(studies[run], dataset=FMNIST)} == {"avg"}  # the default: cls and avg
+        assert {r.position for r in pick(studies[run], dataset=SCENES)} == {"patch"}
+
+
+def test_tokens_and_heads_reach_the_rows(studies: dict) -> None:
+    heads = {"k.h0", "k.h1"}  # the tiny model's 2 heads of k; ffn has none
+    for run in RUNS:
+        for dataset in (FMNIST, SCENES):
+            rows = pick(studies[run], dataset=dataset)
+            for setting in {r.setting for r in rows}:
+                tokens = {r.token for r in rows if r.setting == setting}
+                assert tokens == set(TOKENS) | heads, (run, dataset, setting)
+
+
+def test_blocks_reach_the_rows(studies: dict) -> None:
+    for run in RUNS:
+        assert {r.block for r in studies[run]} == {BLOCK}
+
+
+def test_rules_reach_the_rows(studies: dict) -> None:
+    for run in RUNS:
+        for dataset in (FMNIST, SCENES):
+            assert {r.rule for r in pick(studies[run], dataset=dataset)} == set(RULES)
+
+
+def test_settings_reach_the_rows(studies: dict) -> None:
+    assert {r.setting for r in studies["all"]} == {"standard", "fewshot"}
+    assert {r.setting for r in studies["auto"]} == {"fewshot"}  # --set settings=[fewshot]
+    assert {r.setting for r in studies["standard"]} == {"standard"}  # --set settings=[standard]
