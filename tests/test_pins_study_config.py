@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -90,6 +91,7 @@ def cli_run(path: Path, name: str, overrides: list[str]) -> list[ResultRow]:
     from qkvprobe.cli import get_app
 
     out = path.parent / name
+    overrides = [*overrides, f"cache_dir={path.parent / ('cache-' + name)}"]  # the all run's cache: its own
     args = ["run", str(path), "--out", str(out), "--quiet"] + [a for o in overrides for a in ("--set", o)]
     result = CliRunner().invoke(get_app(), args)
     assert result.exit_code == 0, result.output
@@ -197,6 +199,59 @@ def test_knn_k_and_T_reach_the_knn_rows(rows_of: RowsOf, run: str) -> None:
     rows = rows_of(run)
     assert {r.params for r in pick(rows, rule="knn")} == {f"k={K},T={T}"}
     assert {r.params for r in pick(rows, rule="hyperplane")} == {""}
+
+
+def knn_fewshot_reference(
+    train: np.ndarray, ytr: np.ndarray, test: np.ndarray, yte: np.ndarray, k: int, T: float
+) -> float:
+    """Mean accuracy of DINO's weighted k-NN (votes Σ exp(s/T) of the k most cosine-similar support samples) over
+    the episodes the few-shot keys describe, drawn with the public sampler: NumPy, float64."""
+    from qkvprobe.data.episodes import sample_classification_episodes
+
+    ep = sample_classification_episodes(
+        ytr, yte, ways=WAYS, shots=SHOTS[0], queries=QUERIES, episodes=EPISODES, seed=SEED
+    )
+    S, Q = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (train.astype(float), test.astype(float)))
+    acc = []
+    for e in range(EPISODES):
+        sims = Q[ep.query[e]] @ S[ep.support[e]].T  # [ways·queries, ways·shots]
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        votes = np.zeros((len(sims), WAYS))
+        for i, row in enumerate(top):
+            np.add.at(votes[i], ep.support_labels[e][row], np.exp((sims[i, row] - sims[i, row[0]]) / T))
+        acc.append(np.mean(votes.argmax(1) == ep.query_labels[e]))
+    return float(np.mean(acc))
+
+
+def test_knn_fewshot_accuracy_is_that_of_the_configured_k_T_and_episodes(
+    all_rows: list[ResultRow], study_file: Path
+) -> None:
+    """The k-NN few-shot rows of Fashion-MNIST recomputed from the run's cached features: k, T, ways, shots,
+    queries, episodes, the seed, the position and the block all change the value. The default k and T give
+    another value on these episodes (checked first, so the test cannot pass vacuously)."""
+    from qkvprobe.features import FeatureStore
+
+    stores = {}
+    for manifest in (study_file.parent / "cache").rglob("manifest.json"):
+        store = FeatureStore.open(manifest.parent)
+        if store.dataset_spec.startswith(FMNIST) and store.task == "classification":
+            stores[store.split] = store
+    assert sorted(stores) == ["test", "train"], sorted(stores)
+    train, test = stores["train"], stores["test"]
+    rows = pick(all_rows, rule="knn", setting="fewshot", dataset=FMNIST)
+    differs = False
+    for r in rows:
+        if "." in r.token:
+            continue  # whole token types only
+        args = (
+            train.get(r.token, r.position, r.block),
+            train.labels(),
+            test.get(r.token, r.position, r.block),
+            test.labels(),
+        )
+        assert r.value == pytest.approx(knn_fewshot_reference(*args, K, T), abs=1e-9), r.token
+        differs |= knn_fewshot_reference(*args, 20, 0.07) != pytest.approx(r.value, abs=1e-9)
+    assert differs, "the default k and T give the same values here: the test could not tell them apart"
 
 
 def test_seed_reaches_the_rows(rows_of: RowsOf) -> None:
