@@ -5,7 +5,12 @@ that silently dropped a key (and used its default) fails one of these tests.
 Three small studies are shared by all tests, all through the public door: ``all`` (every key non-default, run
 with :func:`qkvprobe.study.run_study`), and the same config through the CLI (``qkvprobe run CONFIG --set …``)
 with another seed: ``auto`` (the few-shot setting alone, ``fewshot.C: auto``) and ``standard`` (the standard
-setting alone). Their rows are read with :func:`qkvprobe.results.read_results`."""
+setting alone), each with its own feature cache. Their rows are read with :func:`qkvprobe.results.read_results`.
+One reference goes past the rows: the k-NN few-shot values are recomputed in NumPy from the ``all`` run's cached
+feature stores (``FeatureStore.open``) on episodes of the public sampler, so the few-shot keys and ``knn`` must
+reach the computation, not just the labels.
+
+Each test was checked against a planted break of ``qkvprobe/study`` (the key dropped, its default used)."""
 
 from __future__ import annotations
 
