@@ -34,6 +34,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	# Type check: --strict's checks on rules/, features/ and protocols/ ([tool.mypy] in pyproject.toml).
 	$(BIN)/mypy
+	# The import graph: no cycle, every import down the README's layers (tests/test_layers.py).
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_extract.py

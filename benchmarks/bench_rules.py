@@ -605,13 +605,14 @@ def bench_grid(
     Cs = list(C_GRID)
     if position == "patch":
         from qkvprobe.features.store import FeatureStore
-        from qkvprobe.protocols import segmentation as seg
+        from qkvprobe.protocols import hyperplane as seg
+        from qkvprobe.protocols.segmentation import PatchSource
 
         train = FeatureStore.open(Path(store) / "train")
         labels = train.patch_labels()
         rows = np.arange(0, len(labels), int(every))
         for token in tokens.split(","):
-            src = seg._PatchSource(train, token, -1, rows, labels, torch.float64, torch.device("cpu"))
+            src = PatchSource(train, token, -1, rows, labels, torch.float64, torch.device("cpu"))
             moment, K = src.moment(), len(train.classes)
             t0 = time.perf_counter()
             fit = (DEFAULT_MAX_ITER, DEFAULT_TOL)

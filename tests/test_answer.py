@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from qkvprobe.io import write_json
+from qkvprobe.protocols.paired import paired_verdicts
 from qkvprobe.report import load_run, main_rows, render_report
 from qkvprobe.report.answer import (
     ALPHA,
@@ -26,7 +27,6 @@ from qkvprobe.report.answer import (
 )
 from qkvprobe.report.tables import HEAT_SPAN, anchored_style, heat_style, heat_tables
 from qkvprobe.results import COLUMNS, ResultRow, read_results, write_results
-from qkvprobe.study.sides import paired_verdicts
 from test_report import make_run
 
 

@@ -83,12 +83,12 @@ def test_fingerprint_ignores_cosmetic_keys() -> None:
         load_config(None, ["device=cuda", "batch_size=8", "cache_dir=/x"]).fingerprint() == base.fingerprint()
     )
     assert load_config(None, ["seed=1"]).fingerprint() != base.fingerprint()
-    # class_weight, fewshot.C and heads came later: their defaults leave earlier runs' fingerprints alone; other values
+    # class_weight, fewshot.C, heads and solver came later: their defaults leave earlier runs' fingerprints alone; other values
     # change it.
     old = base.model_dump(
         exclude={"device", "batch_size", "cache_dir", "out_dir", "report", "name", "class_weight"}
     )
-    del old["fewshot"]["C"], old["heads"]
+    del old["fewshot"]["C"], old["heads"], old["solver"]
     assert base.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert load_config(None, ["class_weight=balanced"]).fingerprint() != base.fingerprint()
     with pytest.raises(ConfigError, match="class_weight"):
@@ -96,7 +96,9 @@ def test_fingerprint_ignores_cosmetic_keys() -> None:
     auto, small = load_config(None, ["fewshot.C=auto"]), load_config(None, ["fewshot.C=0.01"])
     assert (auto.fewshot.C, small.fewshot.C) == ("auto", 0.01)
     heads = load_config(None, ["heads=true"])
-    assert len({base.fingerprint(), auto.fingerprint(), small.fingerprint(), heads.fingerprint()}) == 4
+    tol, cap = load_config(None, ["solver.tol=1e-6"]), load_config(None, ["solver.max_iter=50"])
+    prints = {c.fingerprint() for c in (base, auto, small, heads, tol, cap)}
+    assert len(prints) == 6
     for bad in ("-1", "tuned"):
         with pytest.raises(ConfigError, match=r"fewshot\.C"):
             load_config(None, [f"fewshot.C={bad}"])

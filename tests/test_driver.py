@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from qkvprobe import tables
 from qkvprobe.errors import ConfigError, RuleError, StoreError
 from qkvprobe.protocols import (
     MATCH_FIELDS,
@@ -22,7 +23,6 @@ from qkvprobe.protocols import (
     register_rule,
     rule_names,
 )
-from qkvprobe.protocols import registry as registry_module
 from qkvprobe.protocols.metrics import mean_ci95
 from test_protocols import FakeStore, cls_data, seg_data
 
@@ -68,9 +68,7 @@ class NearestMean(RuleProtocol):
 
 @pytest.fixture
 def nearest_mean(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(
-        registry_module, "_RULES", dict(registry_module._RULES)
-    )  # leave the registry as it was
+    monkeypatch.setattr(tables, "_RULES", dict(tables._RULES))  # leave the registry as it was
     register_rule(NearestMean())
     yield "nearest_mean"
 
@@ -176,24 +174,28 @@ def test_an_allowed_mismatch_is_recorded_in_the_rows() -> None:
     [
         ({"rules": ("hyperplane", "nearest")}, RuleError, r"unknown rule 'nearest'"),
         ({"rules": ()}, RuleError, "no rule given"),
-        ({"setting": "zero-shot"}, RuleError, "unknown setting"),
-        ({"tokens": ("q", "ffn")}, ConfigError, "token 'ffn' is not in the store"),
-        ({"tokens": ()}, ConfigError, "no token given"),
-        ({"positions": ("avg",)}, ConfigError, "position 'avg' is not in the store"),
-        ({"positions": ("patch",)}, ConfigError, "classification uses image-level tokens"),
+        ({"setting": "zero-shot"}, ConfigError, "setting: 'zero-shot' is not allowed"),
+        ({"tokens": ("q", "ffn")}, ConfigError, "holds no ffn .*extract again with --tokens q,ffn"),
+        ({"tokens": ()}, ConfigError, "no tokens given"),
+        ({"positions": ("avg",)}, ConfigError, "position 'avg' is not in the stores"),
+        ({"positions": ("patch",)}, ConfigError, "classification evaluates positions cls, avg, got 'patch'"),
         ({"blocks": ()}, ConfigError, "no block given"),
-        ({"Cs": ()}, RuleError, "the C grid is empty"),
-        ({"Cs": (1.0, -2.0)}, RuleError, "C must be a positive"),
+        ({"Cs": ()}, ConfigError, "the C grid is empty"),
+        ({"Cs": (1.0, -2.0)}, ConfigError, "C values must be positive"),
+        ({"C": "sometimes", "setting": "fewshot"}, ConfigError, "fewshot.C"),
+        ({"class_weight": "heavy"}, ConfigError, "class_weight: 'heavy' is not allowed"),
+        ({"k": 0, "rules": ("knn",)}, ConfigError, "knn.k: Input should be greater than or equal to 1"),
+        ({"setting": "fewshot", "shots": (0,)}, ConfigError, "shot counts must be >= 1"),
         (
-            {"C": "sometimes", "setting": "fewshot"},
-            RuleError,
-            "few-shot C must be a positive number or 'auto'",
+            {"setting": "fewshot", "ways": 1},
+            ConfigError,
+            "fewshot.ways: Input should be greater than or equal to 2",
         ),
-        ({"class_weight": "heavy"}, RuleError, "class_weight must be None or 'balanced'"),
-        ({"k": 0, "rules": ("knn",)}, RuleError, "k-NN k must be a positive integer"),
-        ({"setting": "fewshot", "shots": (0,)}, ConfigError, "shots must be integers >= 1"),
-        ({"setting": "fewshot", "ways": 1}, ConfigError, "ways must be integers >= 2"),
-        ({"setting": "fewshot", "episodes": 0}, ConfigError, "episodes must be integers >= 1"),
+        (
+            {"setting": "fewshot", "episodes": 0},
+            ConfigError,
+            "fewshot.episodes: Input should be greater than",
+        ),
     ],
 )
 def test_every_argument_is_checked_before_any_fit(

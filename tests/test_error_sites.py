@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from pins_fixtures import GRID, INDEX_OFFSET, MemoryStore, blobs, seg_images, seg_store
-from qkvprobe.errors import DataError, FeatureError, ModelError, QkvprobeError, RuleError, StoreError
+from qkvprobe.errors import (
+    ConfigError,
+    DataError,
+    FeatureError,
+    ModelError,
+    QkvprobeError,
+    RuleError,
+    StoreError,
+)
 from qkvprobe.protocols import (
     evaluate_classification,
     evaluate_segmentation,
@@ -181,8 +189,8 @@ def test_segmentation_unknown_rule_and_setting(seg_split) -> None:
         ),
     )
     raises_one_line(
-        RuleError,
-        r"unknown setting 'zero-shot'; use 'standard' or 'fewshot'",
+        ConfigError,
+        r"setting: 'zero-shot' is not allowed; input should be 'standard' or 'fewshot'",
         lambda: evaluate_segmentation(
             seg_store(train), seg_store(test), setting="zero-shot", masks=test.mask
         ),

@@ -108,8 +108,15 @@ def test_evaluate_refuses_stores_without_the_tasks_positions(
 
 
 def test_classification_defaults_follow_the_store(tmp_path: Path, toy: ToyBackbone) -> None:
-    from qkvprobe.commands.evaluate import default_positions
+    from types import SimpleNamespace
+
     from qkvprobe.commands.extract import default_positions as extract_positions
+    from qkvprobe.protocols import plan_evaluation
+    from qkvprobe.spec import EvalSpec
+
+    def default_positions(held: list[str], task: str, where: str) -> list[str]:
+        store = SimpleNamespace(positions=held, tokens=["q"], task=task, resolve_block=lambda b: 0)
+        return list(plan_evaluation(store, store, EvalSpec()).positions)
 
     assert extract_positions("classification", True) == ["cls", "avg"]
     assert extract_positions("classification", False) == ["avg"]  # no class token: cls would be refused

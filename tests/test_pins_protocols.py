@@ -192,7 +192,9 @@ def test_fewshot_segmentation_miou_accumulates_per_class() -> None:
         [ref.inter[ep.classes == c].sum() / ref.union[ep.classes == c].sum() for c in (0, 1, 2)],
     )
 
-    def sampler(tr_counts: np.ndarray, te_counts: np.ndarray, *, shots: int, episodes: int, seed: int):
+    def sampler(
+        tr_counts: np.ndarray, te_counts: np.ndarray, *, shots: int, episodes: int, seed: int, **_: object
+    ):
         return ep
 
     rows = evaluate_segmentation(

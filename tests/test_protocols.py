@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from qkvprobe.errors import FeatureError, RuleError
+from qkvprobe.errors import ConfigError, FeatureError, RuleError
 from qkvprobe.protocols import (
     UnitKey,
     evaluate_classification,
@@ -82,7 +82,7 @@ def cls_data(n: int, seed: int, dim: int = 12) -> tuple[np.ndarray, np.ndarray]:
     return means[y] + rng.normal(size=(len(y), dim)) + 3, y
 
 
-def episodes(ytr, yte, *, ways=3, shots=2, queries=4, episodes=12, seed=0):
+def episodes(ytr, yte, *, ways=3, shots=2, queries=4, episodes=12, seed=0, leave_out=False):
     """A tiny N-way K-shot sampler with the qkvprobe.data.episodes layout."""
     rng = np.random.default_rng(seed)
     cl = np.stack([rng.choice(np.unique(ytr), ways, replace=False) for _ in range(episodes)])
@@ -171,9 +171,9 @@ def test_standard_classification_balanced_equals_balanced_rules() -> None:
 
 @pytest.mark.parametrize("rule", ["hyperplane", "cosine"])
 def test_fewshot_batched_equals_per_episode_rules(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qkvprobe.protocols import classification
+    from qkvprobe.protocols import hyperplane
 
-    monkeypatch.setattr(classification, "EPISODE_BATCH", 5)  # several batches of episodes
+    monkeypatch.setattr(hyperplane, "EPISODE_BATCH", 5)  # several batches of episodes
     Xtr, ytr = cls_data(120, 3)
     Xte, yte = cls_data(60, 4)
     ep = episodes(ytr, yte)
@@ -271,7 +271,7 @@ def test_evaluate_classification_on_store_rows() -> None:
     assert all(r.ci95 >= 0 for r in fs.rows) and fs.per_episode[
         UnitKey(1, "q", "cls", "cosine", 2)
     ].shape == (10,)
-    with pytest.raises(RuleError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="setting: 'zero-shot' is not allowed"):
         evaluate_classification(tr, te, setting="zero-shot")
 
 
@@ -472,7 +472,7 @@ def test_evaluate_segmentation_rows() -> None:
     assert told == [("block 1 · v·patch · cosine", 0, 1), ("done", 1, 1)]
     assert [r.metric for r in std.rows] == ["miou", "pixel_accuracy"] and std.rows[0].task == "segmentation"
 
-    def sampler(tr_counts, te_counts, *, shots, episodes, seed):
+    def sampler(tr_counts, te_counts, *, shots, episodes, seed, **_):
         assert tr_counts.shape == (12, 4) and tr_counts.sum() == (pltr != 255).sum() * PATCH**2
         return SimpleNamespace(
             classes=np.array([1, 2]), support=np.array([[0] * shots, [1] * shots]), query=np.array([0, 1])
@@ -500,7 +500,7 @@ def test_evaluate_segmentation_rows() -> None:
         ("miou", 1, 1, 2),
         ("fb_iou", 1, 1, 2),
     ]
-    with pytest.raises(RuleError, match="pass --positions patch"):
+    with pytest.raises(ConfigError, match="segmentation evaluates positions patch, got 'cls'"):
         evaluate_segmentation(tr, te, setting="standard", positions=("cls",), masks=masks)
 
 
@@ -553,7 +553,7 @@ def test_cli_evaluate_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) 
         in bad.output
     )
     bad = CliRunner().invoke(get_app(), [*args, "--task", "segmentation"])
-    assert bad.exit_code == 1 and "does not match the stores" in bad.output
+    assert bad.exit_code == 1 and "holds a classification dataset, not segmentation" in bad.output
     bad = CliRunner().invoke(get_app(), [*args, "--blocks", "last"])
     assert bad.exit_code == 2 and "Invalid value for '--blocks': block 'last' is not an integer" in bad.output
     bad = CliRunner().invoke(get_app(), ["evaluate", "--test-store", str(tmp_path / "te")])
@@ -588,8 +588,6 @@ def test_standard_C_sweep_spread_over_ranks(tmp_path, monkeypatch: pytest.Monkey
     """The C grid split round-robin over ranks and merged gives the single-process choice and accuracy."""
     import torch.distributed as dist
 
-    from qkvprobe.protocols import classification as cls
-
     Xtr, ytr = cls_data(240, 1)
     Xte, yte = cls_data(120, 2)
     Cs = (1e-4, 1e-3, 0.01, 0.1, 1.0)
@@ -602,7 +600,9 @@ def test_standard_C_sweep_spread_over_ranks(tmp_path, monkeypatch: pytest.Monkey
         dist.destroy_process_group()
     # Two ranks, simulated: this process is rank 0; rank 1's share is swept here when rank 0 gathers.
     sweeps, shares = [], []
-    real_sweep, real_shard = cls._c_sweep, cls.shard_for_rank
+    from qkvprobe.protocols import hyperplane as hp
+
+    real_sweep, real_shard = hp._c_sweep, hp.shard_for_rank
 
     def sweep(*args):
         sweeps.append(args)
@@ -612,10 +612,10 @@ def test_standard_C_sweep_spread_over_ranks(tmp_path, monkeypatch: pytest.Monkey
         args = sweeps[-1]
         return [obj, real_sweep(*args[:5], real_shard(Cs, 1, 2), args[6])]
 
-    monkeypatch.setattr(cls, "_group_size", lambda: 2)
-    monkeypatch.setattr(cls, "_c_sweep", sweep)
-    monkeypatch.setattr(cls, "all_gather_objects", gather)
-    monkeypatch.setattr(cls, "shard_for_rank", lambda items: shares.append(list(items)) or list(items)[0::2])
+    monkeypatch.setattr(hp, "_group_size", lambda: 2)
+    monkeypatch.setattr(hp, "_c_sweep", sweep)
+    monkeypatch.setattr(hp, "all_gather_objects", gather)
+    monkeypatch.setattr(hp, "shard_for_rank", lambda items: shares.append(list(items)) or list(items)[0::2])
     spread = standard_classification([Xtr, 2 * Xtr], ytr, [Xte, 2 * Xte], yte, rule="hyperplane", Cs=Cs)
     assert shares == [list(Cs)] and [a[5] for a in sweeps] == [[1e-4, 0.01, 1.0]]
     for a, b, c in zip(alone, grouped, spread, strict=True):
@@ -638,11 +638,11 @@ def test_fewshot_cosine_any_support_order_and_unequal_shots(
     Xte, yte = cls_data(60, 4)
     ep = episodes(ytr, yte, shots=3)
     if tiny_blocks:  # blocks of 5 episodes, query chunks of 2 (float32 rows of width D)
-        from qkvprobe.protocols import classification as cls
+        from qkvprobe.protocols import cosine as cos_mod
 
         row = 4 * Xtr.shape[1]
-        monkeypatch.setattr(cls, "COSINE_SUPPORT_BYTES", 5 * ep.support.shape[1] * row)
-        monkeypatch.setattr(cls, "COSINE_QUERY_BYTES", 2 * ep.query.shape[1] * row)
+        monkeypatch.setattr(cos_mod, "COSINE_SUPPORT_BYTES", 5 * ep.support.shape[1] * row)
+        monkeypatch.setattr(cos_mod, "COSINE_QUERY_BYTES", 2 * ep.query.shape[1] * row)
         assert len(ep.support) % 5 and len(ep.support) > 10
     rng = np.random.default_rng(1)
     perm = np.stack([rng.permutation(ep.support.shape[1]) for _ in ep.support])  # shuffled support rows
@@ -671,17 +671,18 @@ def test_standard_held_out_split_too_small_for_classes() -> None:
 def test_fewshot_float32_solves_equal_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     """The few-shot hyperplane's float32 span-reduced solves give float64's per-episode accuracies, also when some
     episodes miss the stopping test in float32 and are finished in float64."""
-    from qkvprobe.protocols import classification as cls
 
     Xtr, ytr = cls_data(240, 3, dim=40)
     Xte, yte = cls_data(120, 4, dim=40)
     ep = episodes(ytr, yte, ways=4, shots=3, queries=5, episodes=40)
     args = (Xtr, Xte, ep.classes, ep.support, ep.support_labels, ep.query, ep.query_labels)
     f32 = fewshot_classification(*args, rule="hyperplane")
-    monkeypatch.setattr(cls, "FEWSHOT_SOLVE_DTYPE", torch.float64)
+    from qkvprobe.protocols import hyperplane as hp
+
+    monkeypatch.setattr(hp, "FEWSHOT_SOLVE_DTYPE", torch.float64)
     f64 = fewshot_classification(*args, rule="hyperplane")
     np.testing.assert_array_equal(f32.per_episode, f64.per_episode)
-    monkeypatch.setattr(cls, "FEWSHOT_SOLVE_DTYPE", torch.float32)
+    monkeypatch.setattr(hp, "FEWSHOT_SOLVE_DTYPE", torch.float32)
     from qkvprobe.rules.logistic import fit as logistic_fit
 
     real, dtypes = logistic_fit.solve, []
@@ -767,7 +768,7 @@ def test_streaming_curvature_preconditioner_equals_in_memory(
 def test_standard_C_sweep_fits_every_C_independently() -> None:
     """Every C of the standard protocol's grid is its own fit from W = 0 (as a loop over scikit-learn fits), so
     no C's solution depends on another's; each is certified, and equals its cold fit."""
-    from qkvprobe.protocols import classification
+    from qkvprobe.protocols import hyperplane as classification
     from qkvprobe.rules.logistic import DenseLogistic, augment
 
     X, y = cls_data(1200, 3)
@@ -816,7 +817,9 @@ def test_standard_segmentation_sweep_fits_every_C_from_zero(monkeypatch: pytest.
     tr = FakeStore({("q", "patch"): ftr}, patch_labels=pltr, task="segmentation")
     te = FakeStore({("q", "patch"): fte}, patch_labels=plte, task="segmentation")
     starts: list[tuple[float, bool]] = []
-    fit = seg._fit_streaming
+    from qkvprobe.protocols import hyperplane as hp
+
+    fit = hp._fit_streaming
 
     def spy(
         source: object,
@@ -836,7 +839,7 @@ def test_standard_segmentation_sweep_fits_every_C_from_zero(monkeypatch: pytest.
                 torch.testing.assert_close(w, alone, rtol=1e-2, atol=1e-2 * float(alone.abs().max()))
         return out, ok
 
-    monkeypatch.setattr(seg, "_fit_streaming", spy)
+    monkeypatch.setattr(hp, "_fit_streaming", spy)
     res = standard_segmentation(
         tr,
         te,

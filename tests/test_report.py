@@ -506,13 +506,12 @@ def test_rule_letters_of_hyperplane_variants() -> None:
 
 
 def test_every_registered_rule_has_its_own_letter_and_colour() -> None:
-    from qkvprobe.protocols.registry import rule_names
-    from qkvprobe.report.figures import RULE_COLOURS, RULE_LETTERS
+    from qkvprobe.tables import rule_colour, rule_letter, rule_names
 
     names = (*rule_names(), BALANCED_RULE)
-    assert set(names) <= set(RULE_LETTERS) and set(names) <= set(RULE_COLOURS)
-    assert len({RULE_LETTERS[n] for n in names}) == len(names)
-    assert len({RULE_COLOURS[n] for n in names}) == len(names)
+    assert all(rule_letter(n) != "?" and rule_colour(n) for n in names)
+    assert len({rule_letter(n) for n in names}) == len(names)
+    assert len({rule_colour(n) for n in names}) == len(names)
 
 
 def test_report_prints_the_caveat_of_a_rule_it_shows(tmp_path: Path) -> None:

@@ -11,15 +11,14 @@ import pytest
 
 from qkvprobe.config import DatasetConfig
 from qkvprobe.errors import ConfigError
+from qkvprobe.protocols.paired import paired_verdicts
 from qkvprobe.results import ResultRow
 from qkvprobe.study.data import scenes_spec, subset_indices
 from qkvprobe.study.sides import (
     direction_cosines,
     fitted_direction_cosines,
     lookup_C,
-    paired_verdicts,
     save_fits,
-    tolerant_segmentation_sampler,
 )
 from qkvprobe.study.state import Progress, unit_id
 
@@ -180,32 +179,29 @@ def test_lookup_C_takes_the_protocols_choice() -> None:
     assert lookup_C(rows, "m", "d", "q", "cls", 1) == 1.0
 
 
-def test_tolerant_sampler_records_each_call_and_the_study_reports_validation_only_exclusions() -> None:
-    from types import SimpleNamespace
-
-    from qkvprobe.study import _Study
+def test_segmentation_classes_without_enough_images_are_left_out_and_named_per_call() -> None:
+    """The class policy of every door: a class present in too few images for the episodes is left out of them
+    and named — separately for the validation episodes that choose C on halved training pools."""
+    from qkvprobe.protocols.tasks import SegmentationTask
 
     rng = np.random.default_rng(0)
-    counts = rng.integers(100, 200, size=(40, 4))  # 4 classes, class 0 is background (excluded by default)
+    counts = rng.integers(100, 200, size=(40, 4))  # 4 classes, class 0 is background (never drawn)
     counts[:, 3] = 0
     counts[:2, 3] = 100  # class 3 in 2 training images: enough for 1 shot, not for 1 shot in both halves
-    excluded: dict[int, list[list[int]]] = {}
-    sampler = tolerant_segmentation_sampler(excluded)
+    task = SegmentationTask.__new__(SegmentationTask)
+    from qkvprobe.data.episodes import sample_segmentation_episodes
+
+    task.sampler, task.class_names = sample_segmentation_episodes, ["bg", "a", "b", "c"]
     half = counts[::2]  # a halved pool holding one of the two class-3 images
-    val = sampler(half[:10], half[10:], shots=1, episodes=20, seed=0)
-    assert 3 not in set(val.classes) and excluded == {1: [[3]]}
-    ev = sampler(counts, counts, shots=1, episodes=60, seed=0)
-    assert 3 in set(ev.classes) and excluded == {1: [[3], []]}
-    # The study logs and records the classes only the validation episodes lacked.
-    fake = SimpleNamespace(info={}, logged=[])
-    fake.log = fake.logged.append
-    _Study._note_excluded(fake, "scenes", 1, ["bg", "a", "b", "c"], excluded[1])
-    assert fake.info == {"fewshot_validation_excluded_classes": {"scenes 1-shot": ["c"]}}
-    assert len(fake.logged) == 1 and "validation episodes that choose C" in fake.logged[0]
-    fake = SimpleNamespace(info={}, logged=[])
-    fake.log = fake.logged.append
-    _Study._note_excluded(fake, "scenes", 1, ["bg", "a", "b", "c"], [[3], [3]])
-    assert fake.info == {"fewshot_excluded_classes": {"scenes 1-shot": ["c"]}} and len(fake.logged) == 1
+    val_left: list[str] = []
+    val = task.sample(half[:10], half[10:], 1, val_left, episodes=20, seed=0)
+    assert 3 not in set(val.classes) and val_left == ["c"]
+    left: list[str] = []
+    ev = task.sample(counts, counts, 1, left, episodes=60, seed=0)
+    assert 3 in set(ev.classes) and left == []
+    left = []
+    ev = task.sample(counts, counts, 3, left, episodes=60, seed=0)  # 3 shots: class 3 lacks images
+    assert 3 not in set(ev.classes) and left == ["c"]
 
 
 def test_mcnemar_verdict_compares_the_best_with_the_others() -> None:

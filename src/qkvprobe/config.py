@@ -34,11 +34,21 @@ from pydantic import (
 
 from .data.registry import KINDS, dataset_kind, dataset_task, parse_spec
 from .errors import ConfigError, SpecError
-from .vocab import RULES, TOKENS, ExtractToken, Position, Setting
+from .spec import EvalSpec
+from .tables import (
+    DEFAULT_RULES,
+    FEWSHOT_C,
+    KNN_K,
+    KNN_T,
+    SOLVER_MAX_ITER,
+    SOLVER_TOL,
+    TASK_POSITIONS,
+    TASKS,
+    check_rules,
+)
+from .vocab import TOKENS, ExtractToken, Position, Setting
 
 MODEL_PREFIXES: tuple[str, ...] = ("timm:", "hf:", "builtin:")
-#: Image-level positions per task; segmentation always works on patch tokens.
-TASK_POSITIONS: dict[str, tuple[str, ...]] = {"classification": ("cls", "avg"), "segmentation": ("patch",)}
 
 
 def resolve_path(path: str | Path, base: Path | None) -> Path:
@@ -184,11 +194,11 @@ class FewShotConfig(_Strict):
     ways: int = Field(default=5, ge=2)
     shots: list[int] = [1, 5]
     queries: int = Field(default=15, ge=1)
-    episodes: int = Field(default=2000, ge=1)
-    segmentation_episodes: int = Field(default=1000, ge=1)
+    episodes: int = Field(default=TASKS["classification"].episodes, ge=1)
+    segmentation_episodes: int = Field(default=TASKS["segmentation"].episodes, ge=1)
     #: The hyperplane rule's C: fixed (the paper's; 1.0 = ``FEWSHOT_C``) or "auto", chosen per token on
     #: validation episodes from the training split alone (``qkvprobe.protocols.fewshot_c``).
-    C: float | Literal["auto"] = 1.0
+    C: float | Literal["auto"] = FEWSHOT_C
 
     @field_validator("C")
     @classmethod
@@ -210,8 +220,16 @@ class FewShotConfig(_Strict):
 class KnnConfig(_Strict):
     """The k-NN rule's parameters (DINO's defaults): ``k`` neighbours vote with weights ``exp(s/T)``."""
 
-    k: int = Field(20, ge=1)
-    T: float = Field(0.07, gt=0)
+    k: int = Field(KNN_K, ge=1)
+    T: float = Field(KNN_T, gt=0)
+
+
+class SolverConfig(_Strict):
+    """The hyperplane solver: the certificate's relative tolerance and the iteration cap (a fit that cannot
+    certify within it is marked ``converged=false``)."""
+
+    tol: float = Field(SOLVER_TOL, gt=0, lt=1)
+    max_iter: int = Field(SOLVER_MAX_ITER, ge=1)
 
 
 class BlockSweepConfig(_Strict):
@@ -255,7 +273,7 @@ class StudyConfig(_Strict):
     settings: list[Setting] = ["standard", "fewshot"]
     #: Token types (``q_rope``/``k_rope`` too: refused at extraction for a model without rotary embeddings).
     tokens: list[ExtractToken] = list(TOKENS)
-    rules: list[str] = list(RULES)
+    rules: list[str] = list(DEFAULT_RULES)
     blocks: list[int] = [-1]
     #: C grid of the standard hyperplane protocol (None = the protocol's own log-spaced grid).
     c_grid: list[float] | None = None
@@ -266,6 +284,7 @@ class StudyConfig(_Strict):
     heads: bool = False
     fewshot: FewShotConfig = FewShotConfig()
     knn: KnnConfig = KnnConfig()
+    solver: SolverConfig = SolverConfig()
     block_sweep: BlockSweepConfig = BlockSweepConfig()
     report: ReportConfig = ReportConfig()
     #: The folder relative paths resolve against (the config file's; None = the working directory).
@@ -307,8 +326,6 @@ class StudyConfig(_Strict):
     @field_validator("rules")
     @classmethod
     def _check_rules(cls, v: list[str]) -> list[str]:
-        from .protocols.registry import check_rules
-
         return check_rules(v)  # the rule registry: hyperplane, cosine, knn and any registered rule
 
     @field_validator("c_grid")
@@ -398,6 +415,49 @@ class StudyConfig(_Strict):
         wanted = set(self.block_sweep.datasets)
         return [d for d in self.datasets if d.task == "classification" and (not wanted or d.spec in wanted)]
 
+    def eval_spec(
+        self,
+        d: DatasetConfig,
+        setting: str,
+        *,
+        shots: int | None = None,
+        blocks: list[int] | None = None,
+        positions: list[str] | None = None,
+        rules: list[str] | None = None,
+        tokens: list[str] | None = None,
+        heads: bool | None = None,
+        device: str | None = None,
+    ) -> EvalSpec:
+        """The evaluation spec of one dataset × setting (× shot count) of this study: every config value that
+        reaches the protocols goes through here."""
+        fs = self.fewshot
+        task = d.task
+        return EvalSpec.build(
+            setting=setting,
+            task=task,
+            rules=tuple(rules or self.rules),
+            tokens=tuple(tokens or self.tokens),
+            positions=tuple(positions or d.positions or TASK_POSITIONS[task]),
+            blocks=tuple(blocks or self.blocks),
+            heads=self.heads if heads is None else heads,
+            class_weight=self.class_weight,
+            seed=self.seed,
+            device=device or self.device,
+            solver={
+                **({} if self.c_grid is None else {"Cs": tuple(self.c_grid)}),
+                "tol": self.solver.tol,
+                "max_iter": self.solver.max_iter,
+            },
+            fewshot={
+                "ways": fs.ways,
+                "shots": (shots,) if shots else tuple(fs.shots),
+                "queries": fs.queries,
+                "episodes": fs.episodes if task == "classification" else fs.segmentation_episodes,
+                "C": fs.C,
+            },
+            knn={"k": self.knn.k, "T": self.knn.T},
+        )
+
     def fingerprint(self) -> str:
         """Digest of everything that changes results (not device, batch size, cache dir, out dir, report)."""
         data = self.model_dump(exclude={"device", "batch_size", "cache_dir", "out_dir", "report", "name"})
@@ -408,6 +468,8 @@ class StudyConfig(_Strict):
             del data["fewshot"]["C"]
         if not data["heads"]:
             del data["heads"]
+        if data["solver"] == SolverConfig().model_dump():
+            del data["solver"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -540,6 +602,7 @@ __all__ = [
     "FewShotConfig",
     "ModelConfig",
     "ReportConfig",
+    "SolverConfig",
     "StudyConfig",
     "default_config_text",
     "dump_config",

@@ -1,7 +1,7 @@
 """The results table (``results.csv``): one row per measurement, long format (docs/CONTRACTS.md).
 
 Columns added after the first release (``class_weight``, ``C_choice``, ``params``, ``converged``,
-``allowed_mismatch``, ``weights``) are filled in when an older table is read, so tables written by earlier
+``allowed_mismatch``, ``weights``, ``left_out``) are filled in when an older table is read, so tables written by earlier
 versions stay readable and mergeable.
 
 Rows are appended atomically (the whole file is rewritten to a temporary name and renamed), and a row whose
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .errors import QkvprobeError
 from .io import atomic_open
+from .tables import C_AUTO, solver_rules
 
 COLUMNS: tuple[str, ...] = (
     "model",
@@ -44,6 +45,7 @@ COLUMNS: tuple[str, ...] = (
     "converged",
     "allowed_mismatch",
     "weights",
+    "left_out",
 )
 #: The hyperplane rule's class weighting ("none" = the paper's plain fit, "balanced" = scikit-learn's
 #: n / (K·n_class)); "" for the cosine rule, which has no weights. A key column: plain and balanced fits of the
@@ -53,7 +55,6 @@ CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced", "")
 #: held-out sweep, few-shot ``C="auto"``), the fixed value as text ("1", "0.01") where the caller set it, "" for
 #: the cosine rule. The C column holds the C used. A fixed-C and an auto few-shot run of one token are different
 #: measurements and live side by side in one table.
-C_AUTO = "auto"
 #: Whether every hyperplane fit behind a row reached its certified optimum (``rules.logistic``): "true" or
 #: "false" ("" for the cosine rule, and for rows of tables written before the column existed). An outcome column.
 CONVERGED: tuple[str, ...] = ("true", "false", "")
@@ -65,7 +66,17 @@ CONVERGED: tuple[str, ...] = ("true", "false", "")
 #: local file with the start of its sha256), so a row never passes a local checkpoint off as the hub's; "" where
 #: not recorded. An outcome column: the model label names the run (a model loaded with local weights gets a label
 #: that says so), and a label measured again replaces its rows.
-OUTCOME_COLUMNS: tuple[str, ...] = ("value", "ci95", "C", "converged", "allowed_mismatch", "weights")
+#: ``left_out``: few-shot classes the episodes left out because the splits hold too few images of them (class
+#: names joined by ";"; "" normally): every door leaves them out and says so (docs/CONTRACTS.md). An outcome column.
+OUTCOME_COLUMNS: tuple[str, ...] = (
+    "value",
+    "ci95",
+    "C",
+    "converged",
+    "allowed_mismatch",
+    "weights",
+    "left_out",
+)
 #: Columns that identify a measurement; the rest are its outcome.
 KEY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in OUTCOME_COLUMNS)
 
@@ -101,6 +112,7 @@ class ResultRow:
     converged: str = ""
     allowed_mismatch: str = ""
     weights: str = ""
+    left_out: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.converged, bool) or self.converged is None:
@@ -112,20 +124,21 @@ class ResultRow:
             raise QkvprobeError(
                 f"result class_weight {self.class_weight!r} is not one of {list(CLASS_WEIGHTS)}"
             )
-        if self.rule == "hyperplane" and not self.class_weight:
-            object.__setattr__(self, "class_weight", "none")  # frozen: the default of a hyperplane row
-        elif self.rule != "hyperplane" and self.class_weight:
+        solved = self.rule in solver_rules()  # the rule table: rules with a solver and a C
+        if solved and not self.class_weight:
+            object.__setattr__(self, "class_weight", "none")  # frozen: the default of a solver rule's row
+        elif not solved and self.class_weight:
             raise QkvprobeError(
-                f"result class_weight {self.class_weight!r} given for rule {self.rule!r}; only "
-                "hyperplane rows are weighted"
+                f"result class_weight {self.class_weight!r} given for rule {self.rule!r}; only rules with a "
+                "solver are weighted"
             )
-        if self.rule == "hyperplane" and not self.C_choice:
+        if solved and not self.C_choice:
             chosen = self.setting == "standard" or math.isnan(self.C)
             object.__setattr__(self, "C_choice", C_AUTO if chosen else fixed_C_text(self.C))
-        elif self.rule != "hyperplane" and self.C_choice:
+        elif not solved and self.C_choice:
             raise QkvprobeError(
-                f"result C_choice {self.C_choice!r} given for rule {self.rule!r}; only hyperplane "
-                "rows have a C"
+                f"result C_choice {self.C_choice!r} given for rule {self.rule!r}; only rules with a solver "
+                "have a C"
             )
         if not (0.0 <= self.value <= 1.0):
             raise QkvprobeError(f"result value {self.value!r} for metric {self.metric!r} is outside [0, 1]")
@@ -150,6 +163,7 @@ _ADDED: dict[str, object] = {
     "converged": "",
     "allowed_mismatch": "",
     "weights": "",
+    "left_out": "",
 }
 
 

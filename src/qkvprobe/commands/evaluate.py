@@ -6,26 +6,15 @@ from pathlib import Path
 
 import typer
 
-from ..errors import ConfigError, QkvprobeError, StoreError
+from ..errors import QkvprobeError, StoreError
+from ..spec import FewshotSpec
+from ..tables import DEFAULT_RULES, KNN_K, KNN_T, SOLVER_MAX_ITER, SOLVER_TOL, TASKS
 from ._args import DEVICE_HELP, comma_list, device, int_list, one_of, usage_error
+
+_FS = FewshotSpec()
 
 SETTINGS = ("standard", "fewshot")
 CLASS_WEIGHTS = ("none", "balanced")
-
-
-def default_positions(held: list[str], task: str, where: str) -> list[str]:
-    """Every position ``held`` (in both stores, in their order) that ``task`` evaluates: cls/avg for classification,
-    patch for segmentation. ConfigError when the stores hold none of them."""
-    from ..config import TASK_POSITIONS
-
-    usable = [p for p in held if p in TASK_POSITIONS[task]]
-    if not usable:
-        wanted = ",".join(TASK_POSITIONS[task])
-        raise ConfigError(
-            f"{where} hold positions {','.join(held)} but {task} evaluates {' or '.join(TASK_POSITIONS[task])}; "
-            f"extract again with --positions {wanted}"
-        )
-    return usable
 
 
 def evaluate(
@@ -35,11 +24,11 @@ def evaluate(
     task: str = typer.Option(None, "--task", help="classification|segmentation (default: the store's task)."),
     setting: str = typer.Option("standard", "--setting", help="standard|fewshot."),
     rules: str = typer.Option(
-        "hyperplane,cosine",
+        None,
         "--rules",
         "--rule",
-        help="Comma-separated rules: hyperplane, cosine, knn (and any rule registered in "
-        "qkvprobe.protocols.registry).",
+        help=f"Comma-separated rules (default: {','.join(DEFAULT_RULES)}; any rule registered with "
+        "qkvprobe.register_rule too).",
     ),
     tokens: str = typer.Option(
         None, "--tokens", help="Comma-separated token types (default: every token type the stores hold)."
@@ -52,11 +41,44 @@ def evaluate(
     blocks: str = typer.Option(
         "-1", "--blocks", help="Comma-separated block indices (negative from the end)."
     ),
-    ways: int = typer.Option(5, "--ways", help="Few-shot classification: classes per episode."),
-    shots: str = typer.Option("1,5", "--shots", help="Few-shot: comma-separated shots per class."),
-    queries: int = typer.Option(15, "--queries", help="Few-shot classification: queries per class."),
-    episodes: int = typer.Option(None, "--episodes", help="Few-shot episodes (default 2000 cls / 1000 seg)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of the episodes."),
+    ways: int = typer.Option(
+        None, "--ways", help=f"Few-shot classification: classes per episode (default {_FS.ways})."
+    ),
+    shots: str = typer.Option(
+        None,
+        "--shots",
+        help=f"Few-shot: comma-separated shots per class (default {','.join(map(str, _FS.shots))}).",
+    ),
+    queries: int = typer.Option(
+        None, "--queries", help=f"Few-shot classification: queries per class (default {_FS.queries})."
+    ),
+    episodes: int = typer.Option(
+        None,
+        "--episodes",
+        help="Few-shot episodes (default "
+        + " / ".join(f"{t.episodes} {name}" for name, t in TASKS.items())
+        + ").",
+    ),
+    seed: int = typer.Option(
+        None, "--seed", help="Seed of the held-out split and of the episodes (default 0)."
+    ),
+    c_grid: str = typer.Option(
+        None,
+        "--c-grid",
+        help="Standard setting: comma-separated C values the hyperplane's held-out sweep chooses from (default "
+        "1e-5 … 1e2, log-spaced).",
+    ),
+    tol: float = typer.Option(
+        None,
+        "--tol",
+        help=f"Hyperplane solver: relative optimality tolerance every fit certifies (default {SOLVER_TOL:g}).",
+    ),
+    max_iter: int = typer.Option(
+        None,
+        "--max-iter",
+        help=f"Hyperplane solver: iteration cap; a fit that has not certified by then is marked converged=false "
+        f"(default {SOLVER_MAX_ITER}).",
+    ),
     fewshot_c: str = typer.Option(
         None,
         "--fewshot-c",
@@ -64,9 +86,11 @@ def evaluate(
         "FEWSHOT_C_GRID on 300 validation episodes drawn from the training split alone (halved into support "
         "and query pools); the rows' C column holds the chosen C.",
     ),
-    device_: str = typer.Option("cpu", "--device", help=f"torch device of the solvers: {DEVICE_HELP}."),
+    device_: str = typer.Option(
+        None, "--device", help=f"torch device of the solvers: {DEVICE_HELP} (default cpu)."
+    ),
     class_weight: str = typer.Option(
-        "none",
+        None,
         "--class-weight",
         help="none|balanced: weigh the hyperplane rule's classes by n / (K·n_class), as scikit-learn "
         "(standard fits and few-shot segmentation). Rows record it in their class_weight column, so plain and "
@@ -78,9 +102,11 @@ def evaluate(
         help="Also evaluate every attention head of q, k and v in --tokens on its own (tokens q.h0 … v.h{H-1}: "
         "the head's D/H columns). Single heads can be named in --tokens too, e.g. q.h3.",
     ),
-    knn_k: int = typer.Option(20, "--knn-k", help="k-NN rule: neighbours that vote (DINO's 20)."),
+    knn_k: int = typer.Option(
+        None, "--knn-k", help=f"k-NN rule: neighbours that vote (default DINO's {KNN_K})."
+    ),
     knn_t: float = typer.Option(
-        0.07, "--knn-t", help="k-NN rule: vote temperature T, votes exp(s/T) (DINO's 0.07)."
+        None, "--knn-t", help=f"k-NN rule: vote temperature T, votes exp(s/T) (default DINO's {KNN_T:g})."
     ),
     allow_mismatch: str = typer.Option(
         "",
@@ -94,52 +120,79 @@ def evaluate(
         help="The rows' model name (default: the label the extract command recorded, else the backbone spec, "
         "plus ' + <weights file>' for local weights).",
     ),
-    out: Path = typer.Option(Path("results.csv"), "--out", help="Results table to merge the rows into."),
+    out: Path = typer.Option(
+        Path("results.csv"),
+        "--out",
+        help="Results table to merge the rows into (or a folder: FOLDER/results.csv); the paired tests, fits and "
+        "run.json go beside it, so `qkvprobe report FOLDER` prints the same answer table.",
+    ),
     progress: bool = typer.Option(
         True,
         "--progress/--no-progress",
         help="Progress on stderr: a bar on a terminal, else one line per unit of work with the elapsed time.",
     ),
 ) -> None:
-    """Evaluate decision rules on token features of existing stores; write rows of the results table."""
-    from dataclasses import replace
-
+    """Evaluate decision rules on token features of existing stores; write rows of the results table, the paired
+    tests and fits beside it, and print the answer table."""
     from rich.console import Console
 
     from ..features.store import FeatureStore
     from ..feedback import Reporter
-    from ..protocols import evaluate_classification, evaluate_segmentation
-    from ..protocols.driver import MATCH_FIELDS
-    from ..protocols.fewshot_c import check_fewshot_C
-    from ..protocols.registry import rule_names
-    from ..provenance import manifest_weights_source, store_label
-    from ..results import write_results
-    from ..vocab import HEAD_TOKENS, TASKS, split_head
+    from ..protocols import MATCH_FIELDS, evaluate, plan_evaluation
+    from ..provenance import manifest_weights_source
+    from ..report import load_run, run_summary
+    from ..spec import EvalSpec
+    from ..study.outputs import record_evaluation, save_evaluation
+    from ..tables import rule_names
+    from ..vocab import EXTRACT_TOKENS, HEAD_TOKENS, split_head
+    from ..vocab import TASKS as TASK_NAMES
 
     # flags checked before any store is opened: a typo costs nothing
     one_of(setting, name="--setting", what="setting", allowed=SETTINGS)
-    one_of(class_weight, name="--class-weight", what="class weight", allowed=CLASS_WEIGHTS)
+    if class_weight is not None:
+        one_of(class_weight, name="--class-weight", what="class weight", allowed=CLASS_WEIGHTS)
     if task is not None:
-        one_of(task, name="--task", what="task", allowed=TASKS)
-    rule_list = comma_list(rules, name="--rules", what="rule", allowed=rule_names())
+        one_of(task, name="--task", what="task", allowed=TASK_NAMES)
+    rule_list = comma_list(rules, name="--rules", what="rule", allowed=rule_names()) if rules else None
     block_list = int_list(blocks, name="--blocks", what="block")
-    shot_list = int_list(shots, name="--shots", what="shot count", minimum=1)
+    shot_list = int_list(shots, name="--shots", what="shot count", minimum=1) if shots else None
+    Cs = [_positive(c, "--c-grid") for c in c_grid.split(",")] if c_grid else None
     mismatch = (
         comma_list(allow_mismatch, name="--allow-mismatch", what="field", allowed=MATCH_FIELDS)
         if allow_mismatch.strip()
         else []
     )
-    device(device_)
-    if fewshot_c is not None:
-        if setting != "fewshot":
-            raise usage_error(
-                "--fewshot-c",
-                "--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split",
-            )
-        try:
-            fewshot_c = check_fewshot_C(fewshot_c)
-        except QkvprobeError as exc:
-            raise usage_error("--fewshot-c", str(exc)) from None
+    if device_ is not None:
+        device(device_)
+    if fewshot_c is not None and setting != "fewshot":
+        raise usage_error(
+            "--fewshot-c",
+            "--fewshot-c sets the few-shot C; the standard setting chooses C on a held-out split",
+        )
+    try:
+        spec = EvalSpec.build(
+            setting=setting,
+            task=task,
+            rules=rule_list,
+            blocks=block_list,
+            heads=heads,
+            class_weight=class_weight,
+            seed=seed,
+            device=device_,
+            Cs=Cs,
+            tol=tol,
+            max_iter=max_iter,
+            ways=ways,
+            shots=shot_list,
+            queries=queries,
+            episodes=episodes,
+            C=_fewshot_C(fewshot_c),
+            k=knn_k,
+            T=knn_t,
+            allow_mismatch=mismatch,
+        )
+    except QkvprobeError as exc:  # a flag value the spec refuses (e.g. --ways 1): a usage error
+        raise typer.BadParameter(str(exc).removeprefix("evaluation spec: ")) from None
 
     if store is not None:
         train_store, test_store = train_store or store / "train", test_store or store / "test"
@@ -148,24 +201,22 @@ def evaluate(
             "--train-store", "pass --train-store and --test-store (or --store DIR holding train/ and test/)"
         )
     train, test = FeatureStore.open(train_store), FeatureStore.open(test_store)
-    task = task or train.task
-    if task != train.task or task != test.task:
-        raise ConfigError(
-            f"--task {task!r} does not match the stores ({train.task}, {test.task}); "
-            "pass --task classification or segmentation matching how they were extracted"
-        )
-    manifest = getattr(train, "manifest", None) or {}  # the label and weights' source extract recorded
-    # default: every token type and position both stores hold (and the task evaluates)
+    # the stores decide the token types and positions they offer: checked here so a bad value is a usage error
     held_tokens = [t for t in train.tokens if t in test.tokens]
-    if tokens is None:
-        token_list = held_tokens
-    else:
+    if tokens is not None:
         num_heads = getattr(train, "num_heads", None)
 
         def one_head(t: str) -> bool:  # q.h3: a head of a held attention token type, below the head count
             base, head = split_head(t)
             return head is not None and base in held_tokens and (num_heads is None or head < num_heads)
 
+        for t in tokens.split(","):
+            if t.strip() in EXTRACT_TOKENS and t.strip() not in held_tokens:
+                raise usage_error(
+                    "--tokens",
+                    f"these stores hold no {t.strip()} (they hold {', '.join(held_tokens)}); evaluate from those, "
+                    f"or extract again with --tokens {','.join([*held_tokens, t.strip()])}",
+                )
         heads_held = [t for t in held_tokens if t in HEAD_TOKENS]
         shown = ", ".join(held_tokens) + (
             f" (the stores' token types) or one head such as {heads_held[0]}.h0" if heads_held else ""
@@ -173,24 +224,23 @@ def evaluate(
         token_list = comma_list(
             tokens, name="--tokens", what="token", allowed=held_tokens, accepts=one_head, shown=shown
         )
-    held = [p for p in train.positions if p in test.positions]
+        spec = spec.replace(tokens=tuple(token_list))
+    stored_task = spec.task or train.task
     if positions is not None:
-        from ..config import TASK_POSITIONS
+        from ..tables import TASK_POSITIONS
 
-        usable = [p for p in held if p in TASK_POSITIONS[task]]
+        held = [p for p in train.positions if p in test.positions]
+        usable = [p for p in held if p in TASK_POSITIONS.get(stored_task, ())]
         position_list = comma_list(
             positions,
             name="--positions",
             what="position",
             allowed=usable,
-            shown=f"{', '.join(usable) or '(none)'} (what the stores hold and {task} evaluates)",
+            shown=f"{', '.join(usable) or '(none)'} (what the stores hold and {stored_task} evaluates)",
         )
-    else:
-        position_list = default_positions(held, task, "the stores")
+        spec = spec.replace(positions=tuple(position_list))
     for b in block_list:
         for held_by in (train, test):
-            if not hasattr(held_by, "resolve_block"):  # a store-like object the protocols resolve themselves
-                continue
             try:
                 held_by.resolve_block(b)
             except StoreError:
@@ -198,96 +248,69 @@ def evaluate(
                     "--blocks",
                     f"block {b} is not in the store {held_by.path} (it holds blocks {held_by.blocks})",
                 ) from None
-    if heads:
-        token_list += [t for t in train.head_tokens(token_list) if t not in token_list]
-    kw = dict(
-        setting=setting,
-        rules=rule_list,
-        tokens=token_list,
-        blocks=block_list,
-        shots=shot_list,
-        seed=seed,
-        device=device_,
-        class_weight=None if class_weight == "none" else class_weight,
-        positions=position_list,
-        model=label or store_label(manifest) or None,  # None: the protocols use the store's spec
-    )
-    if fewshot_c is not None:
-        kw["C"] = fewshot_c
-    kw.update(k=knn_k, T=knn_t, allow_mismatch=mismatch)
+
+    manifest = getattr(train, "manifest", None) or {}  # the label and weights' source extract recorded
     reporter = Reporter(Console(stderr=True), enabled=progress)
+    plan = plan_evaluation(train, test, spec, model=label)  # every refusal before the first line of progress
     reporter.log(
-        f"evaluate {kw['model'] or train.backbone_spec}: {setting}, tokens {','.join(token_list)}, "
-        f"positions {','.join(position_list)}"
+        f"evaluate {plan.model}: {spec.setting}, tokens {','.join(plan.tokens)}, positions {','.join(plan.positions)}"
     )
     with reporter.units("evaluate") as tell:
-        if task == "classification":
-            ev = evaluate_classification(
-                train,
-                test,
-                ways=ways,
-                queries=queries,
-                episodes=episodes or 2000,
-                progress=tell,
-                **kw,
-            )
-        else:
-            ev = evaluate_segmentation(train, test, episodes=episodes or 1000, progress=tell, **kw)
-    source = manifest_weights_source(manifest)
-    rows = [replace(r, weights=source) for r in ev.rows]
-    write_results(out, rows)
+        ev = evaluate(train, test, spec, model=label, progress=tell)
+    results = out / "results.csv" if out.suffix != ".csv" else out
+    run_dir = results.parent
+    save_evaluation(run_dir, ev, results=results)
+    backbone = manifest.get("backbone") or {}
+    record_evaluation(
+        run_dir,
+        ev,
+        {
+            "label": ev.model,
+            "spec": backbone.get("spec", ""),
+            "weights_source": manifest_weights_source(manifest),
+            "weights_digest": backbone.get("weights_digest", ""),
+            "objective": getattr(train, "objective", "unknown"),
+        },
+    )
     if ev.allowed_mismatch:
         typer.echo(
             f"train and test stores differ in {', '.join(ev.allowed_mismatch)} (allowed); rows record it"
         )
-    for r in rows:
+    for r in ev.rows:
         ci = "" if r.ci95 != r.ci95 else f" ± {100 * r.ci95:.2f}"
         rule = f"{r.rule} ({r.class_weight})" if r.class_weight == "balanced" else r.rule
-        C = f" (C {r.C:g})" if r.rule == "hyperplane" and r.C == r.C else ""
+        C = f" (C {r.C:g})" if r.C == r.C else ""
+        setting_text = "" if r.setting == "standard" else f" {r.shots}-shot"
         typer.echo(
-            f"{r.token:>8} {r.position:<5} {rule:<10} block {r.block} shots {r.shots}: "
+            f"{r.token:>8} {r.position:<5} {rule:<10} block {r.block}{setting_text}: "
             f"{r.metric} {100 * r.value:.2f}{ci}{C}"
         )
-    labels = test.labels() if task == "classification" else None
-    _print_summary(rows, ev, labels, manifest)
+    Console().print(run_summary(load_run(results)))
     if ev.unconverged:
         typer.echo(
-            f"not converged (rows marked converged=false; raise the solver's max_iter or check the features): "
+            "not converged (rows marked converged=false; raise --max-iter or --tol, or check the features): "
             f"{'; '.join(ev.unconverged)}",
             err=True,
         )
-    typer.echo(f"wrote {len(rows)} rows to {out}")
+    typer.echo(f"wrote {len(ev.rows)} rows to {results}")
 
 
-def _print_summary(rows: list, evaluation: object, test_labels: object, manifest: dict) -> None:
-    """The answer table of `qkvprobe run` for the rows just measured, with the paired tests of this evaluation."""
-    import pandas as pd
-    from rich.console import Console
+def _positive(text: str, flag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage_error(flag, f"{text!r} is not a number") from None
+    if not value > 0:
+        raise usage_error(flag, f"C values must be > 0, got {text}")
+    return value
 
-    from ..provenance import manifest_weights_source
-    from ..report import main_rows, summary_table
-    from ..report.answer import weights_text
-    from ..report.tables import label_rule_variants
-    from ..results import COLUMNS
-    from ..study.sides import paired_verdicts
-    from ..vocab import split_head
 
-    df = label_rule_variants(pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS)))
-    every_block = {m: sorted(int(b) for b in sub["block"].unique()) for m, sub in df.groupby("model")}
-    main = main_rows(df, {"main_blocks": every_block})
-    main = main[main["token"].map(lambda t: split_head(str(t))[1] is None)]
-    whole = [r for r in rows if split_head(r.token)[1] is None]
-    paired = []
-    for shots in sorted({r.shots for r in whole}):  # one best choice per shot count, as in the study
-        paired += paired_verdicts([r for r in whole if r.shots == shots], evaluation, test_labels)
-    backbone = manifest.get("backbone") or {}
-    weights = (
-        {
-            str(rows[0].model): weights_text(
-                manifest_weights_source(manifest), str(backbone.get("weights_digest", ""))
-            )
-        }
-        if rows
-        else {}
-    )
-    Console().print(summary_table(main, paired, weights))
+def _fewshot_C(text: str | None) -> float | str | None:
+    if text is None:
+        return None
+    from ..protocols.fewshot_c import check_fewshot_C
+
+    try:
+        return check_fewshot_C(text)
+    except QkvprobeError as exc:
+        raise usage_error("--fewshot-c", str(exc)) from None

@@ -82,17 +82,11 @@ def report_command(
     """Re-render report.html and figures/ from a run directory's saved results alone (no model is loaded)."""
     from rich.console import Console
 
-    from ..report import load_run, main_rows, render_report, summary_table
-    from ..report.answer import weights_by_model
+    from ..report import load_run, render_report, run_summary
 
     path = render_report(run_dir, out)
-    files = load_run(run_dir)
     console = Console()
-    console.print(
-        summary_table(
-            main_rows(files.results, files.run_info), files.paired, weights_by_model(files.run_info)
-        )
-    )
+    console.print(run_summary(load_run(run_dir)))
     console.print(f"report: {path}")
 
 

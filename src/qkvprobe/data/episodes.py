@@ -4,12 +4,15 @@ Classification (``N``-way ``K``-shot, ``Q`` queries): per episode draw ``N`` dis
 the classes present; for each (in drawn order) ``K`` distinct support images from the training split and
 ``Q`` distinct query images from the evaluation split. Support/query are class-major; labels are the
 class's position in the episode (0..N-1). Every class must have at least ``K`` training and ``Q``
-evaluation images, else a DataError names the class and the counts.
+evaluation images, else a DataError names the class and the counts — or, with ``leave_out=True`` (what the
+evaluation pipeline passes, so every door follows one class policy), the class is left out of the episodes and
+named in ``left_out``; then only fewer than ``N`` remaining classes are refused.
 
 Segmentation (1-way ``K``-shot, PASCAL-5i style): a class ``c`` is *present* in an image when it covers at
 least ``min_pixels`` pixels (default 64). Per episode draw ``c`` uniformly from the classes not excluded
 (``exclude=(0,)`` drops background; pass ``()`` for ADE20K, where 0 is "wall"), ``K`` distinct training
-images where ``c`` is present and one evaluation image where ``c`` is present.
+images where ``c`` is present and one evaluation image where ``c`` is present; a class without them is refused,
+or with ``leave_out=True`` left out and named in ``left_out``.
 
 Generator: ``numpy.random.default_rng(seed)`` (PCG64, the same stream on every platform); draws use
 ``Generator.choice(..., replace=False)`` / ``Generator.integers`` in the order described.
@@ -63,6 +66,8 @@ class ClassificationEpisodes:
     shots: int
     queries: int
     seed: int
+    #: Classes left out for too few images (``leave_out=True``), ascending.
+    left_out: tuple[int, ...] = ()
     _arrays = ("classes", "support", "support_labels", "query", "query_labels")
 
     def __len__(self) -> int:
@@ -107,6 +112,8 @@ class SegmentationEpisodes:
     seed: int
     min_pixels: int
     exclude: tuple[int, ...] = field(default=(0,))
+    #: Classes left out for too few images (``leave_out=True``), ascending.
+    left_out: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -165,26 +172,34 @@ def sample_classification_episodes(
     queries: int = 15,
     episodes: int = 2000,
     seed: int = 0,
+    exclude: tuple[int, ...] = (),
+    leave_out: bool = False,
 ) -> ClassificationEpisodes:
-    """Sample ``episodes`` ``ways``-way ``shots``-shot episodes from train labels [Ntr] and eval labels [Nte]."""
+    """Sample ``episodes`` ``ways``-way ``shots``-shot episodes from train labels [Ntr] and eval labels [Nte];
+    classes in ``exclude`` are never drawn; ``leave_out``: classes with too few images are left out (named in
+    ``left_out``) instead of refused."""
     _check_counts(ways, shots, queries, episodes)
     train_labels, test_labels = (
         np.asarray(train_labels, dtype=np.int64),
         np.asarray(test_labels, dtype=np.int64),
     )
-    classes = np.union1d(np.unique(train_labels), np.unique(test_labels))
-    if len(classes) < ways:
-        raise DataError(
-            f"{ways}-way episodes need {ways} classes, the labels hold {len(classes)}; lower --ways"
-        )
+    classes = np.setdiff1d(np.union1d(np.unique(train_labels), np.unique(test_labels)), np.asarray(exclude))
     train_pool = {int(c): np.flatnonzero(train_labels == c) for c in classes}
     test_pool = {int(c): np.flatnonzero(test_labels == c) for c in classes}
-    for c in classes.tolist():
-        if len(train_pool[c]) < shots or len(test_pool[c]) < queries:
-            raise DataError(
-                f"class {c} has {len(train_pool[c])} training and {len(test_pool[c])} evaluation images; "
-                f"{shots}-shot episodes with {queries} queries need >= {shots} and >= {queries}"
-            )
+    lacking = [c for c in classes.tolist() if len(train_pool[c]) < shots or len(test_pool[c]) < queries]
+    if lacking and not leave_out:
+        c = lacking[0]
+        raise DataError(
+            f"class {c} has {len(train_pool[c])} training and {len(test_pool[c])} evaluation images; "
+            f"{shots}-shot episodes with {queries} queries need >= {shots} and >= {queries}"
+        )
+    classes = np.setdiff1d(classes, np.asarray(lacking, dtype=np.int64))
+    if len(classes) < ways:
+        left = f" once {len(lacking)} with too few images are left out ({lacking})" if lacking else ""
+        raise DataError(
+            f"{ways}-way episodes need {ways} classes, the labels hold {len(classes)}{left}; lower --ways "
+            "(fewshot.ways), --shots (fewshot.shots) or --queries (fewshot.queries), or add images"
+        )
     rng = np.random.default_rng(seed)
     n_sup, n_qry = ways * shots, ways * queries
     out_classes = np.empty((episodes, ways), np.int64)
@@ -198,7 +213,16 @@ def sample_classification_episodes(
     support_labels = np.broadcast_to(np.repeat(np.arange(ways), shots), (episodes, n_sup)).copy()
     query_labels = np.broadcast_to(np.repeat(np.arange(ways), queries), (episodes, n_qry)).copy()
     return ClassificationEpisodes(
-        out_classes, support, support_labels, query, query_labels, ways, shots, queries, int(seed)
+        out_classes,
+        support,
+        support_labels,
+        query,
+        query_labels,
+        ways,
+        shots,
+        queries,
+        int(seed),
+        tuple(lacking),
     )
 
 
@@ -211,8 +235,10 @@ def sample_segmentation_episodes(
     seed: int = 0,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     exclude: tuple[int, ...] = (0,),
+    leave_out: bool = False,
 ) -> SegmentationEpisodes:
-    """Sample 1-way ``shots``-shot episodes from per-image class pixel counts [Ntr, C] and [Nte, C]."""
+    """Sample 1-way ``shots``-shot episodes from per-image class pixel counts [Ntr, C] and [Nte, C];
+    ``leave_out``: classes present in too few images are left out (named in ``left_out``) instead of refused."""
     _check_counts(1, shots, 1, episodes)
     train, test = np.asarray(train_pixel_counts), np.asarray(test_pixel_counts)
     if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
@@ -222,13 +248,20 @@ def sample_segmentation_episodes(
         raise DataError(f"no class left after exclude={tuple(exclude)} out of {train.shape[1]} classes")
     train_pool = {c: np.flatnonzero(train[:, c] >= min_pixels) for c in classes}
     test_pool = {c: np.flatnonzero(test[:, c] >= min_pixels) for c in classes}
-    for c in classes:
-        if len(train_pool[c]) < shots or len(test_pool[c]) < 1:
-            raise DataError(
-                f"class {c} is present (>= {min_pixels} pixels) in {len(train_pool[c])} training and "
-                f"{len(test_pool[c])} evaluation images; {shots}-shot episodes need >= {shots} and >= 1: "
-                f"lower --shots or add images of that class"
-            )
+    lacking = [c for c in classes if len(train_pool[c]) < shots or len(test_pool[c]) < 1]
+    if lacking and not leave_out:
+        c = lacking[0]
+        raise DataError(
+            f"class {c} is present (>= {min_pixels} pixels) in {len(train_pool[c])} training and "
+            f"{len(test_pool[c])} evaluation images; {shots}-shot episodes need >= {shots} and >= 1: "
+            f"lower --shots or add images of that class"
+        )
+    classes = [c for c in classes if c not in lacking]
+    if not classes:
+        raise DataError(
+            f"no class is present (>= {min_pixels} pixels) in {shots} training and 1 evaluation image; lower "
+            "--shots (fewshot.shots) or add images"
+        )
     rng = np.random.default_rng(seed)
     out_classes = np.empty(episodes, np.int64)
     support, query = np.empty((episodes, shots), np.int64), np.empty(episodes, np.int64)
@@ -238,5 +271,12 @@ def sample_segmentation_episodes(
         support[e] = rng.choice(train_pool[c], shots, replace=False)
         query[e] = test_pool[c][int(rng.integers(len(test_pool[c])))]
     return SegmentationEpisodes(
-        out_classes, support, query, int(shots), int(seed), int(min_pixels), tuple(int(c) for c in exclude)
+        out_classes,
+        support,
+        query,
+        int(shots),
+        int(seed),
+        int(min_pixels),
+        tuple(int(c) for c in exclude),
+        tuple(int(c) for c in lacking),
     )

@@ -6,10 +6,12 @@ from __future__ import annotations
 from .classification import fewshot_classification, standard_classification
 from .driver import (
     MATCH_FIELDS,
+    Plan,
     check_matching_stores,
     evaluate,
     evaluate_classification,
     evaluate_segmentation,
+    plan_evaluation,
 )
 from .evaluation import (
     C_GRID,
@@ -38,6 +40,7 @@ from .metrics import (
     paired_test,
     pixel_accuracy,
 )
+from .paired import paired_verdicts, rank_key
 from .registry import PatchScorer, RuleProtocol, check_rules, get_rule, register_rule, rule_names
 from .segmentation import fewshot_segmentation, standard_segmentation
 from .tasks import ClassificationTask, SegmentationTask
@@ -55,6 +58,7 @@ __all__ = [
     "FewshotSegmentationResult",
     "PairedTest",
     "PatchScorer",
+    "Plan",
     "RuleOptions",
     "RuleProtocol",
     "SegmentationResult",
@@ -78,7 +82,10 @@ __all__ = [
     "mean_ci95",
     "mean_iou",
     "paired_test",
+    "paired_verdicts",
     "pixel_accuracy",
+    "plan_evaluation",
+    "rank_key",
     "register_rule",
     "rule_names",
     "standard_classification",

@@ -1,48 +1,35 @@
-"""One evaluation driver for both tasks: validate everything, then measure every unit of rules × tokens ×
-positions × blocks (× shots) on a train and a test feature store (docs/science.md §2).
+"""The one evaluation pipeline: an :class:`~qkvprobe.spec.EvalSpec` and a train and a test feature store → rows,
+paired tests, fitted class vectors — the same for ``qkvprobe evaluate``, ``qkvprobe run`` and
+``qkvprobe.evaluate`` (docs/science.md §2).
 
-What differs between the tasks lives in two adapters, :class:`ClassificationTask` and :class:`SegmentationTask`
-(the unit of a sample, the metric, the episode sampler, how labels reach a rule); what differs between the rules
-lives in the rule registry (``protocols.registry``). The driver itself is the loop, the few-shot C choice, the
-progress callback, the rows, and the typed :class:`~qkvprobe.protocols.evaluation.Evaluation` it returns.
-
-Every argument is checked before any fit: the setting, rules, tokens, positions and blocks against the stores,
-the few-shot parameters, the C grid and C, the class weighting, the rules' own parameters, and that the two stores
-belong together (:func:`check_matching_stores`).
+:func:`plan_evaluation` checks the spec against the stores before any fit (tokens, positions and blocks they
+hold, that the two stores belong together) and resolves what the stores decide (default tokens and positions);
+:func:`evaluate` then measures every unit of rules × tokens × positions × blocks (× shots). What differs between
+the tasks lives in two adapters (``protocols.tasks``); what differs between the rules in the rule table
+(``qkvprobe.tables``) and one module per rule. Few-shot classes with too few images for the episodes are left
+out and named (rows' ``left_out`` column, :attr:`Evaluation.left_out`), by every door alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, RuleError, StoreError
-from ..results import C_AUTO
-from ..rules.checks import check_C
-from ..rules.knn import KNN_K, KNN_T
-from ..rules.logistic import check_class_weight
-from ..vocab import SETTINGS, split_head
-from .evaluation import (
-    C_GRID,
-    FEWSHOT_C,
-    VAL_FRACTION,
-    Evaluation,
-    ProgressFn,
-    RowMaker,
-    RuleOptions,
-    Steps,
-    UnitKey,
-    as_list,
-    row_maker,
-    store_block,
-)
-from .fewshot_c import check_fewshot_C, choose_C
-from .registry import RuleProtocol, check_rules, get_rule
-from .tasks import ClassificationTask, Plan, SegmentationTask
+from ..errors import ConfigError, StoreError
+from ..provenance import manifest_weights_source, store_label
+from ..spec import C_AUTO, EvalSpec, RuleOptions
+from ..tables import TASKS, TaskEntry
+from ..vocab import EXTRACT_TOKENS, split_head
+from .evaluation import Evaluation, ProgressFn, Steps, UnitKey, row_maker, store_block
+from .fewshot_c import choose_C
+from .paired import paired_verdicts
+from .registry import RuleProtocol, get_rule
+from .tasks import ClassificationTask, SegmentationTask
 
 #: Store fields that must agree between a train and a test store (``--allow-mismatch FIELD`` lets one differ).
 MATCH_FIELDS: tuple[str, ...] = (
@@ -81,236 +68,285 @@ def _short(value: Any) -> str:
 
 
 def check_matching_stores(train: Any, test: Any, allow: Sequence[str] = ()) -> tuple[str, ...]:
-    """Refuse a train/test pair of stores that do not belong together (StoreError naming the first field that
-    differs, both values and the fix); ``allow`` lists fields allowed to differ. Returns the allowed fields that
-    do differ (recorded in the rows)."""
+    """Refuse a train/test pair of stores that do not belong together: one StoreError naming every field that
+    differs with both values, and the fix; ``allow`` lists fields allowed to differ. Returns the allowed fields
+    that do differ (recorded in the rows)."""
     bad = [f for f in allow if f not in MATCH_FIELDS]
     if bad:
         raise ConfigError(f"unknown --allow-mismatch field {bad[0]!r}; choose from {', '.join(MATCH_FIELDS)}")
     a, b = _store_fields(train), _store_fields(test)
     if a is None or b is None:
         return ()
-    differing = []
-    for field in MATCH_FIELDS:
-        if a[field] == b[field]:
-            continue
-        if field in allow:
-            differing.append(field)
-            continue
+    differing = [f for f in MATCH_FIELDS if a[f] != b[f]]
+    refused = [f for f in differing if f not in allow]
+    if refused:
         where = f"{getattr(train, 'path', 'train store')} and {getattr(test, 'path', 'test store')}"
+        what = "; ".join(
+            f"{f} is {_short(a[f])} in the train store but {_short(b[f])} in the test store" for f in refused
+        )
         raise StoreError(
-            f"the train and test stores do not match: {field} is {_short(a[field])} in the train store but "
-            f"{_short(b[field])} in the test store ({where}); extract both splits with the same model, weights and "
-            f"preprocessing, or pass --allow-mismatch {field} if the difference is deliberate"
+            f"the train and test stores do not match ({where}): {what}; extract both splits with the same model, "
+            f"weights and preprocessing, or pass --allow-mismatch {','.join(refused)} if the difference is "
+            "deliberate"
         )
     return tuple(differing)
 
 
-def _check_tokens(store: Any, tokens: Sequence[str], positions: Sequence[str], blocks: Sequence[int]) -> None:
-    """Tokens, positions and blocks must be in the store (per-head tokens: their token type)."""
-    held = getattr(store, "tokens", None)
-    if held is not None:
+@dataclass(frozen=True)
+class Plan:
+    """A spec checked against its stores: everything the loops read, resolved (stored block indices, the task's
+    episode counts), and the rules' protocols."""
+
+    spec: EvalSpec
+    task: TaskEntry
+    rules: tuple[RuleProtocol, ...]
+    tokens: tuple[str, ...]
+    positions: tuple[str, ...]
+    blocks: tuple[int, ...]
+    shots: tuple[int, ...]
+    ways: int
+    queries: int
+    episodes: int
+    model: str
+    objective: str
+    dataset: str
+    weights: str
+    allowed: tuple[str, ...]
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    @property
+    def opts(self) -> RuleOptions:
+        """The rules' options at the spec's fixed few-shot C."""
+        return self.spec.rule_options()
+
+    @property
+    def auto_C(self) -> bool:
+        return (
+            self.spec.setting == "fewshot"
+            and self.spec.fewshot.C == C_AUTO
+            and any(r.has_C for r in self.rules)
+        )
+
+
+def _held(store: Any, attr: str) -> list[str] | None:
+    held = getattr(store, attr, None)
+    return None if held is None else list(held)
+
+
+def _resolve_tokens(train: Any, test: Any, spec: EvalSpec) -> tuple[str, ...]:
+    """The spec's tokens (default: every token type both stores hold), checked against the stores, plus every
+    head of q/k/v when ``spec.heads``."""
+    held_tr, held_te = _held(train, "tokens"), _held(test, "tokens")
+    both = [t for t in held_tr if held_te is None or t in held_te] if held_tr is not None else held_te
+    tokens = list(spec.tokens) if spec.tokens is not None else list(both or ())
+    if not tokens:
+        raise ConfigError("no token given and the stores list none; pass e.g. tokens=('q', 'k', 'v', 'ffn')")
+    for store in (train, test):
+        held = _held(store, "tokens")
+        if held is None:
+            continue
         for t in tokens:
             base, _ = split_head(t)
-            if base not in held:
+            if base in held:
+                continue
+            path = getattr(store, "path", "")
+            if base in EXTRACT_TOKENS:
                 raise ConfigError(
-                    f"token {t!r} is not in the store {getattr(store, 'path', '')} (it holds {', '.join(held)}); "
-                    "pass --tokens from those or extract it"
+                    f"the store {path} holds no {base} (it holds {', '.join(held)}); evaluate from those, or "
+                    f"extract again with --tokens {','.join([*held, base])}"
                 )
-    held_pos = getattr(store, "positions", None)
-    if held_pos is not None:
+            raise ConfigError(f"unknown token {t!r}; the store {path} holds {', '.join(held)}")
+    if spec.heads and hasattr(train, "head_tokens"):
+        tokens += [t for t in train.head_tokens(tokens) if t not in tokens]
+    return tuple(tokens)
+
+
+def _resolve_positions(train: Any, test: Any, spec: EvalSpec, task: TaskEntry) -> tuple[str, ...]:
+    """The spec's positions (default: every default position of the task both stores hold)."""
+    held_tr, held_te = _held(train, "positions"), _held(test, "positions")
+    held = [p for p in (held_tr or task.positions) if held_te is None or p in held_te]
+    if spec.positions is not None:
+        positions = list(spec.positions)
+        bad = [p for p in positions if p not in task.positions]
+        if bad:
+            raise ConfigError(
+                f"{task.name} evaluates positions {', '.join(task.positions)}, got {bad[0]!r}; pass --positions "
+                f"{','.join(task.positions)}"
+            )
         for p in positions:
-            if p not in held_pos:
+            if p not in held:
                 raise ConfigError(
-                    f"position {p!r} is not in the store {getattr(store, 'path', '')} (it holds "
-                    f"{', '.join(held_pos)}); pass --positions from those"
+                    f"position {p!r} is not in the stores {getattr(train, 'path', '')} (they hold "
+                    f"{', '.join(held) or 'none'}); pass --positions from those, or extract with --positions {p}"
                 )
-    for b in blocks:
-        store_block(store, b)  # the store raises for a block it does not hold
+        return tuple(positions)
+    usable = [p for p in held if p in task.default_positions]
+    if not usable:
+        raise ConfigError(
+            f"the stores hold positions {','.join(held) or 'none'} but {task.name} evaluates "
+            f"{' or '.join(task.positions)}; extract again with --positions {','.join(task.default_positions)}"
+        )
+    return tuple(usable)
 
 
-def _positive_ints(values: Any, name: str, minimum: int = 1) -> list[int]:
-    out = []
-    for v in as_list(values):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < minimum:
-            raise ConfigError(f"{name} must be integers >= {minimum}, got {v!r}")
-        out.append(int(v))
-    if not out:
-        raise ConfigError(f"no {name} given")
-    return out
+def plan_evaluation(
+    train_store: Any,
+    test_store: Any,
+    spec: EvalSpec,
+    *,
+    model: str | None = None,
+    dataset: str | None = None,
+    weights: str | None = None,
+) -> Plan:
+    """Check ``spec`` against the two stores (every refusal before any fit) → a :class:`Plan`."""
+    task_name = spec.task or getattr(train_store, "task", None)
+    if task_name not in TASKS:
+        raise ConfigError(f"unknown task {task_name!r}; use {' or '.join(TASKS)}")
+    held = {n: getattr(s, "task", task_name) for n, s in (("train", train_store), ("test", test_store))}
+    if any(t != task_name for t in held.values()):
+        if spec.task is None:
+            raise ConfigError(
+                f"the train store holds a {held['train']} dataset and the test store a {held['test']} one; "
+                "pass a train and a test store extracted from the two splits of one dataset"
+            )
+        wrong = next(n for n, t in held.items() if t != task_name)
+        raise ConfigError(
+            f"the {wrong} store holds a {held[wrong]} dataset, not {task_name}; leave the task out (the stores "
+            "say which) or pass stores of that task"
+        )
+    task = TASKS[task_name]
+    rules = tuple(get_rule(r) for r in spec.rules)
+    tokens = _resolve_tokens(train_store, test_store, spec)
+    positions = _resolve_positions(train_store, test_store, spec, task)
+    for store in (train_store, test_store):
+        for b in spec.blocks:
+            store_block(store, b)  # the store raises for a block it does not hold
+    blocks = tuple(dict.fromkeys(store_block(train_store, b) for b in spec.blocks))
+    allowed = check_matching_stores(train_store, test_store, spec.allow_mismatch)
+    opts = spec.rule_options()
+    for rule in rules:
+        rule.check(opts)
+    manifest = getattr(train_store, "manifest", None) or {}
+    return Plan(
+        spec=spec,
+        task=task,
+        rules=rules,
+        tokens=tokens,
+        positions=positions,
+        blocks=blocks,
+        shots=spec.fewshot.shots if spec.setting == "fewshot" else (0,),
+        ways=task.ways or spec.fewshot.ways,
+        queries=task.queries or spec.fewshot.queries,
+        episodes=spec.episodes_for(task.name),
+        model=model or store_label(manifest) or getattr(train_store, "backbone_spec", "model"),
+        objective=str(getattr(train_store, "objective", "unknown")),
+        dataset=dataset or getattr(train_store, "dataset_spec", "dataset"),
+        weights=manifest_weights_source(manifest) if weights is None else weights,
+        allowed=allowed,
+    )
 
 
 def evaluate(
     train_store: Any,
     test_store: Any,
+    spec: EvalSpec | None = None,
     *,
-    setting: str,
-    task: str | None = None,
-    rules: Sequence[str] = ("hyperplane", "cosine"),
-    tokens: Sequence[str] = ("q", "k", "v", "ffn"),
-    positions: Sequence[str] | None = None,
-    blocks: Sequence[int] = (-1,),
-    ways: int = 5,
-    shots: int | Sequence[int] = (1, 5),
-    queries: int = 15,
-    episodes: int | None = None,
-    seed: int = 0,
     model: str | None = None,
     dataset: str | None = None,
-    device: str = "cpu",
-    Cs: Sequence[float] = C_GRID,
-    C: float | str = FEWSHOT_C,
-    class_weight: str | None = None,
-    k: int = KNN_K,
-    T: float = KNN_T,
-    max_iter: int | None = None,
-    masks: Any = None,
-    train_masks: Any = None,
-    episode_sampler: Any = None,
+    weights: str | None = None,
     progress: ProgressFn | None = None,
-    allow_mismatch: Sequence[str] = (),
+    paired: bool = True,
+    masks: Callable[[int], np.ndarray] | None = None,
+    train_masks: Callable[[int], np.ndarray] | None = None,
+    episode_sampler: Any = None,
+    **options: Any,
 ) -> Evaluation:
-    """Evaluate every (block, position, token, rule) of a train and a test store → an :class:`Evaluation`.
+    """Evaluate every (block, position, token, rule) of a train and a test store → an :class:`Evaluation`: rows,
+    paired tests (``paired=False``: none), the standard setting's fitted class vectors, left-out classes.
 
-    ``task`` defaults to the stores'; ``positions`` to ``cls`` (classification) / ``patch`` (segmentation);
-    ``episodes`` to 2 000 (classification) / 1 000 (segmentation). Standard setting: every rule fitted on the
-    whole training split (the hyperplane's C from ``Cs`` on held-out data). Few-shot: ``ways``-way (classification;
-    segmentation is 1-way) ``shots``-shot episodes, the same episodes for every unit (paired); the hyperplane's
-    ``C`` is fixed, or ``"auto"``: chosen per shots × block × position × token on validation episodes drawn from
-    the training split alone (``protocols.fewshot_c``). ``class_weight`` (None or "balanced") weighs the
-    hyperplane rule's classes. ``k``, ``T``: the k-NN rule's. ``masks(i)`` / ``train_masks(i)``: full-resolution
-    masks of dataset index i (segmentation; default: opened from the stores' datasets). ``progress(label, done,
-    total)`` is told of each unit. ``allow_mismatch``: store fields allowed to differ (:data:`MATCH_FIELDS`).
-    """
-    task = task or getattr(train_store, "task", None)
-    if task not in ("classification", "segmentation"):
-        raise ConfigError(f"unknown task {task!r}; use classification or segmentation")
-    for name, store in (("train", train_store), ("test", test_store)):
-        held = getattr(store, "task", task)
-        if held != task:
-            raise ConfigError(
-                f"the {name} store holds a {held} dataset, not {task}; pass matching stores or --task"
-            )
-    if setting not in SETTINGS:
-        raise RuleError(f"unknown setting {setting!r}; use 'standard' or 'fewshot'")
-    rule_list = [get_rule(r) for r in check_rules(rules)]
-    tokens = list(dict.fromkeys(as_list(tokens)))
-    if not tokens:
-        raise ConfigError("no token given; pass e.g. --tokens q,k,v,ffn")
-    adapter_cls = ClassificationTask if task == "classification" else SegmentationTask
-    positions = list(dict.fromkeys(as_list(positions) if positions else adapter_cls.default_positions))
-    adapter_cls.check_positions(positions)
-    blocks = list(dict.fromkeys(int(b) for b in as_list(blocks)))
-    if not blocks:
-        raise ConfigError("no block given; pass e.g. --blocks -1")
-    for store in (train_store, test_store):
-        _check_tokens(store, tokens, positions, blocks)
-    allowed = check_matching_stores(train_store, test_store, tuple(allow_mismatch))
-    class_weight = check_class_weight(class_weight)
-    Cs = tuple(check_C(c) for c in Cs)
-    if not Cs:
-        raise RuleError("the C grid is empty; pass at least one C value")
-    C = check_fewshot_C(C)
-    shots_list = _positive_ints(shots, "shots") if setting == "fewshot" else [0]
-    if setting == "fewshot":
-        if task == "classification":
-            ways = _positive_ints(ways, "ways", 2)[0]
-            queries = _positive_ints(queries, "queries")[0]
-        episodes = _positive_ints(2000 if episodes is None else episodes, "episodes")[0]
-    opts = RuleOptions(
-        device=device,
-        seed=seed,
-        Cs=Cs,
-        val_fraction=VAL_FRACTION,
-        C=FEWSHOT_C if C == C_AUTO else float(C),
-        class_weight=class_weight,
-        k=k,
-        T=T,
-        max_iter=max_iter,
-    )
-    for rule in rule_list:
-        rule.check(opts)
-    plan = Plan(
-        setting,
-        rule_list,
-        tokens,
-        positions,
-        blocks,
-        shots_list,
-        ways,
-        queries,
-        episodes or 0,
-        seed,
-        C,
-        opts,
-        model,
-        dataset,
-        allowed,
-    )
-    auto = setting == "fewshot" and C == C_AUTO and any(r.has_C for r in rule_list)
-    if task == "segmentation":
+    ``spec``: an :class:`~qkvprobe.spec.EvalSpec`; keyword ``options`` build or amend one
+    (:meth:`EvalSpec.build`'s keywords: ``setting``, ``rules``, ``tokens``, ``positions``, ``blocks``,
+    ``shots``, ``ways``, ``episodes``, ``C``, ``Cs``, ``tol``, ``max_iter``, ``class_weight``, ``k``, ``T`` …).
+    ``model``/``dataset``/``weights``: the rows' labels (default: what the extraction recorded in the store).
+    ``masks(i)``/``train_masks(i)``: full-resolution masks of dataset index i (segmentation; default: opened from
+    the stores' datasets). ``progress(label, done, total)`` is told of each unit. ``episode_sampler``: the task's
+    episode sampler in place of ``qkvprobe.data.episodes``'s (tests)."""
+    if spec is None:
+        spec = EvalSpec.build(**options)
+    elif options:
+        spec = spec.replace(**options)
+    plan = plan_evaluation(train_store, test_store, spec, model=model, dataset=dataset, weights=weights)
+    if plan.task.name == "segmentation":
         adapter: Any = SegmentationTask(
             train_store,
             test_store,
             masks=masks,
             train_masks=train_masks,
             episode_sampler=episode_sampler,
-            need_train_masks=auto,
+            need_train_masks=plan.auto_C,
         )
     else:
         adapter = ClassificationTask(train_store, test_store, episode_sampler)
-    make = row_maker(
-        train_store,
-        model=model,
-        dataset=dataset,
-        task=task,
-        setting=setting,
-        seed=seed,
-        class_weight=class_weight,
-        C=C,
-        solver_rules=[r.name for r in rule_list if r.has_C],
-        allowed_mismatch=allowed,
+    make = row_maker(plan)
+    out = Evaluation(
+        allowed_mismatch=plan.allowed,
+        model=plan.model,
+        dataset=plan.dataset,
+        task=plan.task.name,
+        setting=spec.setting,
+        blocks=list(plan.blocks),
     )
-    out = Evaluation(allowed_mismatch=allowed)
-    if setting == "standard":
-        units = len(blocks) * (len(positions) if task == "classification" else len(tokens)) * len(rule_list)
-        step = Steps(progress, units)
+    if spec.setting == "standard":
+        per_block = len(plan.positions) if plan.task.name == "classification" else len(plan.tokens)
+        step = Steps(progress, len(plan.blocks) * per_block * len(plan.rules))
         adapter.standard(plan, out, step, make)
         step.finish()
-        return out
-    _fewshot(plan, adapter, out, make, progress, auto)
+    else:
+        _fewshot(plan, adapter, out, make, progress)
+    if paired:
+        labels = test_store.labels() if plan.task.name == "classification" else None
+        whole = [r for r in out.rows if split_head(r.token)[1] is None]  # the answer table ranks whole tokens
+        for shots in plan.shots:  # one best choice per shot count
+            out.paired += paired_verdicts([r for r in whole if r.shots == shots], out, labels)
     return out
 
 
 def _fewshot(
-    plan: Plan, adapter: Any, out: Evaluation, make: RowMaker, progress: ProgressFn | None, auto: bool
+    plan: Plan, adapter: Any, out: Evaluation, make: Callable[..., Any], progress: ProgressFn | None
 ) -> None:
-    """The few-shot loop: per shots, the episodes (and, for ``C="auto"``, the validation episodes first, so a
-    sampler that records what it leaves out ends on the evaluation's), then every unit on the same episodes."""
+    """The few-shot loop: per shots, the episodes (and, for ``C="auto"``, the validation episodes first), then
+    every unit on the same episodes."""
+    auto = plan.auto_C
     per_shot = len(plan.blocks) * len(plan.positions) * len(plan.tokens) * (len(plan.rules) + auto)
     step = Steps(progress, len(plan.shots) * per_shot)
-    seg = adapter.name == "segmentation"
+    seg = plan.task.name == "segmentation"
     for shots in plan.shots:
         val = adapter.validation(plan, shots) if auto else None
-        ep = adapter.episodes(plan, shots)
+        ep, left_out = adapter.episodes(plan, shots)
+        if left_out:
+            out.left_out[shots] = left_out
+        if auto and adapter.validation_left_out.get(shots):
+            out.validation_left_out[shots] = adapter.validation_left_out[shots]
         head = f"{shots}-shot" if seg else f"{plan.ways}-way {shots}-shot"
-        for block in plan.blocks:
-            b = store_block(adapter.train, block)
+        for b in plan.blocks:
             for position in plan.positions:
                 for token in plan.tokens:
-                    C_used = FEWSHOT_C if plan.C == C_AUTO else float(plan.C)
+                    C_used = plan.spec.fixed_C()
                     if auto:
                         step(f"{head} · block {b} · {token}·{position} · choosing C")
                         hyper = next(r for r in plan.rules if r.has_C)
                         chosen = choose_C(
-                            partial(_validation_score, adapter, plan, hyper, val, token, position, block)
+                            partial(_validation_score, adapter, plan, hyper, val, token, position, b)
                         )
                         out.chosen_C[UnitKey(b, token, position, hyper.name, shots)] = chosen
                         C_used = chosen.C
                     for rule in plan.rules:
                         step(f"{head} · block {b} · {token}·{position} · {rule.name}")
-                        res = adapter.fewshot_unit(plan, rule, ep, token, position, block, C_used)
-                        params = rule.params(plan.opts)
+                        res = adapter.fewshot_unit(plan, rule, ep, token, position, b, C_used)
+                        params = plan.spec.rule_params(rule.name)
                         common = dict(
                             block=b,
                             token=token,
@@ -322,6 +358,7 @@ def _fewshot(
                             C=C_used if rule.has_C else math.nan,
                             params=params,
                             converged=(res.unconverged == 0) if rule.has_C else None,
+                            left_out=";".join(left_out),
                         )
                         out.rows.extend(adapter.fewshot_rows(res, common, make))
                         key = UnitKey(b, token, position, rule.name, shots, params)
@@ -343,14 +380,15 @@ def _validation_score(
     return score
 
 
-def evaluate_classification(train_store: Any, test_store: Any, **kw: Any) -> Evaluation:
-    """:func:`evaluate` on classification stores (``positions`` default ``cls``, ``episodes`` 2 000)."""
-    return evaluate(train_store, test_store, task="classification", **kw)
+def evaluate_classification(
+    train_store: Any, test_store: Any, spec: EvalSpec | None = None, **kw: Any
+) -> Evaluation:
+    """:func:`evaluate` on classification stores."""
+    return evaluate(train_store, test_store, spec, task="classification", **kw)
 
 
-def evaluate_segmentation(train_store: Any, test_store: Any, **kw: Any) -> Evaluation:
-    """:func:`evaluate` on segmentation stores (``positions`` patch, 1-way episodes, ``episodes`` 1 000)."""
-    kw.setdefault("episodes", 1000)
-    kw.setdefault("ways", 1)
-    kw.setdefault("queries", 1)
-    return evaluate(train_store, test_store, task="segmentation", **kw)
+def evaluate_segmentation(
+    train_store: Any, test_store: Any, spec: EvalSpec | None = None, **kw: Any
+) -> Evaluation:
+    """:func:`evaluate` on segmentation stores (1-way episodes with one query image)."""
+    return evaluate(train_store, test_store, spec, task="segmentation", **kw)

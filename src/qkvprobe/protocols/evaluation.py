@@ -6,22 +6,20 @@ how a measured unit is named (:class:`UnitKey`) and what one evaluation returns 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ..results import C_AUTO, ResultRow
+from ..results import ResultRow
 
-#: Log-spaced C grid of the standard protocol (objective C·Σloss + ½‖W‖² on raw features, as scikit-learn).
-C_GRID: tuple[float, ...] = tuple(float(10.0**p) for p in range(-5, 3))
-#: Fraction of the training split held out (stratified) to choose C.
-VAL_FRACTION = 0.1
-#: Fixed C of the few-shot hyperplane rule. scikit-learn's default. Raw ViT features have norms of tens,
-#: so with n = N·K ≤ 100 support samples the ½‖W‖² term is weak next to C·Σloss: the rule is close to the
-#: max-margin separator of the (always separable) support set and its predictions change little with C.
-FEWSHOT_C = 1.0
+# The protocol constants live in the rule table, the rules' options in the spec; re-exported for the protocols.
+from ..spec import RuleOptions as RuleOptions
+from ..tables import C_AUTO
+from ..tables import C_GRID as C_GRID
+from ..tables import FEWSHOT_C as FEWSHOT_C
+from ..tables import VAL_FRACTION as VAL_FRACTION
 
 #: ``progress(label, done, total)``: called before each unit of an evaluation, and with ``done == total`` at the end.
 ProgressFn = Callable[[str, int, int], None]
@@ -43,30 +41,6 @@ class Steps:
     def finish(self) -> None:
         if self.progress is not None:
             self.progress("done", self.total, self.total)
-
-
-@dataclass(frozen=True)
-class RuleOptions:
-    """Everything a rule's protocol functions are told besides the data.
-
-    ``Cs``: the standard protocol's C grid; ``C``: the few-shot C (a number here: "auto" is resolved by the
-    driver); ``class_weight``: None or "balanced"; ``k``/``T``: the k-NN rule's; ``max_iter``: the hyperplane
-    solver's cap (None: its default)."""
-
-    device: str = "cpu"
-    seed: int = 0
-    Cs: tuple[float, ...] = C_GRID
-    val_fraction: float = VAL_FRACTION
-    C: float = FEWSHOT_C
-    class_weight: str | None = None
-    k: int = 20
-    T: float = 0.07
-    max_iter: int | None = None
-    tol: float | None = None
-
-    def solver(self) -> dict[str, Any]:
-        """The hyperplane solver's keyword arguments that were set."""
-        return {k: v for k, v in (("max_iter", self.max_iter), ("tol", self.tol)) if v is not None}
 
 
 @dataclass
@@ -163,6 +137,20 @@ class Evaluation:
     chosen_C: dict[UnitKey, Any] = field(default_factory=dict)
     unconverged: list[str] = field(default_factory=list)
     allowed_mismatch: tuple[str, ...] = ()
+    #: The paired tests between each shot count's best choice and every other whole token type
+    #: (``protocols.paired``; the entries of a run directory's ``paired.json``).
+    paired: list[dict[str, Any]] = field(default_factory=list)
+    #: Few-shot classes left out of the episodes for too few images: shots → class names.
+    left_out: dict[int, list[str]] = field(default_factory=dict)
+    #: The same for the validation episodes that choose the few-shot C (``C="auto"``: halved training pools).
+    validation_left_out: dict[int, list[str]] = field(default_factory=dict)
+    #: The stored block indices measured (non-negative): a run directory's ``main_blocks`` of the model.
+    blocks: list[int] = field(default_factory=list)
+    #: The labels and the setting the rows share.
+    model: str = ""
+    dataset: str = ""
+    task: str = ""
+    setting: str = ""
 
 
 class FeatureSource(Protocol):
@@ -206,43 +194,38 @@ def store_block(store: Any, block: int) -> int:
     return int(store.resolve_block(block)) if hasattr(store, "resolve_block") else int(block)
 
 
-def row_maker(
-    store: Any,
-    *,
-    model: str | None,
-    dataset: str | None,
-    task: str,
-    setting: str,
-    seed: int,
-    class_weight: str | None = None,
-    C: float | str = C_AUTO,
-    solver_rules: Sequence[str] = ("hyperplane",),
-    allowed_mismatch: Sequence[str] = (),
-) -> RowMaker:
-    """A ``ResultRow`` factory with the columns shared by one evaluation filled in: rows of rules with a solver
-    (``solver_rules``) record ``class_weight`` ("none" or "balanced") and ``C_choice`` (``C``: "auto", or the
-    few-shot setting's fixed C); the others leave both empty."""
+def row_maker(plan: Any) -> RowMaker:
+    """A ``ResultRow`` factory with the columns one evaluation shares filled in from its plan
+    (:class:`~qkvprobe.protocols.driver.Plan`): rows of rules with a solver (the rule table's ``has_C``) record
+    ``class_weight`` ("none" or "balanced") and ``C_choice`` ("auto", or the few-shot setting's fixed C); the
+    others leave both empty."""
+    spec = plan.spec
     common: dict[str, Any] = {
-        "model": model or store.backbone_spec,
-        "objective": getattr(store, "objective", "unknown"),
-        "dataset": dataset or store.dataset_spec,
-        "task": task,
-        "setting": setting,
-        "seed": seed,
+        "model": plan.model,
+        "objective": plan.objective,
+        "dataset": plan.dataset,
+        "task": plan.task.name,
+        "setting": spec.setting,
+        "seed": spec.seed,
+        "weights": plan.weights,
     }
-    if allowed_mismatch:
-        common["allowed_mismatch"] = ",".join(allowed_mismatch)
-    weighting = "balanced" if class_weight == "balanced" else "none"
+    if plan.allowed:
+        common["allowed_mismatch"] = ",".join(plan.allowed)
+    weighting = "balanced" if spec.class_weight == "balanced" else "none"
     choice = (
-        C_AUTO if C == C_AUTO else ""
-    )  # "" → ResultRow's default: "auto" (standard) or the fixed C as text
+        C_AUTO if spec.fewshot.C == C_AUTO else ""
+    )  # "": ResultRow's default, "auto" or the fixed C as text
+    solved = {r.name for r in plan.rules if r.has_C}
 
     def make(**kw: Any) -> ResultRow:
-        solved = kw["rule"] in solver_rules
-        if not solved:
+        has_solver = kw["rule"] in solved
+        if not has_solver:
             kw.setdefault("C", math.nan)
         return ResultRow(
-            **common, **kw, class_weight=weighting if solved else "", C_choice=choice if solved else ""
+            **common,
+            **kw,
+            class_weight=weighting if has_solver else "",
+            C_choice=choice if has_solver and spec.setting == "fewshot" else "",
         )
 
     return make

@@ -24,8 +24,8 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from ..errors import DataError, RuleError
-from ..results import C_AUTO
 from ..rules.checks import check_C
+from ..tables import C_AUTO
 
 #: ``C="auto"``: choose the few-shot C on training-split episodes (the results table's ``C_choice`` word too).
 AUTO = C_AUTO
@@ -90,7 +90,8 @@ def validation_episodes(
     except DataError as exc:
         raise DataError(
             f"choosing the few-shot C on training-split episodes (half the training rows are the "
-            f"queries): {exc}; pass a fixed C instead"
+            f"queries): {exc}; lower --queries (fewshot.queries) or --shots (fewshot.shots), or pass a fixed C "
+            "instead"
         ) from None
     ep.support = a[ep.support]
     ep.query = b[ep.query]

@@ -1,4 +1,4 @@
-"""The weighted k-NN rule (``rules.knn``) in the four protocols.
+"""The weighted k-NN rule's protocols, all in one module (``rules.knn`` is its estimator).
 
 - Standard classification: the training split is the memory; exact neighbours, bounded memory (``knn_topk``).
 - Few-shot classification: each episode's support set is the memory (every support sample votes when there are
@@ -12,20 +12,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import RuleError
 from ..rules.batched import bmm
-from ..rules.knn import knn_predict, knn_topk, knn_votes, normalise
+from ..rules.knn import check_knn_params, knn_predict, knn_topk, knn_votes, normalise
 from .classification import episode_result, gather_rows
 from .evaluation import FewshotResult, RuleOptions, StandardResult
-
-if TYPE_CHECKING:
-    from .segmentation import PatchSource
+from .registry import PatchScorer, RuleProtocol
+from .segmentation import PatchSource
 
 #: Bytes of float32 training-patch features the standard segmentation k-NN keeps as its memory; beyond it, a
 #: seeded uniform sample of the labelled patches (``benchmarks/bench_rules.py knn`` measures its peak memory).
@@ -139,3 +139,54 @@ def knn_support_scores(
     votes = torch.zeros(*top.shape[:2], 2, dtype=w.dtype, device=w.device).scatter_add_(2, labels, w)
     share = votes / votes.sum(2, keepdim=True).clamp_min(1e-30)
     return (share[..., 1] - share[..., 0]).to(Xq.dtype), 0
+
+
+class KNN(RuleProtocol):
+    name = "knn"
+    summary = "weighted k-NN on cosine similarity (DINO's evaluation: k = 20, votes exp(s/T), T = 0.07)"
+    note = (
+        "k-NN is the reference peers report, not a direction rule; with fewer training samples than k every "
+        "sample votes, so at 1 shot per class it is the 1-NN rule (the cosine rule's decision too)."
+    )
+
+    def params(self, opts: RuleOptions) -> str:
+        return f"k={opts.k},T={opts.T:g}"
+
+    def check(self, opts: RuleOptions) -> None:
+        check_knn_params(opts.k, opts.T)
+
+    def standard_classification(
+        self,
+        Xtr: torch.Tensor,
+        ytr: np.ndarray,
+        Xte: torch.Tensor,
+        yte: np.ndarray,
+        num_classes: int,
+        opts: RuleOptions,
+    ) -> list[StandardResult]:
+        return knn_standard(Xtr, ytr, Xte, yte, num_classes, opts)
+
+    def fewshot_classification(
+        self,
+        Ftr: torch.Tensor,
+        Fte: torch.Tensor,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        query: torch.Tensor,
+        query_labels: torch.Tensor,
+        ways: int,
+        opts: RuleOptions,
+    ) -> FewshotResult:
+        return knn_fewshot(Ftr, Fte, support, support_labels, query, query_labels, ways, opts)
+
+    def segmentation_scorer(self, source: Any, num_classes: int, opts: RuleOptions) -> PatchScorer:
+        # float32 throughout: the similarities are float32 (rules.knn), so a float64 copy of each chunk is waste.
+        memory, labels, _ = knn_patch_memory(
+            dataclasses.replace(source, dtype=torch.float32).source(), opts.seed
+        )
+        return PatchScorer(knn_patch_scores(memory, labels, num_classes, opts))
+
+    def fewshot_segmentation_scores(
+        self, X: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, Xq: torch.Tensor, opts: RuleOptions
+    ) -> tuple[torch.Tensor, int]:
+        return knn_support_scores(X, y, valid, Xq, opts)

@@ -1,5 +1,8 @@
-"""The rule registry: one entry per decision rule, read by the CLI, the config, the evaluation driver and the
-report. Adding a rule means subclassing :class:`RuleProtocol` and calling :func:`register_rule` — nothing else.
+"""What a decision rule implements: :class:`RuleProtocol`. The registry itself is the rule table
+(:mod:`qkvprobe.tables`: one entry per rule, read by the CLI, the config, the evaluation driver, the results and
+the report; the built-ins are lazy references, so it imports no rule). Adding a rule means subclassing
+:class:`RuleProtocol` and calling :func:`register_rule` — nothing else. Each built-in rule's protocols live in
+one module: :mod:`.hyperplane`, :mod:`.cosine`, :mod:`.knn`.
 
 A rule implements the four task × setting protocols on data the driver has already validated and gathered:
 
@@ -18,7 +21,6 @@ A rule implements the four task × setting protocols on data the driver has alre
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import RuleError
+from ..tables import check_rules, register_rule, rule_entry, rule_names
 from .evaluation import FewshotResult, RuleOptions, StandardResult
 
 
@@ -99,51 +101,18 @@ class RuleProtocol(ABC):
     ) -> tuple[torch.Tensor, int]: ...
 
 
-_RULES: dict[str, RuleProtocol] = {}
-
-
-def register_rule(rule: RuleProtocol) -> RuleProtocol:
-    """Add ``rule`` to the registry under ``rule.name`` (a name may be registered once)."""
-    _builtins()
-    if not rule.name or not rule.name.isidentifier():
-        raise RuleError(f"a rule needs a name that is an identifier, got {rule.name!r}")
-    if rule.name in _RULES and type(_RULES[rule.name]) is not type(rule):
-        raise RuleError(f"a rule named {rule.name!r} is already registered")
-    _RULES[rule.name] = rule
-    return rule
-
-
-def _builtins() -> None:
-    """Put the built-in rules (hyperplane, cosine, knn) first in the registry if they are not in it."""
-    from .rules import BUILTIN_RULES
-
-    if all(r.name in _RULES for r in BUILTIN_RULES):
-        return
-    others = {n: r for n, r in _RULES.items() if n not in {b.name for b in BUILTIN_RULES}}
-    _RULES.clear()
-    _RULES.update({r.name: r for r in BUILTIN_RULES})
-    _RULES.update(others)
-
-
-def rule_names() -> tuple[str, ...]:
-    """Every registered rule, in registration order (the built-ins first)."""
-    _builtins()
-    return tuple(_RULES)
-
-
 def get_rule(name: str) -> RuleProtocol:
-    """The registered rule ``name``; RuleError with the close matches and the known names otherwise."""
-    _builtins()
-    if name not in _RULES:
-        close = difflib.get_close_matches(str(name), list(_RULES), n=2, cutoff=0.6)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise RuleError(f"unknown rule {name!r}{hint}; choose from {', '.join(_RULES)}")
-    return _RULES[name]
+    """The registered rule ``name``'s protocols (the rule table's entry, imported on first use); RuleError with
+    the close matches and the known names otherwise."""
+    impl: RuleProtocol = rule_entry(name).protocol()
+    return impl
 
 
-def check_rules(names: Any) -> list[str]:
-    """A non-empty list of registered rule names, duplicates dropped (RuleError otherwise)."""
-    names = [names] if isinstance(names, str) else list(names)
-    if not names:
-        raise RuleError(f"no rule given; choose from {', '.join(rule_names())}")
-    return [get_rule(n).name for n in dict.fromkeys(names)]
+__all__ = [
+    "PatchScorer",
+    "RuleProtocol",
+    "check_rules",
+    "get_rule",
+    "register_rule",
+    "rule_names",
+]

@@ -40,19 +40,13 @@ import torch.nn.functional as F
 
 from ..errors import FeatureError, RuleError
 from ..rules.checks import check_C
-from ..rules.cosine import cosine_scores
 from ..rules.knn import KNN_K, KNN_T
 from ..rules.logistic import (
     PRECOND_ROWS,
-    StreamedLogistic,
     augment,
     balanced_class_weights,
-    balanced_sample_weight,
     check_class_weight,
     default_dtype,
-    grid_step,
-    num_logits,
-    solve,
 )
 from ..vocab import IGNORE_INDEX
 from .evaluation import (
@@ -63,7 +57,8 @@ from .evaluation import (
     RuleOptions,
     SegmentationResult,
 )
-from .metrics import ConfusionMatrix, fb_iou, fewshot_miou, mean_ci95, mean_iou
+from .metrics import ConfusionMatrix, fb_iou, fewshot_miou, mean_ci95
+from .registry import RuleProtocol, get_rule
 
 #: Patches per compute chunk of the streaming solver and of scoring.
 CHUNK_ROWS = 65_536
@@ -170,47 +165,6 @@ class PatchData:
         return np.bincount(lab.ravel(), minlength=len(self.store.classes))[: len(self.store.classes)]
 
 
-def _fit_streaming(
-    source: PatchSource,
-    num_classes: int,
-    Cs: Sequence[float],
-    W0: torch.Tensor | None,
-    moment: torch.Tensor,
-    max_iter: int,
-    tol: float,
-    class_weight: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent fits of every C of ``Cs`` from W = 0 (or one C from ``W0``) → (``[len(Cs), (D+1)·Kf]``,
-    converged ``[len(Cs)]``)."""
-    kf = num_logits(num_classes)
-    class_w = source.balanced_weights(num_classes) if class_weight == "balanced" else None
-    step = grid_step(len(Cs), 1, moment.shape[-1] * kf, CHUNK_ROWS, kf, moment.dtype, moment.device)
-    out, converged = [], []
-    for lo in range(0, len(Cs), step):
-        part = list(Cs[lo : lo + step])
-        objective = StreamedLogistic(source, source.num_rows, num_classes, part, moment, class_w, start=W0)
-        w0 = (
-            torch.zeros(len(part), moment.shape[-1] * kf, dtype=moment.dtype, device=moment.device)
-            if W0 is None
-            else W0
-        )
-        # A C that has finished leaves the batch (its columns); the chunks are still read once per pass.
-        res = solve(objective, w0, max_iter=max_iter, tol=tol)
-        out.append(res.w)
-        converged.append(res.converged)
-    return torch.cat(out), torch.cat(converged)
-
-
-def linear_scores(W: torch.Tensor, num_classes: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Patch scores of a hyperplane ``W [D+1, Kf]``: ``X [m, D]`` → ``[m, K]`` (K = 2: ``(0, s)``)."""
-
-    def scores(X: torch.Tensor) -> torch.Tensor:
-        s = augment(X) @ W
-        return torch.cat([torch.zeros_like(s), s], 1) if num_classes == 2 else s
-
-    return scores
-
-
 def upsample_argmax(scores: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """Patch scores ``[h·w, K]`` → bilinear (align_corners=False) to ``size`` → argmax ``[H, W]`` int64."""
     s = scores.T.reshape(1, -1, *grid)
@@ -266,9 +220,6 @@ def standard_segmentation(
 ) -> SegmentationResult:
     """Standard protocol for one (token, block) of two patch stores with any registered ``rule``; see the module
     docstring."""
-    from .registry import get_rule
-
-    impl = get_rule(rule)
     opts = RuleOptions(
         device=device,
         seed=seed,
@@ -280,9 +231,22 @@ def standard_segmentation(
         k=k,
         T=T,
     )
+    return run_standard_segmentation(train_store, test_store, token, block, get_rule(rule), opts, masks)
+
+
+def run_standard_segmentation(
+    train_store: Any,
+    test_store: Any,
+    token: str,
+    block: int,
+    impl: RuleProtocol,
+    opts: RuleOptions,
+    masks: Masks,
+) -> SegmentationResult:
+    """:func:`standard_segmentation` with the rule's protocols and options as the driver holds them."""
     impl.check(opts)
     num_classes = len(train_store.classes)
-    dev, dt = torch.device(device), default_dtype(device)
+    dev, dt = torch.device(opts.device), default_dtype(opts.device)
     data = PatchData(train_store, token, block, train_store.patch_labels(), dt, dev)
     scorer = impl.segmentation_scorer(data, num_classes, opts)
     cm = score_store(test_store, token, block, scorer.scores, num_classes, masks, dt, dev)
@@ -296,59 +260,6 @@ def standard_segmentation(
         scorer.weights,
         scorer.converged,
     )
-
-
-def cosine_patch_scorer(data: PatchData) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """The cosine rule's class sums of unit patch vectors ``[K, D]`` (unnormalised means: only their directions
-    matter) and its scorer."""
-    sums = None
-    for X, y in data.source()():
-        if sums is None:
-            sums = torch.zeros(len(data.store.classes), X.shape[1] - 1, dtype=data.dtype, device=data.device)
-        sums.index_add_(0, y, F.normalize(X[:, :-1], dim=1))
-    if sums is None:
-        raise RuleError("no labelled training patches (all patch labels are 255); check the training store")
-    return sums, lambda X: cosine_scores(X[None], sums[None])[0]
-
-
-def hyperplane_patch_fit(
-    data: PatchData, num_classes: int, opts: RuleOptions
-) -> tuple[torch.Tensor, float, dict[float, float], bool]:
-    """The hyperplane rule on patches: every C of the grid from W = 0 on the fit images (one batch), C chosen by
-    patch mIoU on the held-out images (ties → the smaller C), refit on all images from that C's solution →
-    (W ``[D+1, Kf]``, chosen C, held-out mIoU per C, converged)."""
-    from ..rules.logistic import DEFAULT_MAX_ITER, DEFAULT_TOL
-
-    Cs = sorted(check_C(C) for C in opts.Cs)
-    if not Cs:
-        raise RuleError("the C grid is empty; pass at least one C value")
-    max_iter = opts.max_iter or DEFAULT_MAX_ITER
-    tol = opts.tol or DEFAULT_TOL
-    n = len(data.labels)
-    perm = np.random.default_rng(opts.seed).permutation(n)
-    num_val = max(1, round(opts.val_fraction * n)) if n > 1 else 0
-    val_rows, fit_rows = np.sort(perm[:num_val]), np.sort(perm[num_val:])
-    fit_src, val_src = data.source(fit_rows), data.source(val_rows)
-    moment = fit_src.moment()
-    val: dict[float, float] = {}
-    best: tuple[float, float | None, torch.Tensor | None] = (-1.0, None, None)
-    # Every C an independent fit from W = 0, all Cs in one batch (one read of the patches per iteration).
-    sweep, sweep_ok = _fit_streaming(fit_src, num_classes, Cs, None, moment, max_iter, tol, opts.class_weight)
-    for C, W in zip(Cs, torch.split(sweep, 1), strict=True):
-        score = linear_scores(W.view(moment.shape[-1], -1), num_classes)
-        cm = ConfusionMatrix(num_classes)
-        for X, y in val_src():
-            cm.update(score(X[:, :-1]).argmax(1).cpu(), y.cpu())
-        val[C] = mean_iou(cm.matrix)
-        if val[C] > best[0]:  # ascending Cs, strict: ties keep the smaller C
-            best = (val[C], C, W)
-    del fit_src, val_src  # drop their cached patches before caching the full training set
-    best_C = best[1]
-    assert best_C is not None  # mean_iou is never below 0, so the first C already replaced the -1.0 start
-    W, refit_ok = _fit_streaming(
-        data.source(), num_classes, [best_C], best[2], moment, max_iter, tol, opts.class_weight
-    )
-    return W.view(moment.shape[-1], -1), best_C, val, bool(sweep_ok.all()) and bool(refit_ok.all())
 
 
 def fewshot_segmentation(
@@ -375,8 +286,6 @@ def fewshot_segmentation(
     [Nte, h·w, D]`` (memmaps are fine: only episode rows are read), ``train_patch_labels [Ntr, h·w]``,
     ``test_indices [Nte]`` dataset indices for ``masks``, episodes ``classes [E]``, ``support [E, K]`` (train
     rows), ``query [E]`` (test rows)."""
-    from .registry import get_rule
-
     classes, support, query = np.asarray(classes), np.asarray(support, np.int64), np.asarray(query, np.int64)
     if (
         support.ndim != 2
@@ -399,13 +308,43 @@ def fewshot_segmentation(
         k=k,
         T=T,
     )
+    return run_fewshot_segmentation(
+        train_patches,
+        train_patch_labels,
+        test_patches,
+        test_indices,
+        grid,
+        classes,
+        support,
+        query,
+        impl,
+        opts,
+        masks,
+    )
+
+
+def run_fewshot_segmentation(
+    train_patches: Any,
+    train_patch_labels: np.ndarray,
+    test_patches: Any,
+    test_indices: np.ndarray,
+    grid: tuple[int, int],
+    classes: np.ndarray,
+    support: np.ndarray,
+    query: np.ndarray,
+    impl: RuleProtocol,
+    opts: RuleOptions,
+    masks: Masks,
+) -> FewshotSegmentationResult:
+    """:func:`fewshot_segmentation` with the rule's protocols and options as the driver holds them."""
+    classes, support, query = np.asarray(classes), np.asarray(support, np.int64), np.asarray(query, np.int64)
     impl.check(opts)
     if train_patches.shape[-1] != test_patches.shape[-1]:
         raise FeatureError(
             f"test patch features have width {test_patches.shape[-1]} but train "
             f"{train_patches.shape[-1]}; use the same token/block/model"
         )
-    dev, dt = torch.device(device), default_dtype(device)
+    dev, dt = torch.device(opts.device), default_dtype(opts.device)
     E, K = support.shape
     hw, D = train_patches.shape[1], train_patches.shape[2]
     batch = max(1, EPISODE_BATCH_BYTES // (K * hw * (D + 1) * 8))
@@ -448,32 +387,9 @@ def fewshot_segmentation(
     return FewshotSegmentationResult(miou, fb_iou(fb), per_episode, ci, per_class, unconverged)
 
 
-def hyperplane_support_scores(
-    X: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, Xq: torch.Tensor, opts: RuleOptions
-) -> tuple[torch.Tensor, int]:
-    """The binary hyperplane rule on support patches ``X [e, n, D]`` (``y`` 1 = foreground, ``valid`` 0 for
-    ignored patches) → foreground logits of the query patches ``Xq [e, m, D]`` and the unconverged count."""
-    from ..rules.logistic import fit_logistic
-
-    sw = balanced_sample_weight(y, valid, 2) if opts.class_weight == "balanced" else valid
-    fit = fit_logistic(X, y, 2, opts.C, sample_weight=sw, **opts.solver())
-    return (Xq @ fit.coef.transpose(1, 2))[..., 0] + fit.intercept, int((~fit.converged).sum())
-
-
-def cosine_support_scores(
-    X: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, Xq: torch.Tensor, opts: RuleOptions
-) -> tuple[torch.Tensor, int]:
-    """The cosine rule with a foreground and a background direction (ignored patches excluded) → cos to the
-    foreground direction minus cos to the background one, per query patch."""
-    from ..rules.cosine import cosine_directions
-
-    cs = cosine_scores(Xq, cosine_directions(X, y, 2, sample_weight=valid))
-    return cs[..., 1] - cs[..., 0], 0
-
-
 def dataset_masks(store: Any) -> Masks:
     """``masks(i)`` reading full-resolution masks of the dataset a store was extracted from."""
-    from .. import open_dataset
+    from ..data import open_dataset
 
     ds = open_dataset(store.dataset_spec, store.split)
     if hasattr(ds, "mask"):

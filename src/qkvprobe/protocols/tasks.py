@@ -6,57 +6,57 @@ masks reach a rule — behind one interface: ``check_positions``, ``standard``, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError, RuleError
 from ..results import ResultRow
+from .classification import run_fewshot_classification, run_standard_classification
 from .evaluation import (
     Evaluation,
     FewshotResult,
     FewshotSegmentationResult,
     RowMaker,
-    RuleOptions,
     Steps,
     UnitKey,
-    store_block,
 )
 from .fewshot_c import validation_episodes
 from .registry import RuleProtocol
+from .segmentation import (
+    Masks,
+    dataset_masks,
+    patch_pixel_counts,
+    run_fewshot_segmentation,
+    run_standard_segmentation,
+)
 
 if TYPE_CHECKING:
-    from .segmentation import Masks
+    from .driver import Plan
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A validated evaluation: everything the loops read."""
+class _Sampling:
+    """The few-shot class policy every door shares: the samplers leave classes with too few images out of the
+    episodes (``leave_out=True``) instead of refusing the setting, and the adapter names them — for the
+    evaluation's episodes and, separately, for the validation episodes that choose ``C="auto"`` on halved
+    training pools. A custom ``episode_sampler`` takes ``leave_out`` too."""
 
-    setting: str
-    rules: list[RuleProtocol]
-    tokens: list[str]
-    positions: list[str]
-    blocks: list[int]
-    shots: list[int]
-    ways: int
-    queries: int
-    episodes: int
-    seed: int
-    C: float | str
-    opts: RuleOptions
-    model: str | None
-    dataset: str | None
-    allowed_mismatch: tuple[str, ...]
+    sampler: Callable[..., Any]
+    class_names: list[str]
+
+    def sample(
+        self, train_part: np.ndarray, test_part: np.ndarray, shots: int, record: list[str], **kw: Any
+    ) -> Any:
+        ep = self.sampler(train_part, test_part, shots=shots, leave_out=True, **kw)
+        names = self.class_names
+        record.extend(str(names[c]) if 0 <= c < len(names) else str(c) for c in getattr(ep, "left_out", ()))
+        return ep
 
 
-class ClassificationTask:
+class ClassificationTask(_Sampling):
     """Classification: one feature per image (``cls``/``avg``), accuracy; N-way K-shot episodes."""
 
     name = "classification"
-    default_positions = ("cls",)
 
     def __init__(self, train: Any, test: Any, episode_sampler: Any = None) -> None:
         self.train, self.test = train, test
@@ -64,42 +64,19 @@ class ClassificationTask:
         if episode_sampler is None:
             from ..data.episodes import sample_classification_episodes as episode_sampler
         self.sampler = episode_sampler
-
-    @staticmethod
-    def check_positions(positions: Sequence[str]) -> None:
-        bad = [p for p in positions if p not in ("cls", "avg")]
-        if bad:
-            raise ConfigError(
-                f"classification uses image-level tokens, got position {bad[0]!r}; pass --positions cls,avg"
-            )
+        self.class_names = [str(c) for c in getattr(train, "classes", [])]
+        self.validation_left_out: dict[int, list[str]] = {}
 
     def standard(self, plan: Plan, out: Evaluation, step: Steps, make: RowMaker) -> None:
-        from .classification import standard_classification
-
-        for block in plan.blocks:
-            b = store_block(self.train, block)
+        opts = plan.opts
+        for b in plan.blocks:
             for position in plan.positions:
-                train = [self.train.get(t, position, block) for t in plan.tokens]
-                test = [self.test.get(t, position, block) for t in plan.tokens]
+                train = [self.train.get(t, position, b) for t in plan.tokens]
+                test = [self.test.get(t, position, b) for t in plan.tokens]
                 for rule in plan.rules:
                     step(f"block {b} · {position} · {rule.name} ({len(plan.tokens)} tokens)")
-                    opts = plan.opts
-                    results = standard_classification(
-                        train,
-                        self.ytr,
-                        test,
-                        self.yte,
-                        rule=rule.name,
-                        Cs=opts.Cs,
-                        seed=opts.seed,
-                        device=opts.device,
-                        class_weight=opts.class_weight,
-                        max_iter=opts.max_iter,
-                        tol=opts.tol,
-                        k=opts.k,
-                        T=opts.T,
-                    )
-                    params = rule.params(opts)
+                    results = run_standard_classification(train, self.ytr, test, self.yte, rule, opts)
+                    params = plan.spec.rule_params(rule.name)
                     for token, res in zip(plan.tokens, results, strict=True):
                         key = UnitKey(b, token, position, rule.name, 0, params)
                         out.rows.append(
@@ -125,26 +102,21 @@ class ClassificationTask:
                             out.unconverged.append(f"{key.label} (standard)")
         out.classes = np.unique(self.ytr)
 
-    def episodes(self, plan: Plan, shots: int) -> Any:
-        return self.sampler(
-            self.ytr,
-            self.yte,
-            ways=plan.ways,
-            shots=shots,
-            queries=plan.queries,
-            episodes=plan.episodes,
-            seed=plan.seed,
-        )
+    def episodes(self, plan: Plan, shots: int) -> tuple[Any, list[str]]:
+        """The evaluation's episodes and the classes left out of them."""
+        left: list[str] = []
+        kw = {"ways": plan.ways, "queries": plan.queries, "episodes": plan.episodes, "seed": plan.seed}
+        return self.sample(self.ytr, self.yte, shots, left, **kw), left
 
     def validation(self, plan: Plan, shots: int) -> Any:
+        left = self.validation_left_out.setdefault(shots, [])
         return validation_episodes(
-            self.sampler,
+            lambda a, b, **kw: self.sample(a, b, shots, left, **kw),
             lambda rows: self.ytr[rows],
             len(self.ytr),
             episodes=plan.episodes,
             seed=plan.seed,
             ways=plan.ways,
-            shots=shots,
             queries=plan.queries,
         )
 
@@ -160,26 +132,11 @@ class ClassificationTask:
         *,
         train_as_test: bool = False,
     ) -> FewshotResult:
-        from .classification import fewshot_classification
-
         Ftr = self.train.get(token, position, block)
         Fte = Ftr if train_as_test else self.test.get(token, position, block)
-        o = plan.opts
-        return fewshot_classification(
-            Ftr,
-            Fte,
-            ep.classes,
-            ep.support,
-            ep.support_labels,
-            ep.query,
-            ep.query_labels,
-            rule=rule.name,
-            C=C,
-            device=o.device,
-            max_iter=o.max_iter,
-            tol=o.tol,
-            k=o.k,
-            T=o.T,
+        opts = plan.spec.rule_options(C)
+        return run_fewshot_classification(
+            Ftr, Fte, ep.support, ep.support_labels, ep.query, ep.query_labels, rule, opts
         )
 
     def fewshot_rows(self, res: FewshotResult, common: dict[str, Any], make: RowMaker) -> list[ResultRow]:
@@ -189,12 +146,11 @@ class ClassificationTask:
         return res.mean
 
 
-class SegmentationTask:
+class SegmentationTask(_Sampling):
     """Segmentation: one feature per patch, mIoU (and pixel accuracy) at full resolution; 1-way K-shot episodes
     of one class each (foreground vs. not)."""
 
     name = "segmentation"
-    default_positions = ("patch",)
 
     def __init__(
         self,
@@ -206,8 +162,6 @@ class SegmentationTask:
         episode_sampler: Any = None,
         need_train_masks: bool = False,
     ) -> None:
-        from .segmentation import dataset_masks
-
         self.train, self.test = train, test
         self.masks: Masks = masks or dataset_masks(test)
         self.train_masks: Masks | None = train_masks or (dataset_masks(train) if need_train_masks else None)
@@ -215,17 +169,10 @@ class SegmentationTask:
             from ..data.episodes import sample_segmentation_episodes as episode_sampler
         self.sampler = episode_sampler
         self._counts: tuple[np.ndarray, np.ndarray] | None = None
-
-    @staticmethod
-    def check_positions(positions: Sequence[str]) -> None:
-        if any(p != "patch" for p in positions):
-            raise RuleError(
-                f"segmentation uses patch tokens, got positions {list(positions)}; pass --positions patch"
-            )
+        self.class_names = [str(c) for c in getattr(train, "classes", [])]
+        self.validation_left_out: dict[int, list[str]] = {}
 
     def _pixel_counts(self) -> tuple[np.ndarray, np.ndarray]:
-        from .segmentation import patch_pixel_counts
-
         if self._counts is None:
             K = len(self.train.classes)
             self.tr_labels, self.te_labels = self.train.patch_labels(), self.test.patch_labels()
@@ -236,31 +183,13 @@ class SegmentationTask:
         return self._counts
 
     def standard(self, plan: Plan, out: Evaluation, step: Steps, make: RowMaker) -> None:
-        from .segmentation import standard_segmentation
-
-        for block in plan.blocks:
-            b = store_block(self.train, block)
+        opts = plan.opts
+        for b in plan.blocks:
             for token in plan.tokens:
                 for rule in plan.rules:
                     step(f"block {b} · {token}·patch · {rule.name}")
-                    o = plan.opts
-                    res = standard_segmentation(
-                        self.train,
-                        self.test,
-                        token=token,
-                        block=block,
-                        rule=rule.name,
-                        masks=self.masks,
-                        Cs=o.Cs,
-                        seed=o.seed,
-                        device=o.device,
-                        class_weight=o.class_weight,
-                        max_iter=o.max_iter,
-                        tol=o.tol,
-                        k=o.k,
-                        T=o.T,
-                    )
-                    params = rule.params(o)
+                    res = run_standard_segmentation(self.train, self.test, token, b, rule, opts, self.masks)
+                    params = plan.spec.rule_params(rule.name)
                     key = UnitKey(b, token, "patch", rule.name, 0, params)
                     for metric in ("miou", "pixel_accuracy"):
                         out.rows.append(
@@ -285,14 +214,21 @@ class SegmentationTask:
                         out.unconverged.append(f"{key.label} (standard)")
         out.classes = np.arange(len(self.train.classes))
 
-    def episodes(self, plan: Plan, shots: int) -> Any:
+    def episodes(self, plan: Plan, shots: int) -> tuple[Any, list[str]]:
+        """The evaluation's episodes and the classes left out of them."""
         tr, te = self._pixel_counts()
-        return self.sampler(tr, te, shots=shots, episodes=plan.episodes, seed=plan.seed)
+        left: list[str] = []
+        return self.sample(tr, te, shots, left, episodes=plan.episodes, seed=plan.seed), left
 
     def validation(self, plan: Plan, shots: int) -> Any:
         tr, _ = self._pixel_counts()
+        left = self.validation_left_out.setdefault(shots, [])
         return validation_episodes(
-            self.sampler, lambda rows: tr[rows], len(tr), episodes=plan.episodes, seed=plan.seed, shots=shots
+            lambda a, b, **kw: self.sample(a, b, shots, left, **kw),
+            lambda rows: tr[rows],
+            len(tr),
+            episodes=plan.episodes,
+            seed=plan.seed,
         )
 
     def fewshot_unit(
@@ -307,8 +243,6 @@ class SegmentationTask:
         *,
         train_as_test: bool = False,
     ) -> FewshotSegmentationResult:
-        from .segmentation import fewshot_segmentation
-
         self._pixel_counts()
         Ftr = self.train.get(token, "patch", block)
         if train_as_test:
@@ -316,8 +250,8 @@ class SegmentationTask:
             assert masks is not None  # need_train_masks is set whenever validation episodes run (C="auto")
         else:
             Fte, indices, masks = self.test.get(token, "patch", block), self.test.indices(), self.masks
-        o = plan.opts
-        return fewshot_segmentation(
+        opts = plan.spec.rule_options(C)
+        return run_fewshot_segmentation(
             Ftr,
             self.tr_labels,
             Fte,
@@ -326,15 +260,9 @@ class SegmentationTask:
             ep.classes,
             ep.support,
             ep.query,
-            rule=rule.name,
-            masks=masks,
-            C=C,
-            device=o.device,
-            class_weight=o.class_weight,
-            max_iter=o.max_iter,
-            tol=o.tol,
-            k=o.k,
-            T=o.T,
+            rule,
+            opts,
+            masks,
         )
 
     def fewshot_rows(

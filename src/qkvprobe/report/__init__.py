@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .files import RunFiles, load_run
 from .html import render_report
-from .summary import summary_table
+from .summary import run_answers, run_summary, summary_table
 from .tables import main_rows
 
 __all__ = [
@@ -13,5 +13,7 @@ __all__ = [
     "load_run",
     "main_rows",
     "render_report",
+    "run_answers",
+    "run_summary",
     "summary_table",
 ]

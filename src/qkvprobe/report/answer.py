@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..vocab import POSITIONS, TOKENS, objective_family
-from .tables import GROUP, REPORT_RULES, order_present, setting_label
+from ..tables import rank_key as rank_key
+from ..tables import rule_order
+from ..vocab import objective_family
+from .tables import GROUP, order_present, setting_label
 
 #: Significance level of the tie decision (after the Holm adjustment).
 ALPHA = 0.05
@@ -118,27 +120,7 @@ class Answer:
         for c in self.others:  # sorted by value, best first
             if c.choice.rule != self.best.rule and c.choice.rule not in seen:
                 seen[c.choice.rule] = c
-        return [seen[r] for r in order_present(pd.Series(list(seen)), REPORT_RULES)]
-
-
-def _index(value: str, canon: tuple[str, ...]) -> int:
-    return canon.index(value) if value in canon else len(canon)
-
-
-def rank_key(value: float, token: str, position: str, rule: str, block: int) -> tuple:
-    """The order in which choices are ranked — highest value first, equal values in the vocabulary's order of
-    token, position and rule, then by block — shared by the study's paired tests and the answer table, so both
-    name the same best choice when two choices score exactly the same."""
-    base = token.split(".h", 1)[0]
-    return (
-        -float(value),
-        _index(base, TOKENS),
-        token,
-        _index(position, POSITIONS),
-        _index(rule, REPORT_RULES),
-        rule,
-        int(block),
-    )
+        return [seen[r] for r in order_present(pd.Series(list(seen)), rule_order())]
 
 
 def holm(pvalues: Iterable[float]) -> np.ndarray:

@@ -22,8 +22,10 @@ import pandas as pd
 
 from ..io import write_bytes
 from ..rundir import DirectionMap, slug
+from ..tables import BALANCED_RULE, rule_colour, rule_order
+from ..tables import rule_letter as table_letter
 from ..vocab import POSITIONS, TOKENS
-from .tables import BALANCED_RULE, HEAT_SPAN, REPORT_RULES, order_present, setting_label
+from .tables import HEAT_SPAN, order_present, setting_label
 
 # User text (class names, model labels) must never be read as mathtext ("$" in a name would crash). A fixed SVG
 # hash salt keeps the element ids, and so the files, the same from one rendering to the next; SVG text stays text
@@ -38,16 +40,13 @@ _RC = {
 }
 #: Resolution of the raster figures (direction maps): sharp on high-density screens and in print.
 MAP_DPI = 200
-RULE_COLOURS = {"hyperplane": "#3b6ea8", BALANCED_RULE: "#7fa7d4", "cosine": "#e08a2c", "knn": "#4d9a5a"}
-#: The sweep heatmap names each cell's best rule by a letter.
-RULE_LETTERS = {"hyperplane": "H", BALANCED_RULE: "Hb", "cosine": "C", "knn": "N"}
 
 
 def rule_letter(rule: str) -> str:
     """A rule's letter in the heatmap cells; a hyperplane variant of a mixed table ("hyperplane·C=0.01",
     "hyperplane·balanced·C=auto") keeps its letter and adds what tells it apart ("H C=0.01", "Hb C=auto")."""
     base, _, variant = rule.partition("·C=")
-    letter = RULE_LETTERS.get(base, "?")
+    letter = table_letter(base)
     return f"{letter} C={variant}" if variant else letter
 
 
@@ -108,7 +107,7 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
                 cur = sub[sub["shots"] == k]
                 positions = order_present(cur["position"], POSITIONS)
                 xs = [(t, p) for p in positions for t in order_present(cur["token"], TOKENS)]
-                rules = order_present(cur["rule"], REPORT_RULES)
+                rules = order_present(cur["rule"], rule_order())
                 width = 0.8 / max(1, len(rules))
                 for j, r in enumerate(rules):
                     vals, errs = [], []
@@ -117,7 +116,7 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
                         vals.append(float(hit["value"].iloc[0]) if len(hit) else np.nan)
                         errs.append(float(np.nan_to_num(hit["ci95"].iloc[0])) if len(hit) else 0.0)
                     pos = np.arange(len(xs)) + (j - (len(rules) - 1) / 2) * width
-                    ax.bar(pos, vals, width, yerr=errs, capsize=2, label=r, color=RULE_COLOURS.get(r))
+                    ax.bar(pos, vals, width, yerr=errs, capsize=2, label=r, color=rule_colour(r))
                 ax.set_xticks(np.arange(len(xs)))
                 ax.set_xticklabels(
                     [t if len(positions) == 1 else f"{t}·{p}" for t, p in xs], rotation=45, ha="right"
@@ -142,7 +141,7 @@ def fewshot_bars(main: pd.DataFrame, figures_dir: Path) -> list[Figure]:
 
 
 def sweep_heatmap(grid: dict, figures_dir: Path) -> Figure:
-    """Token × block heatmap of the best rule's score; each cell names the rule (``RULE_LETTERS``)."""
+    """Token × block heatmap of the best rule's score; each cell names the rule (the rule table's letters)."""
     value, tokens, blocks = grid["value"], grid["tokens"], grid["blocks"]
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(blocks) + 1.5), 0.45 * len(tokens) + 1.2))

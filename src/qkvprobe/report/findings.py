@@ -16,11 +16,12 @@ from pathlib import Path
 from .. import __version__
 from ..io import write_text
 from ..rundir import RESULTS
-from .answer import ANSWER_LEGEND, answer_lines, answers, weights_by_model
+from .answer import ANSWER_LEGEND, answer_lines
 from .files import RunFiles, load_run
 from .html import rule_notes, run_details
 from .insights import insights
-from .tables import HEAT_SPAN, heat_tables, is_head, main_rows
+from .summary import answer_notes, run_answers
+from .tables import HEAT_SPAN, heat_tables
 
 
 def _cell(text: str) -> str:
@@ -37,9 +38,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def findings_markdown(run: RunFiles, reproduce: str = "qkvprobe run") -> str:
     """The findings document of ``run`` (:func:`qkvprobe.report.load_run`); ``reproduce`` is the command that
     made the run (the document prints it)."""
-    main = main_rows(run.results, run.run_info)
-    main = main[~is_head(main["token"])]
-    found = answers(main, run.paired, weights_by_model(run.run_info))
+    main, found = run_answers(run)
     out = [
         "# Findings",
         "",
@@ -51,6 +50,8 @@ def findings_markdown(run: RunFiles, reproduce: str = "qkvprobe run") -> str:
         "",
         "## The answer: best token and rule",
         "",
+        *(f"> {note}." for note in answer_notes(run, main)),
+        *([""] if answer_notes(run, main) else []),
     ]
     lines = answer_lines(found)
     for model in dict.fromkeys(line.model for line in lines):

@@ -12,13 +12,14 @@ import pandas as pd
 
 from .. import __version__
 from ..io import write_text
-from ..protocols.registry import get_rule, rule_names
 from ..rundir import RESULTS, RunDir
+from ..tables import rule_names, rule_note
 from ..vocab import TOKENS
 from . import figures as figs
-from .answer import ANSWER_LEGEND, answer_lines, answers, weights_by_model
+from .answer import ANSWER_LEGEND, answer_lines
 from .files import RunFiles, load_run
 from .insights import insights
+from .summary import answer_notes, run_answers
 from .tables import (
     BALANCED_RULE,
     HEAT_SPAN,
@@ -191,7 +192,7 @@ def _answer_models(lines: list) -> list[dict]:
 def rule_notes(main: pd.DataFrame) -> list[tuple[str, str]]:
     """(rule, caveat) for each registered rule in the rows that carries one (:attr:`RuleProtocol.note`)."""
     present = {str(r).partition("·")[0] for r in main.get("rule", pd.Series(dtype=str)).unique()}
-    return [(name, get_rule(name).note) for name in rule_names() if name in present and get_rule(name).note]
+    return [(name, rule_note(name)) for name in rule_names() if name in present and rule_note(name)]
 
 
 def render_run(run: RunFiles, out: Path) -> Path:
@@ -200,10 +201,9 @@ def render_run(run: RunFiles, out: Path) -> Path:
     for stale in fig_dir.glob("*") if fig_dir.is_dir() else []:
         if stale.is_file() and stale.suffix in (".png", ".svg"):
             stale.unlink()
-    main = main_rows(run.results, run.run_info)
-    heads = main[is_head(main["token"])]
-    main = main[~is_head(main["token"])]  # single heads get their own figures, not rows in every table
-    found = answers(main, run.paired, weights_by_model(run.run_info))
+    every = main_rows(run.results, run.run_info)
+    heads = every[is_head(every["token"])]  # single heads get their own figures, not rows in every table
+    main, found = run_answers(run)
     tables = heat_tables(main, found)
     context = {
         "title": run.run_info.get("name") or run.run_dir.name,
@@ -211,6 +211,7 @@ def render_run(run: RunFiles, out: Path) -> Path:
         "meta": run_details(run.run_info, run.results),
         "answer_models": _answer_models(answer_lines(found)),
         "answer_legend": ANSWER_LEGEND,
+        "answer_notes": answer_notes(run, main),
         "heat_span": f"{100 * HEAT_SPAN:.0f}",
         "any_unconverged": any(c.unconverged for t in tables for _, row in t.rows for c in row),
         "insights": insights(main, run.directions, found),

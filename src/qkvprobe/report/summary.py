@@ -11,9 +11,53 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .answer import ANSWER_LEGEND, answer_lines, answers
+from .answer import ANSWER_LEGEND, Answer, answer_lines, answers, weights_by_model
+from .files import RunFiles
+from .tables import is_head, main_rows, setting_label
 
 TITLE = "Which token, with which rule?"
+
+
+def run_answers(run: RunFiles) -> tuple[pd.DataFrame, list[Answer]]:
+    """The primary-metric rows of a run's main tables (whole token types: single heads get their own figures)
+    and the answers they give — the one source of the answer table of ``run``, ``evaluate``, ``report``, the
+    HTML report and the findings."""
+    main = main_rows(run.results, run.run_info)
+    if not main.empty:
+        main = main[~is_head(main["token"])]
+    return main, answers(main, run.paired, weights_by_model(run.run_info))
+
+
+def answer_notes(run: RunFiles, main: pd.DataFrame) -> list[str]:
+    """What the answer table's reader must know beside it: ties decided without paired data, and few-shot
+    classes left out of the episodes (from the rows' ``left_out`` column), per model × dataset × setting."""
+    notes = []
+    pairable = (
+        main[(main["setting"] == "fewshot") | (main["task"] == "classification")] if not main.empty else main
+    )
+    if not run.paired and not pairable.empty:
+        notes.append(
+            "no paired tests recorded beside these results (paired.json): ties are decided by overlapping "
+            "95 % intervals, which miss differences a paired test finds"
+        )
+    df = run.results
+    if "left_out" in df and not df.empty:
+        left = df[df["left_out"].astype(str) != ""]
+        for (model, dataset, ways, shots, names), _ in left.groupby(
+            ["model", "dataset", "ways", "shots", "left_out"], sort=False
+        ):
+            where = f"{model} · {dataset} · {setting_label('fewshot', int(ways), int(shots))}"
+            notes.append(
+                f"{where}: classes left out of the episodes (too few images): {str(names).replace(';', ', ')}"
+            )
+    return notes
+
+
+def run_summary(run: RunFiles, title: str = TITLE) -> Group:
+    """The answer table of a run directory as the terminal shows it (``run``, ``evaluate`` and ``report`` print
+    this, byte for byte the same for the same files)."""
+    main, items = run_answers(run)
+    return _table(items, answer_notes(run, main), title)
 
 
 def summary_table(
@@ -24,8 +68,13 @@ def summary_table(
 ) -> Group:
     """``main`` holds the primary-metric rows (:func:`qkvprobe.report.tables.main_rows`); ``paired`` the paired
     tests and ``weights`` the models' weight sources, as :func:`qkvprobe.report.answer.answers` takes them."""
-    lines = answer_lines(answers(main, paired, weights))
+    return _table(answers(main, paired, weights), [], title)
+
+
+def _table(items: list[Answer], notes: list[str], title: str) -> Group:
+    lines = answer_lines(items)
     parts: list = [Text(title, style="bold")]
+    parts += [Text(note, style="yellow") for note in notes]
     if not lines:
         parts.append(Text("No results."))
     for model in dict.fromkeys(line.model for line in lines):

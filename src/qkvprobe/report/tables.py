@@ -10,21 +10,15 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
 
-from ..vocab import HEAD_TOKENS, POSITIONS, RULES, TOKENS, split_head
+from ..tables import BALANCED_RULE as BALANCED_RULE
+from ..tables import PRIMARY_METRIC, rule_order
+from ..vocab import HEAD_TOKENS, POSITIONS, TOKENS, split_head
 
-#: The metric each task is ranked by (others are shown, not ranked).
-PRIMARY_METRIC: dict[str, str] = {"classification": "accuracy", "segmentation": "miou"}
 GROUP = ["model", "objective", "dataset", "task", "setting", "ways", "shots"]
 
 
 def setting_label(setting: str, ways: int, shots: int) -> str:
     return "standard" if setting == "standard" else f"{int(ways)}-way {int(shots)}-shot"
-
-
-#: The rule label of class-balanced hyperplane rows in a table that also holds plain ones.
-BALANCED_RULE = "hyperplane·balanced"
-#: The rules in the order the report shows them.
-REPORT_RULES: tuple[str, ...] = (RULES[0], BALANCED_RULE, *RULES[1:])
 
 
 def label_rule_variants(df: pd.DataFrame) -> pd.DataFrame:
@@ -148,7 +142,7 @@ def heat_tables(main: pd.DataFrame, answers: list | None = None) -> list[HeatTab
         g = dict(zip(GROUP, key, strict=True))
         answer = by_group.get((g["model"], g["dataset"], g["setting"], g["shots"]))
         positions = order_present(sub["position"], POSITIONS)
-        rules = order_present(sub["rule"], REPORT_RULES)
+        rules = order_present(sub["rule"], rule_order())
         tokens = order_present(sub["token"], TOKENS)
         blocks = sorted(sub["block"].unique())
         cols = [(p, r) for p in positions for r in rules]

@@ -14,11 +14,10 @@ extracted off a terminal, a heartbeat line says how many shards are written. Row
 
 from __future__ import annotations
 
-import inspect
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,10 @@ from ..config import DatasetConfig, ModelConfig, StudyConfig, dump_config
 from ..errors import QkvprobeError
 from ..feedback import Reporter, many_tokens_warning, seconds, shard_progress
 from ..io import read_json, write_json
-from ..results import ResultRow, read_results, write_results
+from ..results import ResultRow, read_results
 from ..rundir import RunDir, save_direction_map
-from ..vocab import objective_family, split_head
+from ..tables import setting_text
+from ..vocab import objective_family
 from .state import Progress, unit_id
 
 __all__ = ["StudyResult", "run_study"]
@@ -79,15 +79,6 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _call(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call a protocol with the contract's arguments plus the optional extras it accepts (device, progress)."""
-    params = inspect.signature(fn).parameters
-    optional = {"device", "progress", "queries", "ways", "episode_sampler", "Cs", "C"}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params or k not in optional})
-
-
 class _Study:
     """One invocation of a study; methods are the units of work."""
 
@@ -132,26 +123,6 @@ class _Study:
     # ---- helpers ----------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
         self.reporter.log(msg)
-
-    def _note_excluded(self, spec: str, shots: int, classes: Any, calls: list[list[int]]) -> None:
-        """Log and record (run.json) the classes the tolerant few-shot segmentation sampler left out: of the
-        evaluation's episodes (its last call), and those left out of the C choice's validation episodes only
-        (earlier calls, halved training pools), which would otherwise go unnoticed."""
-        if not calls:
-            return
-        where = f"{spec} {shots}-shot"
-        if calls[-1]:
-            names = [classes[c] for c in calls[-1]]
-            self.info.setdefault("fewshot_excluded_classes", {})[where] = names
-            self.log(f"{where}: classes with too few images left out of the episodes: {names}")
-        only_val = sorted({c for call in calls[:-1] for c in call} - set(calls[-1]))
-        if only_val:
-            names = [classes[c] for c in only_val]
-            self.info.setdefault("fewshot_validation_excluded_classes", {})[where] = names
-            self.log(
-                f"{where}: classes with too few images in the halved training pools, left out of the "
-                f"validation episodes that choose C (not of the evaluation's): {names}"
-            )
 
     def _subsampling(self) -> dict[str, Any]:
         sizes = {d.spec: {"train": d.train_size, "test": d.test_size} for d in self.cfg.datasets}
@@ -356,61 +327,43 @@ class _Study:
         paired: bool = True,
         rules: list[str] | None = None,
     ) -> None:
-        from ..protocols import evaluate_classification, evaluate_segmentation
+        """One evaluation unit: the study config's spec for this dataset × setting (× shots) through the one
+        pipeline (``protocols.evaluate``), its outputs written as ``qkvprobe evaluate`` writes them."""
+        from ..protocols import evaluate
+        from .outputs import left_out_info, save_evaluation
 
-        fs = self.cfg.fewshot
-        fn = evaluate_classification if d.task == "classification" else evaluate_segmentation
-        episodes = (
-            0
-            if setting == "standard"
-            else (fs.episodes if d.task == "classification" else fs.segmentation_episodes)
+        spec = self.cfg.eval_spec(
+            d,
+            setting,
+            shots=shots or None,
+            blocks=blocks,
+            positions=positions,
+            rules=rules,
+            heads=self.cfg.heads and paired,  # single heads at the main block(s), not in the block sweep
+            device=self.device,
         )
-        label = (
-            "standard"
-            if setting == "standard"
-            else f"{fs.ways}-way {shots}-shot"
-            if d.task == "classification"
-            else f"{shots}-shot"
-        )
-        tokens = list(self.cfg.tokens)
-        if self.cfg.heads and paired:  # single heads at the main block(s), not in the block sweep
-            tokens += stores["train"].head_tokens(tokens)
+        label = setting_text(d.task, setting, shots, spec.fewshot.ways)
+        tokens = "" if not spec.heads else " (and their heads)"
         self.log(
-            f"{m.name} · {d.spec} · {label}: blocks {blocks}, {len(tokens)} tokens × {len(self.cfg.rules)} rules"
+            f"{m.name} · {d.spec} · {label}: blocks {blocks}, {len(spec.tokens or ())} tokens{tokens} × "
+            f"{len(spec.rules)} rules ({', '.join(spec.rules)})"
         )
-        extra: dict[str, Any] = {} if self.cfg.c_grid is None else {"Cs": list(self.cfg.c_grid)}
-        if setting == "fewshot" and fs.C != 1.0:
-            extra["C"] = fs.C
-        excluded: dict[int, list[list[int]]] = {}
-        if d.task == "segmentation" and setting == "fewshot":
-            from .sides import tolerant_segmentation_sampler
-
-            extra["episode_sampler"] = tolerant_segmentation_sampler(excluded)
         with self.reporter.units("  evaluate") as tell:
-            evaluation = _call(
-                fn,
-                train_store=stores["train"],
-                test_store=stores["test"],
-                setting=setting,
-                rules=list(rules or self.cfg.rules),
-                tokens=tokens,
-                positions=list(positions or ["patch"]),
-                blocks=list(blocks),
-                ways=fs.ways,
-                shots=shots,
-                queries=fs.queries,
-                episodes=episodes,
-                seed=self.cfg.seed,
+            evaluation = evaluate(
+                stores["train"],
+                stores["test"],
+                spec,
                 model=m.name,
                 dataset=d.spec,
-                device=self.device,
-                class_weight=self.cfg.class_weight,
-                k=self.cfg.knn.k,
-                T=self.cfg.knn.T,
+                weights=self.sources.get(m.name, ""),
                 progress=tell,
-                **extra,
+                paired=paired,
             )
-        self._note_excluded(d.spec, shots, stores["train"].classes, excluded.get(shots, []))
+        for field_name, entries in left_out_info(evaluation).items():
+            self.info.setdefault(field_name, {}).update(entries)
+            for where, names in entries.items():
+                what = "the episodes" if field_name == "left_out" else "the validation episodes that choose C"
+                self.log(f"{where}: classes with too few images left out of {what}: {', '.join(names)}")
         if evaluation.unconverged:
             units = [f"{m.name} · {d.spec} · {u}" for u in evaluation.unconverged]
             self.log(f"not converged (results marked converged=false): {'; '.join(units)}")
@@ -418,27 +371,12 @@ class _Study:
             self.info["unconverged_units"] = len(self.info["unconverged"])
         if not evaluation.rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
-        rows = [replace(r, weights=self.sources.get(m.name, "")) for r in evaluation.rows]
-        write_results(self.rd.results, rows)
-        if setting == "standard" and paired and evaluation.weights:
-            from .sides import save_fits
-
-            save_fits(self.rd.fit_file(m.name, d.spec), evaluation.weights, evaluation.classes)
-        if paired:  # the block sweep is a map, not a contest: no tests there
-            from .sides import paired_verdicts
-
-            labels = stores["test"].labels() if d.task == "classification" else None
-            # whole token types: the answer table ranks those (single heads get their own figures)
-            whole = [r for r in rows if split_head(r.token)[1] is None]
-            tests = paired_verdicts(whole, evaluation, labels)
-            if tests:
-                self._merge_side(self.rd.paired, "tests", tests, ("model", "dataset", "setting", "shots"))
+        save_evaluation(self.run_dir, evaluation)
 
     def _merge_side(self, path: Path, key: str, entries: list[dict], ident: tuple[str, ...]) -> None:
-        old = (read_json(path, {}) or {}).get(key, [])
-        new_ids = {tuple(e.get(k) for k in ident) for e in entries}
-        kept = [e for e in old if tuple(e.get(k) for k in ident) not in new_ids]
-        write_json(path, {key: kept + list(entries)})
+        from .outputs import merge_entries
+
+        merge_entries(path, key, entries, ident)
 
     def directions(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
         import numpy as np
@@ -504,8 +442,7 @@ def run_study(
     cfg: StudyConfig, *, fresh: bool = False, progress: bool = True, console: Console | None = None
 ) -> StudyResult:
     """Run (or resume) a study; write results.csv, run.json, side files and the report into ``cfg.run_dir()``."""
-    from ..report import load_run, main_rows, render_report, summary_table
-    from ..report.answer import weights_by_model
+    from ..report import load_run, render_report, run_summary
 
     console = console or Console(stderr=True)
     study = _Study(cfg, fresh=fresh, progress=progress, console=console)
@@ -515,10 +452,7 @@ def run_study(
         study.log("writing the report")
         report = study.timed("report", lambda: render_report(study.run_dir))
         study.save_info()
-    files = load_run(study.run_dir)
-    summary = summary_table(
-        main_rows(files.results, files.run_info), files.paired, weights_by_model(files.run_info)
-    )
+    summary = run_summary(load_run(study.run_dir))
     return StudyResult(
         study.run_dir,
         read_results(study.rd.results),
