@@ -515,10 +515,10 @@ def test_every_registered_rule_has_its_own_letter_and_colour() -> None:
 
 
 def test_report_prints_the_caveat_of_a_rule_it_shows(tmp_path: Path) -> None:
-    from qkvprobe.protocols.registry import get_rule
+    from qkvprobe.tables import rule_note
 
     run = make_run(tmp_path / "run")
-    note = get_rule("knn").note
+    note = rule_note("knn")
     assert note not in unescape(render_report(run).read_text())  # no k-NN rows, no k-NN caveat
     rows = read_results(run / "results.csv")
     twins = [

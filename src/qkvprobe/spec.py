@@ -222,7 +222,8 @@ class EvalSpec(_Frozen):
 
     def rule_params(self, rule: str) -> str:
         """The rule's own parameters for the results' ``params`` column (``k=20,T=0.07``; "" for none)."""
-        return rule_entry(rule).params(self)
+        params: str = rule_entry(rule).protocol().params(self.rule_options())
+        return params
 
     def rule_options(self, C: float | None = None) -> RuleOptions:
         """The :class:`RuleOptions` view a rule's protocols read (``C``: the few-shot C of this unit)."""

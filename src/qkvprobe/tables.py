@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import RuleError
@@ -106,9 +106,8 @@ class RuleEntry:
     ``has_C``: a solver with a C (the standard protocol chooses C on held-out data, few-shot uses a fixed or
     "auto" C; its rows record ``converged``, ``class_weight`` and ``C_choice``); ``class_weighted``: takes a
     class weighting; ``direction``: one vector per class (the "which direction?" angles use them); ``note``: a
-    caveat the report prints under its tables; ``colour`` and ``letter``: how figures draw it; ``params``: the
-    rule's own parameters as ``name=value`` text for the results' ``params`` column, from an evaluation spec.
-    ``impl``: a ``"module:Class"`` reference to its protocols, or the instance itself."""
+    caveat the report prints under its tables; ``colour`` and ``letter``: how figures draw it. ``impl``: a
+    ``"module:Class"`` reference to its protocols (a built-in), or the registered instance itself."""
 
     name: str
     summary: str
@@ -119,19 +118,23 @@ class RuleEntry:
     note: str = ""
     colour: str = "#777777"
     letter: str = "?"
-    params: Callable[[Any], str] = field(default=lambda spec: "", compare=False)
+
+    @property
+    def builtin(self) -> bool:
+        return isinstance(self.impl, str)
 
     def protocol(self) -> Any:
         """The rule's :class:`~qkvprobe.protocols.registry.RuleProtocol` instance (imported on first use)."""
-        if isinstance(self.impl, str):
+        if not isinstance(self.impl, str):
+            return self.impl
+        if self.name not in _INSTANCES:
             module, _, name = self.impl.partition(":")
-            impl = getattr(importlib.import_module(module), name)()
-            object.__setattr__(self, "impl", impl)
-        return self.impl
+            _INSTANCES[self.name] = getattr(importlib.import_module(module), name)()
+        return _INSTANCES[self.name]
 
 
-def _knn_params(spec: Any) -> str:
-    return f"k={spec.knn.k},T={spec.knn.T:g}"
+#: The built-in rules' protocols, once imported.
+_INSTANCES: dict[str, Any] = {}
 
 
 _BUILTIN: tuple[RuleEntry, ...] = (
@@ -163,7 +166,6 @@ _BUILTIN: tuple[RuleEntry, ...] = (
         ),
         colour="#4d9a5a",
         letter="N",
-        params=_knn_params,
     ),
 )
 #: The rules an evaluation uses when none are named: the paper's two direction rules (the default study names
@@ -181,10 +183,12 @@ def register_rule(rule: Any) -> Any:
         raise RuleError(f"a rule needs a name that is an identifier, got {name!r}")
     old = _RULES.get(name)
     if old is not None:
-        held = old.impl if not isinstance(old.impl, str) else None
-        builtin_ref = isinstance(old.impl, str) and old.impl.endswith(":" + type(rule).__name__)
-        if not builtin_ref and (held is None or type(held) is not type(rule)):
+        same = old.impl.endswith(":" + type(rule).__name__) if old.builtin else type(old.impl) is type(rule)
+        if not same:
             raise RuleError(f"a rule named {name!r} is already registered")
+        if old.builtin:  # a built-in's instance: its facts stay the table's
+            _INSTANCES[name] = rule
+            return rule
     _RULES[name] = RuleEntry(
         name=name,
         summary=getattr(rule, "summary", ""),
@@ -193,9 +197,8 @@ def register_rule(rule: Any) -> Any:
         class_weighted=bool(getattr(rule, "class_weighted", False)),
         direction=bool(getattr(rule, "direction", False)),
         note=getattr(rule, "note", ""),
-        colour=getattr(rule, "colour", old.colour if old else "#777777"),
-        letter=getattr(rule, "letter", old.letter if old else name[:1].upper()),
-        params=lambda spec, rule=rule: rule.params(spec.rule_options()),
+        colour=getattr(rule, "colour", "#777777"),
+        letter=getattr(rule, "letter", name[:1].upper()),
     )
     return rule
 

@@ -3,6 +3,7 @@ registry, and metrics (docs/science.md §2)."""
 
 from __future__ import annotations
 
+from ..tables import rank_key
 from .classification import fewshot_classification, standard_classification
 from .driver import (
     MATCH_FIELDS,
@@ -40,7 +41,7 @@ from .metrics import (
     paired_test,
     pixel_accuracy,
 )
-from .paired import paired_verdicts, rank_key
+from .paired import paired_verdicts
 from .registry import PatchScorer, RuleProtocol, check_rules, get_rule, register_rule, rule_names
 from .segmentation import fewshot_segmentation, standard_segmentation
 from .tasks import ClassificationTask, SegmentationTask

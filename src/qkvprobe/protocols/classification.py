@@ -35,6 +35,7 @@ from ..rules.logistic import (
     check_class_weight,
     default_dtype,
 )
+from ..tables import rule_entry
 from .evaluation import C_GRID, FEWSHOT_C, VAL_FRACTION, FewshotResult, RuleOptions, StandardResult
 from .metrics import mean_ci95
 from .registry import RuleProtocol, get_rule
@@ -215,7 +216,12 @@ def fewshot_classification(
     ``[E]``, mean and CI."""
     impl = get_rule(rule)
     opts = RuleOptions(
-        device=device, C=check_C(C) if impl.has_C else FEWSHOT_C, max_iter=max_iter, tol=tol, k=k, T=T
+        device=device,
+        C=check_C(C) if rule_entry(rule).has_C else FEWSHOT_C,
+        max_iter=max_iter,
+        tol=tol,
+        k=k,
+        T=T,
     )
     return run_fewshot_classification(
         train_features, test_features, support, support_labels, query, query_labels, impl, opts, dtype=dtype

@@ -120,9 +120,10 @@ def cosine_support_scores(
 
 
 class Cosine(RuleProtocol):
+    """The cosine rule's four protocols; what the toolkit knows of it (summary, C, directions, note, colour) is
+    its entry in the rule table (``qkvprobe.tables``)."""
+
     name = "cosine"
-    summary = "cosine similarity to each class's direction (mean of L2-normalised training features)"
-    direction = True
 
     def standard_classification(
         self,

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import ConfigError, StoreError
 from ..provenance import manifest_weights_source, store_label
 from ..spec import C_AUTO, EvalSpec, RuleOptions
-from ..tables import TASKS, TaskEntry
+from ..tables import TASKS, TaskEntry, rule_entry
 from ..vocab import EXTRACT_TOKENS, split_head
 from .evaluation import Evaluation, ProgressFn, Steps, UnitKey, row_maker, store_block
 from .fewshot_c import choose_C
@@ -127,7 +127,7 @@ class Plan:
         return (
             self.spec.setting == "fewshot"
             and self.spec.fewshot.C == C_AUTO
-            and any(r.has_C for r in self.rules)
+            and any(rule_entry(r.name).has_C for r in self.rules)
         )
 
 
@@ -241,9 +241,9 @@ def plan_evaluation(
         ways=task.ways or spec.fewshot.ways,
         queries=task.queries or spec.fewshot.queries,
         episodes=spec.episodes_for(task.name),
-        model=model or store_label(manifest) or getattr(train_store, "backbone_spec", "model"),
+        model=str(model or store_label(manifest) or getattr(train_store, "backbone_spec", "model")),
         objective=str(getattr(train_store, "objective", "unknown")),
-        dataset=dataset or getattr(train_store, "dataset_spec", "dataset"),
+        dataset=str(dataset or getattr(train_store, "dataset_spec", "dataset")),
         weights=manifest_weights_source(manifest) if weights is None else weights,
         allowed=allowed,
     )
@@ -337,7 +337,7 @@ def _fewshot(
                     C_used = plan.spec.fixed_C()
                     if auto:
                         step(f"{head} · block {b} · {token}·{position} · choosing C")
-                        hyper = next(r for r in plan.rules if r.has_C)
+                        hyper = next(r for r in plan.rules if rule_entry(r.name).has_C)
                         chosen = choose_C(
                             partial(_validation_score, adapter, plan, hyper, val, token, position, b)
                         )
@@ -346,6 +346,7 @@ def _fewshot(
                     for rule in plan.rules:
                         step(f"{head} · block {b} · {token}·{position} · {rule.name}")
                         res = adapter.fewshot_unit(plan, rule, ep, token, position, b, C_used)
+                        solved = rule_entry(rule.name).has_C
                         params = plan.spec.rule_params(rule.name)
                         common = dict(
                             block=b,
@@ -355,9 +356,9 @@ def _fewshot(
                             ways=1 if seg else plan.ways,
                             shots=shots,
                             episodes=len(res.per_episode),
-                            C=C_used if rule.has_C else math.nan,
+                            C=C_used if solved else math.nan,
                             params=params,
-                            converged=(res.unconverged == 0) if rule.has_C else None,
+                            converged=(res.unconverged == 0) if solved else None,
                             left_out=";".join(left_out),
                         )
                         out.rows.extend(adapter.fewshot_rows(res, common, make))

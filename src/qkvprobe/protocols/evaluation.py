@@ -16,7 +16,7 @@ from ..results import ResultRow
 
 # The protocol constants live in the rule table, the rules' options in the spec; re-exported for the protocols.
 from ..spec import RuleOptions as RuleOptions
-from ..tables import C_AUTO
+from ..tables import C_AUTO, rule_entry
 from ..tables import C_GRID as C_GRID
 from ..tables import FEWSHOT_C as FEWSHOT_C
 from ..tables import VAL_FRACTION as VAL_FRACTION
@@ -215,7 +215,7 @@ def row_maker(plan: Any) -> RowMaker:
     choice = (
         C_AUTO if spec.fewshot.C == C_AUTO else ""
     )  # "": ResultRow's default, "auto" or the fixed C as text
-    solved = {r.name for r in plan.rules if r.has_C}
+    solved = {r.name for r in plan.rules if rule_entry(r.name).has_C}
 
     def make(**kw: Any) -> ResultRow:
         has_solver = kw["rule"] in solved

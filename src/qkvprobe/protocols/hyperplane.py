@@ -358,11 +358,10 @@ def hyperplane_support_scores(
 
 
 class Hyperplane(RuleProtocol):
+    """The hyperplane rule's four protocols; what the toolkit knows of it (summary, C, directions, note, colour) is
+    its entry in the rule table (``qkvprobe.tables``)."""
+
     name = "hyperplane"
-    summary = "L2 logistic regression on raw features (C chosen on held-out data; a fixed C in few-shot)"
-    has_C = True
-    class_weighted = True
-    direction = True
 
     def standard_classification(
         self,

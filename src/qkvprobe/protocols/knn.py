@@ -142,12 +142,10 @@ def knn_support_scores(
 
 
 class KNN(RuleProtocol):
+    """The knn rule's four protocols; what the toolkit knows of it (summary, C, directions, note, colour) is
+    its entry in the rule table (``qkvprobe.tables``)."""
+
     name = "knn"
-    summary = "weighted k-NN on cosine similarity (DINO's evaluation: k = 20, votes exp(s/T), T = 0.07)"
-    note = (
-        "k-NN is the reference peers report, not a direction rule; with fewer training samples than k every "
-        "sample votes, so at 1 shot per class it is the 1-NN rule (the cosine rule's decision too)."
-    )
 
     def params(self, opts: RuleOptions) -> str:
         return f"k={opts.k},T={opts.T:g}"

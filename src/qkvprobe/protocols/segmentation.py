@@ -48,6 +48,7 @@ from ..rules.logistic import (
     check_class_weight,
     default_dtype,
 )
+from ..tables import rule_entry
 from ..vocab import IGNORE_INDEX
 from .evaluation import (
     C_GRID,
@@ -301,7 +302,7 @@ def fewshot_segmentation(
     impl = get_rule(rule)
     opts = RuleOptions(
         device=device,
-        C=check_C(C) if impl.has_C else FEWSHOT_C,
+        C=check_C(C) if rule_entry(rule).has_C else FEWSHOT_C,
         class_weight=check_class_weight(class_weight),
         max_iter=max_iter,
         tol=tol,

@@ -25,11 +25,10 @@ import torch
 from torch import Tensor
 
 from ..errors import RuleError
+from ..tables import KNN_K as KNN_K  # DINO's defaults, from the rule table
+from ..tables import KNN_T as KNN_T
 from .checks import RuleEstimator, check_fitted, validate_features, validate_labels
 
-#: DINO's defaults.
-KNN_K = 20
-KNN_T = 0.07
 #: Bytes of one block of similarities (queries × memory rows) in :func:`knn_topk`.
 KNN_BLOCK_BYTES = 64 * 1024**2
 #: Queries whose neighbours :func:`knn_topk` searches at a time.

@@ -22,16 +22,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...tables import SOLVER_MAX_ITER, SOLVER_TOL
 from ..checks import check_C
 from .dense import DenseLogistic
 from .lbfgs import HISTORY, LbfgsResult, Objective, gap_bound, minimize_lbfgs
 from .loss import augment, num_logits
 from .span import SpanLogistic, span_expand, span_reduce
 
-#: L-BFGS iterations per fit before it is reported as not converged.
-DEFAULT_MAX_ITER = 1000
-#: Relative accuracy of the objective every fit certifies: ``f(w) − f* ≤ tol · f(w)`` (:mod:`.lbfgs`).
-DEFAULT_TOL = 1e-4
+#: L-BFGS iterations per fit before it is reported as not converged (the rule table's ``SOLVER_MAX_ITER``).
+DEFAULT_MAX_ITER = SOLVER_MAX_ITER
+#: Relative accuracy of the objective every fit certifies: ``f(w) − f* ≤ tol · f(w)`` (:mod:`.lbfgs`; the rule
+#: table's ``SOLVER_TOL``).
+DEFAULT_TOL = SOLVER_TOL
 #: Iterations of a float32 span solve (``solve_span``) before its unfinished problems move to float64.
 LOWER_MAX_ITER = 200
 #: Memory of one batch of a C grid fitted together (solver state; off the CPU also a pass's logits): ``grid_step``.
