@@ -143,3 +143,36 @@ def test_a_report_without_paired_data_says_so(doors: dict, tmp_path: Path) -> No
     assert out.exit_code == 0, out.output
     assert "no paired tests recorded" in _table(out.output)
     assert "no paired tests recorded" not in _table(str(doors["report"]))
+
+
+def test_classes_with_too_few_images_are_left_out_and_named_by_every_door(tmp_path: Path) -> None:
+    """The class policy: a class without enough evaluation images for the queries is left out of the episodes
+    (not the whole setting refused), named in the rows and under the answer table; `exclude_classes` adds more."""
+    import numpy as np
+
+    from pins_fixtures import MemoryStore, blobs
+    from qkvprobe.protocols import evaluate
+    from qkvprobe.report import load_run, run_summary
+    from qkvprobe.study.outputs import save_evaluation
+
+    Xtr, ytr = blobs(80, 0, classes=4)
+    Xte, yte = blobs(80, 1, classes=4)
+    keep = (yte != 3) | (
+        np.arange(len(yte)) % 20 < 3
+    )  # class 3 ("c3"): 3 evaluation images, fewer than 5 queries
+    train = MemoryStore({("q", "cls"): Xtr}, labels=ytr)
+    test = MemoryStore({("q", "cls"): Xte[keep]}, labels=yte[keep])
+    kw = {"setting": "fewshot", "ways": 2, "shots": (1,), "queries": 5, "episodes": 30, "rules": ("cosine",)}
+    ev = evaluate(train, test, **kw)
+    assert ev.left_out == {1: ["c3"]} and {r.left_out for r in ev.rows} == {"c3"}
+    assert len(ev.rows) == 1
+    more = evaluate(train, test, exclude_classes=(0,), **kw)
+    assert more.left_out == {1: ["c0", "c3"]} and {r.left_out for r in more.rows} == {"c0;c3"}
+    with pytest.raises(Exception, match=r"2-way episodes need 2 classes, 1 remain"):
+        evaluate(train, test, exclude_classes=(0, 1), **kw)
+    save_evaluation(tmp_path, ev)
+    from rich.console import Console
+
+    console = Console(record=True, width=100)
+    console.print(run_summary(load_run(tmp_path)))
+    assert "classes left out of the episodes (too few images): c3" in console.export_text()

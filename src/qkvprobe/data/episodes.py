@@ -186,6 +186,10 @@ def sample_classification_episodes(
     classes = np.setdiff1d(np.union1d(np.unique(train_labels), np.unique(test_labels)), np.asarray(exclude))
     train_pool = {int(c): np.flatnonzero(train_labels == c) for c in classes}
     test_pool = {int(c): np.flatnonzero(test_labels == c) for c in classes}
+    if len(classes) < ways:
+        raise DataError(
+            f"{ways}-way episodes need {ways} classes, the labels hold {len(classes)}; lower --ways (fewshot.ways)"
+        )
     lacking = [c for c in classes.tolist() if len(train_pool[c]) < shots or len(test_pool[c]) < queries]
     if lacking and not leave_out:
         c = lacking[0]
@@ -195,10 +199,10 @@ def sample_classification_episodes(
         )
     classes = np.setdiff1d(classes, np.asarray(lacking, dtype=np.int64))
     if len(classes) < ways:
-        left = f" once {len(lacking)} with too few images are left out ({lacking})" if lacking else ""
         raise DataError(
-            f"{ways}-way episodes need {ways} classes, the labels hold {len(classes)}{left}; lower --ways "
-            "(fewshot.ways), --shots (fewshot.shots) or --queries (fewshot.queries), or add images"
+            f"{ways}-way episodes need {ways} classes, {len(classes)} remain once {len(lacking)} with too few "
+            f"images are left out ({lacking}); lower --ways (fewshot.ways), --shots (fewshot.shots) or --queries "
+            "(fewshot.queries), or add images"
         )
     rng = np.random.default_rng(seed)
     n_sup, n_qry = ways * shots, ways * queries

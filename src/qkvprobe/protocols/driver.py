@@ -262,6 +262,7 @@ def evaluate(
     masks: Callable[[int], np.ndarray] | None = None,
     train_masks: Callable[[int], np.ndarray] | None = None,
     episode_sampler: Any = None,
+    exclude_classes: Sequence[int] = (),
     **options: Any,
 ) -> Evaluation:
     """Evaluate every (block, position, token, rule) of a train and a test store → an :class:`Evaluation`: rows,
@@ -273,7 +274,9 @@ def evaluate(
     ``model``/``dataset``/``weights``: the rows' labels (default: what the extraction recorded in the store).
     ``masks(i)``/``train_masks(i)``: full-resolution masks of dataset index i (segmentation; default: opened from
     the stores' datasets). ``progress(label, done, total)`` is told of each unit. ``episode_sampler``: the task's
-    episode sampler in place of ``qkvprobe.data.episodes``'s (tests)."""
+    episode sampler in place of ``qkvprobe.data.episodes``'s (tests; it takes ``leave_out`` and ``exclude``).
+    ``exclude_classes``: class indices the few-shot episodes leave out besides those with too few images (a
+    study compares its models on one class set); both are named in the rows' ``left_out``."""
     if spec is None:
         spec = EvalSpec.build(**options)
     elif options:
@@ -290,6 +293,7 @@ def evaluate(
         )
     else:
         adapter = ClassificationTask(train_store, test_store, episode_sampler)
+    adapter.exclude_classes = tuple(sorted({int(c) for c in exclude_classes}))
     make = row_maker(plan)
     out = Evaluation(
         allowed_mismatch=plan.allowed,

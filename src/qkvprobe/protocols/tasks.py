@@ -43,13 +43,20 @@ class _Sampling:
 
     sampler: Callable[..., Any]
     class_names: list[str]
+    #: Classes the sampler never draws by default (segmentation: background 0).
+    base_exclude: tuple[int, ...] = ()
+    #: Classes left out on the caller's word (a study: those another model of it had to leave out).
+    exclude_classes: tuple[int, ...] = ()
 
     def sample(
         self, train_part: np.ndarray, test_part: np.ndarray, shots: int, record: list[str], **kw: Any
     ) -> Any:
+        if self.exclude_classes:
+            kw["exclude"] = (*self.base_exclude, *self.exclude_classes)
         ep = self.sampler(train_part, test_part, shots=shots, leave_out=True, **kw)
         names = self.class_names
-        record.extend(str(names[c]) if 0 <= c < len(names) else str(c) for c in getattr(ep, "left_out", ()))
+        left = sorted({*self.exclude_classes, *(int(c) for c in getattr(ep, "left_out", ()))})
+        record.extend(str(names[c]) if 0 <= c < len(names) else str(c) for c in left)
         return ep
 
 
@@ -151,6 +158,7 @@ class SegmentationTask(_Sampling):
     of one class each (foreground vs. not)."""
 
     name = "segmentation"
+    base_exclude = (0,)
 
     def __init__(
         self,

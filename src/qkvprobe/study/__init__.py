@@ -371,7 +371,7 @@ class _Study:
             self.info["unconverged_units"] = len(self.info["unconverged"])
         if not evaluation.rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
-        save_evaluation(self.run_dir, evaluation)
+        save_evaluation(self.run_dir, evaluation, fits=paired)
 
     def _merge_side(self, path: Path, key: str, entries: list[dict], ident: tuple[str, ...]) -> None:
         from .outputs import merge_entries

@@ -28,15 +28,18 @@ def merge_entries(path: Path, key: str, entries: list[dict[str, Any]], ident: tu
     write_json(path, {key: kept + list(entries)})
 
 
-def save_evaluation(run_dir: str | Path, ev: Evaluation, *, results: Path | None = None) -> None:
+def save_evaluation(
+    run_dir: str | Path, ev: Evaluation, *, results: Path | None = None, fits: bool = True
+) -> None:
     """Write an evaluation's rows (into ``results``, default ``run_dir/results.csv``), paired tests and
-    standard-setting fits into ``run_dir``."""
+    standard-setting fits (``fits=False``: none — a block sweep's would replace the main blocks') into
+    ``run_dir``."""
     rd = RunDir(run_dir)
     rd.path.mkdir(parents=True, exist_ok=True)
     write_results(results or rd.results, ev.rows)
     if ev.paired:
         merge_entries(rd.paired, "tests", ev.paired, PAIRED_KEY)
-    if ev.setting == "standard" and ev.weights and ev.classes is not None:
+    if fits and ev.setting == "standard" and ev.weights and ev.classes is not None:
         from .sides import save_fits
 
         save_fits(rd.fit_file(ev.model, ev.dataset), ev.weights, ev.classes)
