@@ -41,8 +41,10 @@ def _data_config(source: str, config: Any) -> dict[str, Any]:
         proc = json.loads(Path(path).read_text()) if path else {}
     except Exception:  # offline / absent: the defaults above stand
         proc = {}
+    out["source"] = "ImageNet mean/std (no preprocessor_config.json found)"
     if "image_mean" in proc and "image_std" in proc:
         out["mean"], out["std"] = tuple(proc["image_mean"]), tuple(proc["image_std"])
+        out["source"] = f"{source} preprocessor_config.json"
     out["interpolation"] = _PIL_INTERPOLATION.get(proc.get("resample"), out["interpolation"])
     crop, resize = proc.get("crop_size") or {}, proc.get("size") or {}
     crop_side = crop.get("height") if isinstance(crop, dict) else crop
@@ -96,6 +98,7 @@ class HfBackbone(HookedBackbone):
             self.fixed_size = (int(size), int(size))  # a learnt position embedding of one grid size
         with nullcontext() if Path(source).expanduser().is_dir() else hub_access():
             self.data_config = _data_config(source, config)
+        self.preprocessing_source = str(self.data_config.pop("source"))
         self.weights_info = weights_info
         self.weights_source = weights_source
         self.weights_digest = state_dict_digest(self.model.state_dict())

@@ -55,18 +55,31 @@ def __getattr__(name: str) -> Any:
 
 
 def open_dataset(
-    spec: str, split: str, *, root: str | Path | None = None, on_bad_image: str = "fail"
+    spec: str,
+    split: str,
+    *,
+    root: str | Path | None = None,
+    on_bad_image: str = "fail",
+    limit: int | None = None,
+    seed: int = 0,
 ) -> Dataset:
     """Open one split of a dataset by spec string (see module docstring); ``root`` = Fashion-MNIST directory.
 
     ``on_bad_image="skip"`` leaves unreadable images out and lists them in ``ds.skipped`` (folder layouts).
+    ``limit=N``: a seeded (``seed``), class-stratified subset of N samples of a classification split
+    (:func:`qkvprobe.data.subset.limit_dataset`; ``qkvprobe extract --limit N``).
     SpecError for an unknown kind, option or a missing path; DataError when the data is not there.
     """
     from .files import check_on_bad_image
 
     name, path, options = parse_spec(spec)
     check_on_bad_image(on_bad_image)
-    return KINDS[name].open(spec, path, options, split, root=root, on_bad_image=on_bad_image)
+    dataset = KINDS[name].open(spec, path, options, split, root=root, on_bad_image=on_bad_image)
+    if limit is None:
+        return dataset
+    from .subset import limit_dataset
+
+    return limit_dataset(dataset, limit, seed)
 
 
 def class_pixel_counts(dataset: Dataset) -> np.ndarray:
