@@ -158,6 +158,14 @@ def extract(
     if weights is not None and main:
         reporter.note(f"weights: {getattr(backbone, 'weights_info', '') or f'loaded {weights}'}")
     dataset = open_dataset(data, split, root=data_root, on_bad_image=on_bad_image, limit=limit, seed=seed)
+    skipped = list(getattr(dataset, "skipped", []) or [])
+    if skipped and main:
+        from ..data.files import listed
+
+        reporter.warn(
+            f"{len(skipped)} unreadable {'file' if len(skipped) == 1 else 'files'} left out (--on-bad-image skip, "
+            f"under {getattr(dataset, 'root', data)}): {listed(skipped)}"
+        )
     position_list = position_list or default_positions(dataset.task, backbone.has_cls_token)
     options = {
         "blocks": tuple(block_list),
@@ -172,7 +180,7 @@ def extract(
     }
     planned, _ = plan_store(backbone, dataset, **options)
     if main:
-        reporter.note(preprocessing_line(planned))
+        typer.echo(preprocessing_line(planned))  # stdout, beside the store line: what this store holds
         for warning in (resize_warning(planned), many_tokens_warning(planned)):
             if warning:
                 reporter.warn(warning)

@@ -390,11 +390,9 @@ def _normalisation(
 def _first_size(dataset: Dataset) -> tuple[int, int] | None:
     """(H, W) of the dataset's first image (one decode), or None when it cannot be read here (the extraction
     then stops on it with the file named)."""
-    from ..errors import QkvprobeError
-
     try:
         image = dataset[0][0]
-    except (QkvprobeError, OSError, IndexError):
+    except Exception:  # any reader's failure: the extraction reports it on its own, with the file named
         return None
     return int(image.shape[-2]), int(image.shape[-1])
 
