@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +147,36 @@ def _fetch_error(label: str, what: str, exc: Exception, offline: str | None) -> 
     )
 
 
+@contextmanager
+def _quiet_bars() -> Iterator[None]:
+    """Off a terminal (a pipe, a log file), transformers' and the hub's progress bars ("Loading weights: 100%|…")
+    would only fill the log with carriage returns: they are turned off while a model loads, then restored."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            hub_utils.enable_progress_bars()
+
+
 def load_hf(source: str, weights: str | Path | None, device: str) -> HfBackbone:
+    """``hf:<repo id or dir>``: AutoModel weights, or the architecture from AutoConfig + a local weights file;
+    no progress bars off a terminal."""
+    with _quiet_bars():
+        return _load_hf(source, weights, device)
+
+
+def _load_hf(source: str, weights: str | Path | None, device: str) -> HfBackbone:
     """``hf:<repo id or dir>``: AutoModel weights, or the architecture from AutoConfig + a local weights file."""
     from transformers import AutoConfig, AutoModel
 

@@ -139,7 +139,7 @@ def _path_entry(kind: DatasetKind, candidates: list[Path]) -> dict[str, Any]:
 
 def list_datasets() -> list[dict[str, Any]]:
     """What ``open_dataset`` can open here, one row per registry kind: ``spec, task, num_classes, train,
-    test, source``.
+    test, source, options`` (the kind's ``?`` option names, from the registry).
 
     Never downloads; kinds that need a path are looked for under ``$QKVPROBE_DATA`` (the registry's
     ``where`` names: ``imagenet``, ``VOCdevkit``, ``ADEChallengeData2016``, ``imagenet-1k``, ``imagenet-wds`` …).
@@ -150,7 +150,8 @@ def list_datasets() -> list[dict[str, Any]]:
     for kind in KINDS.values():
         if kind.lister is not None:
             module, _, function = kind.lister.partition(":")
-            entries.append(getattr(importlib.import_module(module), function)())
+            entry = getattr(importlib.import_module(module), function)()
         else:
-            entries.append(_path_entry(kind, search_paths(kind, base)))
+            entry = _path_entry(kind, search_paths(kind, base))
+        entries.append({**entry, "options": list(kind.options)})
     return entries

@@ -31,8 +31,17 @@ class RunFiles:
 def load_run(run_dir: str | os.PathLike) -> RunFiles:
     """Read a run directory (results.csv is required; side files are optional)."""
     rd = RunDir(run_dir)
+    if rd.path.is_file():
+        hint = (
+            f"; pass the run directory holding it: {rd.path.parent}"
+            if rd.path.name == RESULTS
+            else f"; pass the run directory holding {RESULTS} (e.g. {rd.path.parent})"
+        )
+        raise QkvprobeError(f"{str(rd.path)!r} is a file, not a run directory{hint}")
     if not rd.path.is_dir():
-        raise QkvprobeError(f"run directory {str(rd.path)!r} does not exist")
+        raise QkvprobeError(
+            f"run directory {str(rd.path)!r} does not exist; pass the folder `qkvprobe run` wrote, holding {RESULTS}"
+        )
     if not rd.results.exists():
         raise QkvprobeError(f"{rd.path}: no {RESULTS} found; run `qkvprobe run` first")
     rows = read_results(rd.results)
