@@ -319,7 +319,7 @@ def preprocessing_line(manifest: Mapping[str, Any]) -> str:
         if resize is None:
             text += f"; images {_size(first)}: no resize, no crop"
         else:
-            how = "resized" if pre.get("task") == "segmentation" else "shorter side resized"
+            how = "resized" if pre.get("task") == "segmentation" else "resized (shorter side)"
             text += (
                 f"; images {_size(first)} {how} to {_size(resize)} {notes.get('interpolation', '')}".rstrip()
             )
