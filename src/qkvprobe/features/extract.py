@@ -310,6 +310,7 @@ def plan_store(
         ]
     else:
         ranges = [(s, min(s + shard_size, num_samples), None) for s in range(0, num_samples, shard_size)]
+    limit = getattr(dataset, "limit", None)  # extract --limit: a subset (qkvprobe.data.subset)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "key": store_key(key_fields),
@@ -336,7 +337,7 @@ def plan_store(
             "source": getattr(dataset, "source", ""),
         }
         | ({"parts": dataset.describe_parts()} if isinstance(dataset, StreamDataset) else {})
-        | ({"limit": dict(dataset.limit)} if getattr(dataset, "limit", None) else {}),
+        | ({"limit": dict(limit)} if limit else {}),
         "preprocessing": key_fields["preprocessing"],
         "input": _input_notes(preprocess, dataset, normalisation),
         "image_size": [height, width],
