@@ -71,13 +71,13 @@ def tiny_timm_weights(path: Path, wrap) -> Path:
                 }
             },
             IMAGENET[0],
-            "DINO (timm pretrained cfg vit_small_patch16_224.dino), recognised from the weights file name",
+            "DINO: timm pretrained cfg vit_small_patch16_224.dino, recognised from the weights file name",
         ),
         (
             "ibot_vits_16.pth",
             lambda s: {"state_dict": s},
             IMAGENET[0],
-            "iBOT (github.com/bytedance/ibot",
+            "iBOT: github.com/bytedance/ibot (ImageNet",
         ),
         (  # MoCo v3: recognised by its layout, whatever the file is called
             "checkpoint_0299.pth.tar",
@@ -85,7 +85,12 @@ def tiny_timm_weights(path: Path, wrap) -> Path:
             IMAGENET[0],
             "from the MoCo v3 checkpoint layout",
         ),
-        ("beit_base_patch16_224_pt22k.pth", lambda s: {"model": s}, (0.5, 0.5, 0.5), "BEiT (timm"),
+        (
+            "beit_base_patch16_224_pt22k.pth",
+            lambda s: {"model": s},
+            (0.5, 0.5, 0.5),
+            "BEiT: timm pretrained cfg",
+        ),
     ],
 )
 def test_bare_architecture_takes_the_recognised_family_normalisation(
@@ -370,3 +375,16 @@ def test_ignored_files_are_named_not_attributes(tmp_path: Path) -> None:
         open_dataset(f"imagefolder:{data}", "train")
     message = str(record[0].message)
     assert "train/cat/notes.txt" in message and "ds." not in message
+
+
+def test_answer_table_fits_or_scrolls_at_800_px() -> None:
+    """The answer table's key column was cut off at 800 px (looked at with chromium --headless --screenshot at
+    800 and 1400 px): it now wraps its cells on narrow pages and scrolls inside its own box if still too wide."""
+    from importlib import resources
+
+    template = (resources.files("qkvprobe.report") / "templates" / "report.html.j2").read_text()
+    assert "div.scroll { overflow-x: auto" in template
+    assert '<div class="scroll"><table class="answer"' in template
+    assert re.search(
+        r"@media \(max-width: \d+px\) \{[^}]*table\.answer td \{ white-space: normal; \}", template
+    )

@@ -19,12 +19,12 @@ PUBLISHED: tuple[tuple[str, str | None, str], ...] = (
     ("dinov2", "vit_small_patch14_dinov2.lvd142m", "DINOv2"),
     ("dinov3", "vit_small_patch16_dinov3.lvd1689m", "DINOv3"),
     ("dino", "vit_small_patch16_224.dino", "DINO"),
-    ("ibot", None, "iBOT (github.com/bytedance/ibot: ImageNet mean/std, resize 256, crop 224)"),
-    ("moco", None, "MoCo v3 (github.com/facebookresearch/moco-v3: ImageNet mean/std, resize 256, crop 224)"),
-    ("msn", None, "MSN (github.com/facebookresearch/msn: ImageNet mean/std, resize 256, crop 224)"),
-    ("jepa", None, "I-JEPA (github.com/facebookresearch/ijepa: ImageNet mean/std, resize 256, crop 224)"),
+    ("ibot", None, "iBOT: github.com/bytedance/ibot (ImageNet mean/std, resize 256, crop 224)"),
+    ("moco", None, "MoCo v3: github.com/facebookresearch/moco-v3 (ImageNet mean/std, resize 256, crop 224)"),
+    ("msn", None, "MSN: github.com/facebookresearch/msn (ImageNet mean/std, resize 256, crop 224)"),
+    ("jepa", None, "I-JEPA: github.com/facebookresearch/ijepa (ImageNet mean/std, resize 256, crop 224)"),
     ("aimv2", "aimv2_large_patch14_224.apple_pt", "AIMv2"),
-    ("simmim", None, "SimMIM (github.com/microsoft/SimMIM: ImageNet mean/std, resize 256, crop 224)"),
+    ("simmim", None, "SimMIM: github.com/microsoft/SimMIM (ImageNet mean/std, resize 256, crop 224)"),
     # data2vec's vision code is the BEiT code base, with BEiT's mean/std 0.5
     ("data2vec", "beit_base_patch16_224.in22k_ft_in22k", "data2vec"),
     ("beit", "beit_base_patch16_224.in22k_ft_in22k", "BEiT"),
@@ -57,7 +57,7 @@ def published_config(family: str) -> tuple[dict[str, Any], str] | None:
             "interpolation": "bicubic",
             "crop_pct": OFFICIAL_CROP_PCT,
         }
-        return config, f"{what}"
+        return config, what
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(tag)
@@ -68,4 +68,4 @@ def published_config(family: str) -> tuple[dict[str, Any], str] | None:
         "interpolation": cfg.interpolation,
         "crop_pct": float(cfg.crop_pct),
     }
-    return config, f"{what} (timm pretrained cfg {tag})"
+    return config, f"{what}: timm pretrained cfg {tag}"
