@@ -385,6 +385,29 @@ def test_answer_table_fits_or_scrolls_at_800_px() -> None:
     template = (resources.files("qkvprobe.report") / "templates" / "report.html.j2").read_text()
     assert "div.scroll { overflow-x: auto" in template
     assert '<div class="scroll"><table class="answer"' in template
-    assert re.search(
-        r"@media \(max-width: \d+px\) \{[^}]*table\.answer td \{ white-space: normal; \}", template
-    )
+    narrow = template[template.index("@media (max-width:") :]
+    assert narrow.index("table.answer td { white-space: normal; }") < narrow.index("</style>")
+
+
+def test_piped_tables_and_logs_have_no_trailing_spaces() -> None:
+    """The answer table ``run``/``evaluate``/``report`` print, and the Reporter's lines, in a pipe."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qkvprobe.feedback import Reporter, Trimmed
+    from qkvprobe.report.summary import summary_table
+
+    table = Table("choice", "%", "ties / vs. the best")
+    table.add_row("q·cls cosine", "73.4", "below the best (McNemar, p < 0.001)")
+    table.add_row("k", "1", "")
+    piped = Console(file=io.StringIO(), width=80, force_terminal=False)
+    piped.print(Trimmed(table))
+    Reporter(piped).log("evaluate 1/2 block 5 · q·cls · cosine")
+    Reporter(piped).warn("a warning")
+    lines = piped.file.getvalue().splitlines()
+    assert any("q·cls cosine" in line for line in lines)
+    assert [line for line in lines if line != line.rstrip()] == []
+    assert isinstance(summary_table(__import__("pandas").DataFrame(columns=["model"])), Trimmed)
+    on_terminal = Console(file=io.StringIO(), width=80, force_terminal=True)
+    on_terminal.print(Trimmed(table))  # a terminal gets the table as rich draws it
+    assert "q·cls cosine" in on_terminal.file.getvalue()

@@ -173,6 +173,24 @@ class Reporter:
             thread.join()
 
 
+class Trimmed:
+    """A rich renderable printed as it is on a terminal; elsewhere (a pipe, a log file) as plain lines without the
+    trailing spaces rich pads table cells with, so a piped log diffs and greps cleanly."""
+
+    def __init__(self, renderable: Any) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: Any) -> Iterator[Any]:
+        if console.is_terminal:
+            yield self.renderable
+            return
+        from rich.segment import Segment
+
+        for line in console.render_lines(self.renderable, options, pad=False):
+            yield Segment("".join(segment.text for segment in line).rstrip())
+            yield Segment.line()
+
+
 class _ReporterHandler(logging.Handler):
     """Log records as the reporter's lines: warnings and errors as ``warning: …``, the rest as log lines (no
     logger name, file or line: a user reads the message, not where it came from)."""

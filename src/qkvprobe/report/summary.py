@@ -11,6 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from ..feedback import Trimmed
 from .answer import ANSWER_LEGEND, answer_lines, answers
 
 TITLE = "Which token, with which rule?"
@@ -21,9 +22,10 @@ def summary_table(
     paired: list[dict] | None = None,
     weights: Mapping[str, str] | None = None,
     title: str = TITLE,
-) -> Group:
+) -> Trimmed:
     """``main`` holds the primary-metric rows (:func:`qkvprobe.report.tables.main_rows`); ``paired`` the paired
-    tests and ``weights`` the models' weight sources, as :func:`qkvprobe.report.answer.answers` takes them."""
+    tests and ``weights`` the models' weight sources, as :func:`qkvprobe.report.answer.answers` takes them. Off a
+    terminal its lines carry no trailing spaces (:class:`qkvprobe.feedback.Trimmed`)."""
     lines = answer_lines(answers(main, paired, weights))
     parts: list = [Text(title, style="bold")]
     if not lines:
@@ -52,4 +54,4 @@ def summary_table(
             )
         parts.append(table)
     parts.append(Text(ANSWER_LEGEND, style="dim"))
-    return Group(*parts)
+    return Trimmed(Group(*parts))
