@@ -411,3 +411,18 @@ def test_piped_tables_and_logs_have_no_trailing_spaces() -> None:
     on_terminal = Console(file=io.StringIO(), width=80, force_terminal=True)
     on_terminal.print(Trimmed(table))  # a terminal gets the table as rich draws it
     assert "q·cls cosine" in on_terminal.file.getvalue()
+
+
+def test_every_published_family_resolves() -> None:
+    """Every family in backbones/published.py has its preprocessing (the timm tags ship with timm)."""
+    from qkvprobe.backbones.published import PUBLISHED, published_config, recognised_family
+
+    for fragment, _, what in PUBLISHED:
+        found = published_config(fragment)
+        assert (found is None) == (not what)
+        if found is not None:
+            config, source = found
+            assert len(config["mean"]) == len(config["std"]) == 3 and 0 < config["crop_pct"] <= 1
+            assert source.startswith(what.split(":")[0])
+    assert recognised_family("dinov2_vits14_pretrain.pth") == "dinov2"
+    assert recognised_family("vit-b-300ep.pth.tar") is None
