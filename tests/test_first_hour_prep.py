@@ -292,6 +292,17 @@ def test_every_colour_mask_is_listed_at_once(tmp_path: Path) -> None:
         message = str(info.value)
         assert message.startswith("23 masks are saved as colours, not class indices")
         assert "train/masks/02.png, train/masks/03.png" in message and "and 3 more" in message
+    for i in range(25):  # colours fixed; three masks of the wrong size, listed together
+        Image.fromarray(np.zeros((8, 6 if i in (4, 7, 9) else 8), np.uint8)).save(
+            root / "train/masks" / f"{i:02d}.png"
+        )
+    with pytest.raises(QkvprobeError) as info:
+        open_dataset(f"segfolder:{root}", "train")[4]
+    assert str(info.value).startswith("3 masks do not have the size of their images")
+    assert (
+        "train/masks/04.png 6x8 (image 8x8), train/masks/07.png 6x8 (image 8x8), train/masks/09.png"
+        in str(info.value)
+    )
 
 
 def test_extract_default_tokens_are_the_study_tokens(tmp_path: Path, builtin: str) -> None:

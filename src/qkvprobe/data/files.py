@@ -272,6 +272,25 @@ class SegmentationBase(FileDataset):
             flags = list(pool.map(is_colour, masks))
         return [str(m.relative_to(self.root)) for m, bad in zip(masks, flags, strict=True) if bad]
 
+    def missized_masks(self) -> list[str]:
+        """Masks whose size differs from their image's, as ``"masks/a.png 10x8 (image 12x8)"``, from the file
+        headers alone."""
+
+        def check(sample: tuple[Path, Any]) -> str | None:
+            image, mask = sample
+            try:
+                with Image.open(mask) as im:
+                    have = im.size
+                want = image_size(image)
+            except (DataError, *_BAD_FILE):
+                return None  # an unreadable file is reported on its own
+            if have == want:
+                return None
+            return f"{mask.relative_to(self.root)} {have[0]}x{have[1]} (image {want[0]}x{want[1]})"
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            return [m for m in pool.map(check, self.samples) if m is not None]
+
     def _mask(self, index: int, size: tuple[int, int]) -> torch.Tensor:
         image_path, mask_path = self.samples[index]
         try:
@@ -281,6 +300,16 @@ class SegmentationBase(FileDataset):
             raise MaskFormatError(
                 _colour_masks_message(self.colour_masks(), self.root, self.mask_kind)
             ) from None
+        if (raw.shape[1], raw.shape[0]) != tuple(size):
+            # as for colours: every mask of the wrong size in one message
+            bad = self.missized_masks() or [
+                f"{mask_path.relative_to(self.root)} {raw.shape[1]}x{raw.shape[0]} (image {size[0]}x{size[1]})"
+            ]
+            raise DataError(
+                f"{len(bad)} {self.mask_kind + (' does' if len(bad) == 1 else 's do')} not have the size of "
+                f"{'its image' if len(bad) == 1 else 'their images'} (under {self.root}): {listed(bad)}; "
+                "masks must have the image's size"
+            )
         return check_mask(
             raw,
             num_classes=len(self.classes),
