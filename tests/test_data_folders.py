@@ -173,12 +173,16 @@ def test_segfolder_errors(tmp_path: Path) -> None:
     ):
         open_dataset(f"segfolder:{root}", "train")[0]
     save_mask(root / "train" / "masks" / "im0.png", demo_mask(1, size=(10, 8)))
-    with pytest.raises(DataError, match=r"mask .*im0\.png is 10x8 but image .*im0\.jpg is 12x8"):
+    with pytest.raises(
+        DataError, match=r"1 mask does not have the size of its image .*masks/im0\.png 10x8 \(image 12x8\)"
+    ):
         open_dataset(f"segfolder:{root}", "train").mask(0)
     save_mask(root / "train" / "masks" / "im0.png", demo_mask(1), mode="RGB")
-    with pytest.raises(DataError, match=r"mask .*im0\.png is saved as RGB colours, not class indices"):
+    with pytest.raises(
+        DataError, match=r"1 mask is saved as colours, not class indices .*train/masks/im0\.png"
+    ):
         open_dataset(f"segfolder:{root}", "train")[0]
-    with pytest.raises(DataError, match=r"is saved as RGB"):  # skip mode must not hide a layout error
+    with pytest.raises(DataError, match=r"is saved as colours"):  # skip mode must not hide a layout error
         open_dataset(f"segfolder:{root}", "train", on_bad_image="skip")
     (root / "train" / "masks" / "im1.png").unlink()
     with pytest.raises(DataError, match=r"no mask for image .*im1\.jpg: expected .*masks/im1\.png"):
@@ -218,7 +222,7 @@ def test_voc_errors(tmp_path: Path) -> None:
     save_mask(root / "SegmentationClass" / "2007_000001.png", demo_mask(15), mode="RGB")
     with pytest.raises(
         DataError,
-        match=r"VOC mask .*2007_000001\.png is saved as RGB colours, not class indices; save it as a palette",
+        match=r"1 VOC mask is saved as colours, not class indices .*2007_000001\.png; save each as a palette",
     ):
         open_dataset(f"voc:{base}", "train").mask(0)
     save_mask(root / "SegmentationClass" / "2007_000001.png", demo_mask(21), mode="P")

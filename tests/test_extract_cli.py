@@ -74,7 +74,7 @@ def test_cli_extract_then_reuse(tmp_path: Path, folder: Path, toy: ToyBackbone) 
     # same directory, other inputs: one line, exit 1
     result = invoke(*args[:-5], "--dtype", "float16", "--no-progress")
     assert result.exit_code == 1
-    assert "dtype is 'float32' there but 'float16' now; pass another --out" in result.stderr
+    assert "(dtype is 'float32' there but 'float16' now); pass another --out" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

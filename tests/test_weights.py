@@ -135,7 +135,7 @@ def test_dino_checkpoint_container(tmp_path: Path) -> None:
     assert (
         "container 'teacher'" in note
         and "prefix 'backbone.'" in note
-        and "2 head/decoder keys dropped" in note
+        and "2 pre-training-only keys dropped (head 2)" in note
     )
     for key, value in source.state_dict().items():
         torch.testing.assert_close(target.state_dict()[key], value, atol=0, rtol=0)

@@ -135,7 +135,10 @@ def test_beit_codebase_pretraining_layout(tmp_path: Path, shared: bool) -> None:
     torch.save({"model": state, "epoch": 799}, tmp_path / "pt22k.pth")
     bb, note = load_into(timm_model("beit_base_patch16_224", seed=0), tmp_path / "pt22k.pth")
     assert ("shared relative position bias copied into 2 blocks" in note) == shared
-    assert "pooling norm 'fc_norm.'" in note and "3 head/decoder keys dropped" in note
+    assert (
+        "pooling norm 'fc_norm.'" in note
+        and "3 pre-training-only keys dropped (mask_token 1, lm_head 2)" in note
+    )
     ffn, features = reference(source, X)  # source.norm is the pre-training final norm
     out = bb.extract(X, tokens=("ffn", "ffn_norm"))
     torch.testing.assert_close(out["ffn"], ffn, atol=1e-5, rtol=0)

@@ -19,7 +19,7 @@ import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -29,6 +29,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -102,6 +103,15 @@ class ModelConfig(_Strict):
     spec: str
     weights: str | None = None
     label: str | None = None
+    #: Normalisation replacing the model's own (1 or C values; ``extract --mean/--std``); None = the model's.
+    mean: list[float] | None = Field(default=None, min_length=1)
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(default=None, min_length=1)
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_normalisation(self, handler: Any) -> Any:
+        # mean/std came later: left out of a dump at None, so the fingerprints of earlier runs stay the same
+        data = handler(self)
+        return {k: v for k, v in data.items() if k not in ("mean", "std") or v is not None}
 
     @field_validator("spec")
     @classmethod

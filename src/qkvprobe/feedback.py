@@ -75,6 +75,16 @@ class Reporter:
             # not console.log: its source-file column is noise to a user
             self.console.print(Text.assemble((time.strftime("[%H:%M:%S] "), "dim cyan"), message))
 
+    def note(self, message: str) -> None:
+        """One line shown even when progress is off (what the command did: the preprocessing, a resumed store)."""
+        if self.plain:
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+            self.console.file.flush()
+        else:
+            from rich.text import Text
+
+            self.console.print(Text(message))
+
     def warn(self, message: str) -> None:
         """Shown even when progress is off: a warning is not progress."""
         if self.plain:
@@ -161,6 +171,24 @@ class Reporter:
         finally:
             stop.set()
             thread.join()
+
+
+class Trimmed:
+    """A rich renderable printed as it is on a terminal; elsewhere (a pipe, a log file) as plain lines without the
+    trailing spaces rich pads table cells with, so a piped log diffs and greps cleanly."""
+
+    def __init__(self, renderable: Any) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: Any) -> Iterator[Any]:
+        if console.is_terminal:
+            yield self.renderable
+            return
+        from rich.segment import Segment
+
+        for line in console.render_lines(self.renderable, options, pad=False):
+            yield Segment("".join(segment.text for segment in line).rstrip())
+            yield Segment.line()
 
 
 class _ReporterHandler(logging.Handler):
@@ -274,3 +302,63 @@ def many_tokens_warning(manifest: Mapping[str, Any]) -> str | None:
     else:
         text += "; a smaller --image-size (image_size in a study) keeps extraction short"
     return text
+
+
+#: A resize of the user's images by more than this factor (either way) is a warning.
+MAX_RESIZE = 2.0
+
+
+def _size(hw: Any) -> str:
+    return f"{hw[0]}x{hw[1]}"
+
+
+def _values(values: Any) -> str:
+    return ",".join(f"{float(v):.3g}" for v in values)
+
+
+def preprocessing_line(manifest: Mapping[str, Any]) -> str:
+    """One line: how images reach the model — the size used (and the size asked for, when rounded, with the
+    reason), the patch grid, mean/std and where they come from, the first image's resize and crop."""
+    notes = manifest.get("input") or {}
+    pre = manifest["preprocessing"]
+    used = manifest["image_size"]
+    h, w = manifest["grid"]
+    size = f"{_size(used)} px"
+    if notes.get("rounded"):
+        asked = notes["asked_size"]
+        size += f" (asked {asked[0] if asked[0] == asked[1] else _size(asked)}: {notes['rounded']})"
+    text = f"preprocessing: {size}, {h}x{w} patches of {manifest['patch_size']} px"
+    text += f"; mean {_values(pre['mean'])} std {_values(pre['std'])}"
+    if notes.get("normalisation"):
+        text += f" ({notes['normalisation']})"
+    first = notes.get("first_image_size")
+    if first is not None:
+        resize = notes.get("resize")
+        if resize is None:
+            text += f"; images {_size(first)}: no resize, no crop"
+        else:
+            how = "resized" if pre.get("task") == "segmentation" else "resized (shorter side)"
+            text += (
+                f"; images {_size(first)} {how} to {_size(resize)} {notes.get('interpolation', '')}".rstrip()
+            )
+            if pre.get("task") == "segmentation":
+                text += " (masks nearest), no crop"
+            elif notes.get("crop"):
+                text += f", centre crop {_size(notes['crop'])}"
+    return text
+
+
+def resize_warning(manifest: Mapping[str, Any]) -> str | None:
+    """The warning for a first image resized by more than ``MAX_RESIZE``× (either way); None otherwise."""
+    notes = manifest.get("input") or {}
+    first, resize = notes.get("first_image_size"), notes.get("resize")
+    if first is None or resize is None:
+        return None
+    factor = max(max(a / b, b / a) for a, b in zip(first, resize, strict=True))
+    if factor <= MAX_RESIZE:
+        return None
+    way = "shrunk" if min(resize) < min(first) else "enlarged"
+    return (
+        f"images of {_size(first)} px are {way} {factor:.1f}x to {_size(resize)} for the model's "
+        f"{_size(manifest['image_size'])} px input; pass --image-size N (image_size in a study) to choose the size"
+    )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,10 @@ def _data_config(source: str, config: Any) -> dict[str, Any]:
         proc = json.loads(Path(path).read_text()) if path else {}
     except Exception:  # offline / absent: the defaults above stand
         proc = {}
+    out["source"] = "ImageNet mean/std (no preprocessor_config.json found)"
     if "image_mean" in proc and "image_std" in proc:
         out["mean"], out["std"] = tuple(proc["image_mean"]), tuple(proc["image_std"])
+        out["source"] = f"{source} preprocessor_config.json"
     out["interpolation"] = _PIL_INTERPOLATION.get(proc.get("resample"), out["interpolation"])
     crop, resize = proc.get("crop_size") or {}, proc.get("size") or {}
     crop_side = crop.get("height") if isinstance(crop, dict) else crop
@@ -96,6 +100,7 @@ class HfBackbone(HookedBackbone):
             self.fixed_size = (int(size), int(size))  # a learnt position embedding of one grid size
         with nullcontext() if Path(source).expanduser().is_dir() else hub_access():
             self.data_config = _data_config(source, config)
+        self.preprocessing_source = str(self.data_config.pop("source"))
         self.weights_info = weights_info
         self.weights_source = weights_source
         self.weights_digest = state_dict_digest(self.model.state_dict())
@@ -142,7 +147,36 @@ def _fetch_error(label: str, what: str, exc: Exception, offline: str | None) -> 
     )
 
 
+@contextmanager
+def _quiet_bars() -> Iterator[None]:
+    """Off a terminal (a pipe, a log file), transformers' and the hub's progress bars ("Loading weights: 100%|…")
+    would only fill the log with carriage returns: they are turned off while a model loads, then restored."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            hub_utils.enable_progress_bars()
+
+
 def load_hf(source: str, weights: str | Path | None, device: str) -> HfBackbone:
+    """``hf:<repo id or dir>``: AutoModel weights, or the architecture from AutoConfig + a local weights file;
+    no progress bars off a terminal."""
+    with _quiet_bars():
+        return _load_hf(source, weights, device)
+
+
+def _load_hf(source: str, weights: str | Path | None, device: str) -> HfBackbone:
     """``hf:<repo id or dir>``: AutoModel weights, or the architecture from AutoConfig + a local weights file."""
     from transformers import AutoConfig, AutoModel
 

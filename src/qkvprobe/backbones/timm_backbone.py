@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ModelError, SpecError, WeightsError
 from ..taps import HookedBackbone, TapSite
 from .hub import hub_access
+from .published import published_config, recognised_family
 from .specs import KNOWN_TIMM, objective_with_weights, suggest
 from .timm_families import family_of, final_norm_of
 from .weights import file_source, load_weights, sha256_file, state_dict_digest
@@ -49,6 +50,7 @@ class TimmBackbone(HookedBackbone):
         data_config: dict[str, Any] | None = None,
         weights_info: str = "",
         weights_source: str = "random init",
+        preprocessing_source: str = "",
     ) -> None:
         import timm.data
 
@@ -89,6 +91,11 @@ class TimmBackbone(HookedBackbone):
         config["input_size"] = tuple(config["input_size"])
         config["mean"], config["std"] = tuple(config["mean"]), tuple(config["std"])
         self.data_config = config
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        cfg_name = ".".join(str(v) for v in (cfg.get("architecture"), cfg.get("tag")) if v)
+        self.preprocessing_source = preprocessing_source or (
+            f"timm pretrained cfg {cfg_name or spec}" if data_config is None else f"{spec} model card"
+        )
         self.weights_info = weights_info
         self.weights_source = weights_source
         self.weights_digest = state_dict_digest(self.model.state_dict())
@@ -169,19 +176,52 @@ def _hub_source(name: str, model: nn.Module) -> str:
     return f"timm hub: {name}.{tag}" if tag else f"timm hub: {name}"
 
 
+def published_preprocessing(
+    name: str, weights: str | Path | None, note: str, in_chans: int
+) -> tuple[dict[str, Any] | None, str]:
+    """For a bare architecture (no pretrained tag) with local weights: the recognised family's published
+    mean/std/interpolation/crop (:mod:`.published`) and a line saying where it comes from; ``(None, "")`` when
+    the architecture's defaults stand (a tagged spec, no weights, weights not recognised, or a 1-channel model)."""
+    if weights is None or "." in name or in_chans != 3:
+        return None, ""
+    file = str(weights).replace("\\", "/").rsplit("/", 1)[-1]
+    family, why = recognised_family(name), f"from the spec {name}"
+    if family is None and "MoCo v3" in note:
+        family, why = "moco", "from the MoCo v3 checkpoint layout"
+    if family is None:
+        family, why = recognised_family(file), f"recognised from the weights file name {file}"
+    found = published_config(family) if family else None
+    if found is None:
+        return None, ""
+    config, source = found
+    return config, f"{source}, {why}"
+
+
 def load_timm(name: str, weights: str | Path | None, device: str) -> TimmBackbone:
-    """``timm:<name>``: pretrained download when ``weights`` is None, else the local file into the architecture."""
+    """``timm:<name>``: pretrained download when ``weights`` is None, else the local file into the architecture.
+
+    A bare architecture whose weights are recognised as a self-supervised family takes that family's published
+    normalisation (:func:`published_preprocessing`), not the architecture's default."""
     label = f"timm:{name}"
     model = _create(name, label, pretrained=weights is None)
     info = _attach(model, weights, label) or "timm pretrained"
     source = file_source(weights) if weights is not None else _hub_source(name, model)
+    in_chans = int(model.patch_embed.proj.in_channels)
+    data_config, preprocessing_source = published_preprocessing(name, weights, info, in_chans)
+    if weights is not None and data_config is None and "." not in name:
+        preprocessing_source = (
+            f"timm pretrained cfg of the bare architecture {name} (weights not recognised as a known family: "
+            "pass --mean/--std if they were trained with other values)"
+        )
     return TimmBackbone(
         model,
         spec=label,
         objective=objective_with_weights(name, weights, info),
         device=device,
+        data_config=data_config,
         weights_info=info,
         weights_source=source,
+        preprocessing_source=preprocessing_source,
     )
 
 

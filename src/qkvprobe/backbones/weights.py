@@ -124,17 +124,25 @@ def unwrap_state_dict(
     if not _is_tensor_dict(obj):
         raise WeightsError(f"weights file {path} holds no tensors; pass a state dict")
     state: dict[str, torch.Tensor] = dict(obj)
-    changed = True
-    while changed:
-        changed = False
-        for prefix in STRIP_PREFIXES:
-            if not any(k.startswith(prefix) for k in state):
-                continue
-            stripped = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
-            if len(stripped) == len(state) and _matches(stripped, model_keys) > _matches(state, model_keys):
-                state, changed = stripped, True
-                notes.append(f"prefix {prefix!r} stripped")
-    return state, notes
+    # Wrappers nest (``module.backbone.`` of a DDP-trained DINO / iBOT teacher): try every chain of up to three
+    # prefixes and keep the one whose keys fit the model best (the shortest chain on a tie).
+    best, best_chain = state, ()
+    frontier: list[tuple[dict[str, torch.Tensor], tuple[str, ...]]] = [(state, ())]
+    for _ in range(3):
+        grown = []
+        for current, chain in frontier:
+            for prefix in STRIP_PREFIXES:
+                if not any(k.startswith(prefix) for k in current):
+                    continue
+                stripped = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in current.items()}
+                if len(stripped) != len(current):
+                    continue
+                grown.append((stripped, (*chain, prefix)))
+                if _matches(stripped, model_keys) > _matches(best, model_keys):
+                    best, best_chain = stripped, (*chain, prefix)
+        frontier = grown
+    notes += [f"prefix {prefix!r} stripped" for prefix in best_chain]
+    return best, notes
 
 
 def _short(items: list[str], limit: int = 3) -> str:
@@ -178,7 +186,12 @@ def load_weights(
         if k not in model_keys and (k.startswith(HEAD_PREFIXES) or k.rsplit(".", 1)[-1] in PRETRAIN_ONLY)
     ]
     if dropped:
-        notes.append(f"{len(dropped)} head/decoder keys dropped")
+        parts: dict[str, int] = {}
+        for k in dropped:
+            part = next((p for p in HEAD_PREFIXES if k.startswith(p)), k.rsplit(".", 1)[-1])
+            parts[part] = parts.get(part, 0) + 1
+        counted = ", ".join(f"{part} {n}" for part, n in parts.items())
+        notes.append(f"{len(dropped)} pre-training-only keys dropped ({counted})")
         state = {k: v for k, v in state.items() if k not in dropped}
     missing = sorted(model_keys - set(state))
     unexpected = sorted(set(state) - model_keys)

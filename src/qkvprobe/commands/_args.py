@@ -69,6 +69,24 @@ def int_list(value: str, *, name: str, what: str, minimum: int | None = None) ->
     return list(dict.fromkeys(numbers))
 
 
+def float_list(value: str, *, name: str, what: str, positive: bool = False) -> list[float]:
+    """``"0.485, 0.456,0.406"`` → ``[0.485, 0.456, 0.406]`` (order and repeats kept: they are per channel);
+    typer.BadParameter on a non-number, or with ``positive`` a value <= 0."""
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    if not items:
+        raise usage_error(name, f"no {what} given; pass e.g. {name} 0.5 or {name} 0.485,0.456,0.406")
+    numbers = []
+    for item in items:
+        try:
+            number = float(item)
+        except ValueError:
+            raise usage_error(name, f"{what} {item!r} is not a number; pass e.g. {name} 0.5") from None
+        if positive and not number > 0:
+            raise usage_error(name, f"{what} {item!r} must be > 0")
+        numbers.append(number)
+    return numbers
+
+
 def one_of(value: str, *, name: str, what: str, allowed: Sequence[str]) -> str:
     """``value`` itself when it is one of ``allowed``; typer.BadParameter naming the choices otherwise."""
     if value not in allowed:
@@ -76,8 +94,38 @@ def one_of(value: str, *, name: str, what: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def available_devices() -> list[str]:
+    """The devices torch can use here: ``cpu``, then ``cuda:0`` … and ``mps`` where present (imports torch)."""
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
 def device(value: str, *, name: str = "--device") -> str:
-    """A torch device name: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; typer.BadParameter otherwise."""
+    """A torch device name that exists here: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; typer.BadParameter
+    otherwise, naming the devices there are (torch is imported only for a device other than cpu)."""
     if not re.fullmatch(DEVICE_PATTERN, value):
         raise usage_error(name, f"unknown device {value!r}; choose from {DEVICE_HELP}")
+    if value == "cpu":
+        return value
+    found = available_devices()
+    wanted = "cuda:0" if value == "cuda" else value
+    if wanted not in found:
+        what = (
+            "no CUDA device"
+            if value.startswith("cuda") and not any(d.startswith("cuda") for d in found)
+            else "no MPS device"
+            if value == "mps"
+            else f"no device {value}"
+        )
+        raise usage_error(
+            name,
+            f"device {value!r} is not available: this machine has {what}; devices here: {', '.join(found)}",
+        )
     return value

@@ -112,7 +112,8 @@ DATASET_COLUMNS: tuple[str, ...] = ("spec", "task", "num_classes", "train", "tes
 
 
 def render_datasets(rows: Sequence[dict[str, Any]], width: int) -> list[str]:
-    """Lines of ``qkvprobe datasets``: ``spec task classes train test`` aligned, then the source."""
+    """Lines of ``qkvprobe datasets``: ``spec task classes train test`` aligned, then the source; under each
+    row the kind's spec options (``options: ?source= …``, from the registry)."""
     headers = {"spec": "spec", "task": "task", "num_classes": "classes", "train": "train", "test": "test"}
     cells = [{c: str(r.get(c, "")) for c in DATASET_COLUMNS} for r in rows]
     widths = {c: max([len(headers[c]), *(len(cell[c]) for cell in cells)]) for c in DATASET_COLUMNS}
@@ -123,8 +124,10 @@ def render_datasets(rows: Sequence[dict[str, Any]], width: int) -> list[str]:
     sources = [str(r.get("source", "")) for r in rows]
     below = not _fits([head(c) for c in cells], sources, width)
     lines = _row(head(headers), "source", width, below)
-    for cell, source in zip(cells, sources, strict=True):
+    for row, cell, source in zip(rows, cells, sources, strict=True):
         lines += _row(head(cell), source, width, below)
+        if row.get("options"):
+            lines += _wrapped("options: " + " ".join(f"?{o}=" for o in row["options"]), width)
     return lines
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 
-from ..vocab import EXTRACT_TOKENS, POSITIONS
-from ._args import DEVICE_HELP, comma_list, device, int_list, one_of, usage_error
+from ..vocab import EXTRACT_TOKENS, POSITIONS, TOKENS
+from ._args import DEVICE_HELP, comma_list, device, float_list, int_list, one_of, usage_error
 
 ON_BAD_IMAGE = ("fail", "skip")
 DTYPES = ("float16", "float32")
@@ -60,11 +60,12 @@ def extract(
     blocks: str = typer.Option(
         "-1", "--blocks", help="Comma list of block indices (negative count from the end)."
     ),
-    tokens: str = typer.Option(
-        "q,k,v,ffn",
+    tokens: str | None = typer.Option(
+        None,
         "--tokens",
         help=f"Comma list from {','.join(EXTRACT_TOKENS)} (q_rope, k_rope: q and k after the rotary "
-        "embedding, on models that have one).",
+        f"embedding, on models that have one); default {','.join(TOKENS)}, the study's list (less ffn_norm "
+        "for a model without a final norm).",
     ),
     positions: str = typer.Option(
         None,
@@ -76,7 +77,27 @@ def extract(
     dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 or float32."),
     amp: str | None = typer.Option(None, "--amp", help="bf16: autocast the forward pass."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
-    image_size: int | None = typer.Option(None, "--image-size", min=1, help="Resize images to N x N."),
+    image_size: int | None = typer.Option(
+        None,
+        "--image-size",
+        min=1,
+        help="Model input N x N px (rounded to a multiple of the patch size; default: the model's own).",
+    ),
+    mean: str | None = typer.Option(
+        None,
+        "--mean",
+        help="Normalisation mean, 1 or C comma values in 0..1 (default: the recognised model's published one).",
+    ),
+    std: str | None = typer.Option(
+        None, "--std", help="Normalisation std, 1 or C comma values (default: as --mean)."
+    ),
+    limit: int | None = typer.Option(
+        None,
+        "--limit",
+        min=1,
+        help="Extract a seeded, class-stratified subset of N samples (classification; recorded in the store).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
     num_workers: int = typer.Option(0, "--num-workers", min=0, help="DataLoader worker processes."),
     on_bad_image: str = typer.Option("fail", "--on-bad-image", help="fail or skip unreadable images."),
     label: str | None = typer.Option(
@@ -104,10 +125,14 @@ def extract(
     from ..features import extract_features
     from ..features.distributed import dist_info, local_device
     from ..features.extract import plan_store
-    from ..feedback import Reporter, many_tokens_warning
+    from ..feedback import Reporter, many_tokens_warning, preprocessing_line, resize_warning
     from ..provenance import model_label, weights_source
 
-    token_list = comma_list(tokens, name="--tokens", what="token", allowed=EXTRACT_TOKENS)
+    token_list = (
+        None if tokens is None else comma_list(tokens, name="--tokens", what="token", allowed=EXTRACT_TOKENS)
+    )
+    mean_values = None if mean is None else float_list(mean, name="--mean", what="mean value")
+    std_values = None if std is None else float_list(std, name="--std", what="std value", positive=True)
     position_list = (
         None
         if positions is None
@@ -127,23 +152,38 @@ def extract(
         raise usage_error(
             "--gpu-decode", f"--gpu-decode needs --device cuda, got --device {device_}; drop --gpu-decode"
         )
+    main = dist_info().is_main
+    reporter = Reporter(Console(stderr=True), enabled=progress and main)
     backbone = load_backbone(model, weights=weights, device=local_device(device_))
-    dataset = open_dataset(data, split, root=data_root, on_bad_image=on_bad_image)
+    if weights is not None and main:
+        reporter.note(f"weights: {getattr(backbone, 'weights_info', '') or f'loaded {weights}'}")
+    dataset = open_dataset(data, split, root=data_root, on_bad_image=on_bad_image, limit=limit, seed=seed)
+    skipped = list(getattr(dataset, "skipped", []) or [])
+    if skipped and main:
+        from ..data.files import listed
+
+        reporter.warn(
+            f"{len(skipped)} unreadable {'file' if len(skipped) == 1 else 'files'} left out (--on-bad-image skip, "
+            f"under {getattr(dataset, 'root', data)}): {listed(skipped)}"
+        )
     position_list = position_list or default_positions(dataset.task, backbone.has_cls_token)
     options = {
         "blocks": tuple(block_list),
-        "tokens": token_list,
+        "tokens": token_list or [t for t in TOKENS if t in backbone.offered_tokens()],
         "positions": position_list,
         "dtype": dtype,
         "amp": amp,
         "image_size": image_size,
         "device_decode": gpu_decode,
+        "mean": mean_values,
+        "std": std_values,
     }
     planned, _ = plan_store(backbone, dataset, **options)
-    reporter = Reporter(Console(stderr=True), enabled=progress and dist_info().is_main)
-    warning = many_tokens_warning(planned)
-    if warning and dist_info().is_main:
-        reporter.warn(warning)
+    if main:
+        typer.echo(preprocessing_line(planned))  # stdout, beside the store line: what this store holds
+        for warning in (resize_warning(planned), many_tokens_warning(planned)):
+            if warning:
+                reporter.warn(warning)
     with reporter.heartbeat(out, f"extract {dataset.spec} {split}"):
         store = extract_features(
             backbone,
@@ -153,6 +193,7 @@ def extract(
             batch_size=batch_size,
             num_workers=num_workers,
             progress=progress,
+            notify=reporter.note if main else None,
         )
     info = dist_info()
     if info.distributed:
@@ -162,7 +203,9 @@ def extract(
             dist.destroy_process_group()
     if info.is_main:
         record_label(store.path, model_label(model, weights, label), weights_source(backbone, weights))
+        limited = store.manifest["dataset"].get("limit")
+        of = f" (of {limited['of']}, --limit {limited['n']} seed {limited['seed']})" if limited else ""
         typer.echo(
-            f"feature store {store.path}: {store.num_samples} samples, blocks {store.blocks}, tokens "
+            f"feature store {store.path}: {store.num_samples} samples{of}, blocks {store.blocks}, tokens "
             f"{','.join(store.tokens)}, positions {','.join(store.positions)}, {store.dtype}, key {store.key[:16]}"
         )

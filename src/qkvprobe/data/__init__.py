@@ -55,18 +55,31 @@ def __getattr__(name: str) -> Any:
 
 
 def open_dataset(
-    spec: str, split: str, *, root: str | Path | None = None, on_bad_image: str = "fail"
+    spec: str,
+    split: str,
+    *,
+    root: str | Path | None = None,
+    on_bad_image: str = "fail",
+    limit: int | None = None,
+    seed: int = 0,
 ) -> Dataset:
     """Open one split of a dataset by spec string (see module docstring); ``root`` = Fashion-MNIST directory.
 
     ``on_bad_image="skip"`` leaves unreadable images out and lists them in ``ds.skipped`` (folder layouts).
+    ``limit=N``: a seeded (``seed``), class-stratified subset of N samples of a classification split
+    (:func:`qkvprobe.data.subset.limit_dataset`; ``qkvprobe extract --limit N``).
     SpecError for an unknown kind, option or a missing path; DataError when the data is not there.
     """
     from .files import check_on_bad_image
 
     name, path, options = parse_spec(spec)
     check_on_bad_image(on_bad_image)
-    return KINDS[name].open(spec, path, options, split, root=root, on_bad_image=on_bad_image)
+    dataset = KINDS[name].open(spec, path, options, split, root=root, on_bad_image=on_bad_image)
+    if limit is None:
+        return dataset
+    from .subset import limit_dataset
+
+    return limit_dataset(dataset, limit, seed)
 
 
 def class_pixel_counts(dataset: Dataset) -> np.ndarray:
@@ -126,7 +139,7 @@ def _path_entry(kind: DatasetKind, candidates: list[Path]) -> dict[str, Any]:
 
 def list_datasets() -> list[dict[str, Any]]:
     """What ``open_dataset`` can open here, one row per registry kind: ``spec, task, num_classes, train,
-    test, source``.
+    test, source, options`` (the kind's ``?`` option names, from the registry).
 
     Never downloads; kinds that need a path are looked for under ``$QKVPROBE_DATA`` (the registry's
     ``where`` names: ``imagenet``, ``VOCdevkit``, ``ADEChallengeData2016``, ``imagenet-1k``, ``imagenet-wds`` …).
@@ -137,7 +150,8 @@ def list_datasets() -> list[dict[str, Any]]:
     for kind in KINDS.values():
         if kind.lister is not None:
             module, _, function = kind.lister.partition(":")
-            entries.append(getattr(importlib.import_module(module), function)())
+            entry = getattr(importlib.import_module(module), function)()
         else:
-            entries.append(_path_entry(kind, search_paths(kind, base)))
+            entry = _path_entry(kind, search_paths(kind, base))
+        entries.append({**entry, "options": list(kind.options)})
     return entries

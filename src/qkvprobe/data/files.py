@@ -37,6 +37,15 @@ class MaskFormatError(DataError):
 
 
 _SKIP_HINT = "replace it, or pass --on-bad-image skip to leave it out (listed in the run record)"
+#: How many files a message lists before "and N more".
+LISTED = 20
+_COLOUR_MODES = ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA")
+
+
+def listed(names: list[str], limit: int = LISTED) -> str:
+    """``"a, b, c"``, or the first ``limit`` names and ``"and N more"``."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def read_image(path: Path | bytes, *, name: str | None = None, hint: str = _SKIP_HINT) -> torch.Tensor:
@@ -76,7 +85,7 @@ def read_mask(
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             im.load()
             mode = im.mode
-            if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
+            if mode in _COLOUR_MODES:
                 raise MaskFormatError(
                     f"{kind} {name} is saved as {mode} colours, not class indices; save it as a palette (P) or grey (L) PNG whose pixel values are the class indices"
                 )
@@ -156,12 +165,17 @@ class FileDataset(Dataset):
             self.ignored = []
         if self.ignored:
             warnings.warn(
-                f"{self.spec} {self.split}: {len(self.ignored)} non-image files ignored (see ds.ignored), e.g. {self.ignored[0]}",
+                f"{self.spec} {self.split}: {len(self.ignored)} non-image files ignored (under {self.root}): "
+                f"{listed(self.ignored, 5)}",
                 stacklevel=3,
             )
         if on_bad_image == "skip":
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 bad = list(pool.map(self._check_sample, self.samples))
+            colours = [b[1:] for b in bad if b is not None and b.startswith("\0")]
+            if colours:
+                kind = str(getattr(self, "mask_kind", "mask"))
+                raise MaskFormatError(_colour_masks_message(colours, self.root, kind))
             self.skipped = [b for b in bad if b is not None]
             self.samples = [s for s, b in zip(self.samples, bad, strict=True) if b is None]
         parts = [kind, self.split, "\n".join(self.classes), "\n".join(self.skipped)]
@@ -190,7 +204,9 @@ class FileDataset(Dataset):
                     return str(path.relative_to(self.root))
                 reader(path)
             except MaskFormatError:
-                raise  # an RGB mask is a layout error, not a damaged file: skipping would hide it
+                # an RGB mask is a layout error, not a damaged file: skipping would hide it (marked with \0:
+                # every such mask is listed in one error)
+                return "\0" + str(path.relative_to(self.root))
             except DataError:
                 return str(path.relative_to(self.root))
         return None
@@ -241,10 +257,61 @@ class SegmentationBase(FileDataset):
         """Segmentation: no per-image class index."""
         return None
 
+    def colour_masks(self) -> list[str]:
+        """Masks (relative paths) saved as colours, from the file headers alone (no decoding)."""
+
+        def is_colour(path: Path) -> bool:
+            try:
+                with Image.open(path) as im:
+                    return im.mode in _COLOUR_MODES
+            except _BAD_FILE:
+                return False
+
+        masks = [m for _, m in self.samples]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            flags = list(pool.map(is_colour, masks))
+        return [str(m.relative_to(self.root)) for m, bad in zip(masks, flags, strict=True) if bad]
+
+    def missized_masks(self) -> list[str]:
+        """Masks whose size differs from their image's, as ``"masks/a.png 10x8 (image 12x8)"``, from the file
+        headers alone."""
+
+        def check(sample: tuple[Path, Any]) -> str | None:
+            image, mask = sample
+            try:
+                with Image.open(mask) as im:
+                    have = im.size
+                want = image_size(image)
+            except (DataError, *_BAD_FILE):
+                return None  # an unreadable file is reported on its own
+            if have == want:
+                return None
+            return f"{mask.relative_to(self.root)} {have[0]}x{have[1]} (image {want[0]}x{want[1]})"
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            return [m for m in pool.map(check, self.samples) if m is not None]
+
     def _mask(self, index: int, size: tuple[int, int]) -> torch.Tensor:
         image_path, mask_path = self.samples[index]
+        try:
+            raw = read_mask(mask_path, kind=self.mask_kind)
+        except MaskFormatError:
+            # one colour mask rarely comes alone: list them all (headers only), so one fix covers every file
+            raise MaskFormatError(
+                _colour_masks_message(self.colour_masks(), self.root, self.mask_kind)
+            ) from None
+        if (raw.shape[1], raw.shape[0]) != tuple(size):
+            # as for colours: every mask of the wrong size in one message
+            bad = self.missized_masks() or [
+                f"{mask_path.relative_to(self.root)} {raw.shape[1]}x{raw.shape[0]} (image {size[0]}x{size[1]})"
+            ]
+            raise DataError(
+                f"{len(bad)} {self.mask_kind + (' does' if len(bad) == 1 else 's do')} not have the size of "
+                f"{'its image' if len(bad) == 1 else 'their images'} (under {self.root}): {listed(bad)}; "
+                "masks must have the image's size"
+            )
         return check_mask(
-            read_mask(mask_path, kind=self.mask_kind),
+            raw,
             num_classes=len(self.classes),
             reduce_zero_label=self.reduce_zero_label,
             size=size,
@@ -252,3 +319,11 @@ class SegmentationBase(FileDataset):
             image_name=str(image_path),
             kind=self.mask_kind,
         )
+
+
+def _colour_masks_message(names: list[str], root: Path, kind: str = "mask") -> str:
+    return (
+        f"{len(names)} {kind + ' is' if len(names) == 1 else kind + 's are'} saved as colours, not class indices "
+        f"(under {root}): {listed(names)}; save each as a palette (P) or grey (L) PNG whose pixel values are the "
+        "class indices"
+    )

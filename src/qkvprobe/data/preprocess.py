@@ -55,6 +55,9 @@ class Preprocess:
     patch_size: int
     interpolation: str
     crop_pct: float
+    #: The size asked for (``image_size``, else the data config's) before rounding to the patch size; not part of
+    #: :meth:`describe` (the store's key), which holds the size used.
+    asked_size: tuple[int, int] | None = None
 
     def __call__(self, image: torch.Tensor, target: Any = None) -> tuple[torch.Tensor, Any]:
         """One sample; a segmentation target (mask [H, W]) is resized with it, a class index passes through."""
@@ -101,6 +104,15 @@ class Preprocess:
         raise DataError(
             f"cannot turn {have}-channel images into the {self.channels} channels the backbone wants"
         )
+
+    def resize_of(self, size: tuple[int, int]) -> tuple[int, int] | None:
+        """``(H, W)`` an image of ``size`` is resized to before any crop; None when it is used as it is."""
+        if tuple(size) == tuple(self.output_size):
+            return None
+        if self.task == "segmentation":
+            return self.output_size
+        h, w = self._scale_size(tuple(size))
+        return (h, w)
 
     def _scale_size(self, size: tuple[int, int]) -> list[int]:
         h, w = self.output_size
@@ -185,7 +197,9 @@ def build_preprocess(
         raise ConfigError(f"unknown interpolation {interpolation!r}; valid: {', '.join(_INTERPOLATIONS)}")
     crop_pct = float(data_config.get("crop_pct") or DEFAULT_CROP_PCT)
     size = (_round_to_patch(height, patch_size), _round_to_patch(width, patch_size))
-    return Preprocess(task, channels, size, mean, std, int(patch_size), interpolation, crop_pct)
+    return Preprocess(
+        task, channels, size, mean, std, int(patch_size), interpolation, crop_pct, (int(height), int(width))
+    )
 
 
 def patch_majority_labels(

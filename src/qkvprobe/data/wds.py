@@ -5,7 +5,8 @@ Shards of a split: ``DIR/<split>-*.tar`` or ``DIR/<split>/*.tar`` (``test`` also
 or an explicit brace pattern relative to ``DIR``: ``?shards=train-{000000..001281}.tar`` (the split a
 command asks for), ``?train_shards=…&test_shards=…`` (per split, for ``qkvprobe run``). Samples follow the
 library's conventions: the members of one sample share a key (the file name up to its first dot) and sit
-next to each other; the image is the first of ``jpg jpeg png webp ppm bmp tif tiff`` present (``?image=``),
+next to each other; each sample's image is the first of ``jpg jpeg png webp ppm bmp tif tiff`` it has (or of
+the list ``?image=png`` / ``?image=jpg,png``), so one shard may mix formats;
 the label the ``cls`` member (an integer as text) or ``json``'s ``label`` (``?label=cls|json``), the mask of a
 segmentation set ``seg.png`` (``?mask=``). Class names: ``classes.txt`` beside the shards (or ``?classes=``),
 else ``"0"`` … ``"K-1"``.
@@ -44,7 +45,7 @@ from .stream import (
     split_candidates,
 )
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "gif", "tif", "tiff")
 LABEL_KEYS = ("cls", "json")
 MASK_KEYS = ("seg.png",)
 #: Bumped when the cached index layout changes (old entries are then rebuilt, never misread).
@@ -237,7 +238,7 @@ class WebDatasetShards(StreamDataset):
             parts_fp.append(f"{self._name(file)}|{stat.st_size}|{stat.st_mtime_ns}|{len(index)}")
         self.parts = [self._name(f) for f in files]
         self.part_sizes = [len(i) for i in self.indexes]
-        self.image_key = self._member_key(self.opts.image, IMAGE_KEYS, "image")
+        self.image_keys = self._image_keys(self.opts.image)
         if task == "classification":
             self.target_key = self._member_key(self.opts.label, LABEL_KEYS, "label")
             if self.target_key not in LABEL_KEYS:
@@ -283,6 +284,38 @@ class WebDatasetShards(StreamDataset):
                 )
         return key
 
+    def _image_keys(self, given: str | None) -> tuple[str, ...]:
+        """The image extensions to look for, in order (``?image=png`` or a list ``?image=jpg,png``; default
+        :data:`IMAGE_KEYS`); DataError naming the first sample that has none of them."""
+        keys = (
+            tuple(dict.fromkeys(k.strip().lower().lstrip(".") for k in given.split(",") if k.strip()))
+            if given
+            else IMAGE_KEYS
+        )
+        if not keys:
+            raise SpecError(f"option image= in {self.spec} names no extension; write e.g. ?image=jpg,png")
+        for file, index in zip(self.files, self.indexes, strict=True):
+            columns = [index.column(k) for k in keys if k in index.exts]
+            present = (index.offsets[:, columns] >= 0).any(1) if columns else np.zeros(len(index), dtype=bool)
+            if not present.all():
+                row = int(np.argmax(~present))
+                members = [e for j, e in enumerate(index.exts) if index.offsets[row, j] >= 0]
+                raise DataError(
+                    f"sample {index.keys[row]} of WebDataset shard {file} has no image member "
+                    f"({' '.join('.' + k for k in keys)}; it has {' '.join('.' + m for m in members) or 'none'}); "
+                    "name its extension with ?image=EXT (a list: ?image=jpg,png)"
+                )
+        return keys
+
+    def _image_column(self, index: TarIndex, local: int) -> int:
+        """The column of sample ``local``'s image: the first of :attr:`image_keys` it has."""
+        for key in self.image_keys:
+            if key in index.exts:
+                col = index.column(key)
+                if index.offsets[local, col] >= 0:
+                    return col
+        raise DataError(f"sample {index.keys[local]} has no image member ({' '.join(self.image_keys)})")
+
     def _part_labels(self, part: int) -> np.ndarray:
         return self.indexes[part].labels[self.target_key]
 
@@ -302,7 +335,6 @@ class WebDatasetShards(StreamDataset):
         # about 20 µs here (benchmarks/bench_extract.py --loading shows the effect on whole-pipeline rates),
         # and it cannot skip the members of finished shards without reading them.
         file, index = self.files[part], self.indexes[part]
-        image_col = index.column(self.image_key)
         target_col = index.column(self.target_key) if self.task == "segmentation" else None
         local = -1
         try:
@@ -310,7 +342,7 @@ class WebDatasetShards(StreamDataset):
                 for local in range(len(index)):
                     if not wanted(local):
                         continue
-                    image = self._read(fh, file, index, local, image_col)
+                    image = self._read(fh, file, index, local, self._image_column(index, local))
                     member = (
                         self._read(fh, file, index, local, target_col) if target_col is not None else None
                     )
@@ -337,7 +369,7 @@ class WebDatasetShards(StreamDataset):
         file, idx = self.files[part], self.indexes[part]
         try:
             with open(file, "rb") as fh:
-                data = self._read(fh, file, idx, local, idx.column(self.image_key)) if image else None
+                data = self._read(fh, file, idx, local, self._image_column(idx, local)) if image else None
                 target = (
                     self._read(fh, file, idx, local, idx.column(self.target_key))
                     if self.task == "segmentation"

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 import warnings
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -52,6 +53,8 @@ from .store import (
     store_key,
     write_shard,
 )
+
+log = logging.getLogger("qkvprobe")
 
 AMP_MODES = ("bf16",)
 #: Upper bound of one shard's feature bytes: large enough to amortise file overhead, small enough that a
@@ -234,12 +237,19 @@ def plan_store(
     image_size: int | tuple[int, int] | None = None,
     shard_size: int | None = None,
     device_decode: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """The manifest a store for these inputs gets (incl. its content ``key``) and the preprocessing.
 
+    ``mean``/``std`` replace the backbone's normalisation (``--mean/--std``). The manifest's ``input`` block (not
+    part of the key) says how images reach the model: the size asked for and why it was rounded, where mean/std
+    come from, the first sample's size, its resize and crop (:func:`qkvprobe.feedback.preprocessing_line`).
+
     Raises:
         ConfigError: an unknown token, position, dtype or amp mode; ``q_rope``/``k_rope`` asked of a model
-            without rotary embeddings (naming the model and the tokens it offers); ``cls`` without a class token.
+            without rotary embeddings (naming the model and the tokens it offers); ``cls`` without a class token;
+            a mean/std of the wrong length or a std <= 0.
     """
     tokens = parse_list(tokens, EXTRACT_TOKENS, "token")
     rope = [t for t in tokens if t in ROPE_TOKENS]
@@ -263,8 +273,9 @@ def plan_store(
             f"position 'cls' needs a class token but {backbone.spec} has none; use --positions avg"
         )
     resolved = sorted({backbone.resolve_block(b) for b in parse_blocks(blocks)})
+    data_config, normalisation = _normalisation(backbone, mean, std)
     preprocess = build_preprocess(
-        backbone.data_config, dataset.task, patch_size=backbone.patch_size, image_size=image_size
+        data_config, dataset.task, patch_size=backbone.patch_size, image_size=image_size
     )
     height, width = (int(s) for s in preprocess.output_size)
     grid = (height // backbone.patch_size, width // backbone.patch_size)
@@ -299,6 +310,7 @@ def plan_store(
         ]
     else:
         ranges = [(s, min(s + shard_size, num_samples), None) for s in range(0, num_samples, shard_size)]
+    limit = getattr(dataset, "limit", None)  # extract --limit: a subset (qkvprobe.data.subset)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "key": store_key(key_fields),
@@ -324,8 +336,10 @@ def plan_store(
             "classes": list(dataset.classes),
             "source": getattr(dataset, "source", ""),
         }
-        | ({"parts": dataset.describe_parts()} if isinstance(dataset, StreamDataset) else {}),
+        | ({"parts": dataset.describe_parts()} if isinstance(dataset, StreamDataset) else {})
+        | ({"limit": dict(limit)} if limit else {}),
         "preprocessing": key_fields["preprocessing"],
+        "input": _input_notes(preprocess, dataset, normalisation),
         "image_size": [height, width],
         "patch_size": int(backbone.patch_size),
         "grid": list(grid),
@@ -348,25 +362,135 @@ def plan_store(
     return manifest, preprocess
 
 
+def _normalisation(
+    backbone: Backbone, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[dict[str, Any], str]:
+    """The backbone's data config with ``mean``/``std`` replaced where given, and where mean/std come from."""
+    config = dict(backbone.data_config)
+    source = str(getattr(backbone, "preprocessing_source", "") or "the backbone's data config")
+    if mean is None and std is None:
+        return config, source
+    channels = int(config["input_size"][0])
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        values = [float(v) for v in values]
+        if len(values) not in (1, channels) or (name == "std" and min(values) <= 0):
+            raise ConfigError(
+                f"--{name} {','.join(f'{v:g}' for v in values)} does not fit {backbone.spec}: give 1 or {channels} "
+                f"values{' > 0' if name == 'std' else ''}, e.g. --{name} "
+                + ("0.485,0.456,0.406" if name == "mean" else "0.229,0.224,0.225")
+            )
+        config[name] = tuple(values * channels if len(values) == 1 else values)
+    given = " and ".join(n for n, v in (("mean", mean), ("std", std)) if v is not None)
+    return config, f"{given} as given" + (
+        "" if mean is not None and std is not None else f"; otherwise {source}"
+    )
+
+
+def _first_size(dataset: Dataset) -> tuple[int, int] | None:
+    """(H, W) of the dataset's first image (one decode), or None when it cannot be read here (the extraction
+    then stops on it with the file named)."""
+    try:
+        image = dataset[0][0]
+    except Exception:  # any reader's failure: the extraction reports it on its own, with the file named
+        return None
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def _input_notes(preprocess: Any, dataset: Dataset, normalisation: str) -> dict[str, Any]:
+    """How images reach the model, for the one-line summary and the manifest (outside the store's key)."""
+    asked = list(preprocess.asked_size) if preprocess.asked_size else None
+    used = list(preprocess.output_size)
+    first = _first_size(dataset)
+    resize = preprocess.resize_of(first) if first is not None else None
+    crop = used if dataset.task == "classification" and resize is not None and list(resize) != used else None
+    return {
+        "asked_size": asked,
+        "rounded": (
+            f"rounded to a multiple of the patch size {preprocess.patch_size}"
+            if asked is not None and asked != used
+            else None
+        ),
+        "normalisation": normalisation,
+        "first_image_size": list(first) if first is not None else None,
+        "resize": list(resize) if resize is not None else None,
+        "interpolation": preprocess.interpolation if dataset.task == "classification" else "bilinear",
+        "crop": crop,
+    }
+
+
+#: What a changed key field means, in words (the refusal of a partly written store says which input changed).
+CHANGED_INPUT: dict[str, str] = {
+    "backbone_spec": "the model (--model) differs",
+    "weights_digest": "the weights (--weights) differ",
+    "dataset_fingerprint": (
+        "the dataset's files or the samples chosen (files added, removed or changed; --on-bad-image, --limit) "
+        "differ"
+    ),
+    "preprocessing": "the preprocessing (--image-size, --mean/--std, the model's data config) differs",
+    "blocks": "the blocks (--blocks) differ",
+    "tokens": "the tokens (--tokens) differ",
+    "positions": "the positions (--positions) differ",
+    "dtype": "the stored dtype (--dtype) differs",
+    "amp": "the autocast mode (--amp) differs",
+}
+
+
 def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return repr(value[:12] + "…")  # a digest: its start identifies it
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _changed_input(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str, str] | None:
+    """``(words, field, "a there but b now")`` for the first key field that differs; None when none does."""
+    for field in KEY_FIELDS:
+        a, b = old.get("key_fields", {}).get(field), new["key_fields"][field]
+        if a != b:
+            name = field
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = next(k for k in sorted({*a, *b}) if a.get(k) != b.get(k))
+                name, a, b = f"{field}.{sub}", a.get(sub), b.get(sub)
+            return CHANGED_INPUT.get(field, field), name, f"{_short(a)} there but {_short(b)} now"
+    return None
 
 
 def _check_same_inputs(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     if old.get("key") == new["key"]:
         return
-    for field in KEY_FIELDS:
-        a, b = old.get("key_fields", {}).get(field), new["key_fields"][field]
-        if a != b:
-            if isinstance(a, dict) and isinstance(b, dict):
-                sub = next(k for k in sorted({*a, *b}) if a.get(k) != b.get(k))
-                field, a, b = f"{field}.{sub}", a.get(sub), b.get(sub)
-            raise StoreError(
-                f"feature store {out} was made for other inputs: {field} is {_short(a)} there but {_short(b)} "
-                f"now; pass another --out (or delete {out})"
-            )
+    changed = _changed_input(old, new)
+    try:
+        done = sum(completed_shards(out, old))
+    except (KeyError, TypeError):  # a manifest of another layout: say what it claims
+        done = int(old.get("num_complete_shards", 0))
+    state = (
+        "complete"
+        if old.get("complete")
+        else f"{done} of {len(old.get('shards', []))} shards written, the rest pending"
+    )
+    if changed is not None:
+        words, field, values = changed
+        raise StoreError(
+            f"feature store {out} ({state}) was made for other inputs: {words} ({field} is {values}); "
+            f"pass another --out, or delete {out} to extract anew"
+        )
     raise StoreError(f"feature store {out} has another key; pass another --out (or delete {out})")
+
+
+def _never_written(out: Path, old: dict[str, Any]) -> bool:
+    """Whether a store holds no finished shard: the manifest only (and temporaries of killed writers)."""
+    if old.get("complete"):
+        return False
+    try:
+        return not any(completed_shards(out, old)) and not any(out.glob("shard-*"))
+    except (KeyError, TypeError):
+        return False
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def _prepare_dir(out: Path, info: qdist.DistInfo) -> None:
@@ -382,8 +506,9 @@ def _prepare_dir(out: Path, info: qdist.DistInfo) -> None:
         ) from None
 
 
-def _store_state(out: Path, planned: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing manifest when it is for the same inputs (None when there is none); StoreError otherwise."""
+def _store_state(out: Path, planned: dict[str, Any], notify: Callable[[str], None]) -> dict[str, Any] | None:
+    """The existing manifest when it is for the same inputs (None when there is none, or when a store made for
+    other inputs never finished a shard: it is replaced, and ``notify`` says so); StoreError otherwise."""
     if not (out / MANIFEST).exists():
         stray = [p.name for p in out.iterdir() if not p.name.startswith(".")]
         if stray:
@@ -393,6 +518,13 @@ def _store_state(out: Path, planned: dict[str, Any]) -> dict[str, Any] | None:
             )
         return None
     old = read_manifest(out)
+    if old.get("key") != planned["key"] and _never_written(out, old):
+        changed = _changed_input(old, planned)
+        why = f" ({changed[0]})" if changed else ""
+        notify(f"replacing the feature store {out}: an earlier attempt for other inputs{why} wrote no shard")
+        remove_stale_temporaries(out)
+        (out / MANIFEST).unlink()
+        return None
     _check_same_inputs(out, old, planned)
     return old
 
@@ -513,6 +645,9 @@ def extract_features(
     shard_size: int | None = None,
     pin_memory: bool | None = None,
     device_decode: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> FeatureStore:
     """Extract ``tokens`` × ``positions`` of ``blocks`` for every sample of ``dataset`` into the store ``out``.
 
@@ -524,7 +659,10 @@ def extract_features(
     Data loading: ``num_workers`` processes decode and preprocess; ``pin_memory`` defaults to on for CUDA;
     ``device_decode=True`` decodes JPEGs of a file-backed classification dataset with
     ``torchvision.io.decode_jpeg`` on the backbone's device (nvJPEG on CUDA) and preprocesses them there.
+    ``mean``/``std`` replace the backbone's normalisation. ``notify`` gets one line when a store is resumed or
+    an unfinished store made for other inputs is replaced (default: the ``qkvprobe`` logger, at INFO).
     """
+    notify = notify or log.info
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if num_workers < 0:
@@ -541,19 +679,30 @@ def extract_features(
         image_size=image_size,
         shard_size=shard_size,
         device_decode=device_decode,
+        mean=mean,
+        std=std,
     )
     info = qdist.init_distributed(str(backbone.device))
     _prepare_dir(out, info)
-    existing = _store_state(out, planned)
+    existing = _store_state(out, planned, notify if info.is_main else _silent)
     if existing is not None and existing.get("complete"):
         if "num_heads" not in existing["backbone"] and info.is_main:
             # Stores from before num_heads was recorded learn it from the same backbone (per-head tokens).
             existing["backbone"]["num_heads"] = planned["backbone"]["num_heads"]
             write_json(out / MANIFEST, existing, indent=1, fsync=True)
+        if info.is_main:
+            notify(f"feature store {out} is complete for these inputs: reused, nothing extracted")
         qdist.barrier()
         return FeatureStore.open(out)  # same key and complete: reuse, never recompute
     # A resumed store keeps its own shard layout (it may come from another shard_size default).
     manifest = existing if existing is not None else planned
+    if existing is not None and info.is_main:
+        written = sum(completed_shards(out, existing))
+        total_shards = len(existing["shards"])
+        notify(
+            f"resuming the feature store {out}: {written} of {total_shards} shards were written by an earlier "
+            f"attempt, {total_shards - written} to go"
+        )
     if info.is_main:
         remove_stale_temporaries(out)
         write_json(out / MANIFEST, mark_shards(out, manifest) | {"complete": False}, indent=1, fsync=True)
@@ -627,6 +776,17 @@ def extract_features(
 
 def cached_store(cache_root: str | Path, backbone: Backbone, dataset: Dataset, **kwargs: Any) -> FeatureStore:
     """:func:`extract_features` into ``cache_root/<key[:16]>``: same inputs → the same, reused store."""
-    plan_keys = ("blocks", "tokens", "positions", "dtype", "amp", "image_size", "shard_size", "device_decode")
+    plan_keys = (
+        "blocks",
+        "tokens",
+        "positions",
+        "dtype",
+        "amp",
+        "image_size",
+        "shard_size",
+        "device_decode",
+        "mean",
+        "std",
+    )
     planned, _ = plan_store(backbone, dataset, **{k: v for k, v in kwargs.items() if k in plan_keys})
     return extract_features(backbone, dataset, Path(cache_root) / planned["key"][:16], **kwargs)

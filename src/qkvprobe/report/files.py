@@ -30,13 +30,16 @@ class RunFiles:
 
 def load_run(run_dir: str | os.PathLike) -> RunFiles:
     """Read a run directory (results.csv is required; side files are optional), or a results table and the side
-    files beside it (``qkvprobe evaluate --out DIR/mine.csv``)."""
+    files beside it (``qkvprobe report DIR/results.csv``; ``qkvprobe evaluate --out DIR/mine.csv``)."""
     given = Path(run_dir)
     results = given if given.is_file() else None
     rd = RunDir(given.parent if results is not None else given)
     results = results or rd.results
     if not rd.path.is_dir():
-        raise QkvprobeError(f"run directory {str(rd.path)!r} does not exist")
+        raise QkvprobeError(
+            f"run directory {str(rd.path)!r} does not exist; pass the folder `qkvprobe run` or `qkvprobe evaluate "
+            f"--out` wrote, holding {RESULTS}"
+        )
     if not results.exists():
         raise QkvprobeError(f"{rd.path}: no {RESULTS} found; run `qkvprobe run` first")
     rows = read_results(results)

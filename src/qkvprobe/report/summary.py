@@ -11,6 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from ..feedback import Trimmed
 from .answer import ANSWER_LEGEND, Answer, answer_lines, answers, weights_by_model
 from .files import RunFiles
 from .tables import is_head, main_rows, setting_label
@@ -53,7 +54,7 @@ def answer_notes(run: RunFiles, main: pd.DataFrame) -> list[str]:
     return notes
 
 
-def run_summary(run: RunFiles, title: str = TITLE) -> Group:
+def run_summary(run: RunFiles, title: str = TITLE) -> Trimmed:
     """The answer table of a run directory as the terminal shows it (``run``, ``evaluate`` and ``report`` print
     this, byte for byte the same for the same files)."""
     main, items = run_answers(run)
@@ -65,13 +66,14 @@ def summary_table(
     paired: list[dict] | None = None,
     weights: Mapping[str, str] | None = None,
     title: str = TITLE,
-) -> Group:
+) -> Trimmed:
     """``main`` holds the primary-metric rows (:func:`qkvprobe.report.tables.main_rows`); ``paired`` the paired
-    tests and ``weights`` the models' weight sources, as :func:`qkvprobe.report.answer.answers` takes them."""
+    tests and ``weights`` the models' weight sources, as :func:`qkvprobe.report.answer.answers` takes them. Off a
+    terminal its lines carry no trailing spaces (:class:`qkvprobe.feedback.Trimmed`)."""
     return _table(answers(main, paired, weights), [], title)
 
 
-def _table(items: list[Answer], notes: list[str], title: str) -> Group:
+def _table(items: list[Answer], notes: list[str], title: str) -> Trimmed:
     lines = answer_lines(items)
     parts: list = [Text(title, style="bold")]
     parts += [Text(note, style="yellow") for note in notes]
@@ -101,4 +103,4 @@ def _table(items: list[Answer], notes: list[str], title: str) -> Group:
             )
         parts.append(table)
     parts.append(Text(ANSWER_LEGEND, style="dim"))
-    return Group(*parts)
+    return Trimmed(Group(*parts))

@@ -231,6 +231,8 @@ class _Study:
                 "positions": positions,
                 "dtype": self.cfg.dtype,
                 "image_size": d.image_size,
+                "mean": m.mean,
+                "std": m.std,
             }
             manifest, _ = plan_store(bb, ds, **plan)
             warning = many_tokens_warning(manifest)
