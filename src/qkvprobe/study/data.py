@@ -9,57 +9,11 @@ used whole: their protocol re-opens the split from its spec to score full-resolu
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
-
-import numpy as np
-import torch
-
 from ..config import DatasetConfig
 from ..data.base import Dataset
+from ..data.subset import Subset as Subset
+from ..data.subset import subset_indices as subset_indices
 from ..errors import ConfigError
-
-
-class Subset(Dataset):
-    """A fixed selection of a dataset's samples; the fingerprint covers the parent's and the selection."""
-
-    def __init__(self, parent: Dataset, indices: np.ndarray) -> None:
-        self.parent = parent
-        self.selection = np.asarray(indices, dtype=np.int64)
-        self.spec, self.split, self.task = parent.spec, parent.split, parent.task
-        self.classes = list(parent.classes)
-        self.source = f"{parent.source}; subset of {len(self.selection)} of {len(parent)}"
-        digest = hashlib.sha256(parent.fingerprint.encode() + self.selection.tobytes())
-        self.fingerprint = digest.hexdigest()
-
-    def __len__(self) -> int:
-        return len(self.selection)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
-        return self.parent[int(self.selection[index])]
-
-    def targets(self) -> Any:
-        t = self.parent.targets()
-        return None if t is None else np.asarray(t)[self.selection]
-
-
-def subset_indices(
-    num: int, size: int | None, seed: int, labels: np.ndarray | None = None
-) -> np.ndarray | None:
-    """Sorted seeded random indices (stratified by ``labels`` when given); None when no subsampling is needed."""
-    if size is None or size >= num:
-        return None
-    rng = np.random.default_rng(seed)
-    if labels is None:
-        return np.sort(rng.choice(num, size, replace=False))
-    # stratified: each class keeps its share, so a small subset still covers every class
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.floor(counts / num * size).astype(int)
-    quota[np.argsort(-(counts / num * size - quota))[: size - quota.sum()]] += 1
-    picks = [
-        rng.choice(np.flatnonzero(labels == c), q, replace=False) for c, q in zip(classes, quota, strict=True)
-    ]
-    return np.sort(np.concatenate(picks))
 
 
 def sized_spec(cfg: DatasetConfig, size_options: tuple[str, str] = ("train", "test")) -> str:
