@@ -253,3 +253,12 @@ def test_the_answer_names_each_models_weights(tmp_path: Path) -> None:
     files = load_run(run)
     (first, *_) = answers(main_rows(files.results, files.run_info), files.paired)
     assert first.weights == "timm hub: x"
+
+
+def test_a_tie_list_names_the_first_choices_and_counts_the_rest() -> None:
+    from qkvprobe.report.answer import MAX_TIES_NAMED, TIED, Choice, Comparison, _grouped
+
+    ties = [Comparison(Choice(f"t{i}", "cls", "cosine", 0, 0.5), TIED, "intervals") for i in range(29)]
+    text = _grouped(ties, False)
+    assert text.endswith(f"; and {29 - MAX_TIES_NAMED} more") and "t7·cls" in text and "t8·cls" not in text
+    assert "more" not in _grouped(ties[:MAX_TIES_NAMED], False)

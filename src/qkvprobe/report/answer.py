@@ -275,12 +275,20 @@ def _pct(c: Choice) -> str:
     return text + (f" ± {100 * c.ci95:.1f}" if math.isfinite(c.ci95) else "")
 
 
+#: Tied choices an answer line names before it counts the rest ("… and 21 more"): a table where everything
+#: ties would otherwise list every token × position × rule.
+MAX_TIES_NAMED = 8
+
+
 def _grouped(comparisons: list[Comparison], with_block: bool) -> str:
-    """``"q·cls, ffn·cls (hyperplane); q·cls (cosine)"``: every choice, grouped by rule."""
+    """``"q·cls, ffn·cls (hyperplane); q·cls (cosine)"``: the choices grouped by rule, the first
+    ``MAX_TIES_NAMED`` of them (best first) named and the rest counted."""
     by_rule: dict[str, list[str]] = {}
-    for c in comparisons:
+    for c in comparisons[:MAX_TIES_NAMED]:
         by_rule.setdefault(c.choice.rule, []).append(c.choice.name(with_block))
-    return "; ".join(f"{', '.join(names)} ({rule})" for rule, names in by_rule.items())
+    text = "; ".join(f"{', '.join(names)} ({rule})" for rule, names in by_rule.items())
+    rest = len(comparisons) - MAX_TIES_NAMED
+    return text + (f"; and {rest} more" if rest > 0 else "")
 
 
 def _p_text(p: float) -> str:
