@@ -184,6 +184,7 @@ def test_tolerant_sampler_records_each_call_and_the_study_reports_validation_onl
     from types import SimpleNamespace
 
     from qkvprobe.study import _Study
+    from qkvprobe.study.distributed import add_note
 
     rng = np.random.default_rng(0)
     counts = rng.integers(100, 200, size=(40, 4))  # 4 classes, class 0 is background (excluded by default)
@@ -199,11 +200,13 @@ def test_tolerant_sampler_records_each_call_and_the_study_reports_validation_onl
     # The study logs and records the classes only the validation episodes lacked.
     fake = SimpleNamespace(info={}, logged=[])
     fake.log = fake.logged.append
+    fake.emit_note = lambda key, value: add_note(fake.info, key, value)  # the unit's run.json notes
     _Study._note_excluded(fake, "scenes", 1, ["bg", "a", "b", "c"], excluded[1])
     assert fake.info == {"fewshot_validation_excluded_classes": {"scenes 1-shot": ["c"]}}
     assert len(fake.logged) == 1 and "validation episodes that choose C" in fake.logged[0]
     fake = SimpleNamespace(info={}, logged=[])
     fake.log = fake.logged.append
+    fake.emit_note = lambda key, value: add_note(fake.info, key, value)
     _Study._note_excluded(fake, "scenes", 1, ["bg", "a", "b", "c"], [[3], [3]])
     assert fake.info == {"fewshot_excluded_classes": {"scenes 1-shot": ["c"]}} and len(fake.logged) == 1
 

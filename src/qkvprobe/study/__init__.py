@@ -2,9 +2,14 @@
 
 For each model: load the backbone; for each dataset: one cached feature store per split covering every
 token, position and block needed; then the protocols per setting (and shot count), the block sweep, and the
-side files. Rows are written after each unit of work, and finished units are recorded in
-``progress.json``, so a killed run resumes where it stopped (cached features reused, finished rows kept, no
-duplicate rows). At the end: ``run.json``, the report and a terminal summary.
+side files. Each finished unit of work leaves a record in ``parts/`` that rank 0 merges into results.csv,
+the side files and ``progress.json`` (:mod:`qkvprobe.study.distributed`), so a killed run resumes where it
+stopped (cached features reused, finished rows kept, no duplicate rows). At the end: ``run.json``, the report
+and a terminal summary.
+
+Under ``torchrun`` the stores are extracted by all ranks together and the units are spread over the ranks
+(whole units, balanced by an estimated cost); rank 0 alone writes the shared files, the report and the
+summary, and results.csv, paired.json and the answer table are the same bytes for any number of processes.
 
 Progress goes to the console as one line per unit of work (and, inside an evaluation, per protocol unit), plain
 and unwrapped when the console is not a terminal (:class:`qkvprobe.feedback.Reporter`); while features are
@@ -29,12 +34,14 @@ from ..config import DatasetConfig, ModelConfig, StudyConfig, dump_config
 from ..errors import QkvprobeError
 from ..feedback import Reporter, many_tokens_warning, seconds, shard_progress
 from ..io import read_json, write_json
-from ..results import ResultRow, read_results, write_results
+from ..results import ResultRow, read_results
 from ..rundir import RunDir, save_direction_map
 from ..vocab import objective_family, split_head
+from . import distributed as sdist
+from .distributed import Stopped, Unit
 from .state import Progress, unit_id
 
-__all__ = ["StudyResult", "run_study"]
+__all__ = ["Stopped", "StudyResult", "run_study"]
 
 SUBSAMPLING_NOTE = (
     "classification splits: seeded stratified random subsets of train_size/test_size images; "
@@ -45,12 +52,17 @@ SUBSAMPLING_NOTE = (
 
 @dataclass
 class StudyResult:
+    """What a run leaves; on ranks other than 0 of a torchrun ``rows`` is empty and ``summary`` None (rank 0
+    alone merges, reports and prints)."""
+
     run_dir: Path
     rows: list[ResultRow]
-    summary: RenderableType
+    summary: RenderableType | None
     report: Path | None
     timings: dict[str, Any] = field(default_factory=dict)
     skipped_units: int = 0
+    rank: int = 0
+    world_size: int = 1
 
 
 def _versions() -> dict[str, str]:
@@ -79,6 +91,13 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _qdist() -> Any:
+    """:mod:`qkvprobe.features.distributed`, imported when used (``qkvprobe.features`` imports torch)."""
+    from ..features import distributed
+
+    return distributed
+
+
 def _call(fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Call a protocol with the contract's arguments plus the optional extras it accepts (device, progress)."""
     params = inspect.signature(fn).parameters
@@ -95,12 +114,31 @@ class _Study:
         self.cfg = cfg
         self.rd = RunDir(cfg.run_dir())
         self.run_dir = self.rd.path
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Under torchrun: each rank on its own GPU (cuda -> cuda:LOCAL_RANK) for extraction and every protocol.
+        self.device = _qdist().local_device(_device(cfg.device))
+        world = _qdist().init_distributed(self.device)
+        self.rank, self.world_size = world.rank, world.world_size
+        self.is_main = world.is_main
         self.console = console
         self.verbose = progress
-        self.reporter = Reporter(console, enabled=progress)
-        self.device = _device(cfg.device)
-        self.progress = Progress(self.run_dir, cfg.fingerprint(), fresh=fresh)
+        self.reporter = Reporter(
+            console, enabled=progress, prefix=f"rank {self.rank} " if world.distributed else ""
+        )
+        if (
+            self.is_main
+        ):  # --fresh and binding the directory to the config: rank 0, before any other rank reads
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.progress = Progress(self.run_dir, cfg.fingerprint(), fresh=fresh)
+            self.rd.failed.unlink(missing_ok=True)
+        _qdist().barrier()
+        if not self.is_main:
+            self.progress = Progress(self.run_dir, cfg.fingerprint())
+        # What was done before this invocation started, read by every rank before any unit runs (the same set
+        # on every rank, so the same units are left to assign).
+        self.records_before = {r["unit"]: r for r in sdist.read_records(self.rd)}
+        self.done_before = set(self.progress.done) | set(self.records_before)
+        self.record: dict[str, Any] | None = None  # the running unit's record (the emit_* seams fill it)
+        self.standard_units: dict[tuple[str, str], str] = {}  # (model, dataset) -> its standard evaluate unit
         self.timings: dict[str, float] = {}
         self.skipped = 0
         self.sources: dict[str, str] = {}  # model label -> weights source (the rows' weights column)
@@ -116,6 +154,7 @@ class _Study:
             "config": dump_config(cfg),
             "versions": _versions(),
             "device": self.device,
+            "world_size": self.world_size,
             "host": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
             "episodes_seed": cfg.seed,
             "subsampling": self._subsampling(),
@@ -142,12 +181,12 @@ class _Study:
         where = f"{spec} {shots}-shot"
         if calls[-1]:
             names = [classes[c] for c in calls[-1]]
-            self.info.setdefault("fewshot_excluded_classes", {})[where] = names
+            self.emit_note("fewshot_excluded_classes", {where: names})
             self.log(f"{where}: classes with too few images left out of the episodes: {names}")
         only_val = sorted({c for call in calls[:-1] for c in call} - set(calls[-1]))
         if only_val:
             names = [classes[c] for c in only_val]
-            self.info.setdefault("fewshot_validation_excluded_classes", {})[where] = names
+            self.emit_note("fewshot_validation_excluded_classes", {where: names})
             self.log(
                 f"{where}: classes with too few images in the halved training pools, left out of the "
                 f"validation episodes that choose C (not of the evaluation's): {names}"
@@ -163,7 +202,10 @@ class _Study:
         }
 
     def save_info(self, **updates: Any) -> None:
+        """Update run.json (written by rank 0 alone; the other ranks keep their copy in memory)."""
         self.info.update(updates)
+        if not self.is_main:
+            return
         self.info["timings"] = {
             **self.info.get("timings", {}),
             **{k: round(v, 3) for k, v in self.timings.items()},
@@ -176,22 +218,22 @@ class _Study:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
         return out
 
-    def rows_present(self, model: str, dataset: str, setting: str, shots: int) -> bool:
-        return any(
-            (r.model, r.dataset, r.setting, r.shots) == (model, dataset, setting, shots)
-            for r in read_results(self.rd.results)
-        )
-
     # ---- the study --------------------------------------------------------------------------------------
     def run(self) -> None:
         t0 = time.perf_counter()
         self.save_info()
-        for m in self.cfg.models:
-            self.run_model(m)
+        pending: list[Unit] = []
+        for mi, m in enumerate(self.cfg.models):
+            pending += self.run_model(mi, m)
+        self.run_units(pending)
+        if self.is_main:
+            self.wait_for_others(pending)
+            self.merge()
         self.timings["total_s"] = time.perf_counter() - t0
         self.save_info(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
-    def run_model(self, m: ModelConfig) -> None:
+    def run_model(self, mi: int, m: ModelConfig) -> list[Unit]:
+        """Load the model, extract its stores (all ranks together); its units not done yet."""
         from ..backbones import load_backbone
         from ..provenance import weights_source
 
@@ -217,12 +259,22 @@ class _Study:
         self.save_info()
         sweep_models = {s.name for s in self.cfg.sweep_models()}
         sweep_sets = {d.spec for d in self.cfg.sweep_datasets()} if m.name in sweep_models else set()
-        for d in self.cfg.datasets:
-            self.run_dataset(m, bb, d, main_blocks, sweep=d.spec in sweep_sets)
+        units: list[Unit] = []
+        for di, d in enumerate(self.cfg.datasets):
+            units += self.run_dataset((mi, di), m, bb, d, main_blocks, sweep=d.spec in sweep_sets)
+        return units
 
     def run_dataset(
-        self, m: ModelConfig, bb: Any, d: DatasetConfig, main_blocks: list[int], *, sweep: bool
-    ) -> None:
+        self,
+        where: tuple[int, int],
+        m: ModelConfig,
+        bb: Any,
+        d: DatasetConfig,
+        main_blocks: list[int],
+        *,
+        sweep: bool,
+    ) -> list[Unit]:
+        """The stores of one model × dataset (extracted by all ranks together), and its units not done yet."""
         from ..features import cached_store
         from ..features.extract import plan_store
         from .data import open_split
@@ -236,12 +288,17 @@ class _Study:
         positions = list(d.positions or [])
         if sweep and self.cfg.block_sweep.position not in positions:
             positions.append(self.cfg.block_sweep.position)
-        units = self.plan_units(m, d, main_blocks, sweep_blocks)
-        if all(self.progress.is_done(u) for u, _ in units) and (self.rd.results).exists():
-            self.skipped += len(units)
+        stores: dict[str, Any] = {}
+        planned = self.plan_units(m, d, main_blocks, sweep_blocks)
+        units = [
+            Unit(uid, (*where, i), f"{m.name} · {d.spec} · {what}", lambda w=work: w(stores, bb), meta=meta)
+            for i, (uid, work, what, meta) in enumerate(planned)
+        ]
+        done = [u for u in units if u.uid in self.done_before]
+        self.skipped += len(done)
+        if len(done) == len(units) and (self.rd.results.exists() or self.records_before):
             self.log(f"{m.name} · {d.spec}: done earlier, skipped")
-            return
-        stores = {}
+            return []
         for which in ("train", "test"):
             ds = self.timed(
                 f"open {d.spec} {which}",
@@ -263,13 +320,14 @@ class _Study:
             }
             manifest, _ = plan_store(bb, ds, **plan)
             warning = many_tokens_warning(manifest)
-            if warning:
+            if warning and self.is_main:
                 self.reporter.warn(f"{m.name} · {d.spec} · {which}: {warning}")
             path = self.cfg.cache_root() / manifest["key"][:16]
             self.log(f"{m.name} · {d.spec} · {which}: features of {len(ds)} samples")
             t0 = time.perf_counter()
             before = shard_progress(path)  # every shard already written: the cache serves this store
             cached = before is not None and before[0] == before[1] > 0
+            # every rank takes part: the store's missing shards are split over the ranks (as `extract` does)
             with self.reporter.heartbeat(path, f"{m.name} · {d.spec} · {which}: extracting"):
                 stores[which] = self.timed(
                     f"extract {m.name} {d.spec} {which}",
@@ -279,7 +337,7 @@ class _Study:
                         ds,
                         **plan,
                         batch_size=self.cfg.batch_size,
-                        progress=self.verbose,
+                        progress=self.verbose and self.is_main,
                     ),
                 )
             how = "from the cache" if cached else f"extracted in {seconds(time.perf_counter() - t0)}"
@@ -287,19 +345,156 @@ class _Study:
             if which == "test":
                 stores["test_dataset"] = ds
         self.save_info()
-        for uid, work in units:
-            if self.progress.is_done(uid):
-                self.skipped += 1
-                continue
-            self.timed(uid.split(":")[0] + f" {m.name} {d.spec}", lambda work=work: work(stores, bb))
-            self.progress.mark(uid)
-            self.save_info()
+        for u in units:
+            u.cost = self.unit_cost(d, stores, u.meta)
+            if u.meta.get("kind") == "directions":  # reads the standard evaluation's fits: same rank
+                u.group = self.standard_units.get((m.name, d.spec), "")
+            elif u.uid in self.standard_units.values():
+                u.group = u.uid
+        return [u for u in units if u.uid not in self.done_before]
+
+    def unit_cost(self, d: DatasetConfig, stores: dict, meta: dict[str, Any]) -> float:
+        """:func:`sdist.estimate_cost` of a unit from its plan and its stores' sizes."""
+        cfg, fs = self.cfg, self.cfg.fewshot
+        train, test = stores["train"], stores["test"]
+        h, w = train.grid if d.task == "segmentation" else (1, 1)
+        episodes = fs.episodes if d.task == "classification" else fs.segmentation_episodes
+        tokens = len(cfg.tokens) + (
+            len(train.head_tokens(list(cfg.tokens))) if cfg.heads and meta["kind"] == "evaluate" else 0
+        )
+        return sdist.estimate_cost(
+            meta["kind"],
+            task=d.task,
+            setting=meta.get("setting", "standard"),
+            rules=meta.get("rules", cfg.rules),
+            features=tokens * len(meta.get("positions") or ["patch"]) * len(meta.get("blocks", [0])),
+            train=train.num_samples,
+            test=test.num_samples,
+            patches=h * w,
+            episodes=episodes,
+            ways=fs.ways,
+            shots=meta.get("shots", 0),
+            queries=fs.queries,
+            grid=len(cfg.c_grid) if cfg.c_grid is not None else 8,
+            fit_samples=cfg.report.max_fit_samples,
+        )
+
+    def run_units(self, pending: list[Unit]) -> None:
+        """This rank's share of the pending units (the same assignment on every rank), each alone."""
+        ranks = sdist.assign(pending, self.world_size)
+        mine = [u for u in pending if ranks[u.uid] == self.rank]
+        if self.world_size > 1:
+            self.log(f"{len(mine)} of {len(pending)} units of work on this rank")
+        for k, u in enumerate(mine, 1):
+            self.check_failed()
+            self.run_unit(u)
+            sdist.kill_hook(self.rank, k)
+            if self.is_main:
+                self.merge()
+
+    def run_unit(self, u: Unit) -> None:
+        invocation = len(self.info.get("timings_earlier", []))
+        self.record = sdist.new_record(u, self.rank, self.world_size, invocation)
+        t0 = time.perf_counter()
+        try:
+            with _qdist().alone():  # a unit is one rank's: no collective inside it
+                self.timed(str(u.meta.get("kind", "unit")) + " " + u.label.split(" · ")[0], u.work)
+        except Exception as exc:
+            if self.world_size == 1:
+                raise
+            error = str(exc) if isinstance(exc, QkvprobeError) else f"{type(exc).__name__}: {exc}"
+            sdist.write_failed(self.rd, self.rank, u, error)
+            raise QkvprobeError(sdist.failure_line(self.rank, u.label, error)) from exc
+        finally:
+            record, self.record = self.record, None
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        sdist.write_record(self.rd, record)
+
+    def check_failed(self) -> None:
+        failed = sdist.read_failed(self.rd)
+        if failed is not None:
+            line = sdist.failure_line(
+                failed.get("rank", -1), failed.get("label", "?"), failed.get("error", "?")
+            )
+            self.log(f"stopping: {line}")
+            raise Stopped(line)
+
+    def wait_for_others(self, pending: list[Unit]) -> None:
+        """Rank 0: wait until every pending unit has its record (merging as they come), or a rank failed."""
+        if self.world_size == 1:
+            return
+        missing = [u for u in pending if not self.rd.part_file(u.uid).exists()]
+        if missing:
+            self.log(f"waiting for {len(missing)} units of the other ranks")
+        last = time.perf_counter()
+        while missing:
+            self.check_failed()
+            time.sleep(0.2)
+            missing = [u for u in missing if not self.rd.part_file(u.uid).exists()]
+            if time.perf_counter() - last > 10:  # show what arrived every so often
+                self.merge()
+                last = time.perf_counter()
+
+    def merge(self) -> None:
+        """Rank 0: the unit records into results.csv, the side files, fits/, progress.json and run.json."""
+        records = sdist.read_records(self.rd)
+        notes = sdist.merge_records(self.rd, records)
+        for key in {k for r in records for k in r.get("notes", {})}:
+            self.info.pop(key, None)
+        self.info.update(notes)
+        if "unconverged" in notes:
+            self.info["unconverged_units"] = len(notes["unconverged"])
+        self.info["units"] = [
+            {k: r[k] for k in ("unit", "label", "rank", "seconds", "invocation", "world_size")}
+            for r in records
+        ]
+        self.progress.extend([r["unit"] for r in records])
+        self.save_info()
+
+    def known_rows(self) -> list[ResultRow]:
+        """Rows of the unit records present, then of results.csv (a run directory from before records)."""
+        rows = [row for rec in sdist.read_records(self.rd) for row in sdist.record_rows(rec)]
+        return rows + read_results(self.rd.results)
+
+    def fits_path(self, m: ModelConfig, d: DatasetConfig) -> Path:
+        """The standard evaluation's saved class vectors of ``m`` on ``d``: its record's, else fits/."""
+        uid = self.standard_units.get((m.name, d.spec))
+        if uid is not None and self.rd.part_fits(uid).is_file():
+            return self.rd.part_fits(uid)
+        return self.rd.fit_file(m.name, d.spec)
+
+    # ---- where a unit's output goes (its record; rank 0 merges the records) ------------------------------
+    def _unit_record(self) -> dict[str, Any]:
+        if self.record is None:
+            raise RuntimeError("a unit's output is emitted outside a unit of work")
+        return self.record
+
+    def emit_rows(self, rows: list[ResultRow]) -> None:
+        """Result rows of the running unit."""
+        self._unit_record()["rows"].extend(rows)
+
+    def emit_fits(self, model: str, dataset: str, weights: dict[Any, Any], classes: Any) -> None:
+        """The standard protocol's class vectors of ``model`` on ``dataset`` (fits/ once merged)."""
+        from .sides import save_fits
+
+        record = self._unit_record()
+        save_fits(self.rd.part_fits(record["unit"]), weights, classes)
+        record["fits"] = [model, dataset]
+
+    def emit_side(self, name: str, entries: list[dict]) -> None:
+        """Entries of a side file (``"paired"``, ``"directions"``: :data:`sdist.SIDES`)."""
+        self._unit_record()["sides"].setdefault(name, []).extend(entries)
+
+    def emit_note(self, key: str, value: list | dict) -> None:
+        """A run.json note (a list extended, or a dict updated, over the units in order)."""
+        sdist.add_note(self._unit_record()["notes"], key, value)
 
     def plan_units(
         self, m: ModelConfig, d: DatasetConfig, main_blocks: list[int], sweep_blocks: list[int]
-    ) -> list[tuple[str, Callable[[dict, Any], None]]]:
+    ) -> list[tuple[str, Callable[[dict, Any], None], str, dict[str, Any]]]:
+        """The units of one model × dataset in order: (id, work(stores, backbone), words, plan facts)."""
         cfg, fs = self.cfg, self.cfg.fewshot
-        units: list[tuple[str, Callable[[dict, Any], None]]] = []
+        units: list[tuple[str, Callable[[dict, Any], None], str, dict[str, Any]]] = []
         common = {"model": m.name, "dataset": d.spec, "tokens": cfg.tokens, "rules": cfg.rules}
         for setting in cfg.settings:
             for shots in [0] if setting == "standard" else fs.shots:
@@ -311,12 +506,22 @@ class _Study:
                     blocks=main_blocks,
                     positions=d.positions,
                 )
+                if setting == "standard":
+                    self.standard_units[(m.name, d.spec)] = uid
                 units.append(
                     (
                         uid,
                         lambda st, bb, s=setting, k=shots: self.evaluate(
                             m, d, st, s, k, main_blocks, d.positions
                         ),
+                        "standard" if setting == "standard" else f"{shots}-shot",
+                        {
+                            "kind": "evaluate",
+                            "setting": setting,
+                            "shots": shots,
+                            "blocks": main_blocks,
+                            "positions": d.positions,
+                        },
                     )
                 )
         if sweep_blocks:
@@ -330,16 +535,32 @@ class _Study:
                     lambda st, bb: self.evaluate(
                         m, d, st, "standard", 0, sweep_blocks, pos, paired=False, rules=cfg.sweep_rules()
                     ),
+                    f"block sweep {sweep_blocks}",
+                    {"kind": "sweep", "rules": cfg.sweep_rules(), "blocks": sweep_blocks, "positions": pos},
                 )
             )
         if cfg.report.enabled and "standard" in cfg.settings:
             uid = unit_id("directions", **common, blocks=main_blocks[-1:])
-            units.append((uid, lambda st, bb: self.directions(m, bb, d, st, main_blocks[-1])))
+            units.append(
+                (
+                    uid,
+                    lambda st, bb: self.directions(m, bb, d, st, main_blocks[-1]),
+                    "directions",
+                    {"kind": "directions", "positions": ["patch"]},
+                )
+            )
             if d.task == "segmentation" and cfg.report.direction_map_images:
                 uid = unit_id(
                     "maps", **common, blocks=main_blocks[-1:], images=cfg.report.direction_map_images
                 )
-                units.append((uid, lambda st, bb: self.maps(m, bb, d, st, main_blocks[-1])))
+                units.append(
+                    (
+                        uid,
+                        lambda st, bb: self.maps(m, bb, d, st, main_blocks[-1]),
+                        "direction maps",
+                        {"kind": "maps", "positions": ["patch"]},
+                    )
+                )
         return units
 
     # ---- units ------------------------------------------------------------------------------------------
@@ -414,16 +635,13 @@ class _Study:
         if evaluation.unconverged:
             units = [f"{m.name} · {d.spec} · {u}" for u in evaluation.unconverged]
             self.log(f"not converged (results marked converged=false): {'; '.join(units)}")
-            self.info.setdefault("unconverged", []).extend(units)
-            self.info["unconverged_units"] = len(self.info["unconverged"])
+            self.emit_note("unconverged", units)
         if not evaluation.rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
         rows = [replace(r, weights=self.sources.get(m.name, "")) for r in evaluation.rows]
-        write_results(self.rd.results, rows)
+        self.emit_rows(rows)
         if setting == "standard" and paired and evaluation.weights:
-            from .sides import save_fits
-
-            save_fits(self.rd.fit_file(m.name, d.spec), evaluation.weights, evaluation.classes)
+            self.emit_fits(m.name, d.spec, evaluation.weights, evaluation.classes)
         if paired:  # the block sweep is a map, not a contest: no tests there
             from .sides import paired_verdicts
 
@@ -432,13 +650,7 @@ class _Study:
             whole = [r for r in rows if split_head(r.token)[1] is None]
             tests = paired_verdicts(whole, evaluation, labels)
             if tests:
-                self._merge_side(self.rd.paired, "tests", tests, ("model", "dataset", "setting", "shots"))
-
-    def _merge_side(self, path: Path, key: str, entries: list[dict], ident: tuple[str, ...]) -> None:
-        old = (read_json(path, {}) or {}).get(key, [])
-        new_ids = {tuple(e.get(k) for k in ident) for e in entries}
-        kept = [e for e in old if tuple(e.get(k) for k in ident) not in new_ids]
-        write_json(path, {key: kept + list(entries)})
+                self.emit_side("paired", tests)
 
     def directions(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
         import numpy as np
@@ -453,11 +665,11 @@ class _Study:
 
         train = stores["train"]
         position = (d.positions or ["patch"])[0]
-        rows = read_results(self.rd.results)
+        rows = self.known_rows()
         tokens = list(self.cfg.tokens)
         Cs = [lookup_C(rows, m.name, d.spec, t, position, block) for t in tokens]
         # The standard protocol's own fits when saved (no second fit); otherwise refit on a subsample.
-        fitted = fitted_direction_cosines(self.rd.fit_file(m.name, d.spec), tokens, position, block)
+        fitted = fitted_direction_cosines(self.fits_path(m, d), tokens, position, block)
         if fitted is not None:
             classes, cos = fitted
         else:
@@ -478,7 +690,7 @@ class _Study:
             }
             for g, (t, C) in enumerate(zip(tokens, Cs, strict=True))
         ]
-        self._merge_side(self.rd.directions, "entries", entries, ("model", "dataset", "token", "position"))
+        self.emit_side("directions", entries)
 
     def maps(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
         from .sides import class_direction_map, map_images
@@ -503,13 +715,20 @@ class _Study:
 def run_study(
     cfg: StudyConfig, *, fresh: bool = False, progress: bool = True, console: Console | None = None
 ) -> StudyResult:
-    """Run (or resume) a study; write results.csv, run.json, side files and the report into ``cfg.run_dir()``."""
+    """Run (or resume) a study; write results.csv, run.json, side files and the report into ``cfg.run_dir()``.
+
+    Under torchrun every rank calls it: ranks other than 0 do their share of the units and return a result
+    without rows or summary. :class:`Stopped` when another rank failed."""
     from ..report import load_run, main_rows, render_report, summary_table
     from ..report.answer import weights_by_model
 
     console = console or Console(stderr=True)
     study = _Study(cfg, fresh=fresh, progress=progress, console=console)
     study.run()
+    if not study.is_main:
+        return StudyResult(
+            study.run_dir, [], None, None, dict(study.timings), study.skipped, study.rank, study.world_size
+        )
     report = None
     if cfg.report.enabled:
         study.log("writing the report")
@@ -526,4 +745,6 @@ def run_study(
         report,
         dict(study.info["timings"]),
         study.skipped,
+        study.rank,
+        study.world_size,
     )
