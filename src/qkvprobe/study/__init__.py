@@ -124,33 +124,34 @@ class _Study:
         self.reporter = Reporter(
             console, enabled=progress, prefix=f"rank {self.rank} " if world.distributed else ""
         )
-        if (
-            self.is_main
-        ):  # --fresh and binding the directory to the config: rank 0, before any other rank reads
+        # --fresh, binding the directory to the config and reading what earlier runs left: rank 0 alone, before
+        # any rank writes; the other ranks get the same state (the same units are then left to assign on every
+        # rank).
+        state: tuple[bool, list[str], dict[str, Any]] | None = None
+        self.progress: Progress | None = None
+        if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.progress = Progress(self.run_dir, cfg.fingerprint(), fresh=fresh)
             self.rd.failed.unlink(missing_ok=True)
-        _qdist().barrier()
-        if not self.is_main:
-            self.progress = Progress(self.run_dir, cfg.fingerprint())
-        # What was done before this invocation started, read by every rank before any unit runs (the same set
-        # on every rank, so the same units are left to assign).
-        self.records_before = {r["unit"]: r for r in sdist.read_records(self.rd)}
-        self.done_before = set(self.progress.done) | set(self.records_before)
+            records = [r["unit"] for r in sdist.read_records(self.rd)]
+            state = (
+                self.progress.resumed,
+                [*self.progress.done, *records],
+                read_json(self.rd.run_json, {}) or {},
+            )
+        self.resumed, done, previous = _qdist().broadcast_object(state)
+        self.done_before = set(done)
         self.record: dict[str, Any] | None = None  # the running unit's record (the emit_* seams fill it)
         self.standard_units: dict[tuple[str, str], str] = {}  # (model, dataset) -> its standard evaluate unit
         self.timings: dict[str, float] = {}
         self.skipped = 0
         self.sources: dict[str, str] = {}  # model label -> weights source (the rows' weights column)
-        previous = read_json(self.rd.run_json, {}) or {}
         self.info: dict[str, Any] = {
             "name": cfg.name,
             "fingerprint": cfg.fingerprint(),
             "status": "running",
-            "started": previous.get("started")
-            if self.progress.resumed
-            else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "resumed": self.progress.resumed,
+            "started": previous.get("started") if self.resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "resumed": self.resumed,
             "config": dump_config(cfg),
             "versions": _versions(),
             "device": self.device,
@@ -159,12 +160,12 @@ class _Study:
             "episodes_seed": cfg.seed,
             "subsampling": self._subsampling(),
             "data_sources": previous.get("data_sources", {}),
-            "models": previous.get("models", []) if self.progress.resumed else [],
+            "models": previous.get("models", []) if self.resumed else [],
             "main_blocks": previous.get("main_blocks", {}),
             "timings": {},
             # A resumed run's "timings" are this invocation's; the interrupted ones' (partial) timings are kept.
             "timings_earlier": [*previous.get("timings_earlier", []), previous.get("timings") or {}]
-            if self.progress.resumed
+            if self.resumed
             else [],
         }
 
@@ -296,7 +297,7 @@ class _Study:
         ]
         done = [u for u in units if u.uid in self.done_before]
         self.skipped += len(done)
-        if len(done) == len(units) and (self.rd.results.exists() or self.records_before):
+        if len(done) == len(units):
             self.log(f"{m.name} · {d.spec}: done earlier, skipped")
             return []
         for which in ("train", "test"):
@@ -387,6 +388,8 @@ class _Study:
             self.log(f"{len(mine)} of {len(pending)} units of work on this rank")
         for k, u in enumerate(mine, 1):
             self.check_failed()
+            if self.world_size > 1:
+                self.log(f"unit {k}/{len(mine)}: {u.label}")
             self.run_unit(u)
             sdist.kill_hook(self.rank, k)
             if self.is_main:
@@ -448,7 +451,8 @@ class _Study:
             {k: r[k] for k in ("unit", "label", "rank", "seconds", "invocation", "world_size")}
             for r in records
         ]
-        self.progress.extend([r["unit"] for r in records])
+        if self.progress is not None:
+            self.progress.extend([r["unit"] for r in records])
         self.save_info()
 
     def known_rows(self) -> list[ResultRow]:
