@@ -124,6 +124,8 @@ class _Study:
         self.reporter = Reporter(
             console, enabled=progress, prefix=f"rank {self.rank} " if world.distributed else ""
         )
+        if world.distributed:  # ranks share one terminal: plain lines, no live bars
+            self.reporter.plain = True
         # --fresh, binding the directory to the config and reading what earlier runs left: rank 0 alone, before
         # any rank writes; the other ranks get the same state (the same units are then left to assign on every
         # rank).
@@ -338,7 +340,7 @@ class _Study:
                         ds,
                         **plan,
                         batch_size=self.cfg.batch_size,
-                        progress=self.verbose and self.is_main,
+                        progress=self.verbose and self.world_size == 1,
                     ),
                 )
             how = "from the cache" if cached else f"extracted in {seconds(time.perf_counter() - t0)}"
