@@ -144,6 +144,7 @@ class _Study:
         self.resumed, done, previous = _qdist().broadcast_object(state)
         self.done_before = set(done)
         self.record: dict[str, Any] | None = None  # the running unit's record (the emit_* seams fill it)
+        self.record_cache: dict[str, Any] = {}  # records read so far (sdist.read_records)
         self.standard_units: dict[tuple[str, str], str] = {}  # (model, dataset) -> its standard evaluate unit
         self.timings: dict[str, float] = {}
         self.skipped = 0
@@ -442,7 +443,7 @@ class _Study:
 
     def merge(self) -> None:
         """Rank 0: the unit records into results.csv, the side files, fits/, progress.json and run.json."""
-        records = sdist.read_records(self.rd)
+        records = sdist.read_records(self.rd, self.record_cache)
         notes = sdist.merge_records(self.rd, records)
         for key in {k for r in records for k in r.get("notes", {})}:
             self.info.pop(key, None)
@@ -459,7 +460,8 @@ class _Study:
 
     def known_rows(self) -> list[ResultRow]:
         """Rows of the unit records present, then of results.csv (a run directory from before records)."""
-        rows = [row for rec in sdist.read_records(self.rd) for row in sdist.record_rows(rec)]
+        records = sdist.read_records(self.rd, self.record_cache)
+        rows = [row for rec in records for row in sdist.record_rows(rec)]
         return rows + read_results(self.rd.results)
 
     def fits_path(self, m: ModelConfig, d: DatasetConfig) -> Path:

@@ -148,11 +148,21 @@ def write_record(rd: RunDir, record: dict[str, Any]) -> None:
     write_json(rd.part_file(record["unit"]), out)
 
 
-def read_records(rd: RunDir) -> list[dict[str, Any]]:
-    """Every unit record present, in the study's unit order."""
-    records = [
-        r for r in (read_json(p, None) for p in rd.part_files()) if isinstance(r, dict) and "unit" in r
-    ]
+def read_records(rd: RunDir, cache: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every unit record present, in the study's unit order. ``cache`` (file name -> ((mtime_ns, size),
+    record)), kept by the caller across calls, spares re-reading the records that did not change."""
+    records = []
+    for p in rd.part_files():
+        stat = p.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if cache is not None and p.name in cache and cache[p.name][0] == stamp:
+            record = cache[p.name][1]
+        else:
+            record = read_json(p, None)
+            if cache is not None:
+                cache[p.name] = (stamp, record)
+        if isinstance(record, dict) and "unit" in record:
+            records.append(record)
     return sorted(records, key=lambda r: (r["order"], r["unit"]))
 
 
