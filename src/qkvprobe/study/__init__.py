@@ -404,7 +404,8 @@ class _Study:
         t0 = time.perf_counter()
         try:
             with _qdist().alone():  # a unit is one rank's: no collective inside it
-                self.timed(str(u.meta.get("kind", "unit")) + " " + u.label.split(" · ")[0], u.work)
+                key = " ".join([str(u.meta.get("kind", "unit")), *u.label.split(" · ")[:2]])
+                self.timed(key, u.work)  # "evaluate <model> <dataset>", as before units had records
         except Exception as exc:
             if self.world_size == 1:
                 raise
