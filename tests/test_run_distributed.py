@@ -248,3 +248,29 @@ def test_merge_is_independent_of_which_rank_wrote_what(tmp_path: Path) -> None:
         assert notes == {"unconverged": ["unit 0", "unit 1"]}
         outs.append((rd.results.read_bytes(), rd.paired.read_bytes()))
     assert outs[0] == outs[1]
+
+
+def test_alone_and_the_rank_device_from_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qkvprobe.features.distributed import (
+        DistInfo,
+        all_gather_objects,
+        alone,
+        dist_info,
+        local_device,
+        shard_for_rank,
+        world_info,
+    )
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist_info() == world_info() == DistInfo(3, 4, 1)
+    assert (
+        local_device("cuda") == "cuda:1"
+        and local_device("cpu") == "cpu"
+        and local_device("cuda:0") == "cuda:0"
+    )
+    with alone():  # a unit of work: the rank acts as one process (a C sweep then takes the whole grid)
+        assert dist_info() == DistInfo() and world_info() == DistInfo(3, 4, 1)
+        assert shard_for_rank([1, 2, 3]) == [1, 2, 3] and all_gather_objects("x") == ["x"]
+    assert shard_for_rank([1, 2, 3, 4, 5]) == [4]

@@ -732,8 +732,14 @@ def run_study(
     from ..report.answer import weights_by_model
 
     console = console or Console(stderr=True)
-    study = _Study(cfg, fresh=fresh, progress=progress, console=console)
-    study.run()
+    try:
+        study = _Study(cfg, fresh=fresh, progress=progress, console=console)
+        study.run()
+    except QkvprobeError as exc:  # under torchrun the one line says which rank failed
+        world = _qdist().world_info()
+        if world.distributed and not str(exc).startswith(f"rank {world.rank} "):
+            raise QkvprobeError(f"rank {world.rank}: {exc}") from exc
+        raise
     if not study.is_main:
         return StudyResult(
             study.run_dir, [], None, None, dict(study.timings), study.skipped, study.rank, study.world_size
