@@ -1,6 +1,15 @@
-"""Extraction throughput: 1 process vs. N processes under torchrun (gloo, CPU), and a bitwise store check.
+"""1 process vs. N processes under torchrun (gloo, CPU): the whole study (``--study``), or extraction alone.
 
-Workload: timm ``vit_tiny_patch16_224`` (random weights from a local file, through ``load_backbone``) on
+``--study``: the default study (``qkvprobe run``, configs/default.yaml; ``--set key=value`` changes it) run
+cold (its own feature cache and run directory each; the datasets prepared beforehand, outside the timings) as a
+plain ``qkvprobe run`` with 1 and with N intra-op threads, and as ``torchrun --nproc-per-node N -m qkvprobe run``
+with one thread per process. Prints the wall time of each command (imports and launch included) and the
+study's own ``total_s`` (run.json of rank 0), the ratio, and whether results.csv, paired.json and the answer
+table are the same bytes as the one-process, one-thread run's.
+
+    nice -n 10 .venv/bin/python benchmarks/bench_distributed.py --study [--procs 2] [--set key=value ...]
+
+Extraction (default): workload timm ``vit_tiny_patch16_224`` (random weights from a local file, through ``load_backbone``) on
 synthetic 224x224 RGB images, tokens q,k,v,ffn at cls,avg, float16 store. Each configuration is launched with
 ``torchrun --standalone``; the time reported is the extraction itself (rank 0, from just before
 ``extract_features`` until every rank has finished), launch/import time shown separately.
@@ -112,9 +121,15 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--study", action="store_true", help="time the whole study (qkvprobe run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="study config override")
+    parser.add_argument("--keep", type=Path, default=None, help="--study: work in DIR and keep it")
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.study:
+        study(args)
         return
 
     import timm
@@ -149,6 +164,78 @@ def main() -> None:
             f"store bitwise identical, {args.procs} processes vs 1: "
             f"{same_bytes(root / 'store-1x1', root / f'store-{args.procs}x1')}"
         )
+
+
+def study(args: argparse.Namespace) -> None:
+    from qkvprobe.config import load_config
+    from qkvprobe.study.data import open_split
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="qkvprobe-bench-study-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "QKVPROBE_CACHE": str(work / "data-cache")}
+    os.environ["QKVPROBE_CACHE"] = env["QKVPROBE_CACHE"]
+    cfg = load_config(None, args.overrides)
+    for d in cfg.datasets:  # data caches (generated scenes) made once, outside the timings
+        for which in ("train", "test"):
+            open_split(d, which, cfg.seed, spec=cfg.dataset_spec(d), root=cfg.dataset_root(d))
+    sets = [x for o in args.overrides for x in ("--set", o)]
+    python = Path(sys.executable)
+    runs: dict[str, dict[str, Any]] = {}
+    for procs, threads in [(1, 1), (1, args.procs), (args.procs, 1)]:
+        name = f"{procs}x{threads}"
+        launcher = (
+            [str(python), "-m", "qkvprobe"]
+            if procs == 1
+            else [
+                str(python.with_name("torchrun")),
+                "--standalone",
+                "--nproc-per-node",
+                str(procs),
+                "-m",
+                "qkvprobe",
+            ]
+        )
+        cmd = [
+            *launcher,
+            "run",
+            *sets,
+            "--set",
+            f"cache_dir={work / f'cache-{name}'}",
+            "--out",
+            str(work / name),
+        ]
+        t0 = time.perf_counter()
+        run = subprocess.run(
+            [*cmd, "--quiet"], capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": str(threads)}
+        )
+        wall = time.perf_counter() - t0
+        if run.returncode:
+            raise SystemExit(run.stderr[-3000:])
+        info = json.loads((work / name / "run.json").read_text())
+        table = run.stdout[: run.stdout.index("\nresults: ")]
+        runs[name] = {"wall": wall, "study": info["timings"]["total_s"], "table": table, "cmd": cmd}
+        print(f"# {name}: {' '.join(cmd)}  (OMP_NUM_THREADS={threads})", flush=True)
+
+    def same(a: str, b: str) -> bool:
+        files = ("results.csv", "paired.json")
+        return runs[a]["table"] == runs[b]["table"] and all(
+            (work / a / f).read_bytes() == (work / b / f).read_bytes() for f in files
+        )
+
+    print(
+        f"# default study{' with ' + ' '.join(args.overrides) if args.overrides else ''}, cold; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'processes x threads':>20} {'wall s':>8} {'study s':>8} {'same bytes as 1x1':>18}")
+    for name, r in runs.items():
+        print(
+            f"{name.replace('x', ' x '):>20} {r['wall']:>8.1f} {r['study']:>8.1f} {same('1x1', name)!s:>18}"
+        )
+    n = f"{args.procs}x1"
+    print(
+        f"{args.procs} processes vs 1 process x 1 thread: {runs['1x1']['wall'] / runs[n]['wall']:.2f}x (wall); "
+        f"vs 1 process x {args.procs} threads: {runs[f'1x{args.procs}']['wall'] / runs[n]['wall']:.2f}x (wall)"
+    )
 
 
 if __name__ == "__main__":

@@ -280,7 +280,11 @@ def test_clear_removes_every_run_path_and_keeps_the_users_files(tmp_path: Path) 
 def test_paths_name_every_file_and_directory_of_the_layout(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     named = [rd.results, rd.run_json, rd.progress, rd.directions, rd.paired, rd.report, rd.fits, rd.maps]
-    assert set(rd.paths()) == {*named, rd.figures} == {tmp_path / n for n in (*FILES, *DIRS)}
+    assert set(rd.paths()) == {*named, rd.figures, rd.parts} == {tmp_path / n for n in (*FILES, *DIRS)}
+    uid = 'evaluate:{"model":"m"}'
+    assert rd.part_file(uid).parent == rd.parts and rd.part_file(uid).name.startswith("evaluate__")
+    assert rd.part_fits(uid).name == rd.part_file(uid).name[: -len(".json")] + ".fits.npz"
+    assert rd.failed.parent == rd.parts
     assert rd.fit_file("builtin:a b", "fashion-mnist?source=bundled") == (
         tmp_path / "fits" / "builtin-a-b__fashion-mnist-source-bundled.npz"
     )

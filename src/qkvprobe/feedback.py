@@ -50,12 +50,13 @@ class Reporter:
 
     ``enabled=False`` prints nothing. On a terminal, ``log`` prints ``[HH:MM:SS] message`` and ``units`` is a
     transient bar; off a terminal both are plain, unwrapped lines ``[  41.2 s] message`` (seconds since the reporter
-    was made)."""
+    was made). ``prefix`` starts every line (``qkvprobe run`` under torchrun: ``"rank 1 "``)."""
 
-    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+    def __init__(self, console: Console, *, enabled: bool = True, prefix: str = "") -> None:
         self.console = console
         self.enabled = enabled
         self.plain = not console.is_terminal
+        self.prefix = prefix
         self.t0 = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -66,14 +67,19 @@ class Reporter:
             return
         if self.plain:
             self.console.print(
-                f"[{self.elapsed():7.1f} s] {message}", markup=False, highlight=False, soft_wrap=True
+                f"{self.prefix}[{self.elapsed():7.1f} s] {message}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
             self.console.file.flush()
         else:
             from rich.text import Text
 
             # not console.log: its source-file column is noise to a user
-            self.console.print(Text.assemble((time.strftime("[%H:%M:%S] "), "dim cyan"), message))
+            self.console.print(
+                Text.assemble(self.prefix, (time.strftime("[%H:%M:%S] "), "dim cyan"), message)
+            )
 
     def note(self, message: str) -> None:
         """One line shown even when progress is off (what the command did: the preprocessing, a resumed store)."""
@@ -88,12 +94,14 @@ class Reporter:
     def warn(self, message: str) -> None:
         """Shown even when progress is off: a warning is not progress."""
         if self.plain:
-            self.console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+            self.console.print(
+                f"{self.prefix}warning: {message}", markup=False, highlight=False, soft_wrap=True
+            )
             self.console.file.flush()
         else:
             from rich.text import Text
 
-            self.console.print(Text.assemble(("warning: ", "bold yellow"), message))
+            self.console.print(Text.assemble(self.prefix, ("warning: ", "bold yellow"), message))
 
     @contextmanager
     def units(self, what: str) -> Iterator[ProgressFn]:

@@ -193,15 +193,18 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
         ]
 
 
-def write_results(path: str | os.PathLike, rows: Iterable[ResultRow]) -> list[ResultRow]:
-    """Merge ``rows`` into the table at ``path`` (new rows replace old ones with the same key), atomically.
+def write_results(
+    path: str | os.PathLike, rows: Iterable[ResultRow], *, sort: bool = False
+) -> list[ResultRow]:
+    """Merge ``rows`` into the table at ``path`` (new rows replace old ones with the same key), atomically;
+    ``sort``: the whole table in key order (the study's results.csv), else old rows first, then new ones.
 
     Returns the merged table."""
     path = Path(path)
     merged = {r.key(): r for r in read_results(path)}
     for r in rows:
         merged[r.key()] = r
-    table = list(merged.values())
+    table = [merged[k] for k in sorted(merged)] if sort else list(merged.values())
     with atomic_open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()

@@ -25,18 +25,28 @@ other. ``runs/<name>/``:
                      direction maps (:func:`save_direction_map`): ``images`` uint8 [n,H,W] or [n,H,W,3],
                      ``masks`` int [n,H,W] (255 ignore), ``cosine`` float32 [n,C,h,w] (cos(μ_c, patch token)),
                      ``classes`` str [C], ``meta`` JSON str {model, dataset, token, block}
+    parts/<kind>__<16 hex>.json
+                     one finished unit of work (:mod:`qkvprobe.study.distributed`): its rows, side entries,
+                     run.json notes, rank and seconds; written by the rank that did it, atomically, as the unit's
+                     "done" mark. ``parts/<same stem>.fits.npz``: the unit's class vectors, beside it. Rank 0 merges
+                     them (in the study's unit order) into results.csv, paired.json, directions.json, fits/,
+                     progress.json and run.json, so any number of processes writes the same files
+    parts/failed.json
+                     ``{rank, unit, label, error}`` of a rank whose unit failed (the other ranks stop); removed when
+                     the run starts again
     figures/*.svg    written by the report (direction maps: ``figures/map__*.png``); the report empties it of
                      figures before each rendering
     report.html      written by the report (self-contained: figures are embedded)
 
 Names inside ``fits/`` and ``maps/`` (and the report's figure names) are :func:`slug` s of their parts. Every
-file is written through :mod:`qkvprobe.io` (atomic, mode ``0o666 & ~umask``). The three subdirectories belong
+file is written through :mod:`qkvprobe.io` (atomic, mode ``0o666 & ~umask``). The subdirectories belong
 to the run as a whole: :meth:`RunDir.clear` removes them with everything in them, and the top-level files
 above (with any temporary file a killed write left of them), and nothing else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -55,6 +65,7 @@ __all__ = [
     "FITS",
     "MAPS",
     "PAIRED",
+    "PARTS",
     "PROGRESS",
     "REPORT",
     "RESULTS",
@@ -75,10 +86,11 @@ REPORT = "report.html"
 FITS = "fits"
 MAPS = "maps"
 FIGURES = "figures"
+PARTS = "parts"
 
 #: Top-level files of a run, and its subdirectories (owned whole by the run).
 FILES = (RESULTS, RUN_JSON, PROGRESS, DIRECTIONS, PAIRED, REPORT)
-DIRS = (FITS, MAPS, FIGURES)
+DIRS = (FITS, MAPS, FIGURES, PARTS)
 
 
 def slug(*parts: object) -> str:
@@ -140,6 +152,32 @@ class RunDir:
     @property
     def figures(self) -> Path:
         return self.path / FIGURES
+
+    @property
+    def parts(self) -> Path:
+        return self.path / PARTS
+
+    @property
+    def failed(self) -> Path:
+        """``parts/failed.json``: the rank and unit that stopped the run (absent while none failed)."""
+        return self.parts / "failed.json"
+
+    def part_file(self, unit: str) -> Path:
+        """``parts/<kind>__<16 hex of sha256(unit)>.json``: the record of one finished unit (``unit`` its id)."""
+        digest = hashlib.sha256(unit.encode()).hexdigest()[:16]
+        return self.parts / f"{slug(unit.split(':', 1)[0])}__{digest}.json"
+
+    def part_fits(self, unit: str) -> Path:
+        """``parts/<stem of part_file(unit)>.fits.npz``: the class vectors one unit fitted."""
+        return self.part_file(unit).with_suffix(".fits.npz")
+
+    def part_files(self) -> list[Path]:
+        """The unit records present (``failed.json`` and a killed write's temporaries left out), sorted."""
+        if not self.parts.is_dir():
+            return []
+        return sorted(
+            p for p in self.parts.glob("*__*.json") if not p.name.startswith(".") and p != self.failed
+        )
 
     def fit_file(self, model: str, dataset: str) -> Path:
         """``fits/<model>__<dataset>.npz`` (slugged)."""

@@ -57,14 +57,21 @@ def run_command(
 
     Progress goes to stderr (plain lines, one per unit of work, when stderr is not a terminal); the answer table
     to stdout. A killed run resumes where it stopped when started again with the same config. Relative paths in
-    a config file resolve against that file's folder."""
+    a config file resolve against that file's folder. Under torchrun (`torchrun --nproc-per-node N -m qkvprobe
+    run …`) the ranks extract each store together and share the units of work; rank 0 writes the results and
+    prints the answer, the other ranks only their progress."""
     from rich.console import Console
 
     from ..config import load_config
-    from ..study import run_study
+    from ..study import Stopped, run_study
 
     cfg = load_config(config, set_ or []).with_run_dir(out)
-    result = run_study(cfg, fresh=fresh, progress=progress and not quiet, console=Console(stderr=True))
+    try:
+        result = run_study(cfg, fresh=fresh, progress=progress and not quiet, console=Console(stderr=True))
+    except Stopped:  # another rank failed and said so in one line: this one stops quietly
+        raise typer.Exit(1) from None
+    if result.summary is None:  # a torchrun rank other than 0: rank 0 prints the answer
+        return
     console = Console()
     console.print(result.summary)
     console.print(f"results: {result.run_dir / 'results.csv'}")

@@ -28,6 +28,12 @@ its own store key.
 Evaluation at scale: ``FeatureStore.iter_chunks(token, position, shards=shard_for_rank(range(store.num_shards)))``
 streams one shard at a time (memory bounded by one shard), and a hyperparameter sweep can be split with
 ``shard_for_rank(grid)`` and merged with :func:`all_gather_objects`.
+
+Inside :func:`alone` a process acts as a single one while the group stays up: :func:`dist_info` reports rank 0 of
+1, :func:`all_gather_objects` and :func:`broadcast_object` return the process's own object and :func:`barrier`
+returns at once. ``qkvprobe run`` evaluates whole units of work per rank that way (a standard C sweep inside a
+unit then runs its whole grid alone, as in a single process, instead of waiting for ranks busy elsewhere). Code
+that needs a collective goes through these helpers, never ``torch.distributed`` directly, so that it works there.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -62,8 +69,29 @@ class DistInfo:
         return self.world_size > 1
 
 
-def dist_info() -> DistInfo:
-    """Rank/world from an initialised process group, else from torchrun's env vars, else a single process."""
+#: Depth of :func:`alone` blocks in this process (collectives act locally while > 0).
+_ALONE = [0]
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Within the block this process acts as a single one (module doc); the process group stays up."""
+    _ALONE[0] += 1
+    try:
+        yield
+    finally:
+        _ALONE[0] -= 1
+
+
+def _grouped() -> bool:
+    """An initialised process group that the collectives use (not inside :func:`alone`)."""
+    import torch.distributed as dist
+
+    return _ALONE[0] == 0 and dist.is_available() and dist.is_initialized()
+
+
+def world_info() -> DistInfo:
+    """This process's place in the whole group (rank/world as :func:`dist_info` outside :func:`alone`)."""
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -72,11 +100,19 @@ def dist_info() -> DistInfo:
     return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local_rank)
 
 
+def dist_info() -> DistInfo:
+    """Rank/world from an initialised process group, else from torchrun's env vars, else a single process
+    (a single process, too, inside :func:`alone`)."""
+    if _ALONE[0]:
+        return DistInfo()
+    return world_info()
+
+
 def init_distributed(device: str = "cpu") -> DistInfo:
     """Join the process group torchrun described (``nccl`` for CUDA devices, ``gloo`` otherwise); no-op alone."""
     import torch.distributed as dist
 
-    info = dist_info()
+    info = world_info()
     if info.distributed and not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         if backend == "nccl":
@@ -89,8 +125,8 @@ def init_distributed(device: str = "cpu") -> DistInfo:
         # shutdown aborted a rank now and then ("terminate called without an active exception", exit -6)
         # when the other rank had already exited.
         atexit.register(_leave_group)
-        info = dist_info()
-    return info
+        info = world_info()
+    return dist_info()
 
 
 def _leave_group() -> None:
@@ -102,8 +138,8 @@ def _leave_group() -> None:
 
 def local_device(device: str) -> str:
     """``"cuda"`` → ``"cuda:<LOCAL_RANK>"`` so each process on a node gets its own GPU; else unchanged."""
-    if device == "cuda" and dist_info().distributed:
-        return f"cuda:{dist_info().local_rank}"
+    if device == "cuda" and world_info().distributed:
+        return f"cuda:{world_info().local_rank}"
     return device
 
 
@@ -119,10 +155,10 @@ def shard_for_rank(items: Sequence[T], rank: int | None = None, world_size: int 
 
 
 def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
+    """Wait for every rank (no-op without a process group, or inside :func:`alone`)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if _grouped():
         dist.barrier()
 
 
@@ -130,7 +166,7 @@ def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order (``[obj]`` alone) — e.g. to merge a ``C`` sweep spread over ranks."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -141,7 +177,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (``obj`` alone)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)

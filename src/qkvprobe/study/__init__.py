@@ -2,9 +2,14 @@
 
 For each model: load the backbone; for each dataset: one cached feature store per split covering every
 token, position and block needed; then the protocols per setting (and shot count), the block sweep, and the
-side files. Rows are written after each unit of work, and finished units are recorded in
-``progress.json``, so a killed run resumes where it stopped (cached features reused, finished rows kept, no
-duplicate rows). At the end: ``run.json``, the report and a terminal summary.
+side files. Each finished unit of work leaves a record in ``parts/`` that rank 0 merges into results.csv,
+the side files and ``progress.json`` (:mod:`qkvprobe.study.distributed`), so a killed run resumes where it
+stopped (cached features reused, finished rows kept, no duplicate rows). At the end: ``run.json``, the report
+and a terminal summary.
+
+Under ``torchrun`` the stores are extracted by all ranks together and the units are spread over the ranks
+(whole units, balanced by an estimated cost); rank 0 alone writes the shared files, the report and the
+summary, and results.csv, paired.json and the answer table are the same bytes for any number of processes.
 
 Progress goes to the console as one line per unit of work (and, inside an evaluation, per protocol unit), plain
 and unwrapped when the console is not a terminal (:class:`qkvprobe.feedback.Reporter`); while features are
@@ -32,9 +37,11 @@ from ..results import ResultRow, read_results
 from ..rundir import RunDir, save_direction_map
 from ..tables import setting_text
 from ..vocab import objective_family
+from . import distributed as sdist
+from .distributed import Stopped, Unit
 from .state import Progress, unit_id
 
-__all__ = ["StudyResult", "run_study"]
+__all__ = ["Stopped", "StudyResult", "run_study"]
 
 SUBSAMPLING_NOTE = (
     "classification splits: seeded stratified random subsets of train_size/test_size images; "
@@ -45,12 +52,17 @@ SUBSAMPLING_NOTE = (
 
 @dataclass
 class StudyResult:
+    """What a run leaves; on ranks other than 0 of a torchrun ``rows`` is empty and ``summary`` None (rank 0
+    alone merges, reports and prints)."""
+
     run_dir: Path
     rows: list[ResultRow]
-    summary: RenderableType
+    summary: RenderableType | None
     report: Path | None
     timings: dict[str, Any] = field(default_factory=dict)
     skipped_units: int = 0
+    rank: int = 0
+    world_size: int = 1
 
 
 def _versions() -> dict[str, str]:
@@ -79,6 +91,13 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _qdist() -> Any:
+    """:mod:`qkvprobe.features.distributed`, imported when used (``qkvprobe.features`` imports torch)."""
+    from ..features import distributed
+
+    return distributed
+
+
 class _Study:
     """One invocation of a study; methods are the units of work."""
 
@@ -86,37 +105,61 @@ class _Study:
         self.cfg = cfg
         self.rd = RunDir(cfg.run_dir())
         self.run_dir = self.rd.path
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Under torchrun: each rank on its own GPU (cuda -> cuda:LOCAL_RANK) for extraction and every protocol.
+        self.device = _qdist().local_device(_device(cfg.device))
+        world = _qdist().init_distributed(self.device)
+        self.rank, self.world_size = world.rank, world.world_size
+        self.is_main = world.is_main
         self.console = console
         self.verbose = progress
-        self.reporter = Reporter(console, enabled=progress)
-        self.device = _device(cfg.device)
-        self.progress = Progress(self.run_dir, cfg.fingerprint(), fresh=fresh)
+        self.reporter = Reporter(
+            console, enabled=progress, prefix=f"rank {self.rank} " if world.distributed else ""
+        )
+        if world.distributed:  # ranks share one terminal: plain lines, no live bars
+            self.reporter.plain = True
+        # --fresh, binding the directory to the config and reading what earlier runs left: rank 0 alone, before
+        # any rank writes; the other ranks get the same state (the same units are then left to assign on every
+        # rank).
+        state: tuple[bool, list[str], dict[str, Any]] | None = None
+        self.progress: Progress | None = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.progress = Progress(self.run_dir, cfg.fingerprint(), fresh=fresh)
+            self.rd.failed.unlink(missing_ok=True)
+            records = [r["unit"] for r in sdist.read_records(self.rd)]
+            state = (
+                self.progress.resumed,
+                [*self.progress.done, *records],
+                read_json(self.rd.run_json, {}) or {},
+            )
+        self.resumed, done, previous = _qdist().broadcast_object(state)
+        self.done_before = set(done)
+        self.record: dict[str, Any] | None = None  # the running unit's record (the emit_* seams fill it)
+        self.record_cache: dict[str, Any] = {}  # records read so far (sdist.read_records)
+        self.standard_units: dict[tuple[str, str], str] = {}  # (model, dataset) -> its standard evaluate unit
         self.timings: dict[str, float] = {}
         self.skipped = 0
         self.sources: dict[str, str] = {}  # model label -> weights source (the rows' weights column)
-        previous = read_json(self.rd.run_json, {}) or {}
         self.info: dict[str, Any] = {
             "name": cfg.name,
             "fingerprint": cfg.fingerprint(),
             "status": "running",
-            "started": previous.get("started")
-            if self.progress.resumed
-            else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "resumed": self.progress.resumed,
+            "started": previous.get("started") if self.resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "resumed": self.resumed,
             "config": dump_config(cfg),
             "versions": _versions(),
             "device": self.device,
+            "world_size": self.world_size,
             "host": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
             "episodes_seed": cfg.seed,
             "subsampling": self._subsampling(),
             "data_sources": previous.get("data_sources", {}),
-            "models": previous.get("models", []) if self.progress.resumed else [],
+            "models": previous.get("models", []) if self.resumed else [],
             "main_blocks": previous.get("main_blocks", {}),
             "timings": {},
             # A resumed run's "timings" are this invocation's; the interrupted ones' (partial) timings are kept.
             "timings_earlier": [*previous.get("timings_earlier", []), previous.get("timings") or {}]
-            if self.progress.resumed
+            if self.resumed
             else [],
         }
 
@@ -134,7 +177,10 @@ class _Study:
         }
 
     def save_info(self, **updates: Any) -> None:
+        """Update run.json (written by rank 0 alone; the other ranks keep their copy in memory)."""
         self.info.update(updates)
+        if not self.is_main:
+            return
         self.info["timings"] = {
             **self.info.get("timings", {}),
             **{k: round(v, 3) for k, v in self.timings.items()},
@@ -147,22 +193,22 @@ class _Study:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
         return out
 
-    def rows_present(self, model: str, dataset: str, setting: str, shots: int) -> bool:
-        return any(
-            (r.model, r.dataset, r.setting, r.shots) == (model, dataset, setting, shots)
-            for r in read_results(self.rd.results)
-        )
-
     # ---- the study --------------------------------------------------------------------------------------
     def run(self) -> None:
         t0 = time.perf_counter()
         self.save_info()
-        for m in self.cfg.models:
-            self.run_model(m)
+        pending: list[Unit] = []
+        for mi, m in enumerate(self.cfg.models):
+            pending += self.run_model(mi, m)
+        self.run_units(pending)
+        if self.is_main:
+            self.wait_for_others(pending)
+            self.merge()
         self.timings["total_s"] = time.perf_counter() - t0
         self.save_info(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
-    def run_model(self, m: ModelConfig) -> None:
+    def run_model(self, mi: int, m: ModelConfig) -> list[Unit]:
+        """Load the model, extract its stores (all ranks together); its units not done yet."""
         from ..backbones import load_backbone
         from ..provenance import weights_source
 
@@ -188,12 +234,22 @@ class _Study:
         self.save_info()
         sweep_models = {s.name for s in self.cfg.sweep_models()}
         sweep_sets = {d.spec for d in self.cfg.sweep_datasets()} if m.name in sweep_models else set()
-        for d in self.cfg.datasets:
-            self.run_dataset(m, bb, d, main_blocks, sweep=d.spec in sweep_sets)
+        units: list[Unit] = []
+        for di, d in enumerate(self.cfg.datasets):
+            units += self.run_dataset((mi, di), m, bb, d, main_blocks, sweep=d.spec in sweep_sets)
+        return units
 
     def run_dataset(
-        self, m: ModelConfig, bb: Any, d: DatasetConfig, main_blocks: list[int], *, sweep: bool
-    ) -> None:
+        self,
+        where: tuple[int, int],
+        m: ModelConfig,
+        bb: Any,
+        d: DatasetConfig,
+        main_blocks: list[int],
+        *,
+        sweep: bool,
+    ) -> list[Unit]:
+        """The stores of one model × dataset (extracted by all ranks together), and its units not done yet."""
         from ..features import cached_store
         from ..features.extract import plan_store
         from .data import open_split
@@ -207,12 +263,17 @@ class _Study:
         positions = list(d.positions or [])
         if sweep and self.cfg.block_sweep.position not in positions:
             positions.append(self.cfg.block_sweep.position)
-        units = self.plan_units(m, d, main_blocks, sweep_blocks)
-        if all(self.progress.is_done(u) for u, _ in units) and (self.rd.results).exists():
-            self.skipped += len(units)
+        stores: dict[str, Any] = {}
+        planned = self.plan_units(m, d, main_blocks, sweep_blocks)
+        units = [
+            Unit(uid, (*where, i), f"{m.name} · {d.spec} · {what}", lambda w=work: w(stores, bb), meta=meta)
+            for i, (uid, work, what, meta) in enumerate(planned)
+        ]
+        done = [u for u in units if u.uid in self.done_before]
+        self.skipped += len(done)
+        if len(done) == len(units):
             self.log(f"{m.name} · {d.spec}: done earlier, skipped")
-            return
-        stores = {}
+            return []
         for which in ("train", "test"):
             ds = self.timed(
                 f"open {d.spec} {which}",
@@ -236,13 +297,14 @@ class _Study:
             }
             manifest, _ = plan_store(bb, ds, **plan)
             warning = many_tokens_warning(manifest)
-            if warning:
+            if warning and self.is_main:
                 self.reporter.warn(f"{m.name} · {d.spec} · {which}: {warning}")
             path = self.cfg.cache_root() / manifest["key"][:16]
             self.log(f"{m.name} · {d.spec} · {which}: features of {len(ds)} samples")
             t0 = time.perf_counter()
             before = shard_progress(path)  # every shard already written: the cache serves this store
             cached = before is not None and before[0] == before[1] > 0
+            # every rank takes part: the store's missing shards are split over the ranks (as `extract` does)
             with self.reporter.heartbeat(path, f"{m.name} · {d.spec} · {which}: extracting"):
                 stores[which] = self.timed(
                     f"extract {m.name} {d.spec} {which}",
@@ -252,7 +314,7 @@ class _Study:
                         ds,
                         **plan,
                         batch_size=self.cfg.batch_size,
-                        progress=self.verbose,
+                        progress=self.verbose and self.world_size == 1,
                     ),
                 )
             how = "from the cache" if cached else f"extracted in {seconds(time.perf_counter() - t0)}"
@@ -260,19 +322,161 @@ class _Study:
             if which == "test":
                 stores["test_dataset"] = ds
         self.save_info()
-        for uid, work in units:
-            if self.progress.is_done(uid):
-                self.skipped += 1
-                continue
-            self.timed(uid.split(":")[0] + f" {m.name} {d.spec}", lambda work=work: work(stores, bb))
-            self.progress.mark(uid)
-            self.save_info()
+        for u in units:
+            u.cost = self.unit_cost(d, stores, u.meta)
+            if u.meta.get("kind") == "directions":  # reads the standard evaluation's fits: same rank
+                u.group = self.standard_units.get((m.name, d.spec), "")
+            elif u.uid in self.standard_units.values():
+                u.group = u.uid
+        return [u for u in units if u.uid not in self.done_before]
+
+    def unit_cost(self, d: DatasetConfig, stores: dict, meta: dict[str, Any]) -> float:
+        """:func:`sdist.estimate_cost` of a unit from its plan and its stores' sizes."""
+        cfg, fs = self.cfg, self.cfg.fewshot
+        train, test = stores["train"], stores["test"]
+        h, w = train.grid if d.task == "segmentation" else (1, 1)
+        episodes = fs.episodes if d.task == "classification" else fs.segmentation_episodes
+        tokens = len(cfg.tokens) + (
+            len(train.head_tokens(list(cfg.tokens))) if cfg.heads and meta["kind"] == "evaluate" else 0
+        )
+        return sdist.estimate_cost(
+            meta["kind"],
+            task=d.task,
+            setting=meta.get("setting", "standard"),
+            rules=meta.get("rules", cfg.rules),
+            features=tokens * len(meta.get("positions") or ["patch"]) * len(meta.get("blocks", [0])),
+            train=train.num_samples,
+            test=test.num_samples,
+            patches=h * w,
+            episodes=episodes,
+            ways=fs.ways,
+            shots=meta.get("shots", 0),
+            queries=fs.queries,
+            grid=len(cfg.c_grid) if cfg.c_grid is not None else 8,
+            fit_samples=cfg.report.max_fit_samples,
+        )
+
+    def run_units(self, pending: list[Unit]) -> None:
+        """This rank's share of the pending units (the same assignment on every rank), each alone."""
+        ranks = sdist.assign(pending, self.world_size)
+        mine = [u for u in pending if ranks[u.uid] == self.rank]
+        if self.world_size > 1:
+            self.log(f"{len(mine)} of {len(pending)} units of work on this rank")
+        for k, u in enumerate(mine, 1):
+            self.check_failed()
+            if self.world_size > 1:
+                self.log(f"unit {k}/{len(mine)}: {u.label}")
+            self.run_unit(u)
+            sdist.kill_hook(self.rank, k)
+            if self.is_main:
+                self.merge()
+
+    def run_unit(self, u: Unit) -> None:
+        invocation = len(self.info.get("timings_earlier", []))
+        self.record = sdist.new_record(u, self.rank, self.world_size, invocation)
+        t0 = time.perf_counter()
+        try:
+            with _qdist().alone():  # a unit is one rank's: no collective inside it
+                key = " ".join([str(u.meta.get("kind", "unit")), *u.label.split(" · ")[:2]])
+                self.timed(key, u.work)  # "evaluate <model> <dataset>", as before units had records
+        except Exception as exc:
+            if self.world_size == 1:
+                raise
+            error = str(exc) if isinstance(exc, QkvprobeError) else f"{type(exc).__name__}: {exc}"
+            sdist.write_failed(self.rd, self.rank, u, error)
+            raise QkvprobeError(sdist.failure_line(self.rank, u.label, error)) from exc
+        finally:
+            record, self.record = self.record, None
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        sdist.write_record(self.rd, record)
+
+    def check_failed(self) -> None:
+        failed = sdist.read_failed(self.rd)
+        if failed is not None:
+            line = sdist.failure_line(
+                failed.get("rank", -1), failed.get("label", "?"), failed.get("error", "?")
+            )
+            self.log(f"stopping: {line}")
+            raise Stopped(line)
+
+    def wait_for_others(self, pending: list[Unit]) -> None:
+        """Rank 0: wait until every pending unit has its record (merging as they come), or a rank failed."""
+        if self.world_size == 1:
+            return
+        missing = [u for u in pending if not self.rd.part_file(u.uid).exists()]
+        if missing:
+            self.log(f"waiting for {len(missing)} units of the other ranks")
+        last = time.perf_counter()
+        while missing:
+            self.check_failed()
+            time.sleep(0.2)
+            missing = [u for u in missing if not self.rd.part_file(u.uid).exists()]
+            if time.perf_counter() - last > 10:  # show what arrived every so often
+                self.merge()
+                last = time.perf_counter()
+
+    def merge(self) -> None:
+        """Rank 0: the unit records into results.csv, the side files, fits/, progress.json and run.json."""
+        records = sdist.read_records(self.rd, self.record_cache)
+        notes = sdist.merge_records(self.rd, records)
+        for key in {k for r in records for k in r.get("notes", {})}:
+            self.info.pop(key, None)
+        self.info.update(notes)
+        if "unconverged" in notes:
+            self.info["unconverged_units"] = len(notes["unconverged"])
+        self.info["units"] = [
+            {k: r[k] for k in ("unit", "label", "rank", "seconds", "invocation", "world_size")}
+            for r in records
+        ]
+        if self.progress is not None:
+            self.progress.extend([r["unit"] for r in records])
+        self.save_info()
+
+    def known_rows(self) -> list[ResultRow]:
+        """Rows of the unit records present, then of results.csv (a run directory from before records)."""
+        records = sdist.read_records(self.rd, self.record_cache)
+        rows = [row for rec in records for row in sdist.record_rows(rec)]
+        return rows + read_results(self.rd.results)
+
+    def fits_path(self, m: ModelConfig, d: DatasetConfig) -> Path:
+        """The standard evaluation's saved class vectors of ``m`` on ``d``: its record's, else fits/."""
+        uid = self.standard_units.get((m.name, d.spec))
+        if uid is not None and self.rd.part_fits(uid).is_file():
+            return self.rd.part_fits(uid)
+        return self.rd.fit_file(m.name, d.spec)
+
+    # ---- where a unit's output goes (its record; rank 0 merges the records) ------------------------------
+    def _unit_record(self) -> dict[str, Any]:
+        if self.record is None:
+            raise RuntimeError("a unit's output is emitted outside a unit of work")
+        return self.record
+
+    def emit_rows(self, rows: list[ResultRow]) -> None:
+        """Result rows of the running unit."""
+        self._unit_record()["rows"].extend(rows)
+
+    def emit_fits(self, model: str, dataset: str, weights: dict[Any, Any], classes: Any) -> None:
+        """The standard protocol's class vectors of ``model`` on ``dataset`` (fits/ once merged)."""
+        from .sides import save_fits
+
+        record = self._unit_record()
+        save_fits(self.rd.part_fits(record["unit"]), weights, classes)
+        record["fits"] = [model, dataset]
+
+    def emit_side(self, name: str, entries: list[dict]) -> None:
+        """Entries of a side file (``"paired"``, ``"directions"``: :data:`sdist.SIDES`)."""
+        self._unit_record()["sides"].setdefault(name, []).extend(entries)
+
+    def emit_note(self, key: str, value: list | dict) -> None:
+        """A run.json note (a list extended, or a dict updated, over the units in order)."""
+        sdist.add_note(self._unit_record()["notes"], key, value)
 
     def plan_units(
         self, m: ModelConfig, d: DatasetConfig, main_blocks: list[int], sweep_blocks: list[int]
-    ) -> list[tuple[str, Callable[[dict, Any], None]]]:
+    ) -> list[tuple[str, Callable[[dict, Any], None], str, dict[str, Any]]]:
+        """The units of one model × dataset in order: (id, work(stores, backbone), words, plan facts)."""
         cfg, fs = self.cfg, self.cfg.fewshot
-        units: list[tuple[str, Callable[[dict, Any], None]]] = []
+        units: list[tuple[str, Callable[[dict, Any], None], str, dict[str, Any]]] = []
         common = {"model": m.name, "dataset": d.spec, "tokens": cfg.tokens, "rules": cfg.rules}
         for setting in cfg.settings:
             for shots in [0] if setting == "standard" else fs.shots:
@@ -284,12 +488,22 @@ class _Study:
                     blocks=main_blocks,
                     positions=d.positions,
                 )
+                if setting == "standard":
+                    self.standard_units[(m.name, d.spec)] = uid
                 units.append(
                     (
                         uid,
                         lambda st, bb, s=setting, k=shots: self.evaluate(
                             m, d, st, s, k, main_blocks, d.positions
                         ),
+                        "standard" if setting == "standard" else f"{shots}-shot",
+                        {
+                            "kind": "evaluate",
+                            "setting": setting,
+                            "shots": shots,
+                            "blocks": main_blocks,
+                            "positions": d.positions,
+                        },
                     )
                 )
         if sweep_blocks:
@@ -303,16 +517,32 @@ class _Study:
                     lambda st, bb: self.evaluate(
                         m, d, st, "standard", 0, sweep_blocks, pos, paired=False, rules=cfg.sweep_rules()
                     ),
+                    f"block sweep {sweep_blocks}",
+                    {"kind": "sweep", "rules": cfg.sweep_rules(), "blocks": sweep_blocks, "positions": pos},
                 )
             )
         if cfg.report.enabled and "standard" in cfg.settings:
             uid = unit_id("directions", **common, blocks=main_blocks[-1:])
-            units.append((uid, lambda st, bb: self.directions(m, bb, d, st, main_blocks[-1])))
+            units.append(
+                (
+                    uid,
+                    lambda st, bb: self.directions(m, bb, d, st, main_blocks[-1]),
+                    "directions",
+                    {"kind": "directions", "positions": ["patch"]},
+                )
+            )
             if d.task == "segmentation" and cfg.report.direction_map_images:
                 uid = unit_id(
                     "maps", **common, blocks=main_blocks[-1:], images=cfg.report.direction_map_images
                 )
-                units.append((uid, lambda st, bb: self.maps(m, bb, d, st, main_blocks[-1])))
+                units.append(
+                    (
+                        uid,
+                        lambda st, bb: self.maps(m, bb, d, st, main_blocks[-1]),
+                        "direction maps",
+                        {"kind": "maps", "positions": ["patch"]},
+                    )
+                )
         return units
 
     # ---- units ------------------------------------------------------------------------------------------
@@ -332,7 +562,7 @@ class _Study:
         """One evaluation unit: the study config's spec for this dataset × setting (× shots) through the one
         pipeline (``protocols.evaluate``), its outputs written as ``qkvprobe evaluate`` writes them."""
         from ..protocols import evaluate
-        from .outputs import left_out_info, save_evaluation
+        from .outputs import left_out_info
 
         spec = self.cfg.eval_spec(
             d,
@@ -362,23 +592,21 @@ class _Study:
                 paired=paired,
             )
         for field_name, entries in left_out_info(evaluation).items():
-            self.info.setdefault(field_name, {}).update(entries)
+            self.emit_note(field_name, entries)
             for where, names in entries.items():
                 what = "the episodes" if field_name == "left_out" else "the validation episodes that choose C"
                 self.log(f"{where}: classes with too few images left out of {what}: {', '.join(names)}")
         if evaluation.unconverged:
             units = [f"{m.name} · {d.spec} · {u}" for u in evaluation.unconverged]
             self.log(f"not converged (results marked converged=false): {'; '.join(units)}")
-            self.info.setdefault("unconverged", []).extend(units)
-            self.info["unconverged_units"] = len(self.info["unconverged"])
+            self.emit_note("unconverged", units)
         if not evaluation.rows:
             raise QkvprobeError(f"protocol returned no results for {m.name} on {d.spec} ({label})")
-        save_evaluation(self.run_dir, evaluation, fits=paired)
-
-    def _merge_side(self, path: Path, key: str, entries: list[dict], ident: tuple[str, ...]) -> None:
-        from .outputs import merge_entries
-
-        merge_entries(path, key, entries, ident)
+        self.emit_rows(evaluation.rows)  # the pipeline's rows name the weights already
+        if setting == "standard" and paired and evaluation.weights and evaluation.classes is not None:
+            self.emit_fits(m.name, d.spec, evaluation.weights, evaluation.classes)
+        if evaluation.paired:  # the block sweep (paired=False) is a map, not a contest: no tests there
+            self.emit_side("paired", evaluation.paired)
 
     def directions(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
         import numpy as np
@@ -393,11 +621,11 @@ class _Study:
 
         train = stores["train"]
         position = (d.positions or ["patch"])[0]
-        rows = read_results(self.rd.results)
+        rows = self.known_rows()
         tokens = list(self.cfg.tokens)
         Cs = [lookup_C(rows, m.name, d.spec, t, position, block) for t in tokens]
         # The standard protocol's own fits when saved (no second fit); otherwise refit on a subsample.
-        fitted = fitted_direction_cosines(self.rd.fit_file(m.name, d.spec), tokens, position, block)
+        fitted = fitted_direction_cosines(self.fits_path(m, d), tokens, position, block)
         if fitted is not None:
             classes, cos = fitted
         else:
@@ -418,7 +646,7 @@ class _Study:
             }
             for g, (t, C) in enumerate(zip(tokens, Cs, strict=True))
         ]
-        self._merge_side(self.rd.directions, "entries", entries, ("model", "dataset", "token", "position"))
+        self.emit_side("directions", entries)
 
     def maps(self, m: ModelConfig, bb: Any, d: DatasetConfig, stores: dict, block: int) -> None:
         from .sides import class_direction_map, map_images
@@ -443,12 +671,25 @@ class _Study:
 def run_study(
     cfg: StudyConfig, *, fresh: bool = False, progress: bool = True, console: Console | None = None
 ) -> StudyResult:
-    """Run (or resume) a study; write results.csv, run.json, side files and the report into ``cfg.run_dir()``."""
+    """Run (or resume) a study; write results.csv, run.json, side files and the report into ``cfg.run_dir()``.
+
+    Under torchrun every rank calls it: ranks other than 0 do their share of the units and return a result
+    without rows or summary. :class:`Stopped` when another rank failed."""
     from ..report import load_run, render_report, run_summary
 
     console = console or Console(stderr=True)
-    study = _Study(cfg, fresh=fresh, progress=progress, console=console)
-    study.run()
+    try:
+        study = _Study(cfg, fresh=fresh, progress=progress, console=console)
+        study.run()
+    except QkvprobeError as exc:  # under torchrun the one line says which rank failed
+        world = _qdist().world_info()
+        if world.distributed and not str(exc).startswith(f"rank {world.rank} "):
+            raise QkvprobeError(f"rank {world.rank}: {exc}") from exc
+        raise
+    if not study.is_main:
+        return StudyResult(
+            study.run_dir, [], None, None, dict(study.timings), study.skipped, study.rank, study.world_size
+        )
     report = None
     if cfg.report.enabled:
         study.log("writing the report")
@@ -462,4 +703,6 @@ def run_study(
         report,
         dict(study.info["timings"]),
         study.skipped,
+        study.rank,
+        study.world_size,
     )

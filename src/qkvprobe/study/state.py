@@ -1,7 +1,9 @@
 """Resumable progress of a study: which units of work are finished (``progress.json`` in the run dir).
 
-A unit is marked done only after its rows/side files were written atomically, so a killed run redoes at
-most the unit it was in; results rows are merged by key, so redoing a unit never duplicates rows.
+A unit is done once its record (``parts/…json``, :mod:`qkvprobe.study.distributed`) is written atomically, so
+a killed run (or a killed rank) redoes at most the units it was in; rank 0 copies the finished ids into
+``progress.json`` as it merges the records. Results rows are merged by key, so redoing a unit never duplicates
+rows.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class Progress:
         return uid in self.done
 
     def mark(self, uid: str) -> None:
-        if uid not in self.done:
-            self.done.append(uid)
-        write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
+        self.extend([uid])
+
+    def extend(self, uids: list[str]) -> None:
+        """Record ``uids`` as done (in order, after those recorded before); the file is written when it changes."""
+        new = [u for u in dict.fromkeys(uids) if u not in set(self.done)]
+        if new or not self.path.exists():
+            self.done.extend(new)
+            write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
