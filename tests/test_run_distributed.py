@@ -175,7 +175,10 @@ def test_failing_rank_stops_the_run_with_one_line(tmp_path: Path, builtin_models
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("qkvprobe: error:")]
     assert len(errors) == 1, run.stderr[-3000:]
-    assert errors[0].startswith("qkvprobe: error: rank ") and "· 60-shot: class " in errors[0]
+    assert (
+        errors[0].startswith("qkvprobe: error: rank ")
+        and "· 60-shot: 3-way episodes need 3 classes" in errors[0]
+    )
     assert errors[0].endswith("run the same command again to resume")
     failed = json.loads(RunDir(tmp_path / "run").failed.read_text())
     assert f"rank {failed['rank']} failed in" in errors[0] and '"shots":60' in failed["unit"]

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..tables import rank_key as rank_key
 from ..tables import rule_order
-from ..vocab import objective_family
+from ..vocab import SETTINGS, objective_family
 from .tables import GROUP, order_present, setting_label
 
 #: Significance level of the tie decision (after the Holm adjustment).
@@ -216,7 +216,20 @@ def answers(
     if main.empty:
         return out
     weights = dict(weights or {})
-    for key, sub in main.groupby(GROUP, sort=False):
+    # One order whatever the order of the rows (a study writes them sorted by key, evaluate as measured): models
+    # and datasets as they first appear, the standard setting before the few-shot ones, fewer shots first.
+    first = {c: {v: i for i, v in enumerate(dict.fromkeys(main[c]))} for c in ("model", "dataset")}
+    groups = sorted(
+        main.groupby(GROUP, sort=False),
+        key=lambda item: (
+            first["model"][item[0][0]],
+            first["dataset"][item[0][2]],
+            SETTINGS.index(item[0][4]) if item[0][4] in SETTINGS else len(SETTINGS),
+            int(item[0][5]),
+            int(item[0][6]),
+        ),
+    )
+    for key, sub in groups:
         g = dict(zip(GROUP, key, strict=True))
         choices = sorted(
             (_choice(r) for r in sub.to_dict("records")),

@@ -36,7 +36,7 @@ def save_evaluation(
     ``run_dir``."""
     rd = RunDir(run_dir)
     rd.path.mkdir(parents=True, exist_ok=True)
-    write_results(results or rd.results, ev.rows)
+    write_results(results or rd.results, ev.rows, sort=True)  # key order, as a study writes the table
     if ev.paired:
         merge_entries(rd.paired, "tests", ev.paired, PAIRED_KEY)
     if fits and ev.setting == "standard" and ev.weights and ev.classes is not None:
