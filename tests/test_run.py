@@ -380,3 +380,40 @@ def test_study_warns_before_extracting_many_patches(tmp_path: Path, patched_buil
         in text
     )
     assert "17x17 = 289 patches per image (more than 256)" in text and "fit or score 3,468 patch rows" in text
+
+
+def test_a_study_compares_its_models_on_one_class_set(
+    tmp_path: Path, patched_builtins: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A class one model's episodes must leave out (e.g. too few images at its patch grid) is left out of every
+    model's episodes of that dataset × shots, named in each one's rows and in run.json."""
+    import qkvprobe.protocols as protocols
+    from qkvprobe.study import run_study
+
+    real = protocols.fewshot_left_out
+    seen: list[str] = []
+
+    def one_model_lacks_class_2(train, test, spec, **kw):  # as if tiny-mae's grid lost class 2
+        seen.append(train.backbone_spec)
+        out = real(train, test, spec, **kw)
+        return {s: (*c, 2) if "tiny-mae" in train.backbone_spec else c for s, c in out.items()}
+
+    monkeypatch.setattr(protocols, "fewshot_left_out", one_model_lacks_class_2)
+    data = study_config(
+        tmp_path,
+        datasets=[{"spec": "fashion-mnist?source=bundled", "train_size": 150, "test_size": 60}],
+        settings=["fewshot"],
+        rules=["cosine"],
+        fewshot={"ways": 3, "shots": [1], "queries": 3, "episodes": 10},
+        block_sweep={"enabled": False},
+        report={"enabled": False},
+    )
+    result = run_study(validate_config(data), progress=False)
+    assert sorted(seen) == ["builtin:tiny-dino", "builtin:tiny-mae"]
+    class_2 = json.loads((result.run_dir / "run.json").read_text())["fewshot_class_sets"]
+    assert class_2["fashion-mnist?source=bundled"]["1"] == {"builtin:tiny-dino": [], "builtin:tiny-mae": [2]}
+    names = {r.model: r.left_out for r in result.rows}
+    assert set(names) == {"builtin:tiny-dino", "builtin:tiny-mae"} and len(set(names.values())) == 1
+    assert names["builtin:tiny-dino"] != ""  # the model that lacked nothing left class 2 out too
+    left = json.loads((result.run_dir / "run.json").read_text())["left_out"]
+    assert len(left) == 2 and all(v == [names["builtin:tiny-dino"]] for v in left.values())

@@ -12,6 +12,7 @@ from .driver import (
     evaluate,
     evaluate_classification,
     evaluate_segmentation,
+    fewshot_left_out,
     plan_evaluation,
 )
 from .evaluation import (
@@ -75,6 +76,7 @@ __all__ = [
     "evaluate_segmentation",
     "fb_iou",
     "fewshot_classification",
+    "fewshot_left_out",
     "fewshot_miou",
     "fewshot_segmentation",
     "get_rule",

@@ -249,6 +249,29 @@ def plan_evaluation(
     )
 
 
+def fewshot_left_out(
+    train_store: Any, test_store: Any, spec: EvalSpec, *, episode_sampler: Any = None
+) -> dict[int, tuple[int, ...]]:
+    """The classes the few-shot episodes of ``spec`` would leave out for too few images, per shot count, without
+    drawing an episode (a study takes their union over its models, so it compares them on one class set; a
+    setting no episode can be drawn for raises the sampler's DataError naming the keys that fix it)."""
+    task = spec.task or getattr(train_store, "task", "classification")
+    out: dict[int, tuple[int, ...]] = {}
+    for shots in spec.fewshot.shots:
+        if task == "segmentation":
+            adapter: Any = SegmentationTask(
+                train_store, test_store, masks=lambda i: np.zeros(0), episode_sampler=episode_sampler
+            )
+            tr, te = adapter._pixel_counts()
+            ep = adapter.sampler(tr, te, shots=shots, episodes=0, leave_out=True)
+        else:
+            adapter = ClassificationTask(train_store, test_store, episode_sampler)
+            kw = {"ways": spec.fewshot.ways, "queries": spec.fewshot.queries}
+            ep = adapter.sampler(adapter.ytr, adapter.yte, shots=shots, episodes=0, leave_out=True, **kw)
+        out[shots] = tuple(int(c) for c in getattr(ep, "left_out", ()))
+    return out
+
+
 def evaluate(
     train_store: Any,
     test_store: Any,

@@ -156,6 +156,8 @@ class _Study:
             "data_sources": previous.get("data_sources", {}),
             "models": previous.get("models", []) if self.resumed else [],
             "main_blocks": previous.get("main_blocks", {}),
+            # dataset -> shots -> model -> classes its few-shot episodes lack (the union is left out for all)
+            "fewshot_class_sets": previous.get("fewshot_class_sets", {}) if self.resumed else {},
             "timings": {},
             # A resumed run's "timings" are this invocation's; the interrupted ones' (partial) timings are kept.
             "timings_earlier": [*previous.get("timings_earlier", []), previous.get("timings") or {}]
@@ -321,6 +323,7 @@ class _Study:
             self.log(f"{m.name} · {d.spec} · {which}: features {how} ({path})")
             if which == "test":
                 stores["test_dataset"] = ds
+        self.note_class_sets(m, d, stores)
         self.save_info()
         for u in units:
             u.cost = self.unit_cost(d, stores, u.meta)
@@ -329,6 +332,25 @@ class _Study:
             elif u.uid in self.standard_units.values():
                 u.group = u.uid
         return [u for u in units if u.uid not in self.done_before]
+
+    def note_class_sets(self, m: ModelConfig, d: DatasetConfig, stores: dict) -> None:
+        """Record the classes ``m``'s few-shot episodes on ``d`` would leave out (too few images), before any unit
+        runs: every model's few-shot units then leave out the union, so the study compares its models on one
+        class set per dataset (a segmentation class can lack images at one model's patch grid only). A setting
+        no episode can be drawn for fails here, before the first evaluation."""
+        if "fewshot" not in self.cfg.settings:
+            return
+        from ..protocols import fewshot_left_out
+
+        lacking = fewshot_left_out(stores["train"], stores["test"], self.cfg.eval_spec(d, "fewshot"))
+        sets = self.info["fewshot_class_sets"].setdefault(d.spec, {})
+        for shots, classes in lacking.items():
+            sets.setdefault(str(shots), {})[m.name] = list(classes)
+
+    def shared_left_out(self, d: DatasetConfig, shots: int) -> list[int]:
+        """The union, over the study's models, of the classes their ``shots``-shot episodes on ``d`` lack."""
+        per_model = self.info["fewshot_class_sets"].get(d.spec, {}).get(str(shots), {})
+        return sorted({int(c) for classes in per_model.values() for c in classes})
 
     def unit_cost(self, d: DatasetConfig, stores: dict, meta: dict[str, Any]) -> float:
         """:func:`sdist.estimate_cost` of a unit from its plan and its stores' sizes."""
@@ -590,6 +612,7 @@ class _Study:
                 weights=self.sources.get(m.name, ""),
                 progress=tell,
                 paired=paired,
+                exclude_classes=self.shared_left_out(d, shots) if setting == "fewshot" else (),
             )
         for field_name, entries in left_out_info(evaluation).items():
             self.emit_note(field_name, entries)
