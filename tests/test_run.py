@@ -234,7 +234,9 @@ def test_changed_config_is_refused_without_fresh(tmp_path: Path, patched_builtin
     )
     run_study(validate_config(small), progress=False)
     small["seed"] = 3
-    with pytest.raises(ConfigError, match=r"holds results of a different config .* pass --fresh"):
+    with pytest.raises(
+        ConfigError, match=r"different config \(these keys changed: seed: 0 → 3; .* pass --fresh"
+    ):
         run_study(validate_config(small), progress=False)
     # --fresh removes every path of the old run: fits/ and figures/ too (stale files planted), not the user's
     run_dir = RunDir(validate_config(small).run_dir())

@@ -34,7 +34,8 @@ def test_progress_binds_run_dir_to_config(tmp_path: Path) -> None:
     again = Progress(tmp_path, "aaa")
     assert again.resumed and again.done == [uid] and again.is_done(uid)
     with pytest.raises(
-        ConfigError, match=r"holds results of a different config \(fingerprint aaa vs bbb\); pass --fresh"
+        ConfigError,
+        match=r"holds results of a different config \(the config changed; fingerprint aaa there, bbb now",
     ):
         Progress(tmp_path, "bbb")
     (tmp_path / "results.csv").write_text("x")

@@ -124,7 +124,7 @@ class _Study:
         self.progress: Progress | None = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.progress = Progress(self.run_dir, cfg.fingerprint(), fresh=fresh)
+            self.progress = Progress(self.run_dir, cfg.fingerprint(), fresh=fresh, config=dump_config(cfg))
             self.rd.failed.unlink(missing_ok=True)
             records = [r["unit"] for r in sdist.read_records(self.rd)]
             state = (

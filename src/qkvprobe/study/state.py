@@ -21,10 +21,28 @@ def unit_id(kind: str, **parts: object) -> str:
     return kind + ":" + json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def changed_keys(old: object, new: object, path: str = "", limit: int = 12) -> list[str]:
+    """The dotted keys whose values differ between two resolved configs (``run.json``'s ``config``), with both
+    values: ``["fewshot.C: 1.0 → 'auto'"]``; at most ``limit`` of them, then a count."""
+    out: list[str] = []
+
+    def walk(a: object, b: object, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted({*a, *b}):
+                walk(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+        elif a != b:
+            out.append(f"{where}: {a!r} → {b!r}")
+
+    walk(old, new, path)
+    return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
+
+
 class Progress:
     """The set of finished unit ids of one run directory, bound to the config's fingerprint."""
 
-    def __init__(self, run_dir: Path, fingerprint: str, *, fresh: bool = False) -> None:
+    def __init__(
+        self, run_dir: Path, fingerprint: str, *, fresh: bool = False, config: dict | None = None
+    ) -> None:
         rd = RunDir(run_dir)
         self.path = rd.progress
         self.fingerprint = fingerprint
@@ -32,9 +50,13 @@ class Progress:
             rd.clear()
         data = read_json(self.path, None)
         if data is not None and data.get("fingerprint") != fingerprint:
+            earlier = (read_json(rd.run_json, {}) or {}).get("config")
+            changed = changed_keys(earlier, config) if isinstance(earlier, dict) and config else []
+            what = f"these keys changed: {', '.join(changed)}" if changed else "the config changed"
             raise ConfigError(
-                f"run directory {run_dir} holds results of a different config (fingerprint "
-                f"{data.get('fingerprint')} vs {fingerprint}); pass --fresh to discard them or --set name=NEW"
+                f"run directory {run_dir} holds results of a different config ({what}; fingerprint "
+                f"{data.get('fingerprint')} there, {fingerprint} now); pass --fresh to discard them, --set "
+                "name=NEW (or --out DIR) to keep both, or set the keys back to resume"
             )
         self.done: list[str] = list(data.get("done", [])) if data else []
         self.resumed = data is not None  # an earlier run of this config started here
