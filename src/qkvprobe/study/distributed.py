@@ -10,9 +10,10 @@ record per finished unit, and the merge that makes the run directory the same fo
   (:func:`qkvprobe.features.distributed.alone`: a standard C sweep runs its whole grid in the rank).
 - Output: each finished unit becomes one record, ``parts/<kind>__<16 hex>.json`` (:meth:`RunDir.part_file`,
   written atomically; its presence marks the unit done), plus ``.fits.npz`` beside it where the unit fitted
-  class vectors. Rank 0 alone writes the shared files: :func:`merge_parts` reads every record in the study's
+  class vectors. Rank 0 alone writes the shared files: :func:`merge_records` reads every record in the study's
   unit order and writes results.csv (rows sorted by key), paired.json, directions.json and fits/, so 1 or N
-  processes give the same bytes; it runs after each of rank 0's units and once all units are done.
+  processes give the same bytes; it runs after each of rank 0's units and once all units are done. (A "maps"
+  unit writes its own ``maps/`` files, one per token, which no other unit writes.)
 - Failure: a rank whose unit raises writes ``parts/failed.json`` (:func:`write_failed`) and stops with one line
   naming the rank and the unit; the other ranks stop before their next unit (torchrun also tears them down when
   a worker exits non-zero). Finished units keep their records: the same command resumes (any number of
