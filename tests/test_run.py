@@ -419,3 +419,30 @@ def test_a_study_compares_its_models_on_one_class_set(
     assert names["builtin:tiny-dino"] != ""  # the model that lacked nothing left class 2 out too
     left = json.loads((result.run_dir / "run.json").read_text())["left_out"]
     assert len(left) == 2 and all(v == [names["builtin:tiny-dino"]] for v in left.values())
+
+
+def test_a_study_refuses_an_impossible_fewshot_setting_before_extracting(
+    tmp_path: Path, patched_builtins: Path
+) -> None:
+    """C: auto draws validation episodes with half the training images as queries: with 10 queries and 60 training
+    images (6 a class) none can be drawn. The study says so, naming the keys, before any extraction."""
+    from qkvprobe.study import run_study
+
+    data = study_config(
+        tmp_path,
+        models=["builtin:tiny-dino"],
+        datasets=[{"spec": "fashion-mnist?source=bundled", "train_size": 60, "test_size": 150}],
+        settings=["fewshot"],
+        rules=["hyperplane"],
+        fewshot={"ways": 3, "shots": [1], "queries": 10, "episodes": 5, "C": "auto"},
+        block_sweep={"enabled": False},
+        report={"enabled": False},
+    )
+    with pytest.raises(ConfigError) as err:
+        run_study(validate_config(data), progress=False)
+    text = str(err.value)
+    assert text.startswith("datasets.0 (fashion-mnist?source=bundled), few-shot 3-way 1-shot: the validation")
+    assert "fewshot.queries" in text and "fewshot.C to a number" in text
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing extracted
+    data["fewshot"]["C"] = 1.0  # a fixed C needs no validation episodes: the same study runs
+    assert run_study(validate_config(data), fresh=True, progress=False).rows

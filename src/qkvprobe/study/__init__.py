@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console, RenderableType
 
 from .. import __version__
 from ..config import DatasetConfig, ModelConfig, StudyConfig, dump_config
-from ..errors import QkvprobeError
+from ..errors import ConfigError, QkvprobeError
 from ..feedback import Reporter, many_tokens_warning, seconds, shard_progress
 from ..io import read_json, write_json
 from ..results import ResultRow, read_results
@@ -137,6 +138,7 @@ class _Study:
         self.record: dict[str, Any] | None = None  # the running unit's record (the emit_* seams fill it)
         self.record_cache: dict[str, Any] = {}  # records read so far (sdist.read_records)
         self.standard_units: dict[tuple[str, str], str] = {}  # (model, dataset) -> its standard evaluate unit
+        self.splits: dict[tuple[str, str], Any] = {}  # (dataset, train|test) -> the split, opened once
         self.timings: dict[str, float] = {}
         self.skipped = 0
         self.sources: dict[str, str] = {}  # model label -> weights source (the rows' weights column)
@@ -196,8 +198,60 @@ class _Study:
         return out
 
     # ---- the study --------------------------------------------------------------------------------------
+    def split(self, d: DatasetConfig, which: str) -> Any:
+        """The train or test split of ``d`` as the study uses it (subsampled as configured), opened once."""
+        from .data import open_split
+
+        key = (d.spec, which)
+        if key not in self.splits:
+            self.splits[key] = open_split(
+                d, which, self.cfg.seed, spec=self.cfg.dataset_spec(d), root=self.cfg.dataset_root(d)
+            )
+        return self.splits[key]
+
+    def preflight(self) -> None:
+        """Before the first extraction: every few-shot classification setting can draw its episodes (its
+        classes' image counts, from the labels alone), and so can the validation episodes of ``fewshot.C: auto``
+        on the halved training split — else one ConfigError naming the dataset, the setting and the config keys
+        that fix it, instead of a failure after minutes of work. (Segmentation classes are counted on each model's
+        patch grid: checked right after its extraction, :meth:`note_class_sets`.)"""
+        if "fewshot" not in self.cfg.settings:
+            return
+        from ..data.episodes import sample_classification_episodes
+        from ..errors import DataError
+        from ..protocols.fewshot_c import split_pools
+        from ..tables import rule_entry
+
+        fs = self.cfg.fewshot
+        auto = fs.C == "auto" and any(rule_entry(r).has_C for r in self.cfg.rules)
+        for i, d in enumerate(self.cfg.datasets):
+            if d.task != "classification":
+                continue
+            ytr, yte = (self.split(d, which).targets() for which in ("train", "test"))
+            if ytr is None or yte is None:
+                continue
+            ytr, yte = np.asarray(ytr), np.asarray(yte)
+            kw = {"ways": fs.ways, "queries": fs.queries, "episodes": 0, "leave_out": True}
+            for shots in fs.shots:
+                where = f"datasets.{i} ({d.spec}), few-shot {fs.ways}-way {shots}-shot"
+                try:
+                    sample_classification_episodes(ytr, yte, shots=shots, **kw)
+                except DataError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+                if not auto:
+                    continue
+                a, b = split_pools(len(ytr), self.cfg.seed)
+                try:
+                    sample_classification_episodes(ytr[a], ytr[b], shots=shots, **kw)
+                except DataError as exc:
+                    raise ConfigError(
+                        f"{where}: the validation episodes of fewshot.C: auto (half the training images as "
+                        f"queries) cannot be drawn: {exc}; or set fewshot.C to a number"
+                    ) from None
+
     def run(self) -> None:
         t0 = time.perf_counter()
+        self.preflight()
         self.save_info()
         pending: list[Unit] = []
         for mi, m in enumerate(self.cfg.models):
@@ -254,7 +308,6 @@ class _Study:
         """The stores of one model × dataset (extracted by all ranks together), and its units not done yet."""
         from ..features import cached_store
         from ..features.extract import plan_store
-        from .data import open_split
 
         sweep_blocks: list[int] = []
         if sweep:
@@ -277,16 +330,7 @@ class _Study:
             self.log(f"{m.name} · {d.spec}: done earlier, skipped")
             return []
         for which in ("train", "test"):
-            ds = self.timed(
-                f"open {d.spec} {which}",
-                lambda which=which: open_split(
-                    d,
-                    which,
-                    self.cfg.seed,
-                    spec=self.cfg.dataset_spec(d),
-                    root=self.cfg.dataset_root(d),
-                ),
-            )
+            ds = self.timed(f"open {d.spec} {which}", lambda which=which: self.split(d, which))
             self.info["data_sources"][f"{d.spec} ({which})"] = f"{ds.source}; {len(ds)} samples"
             plan = {
                 "blocks": sorted(set(main_blocks) | set(sweep_blocks)),
