@@ -44,12 +44,18 @@ def answer_notes(run: RunFiles, main: pd.DataFrame) -> list[str]:
     df = run.results
     if "left_out" in df and not df.empty:
         left = df[df["left_out"].astype(str) != ""]
-        for (model, dataset, ways, shots, names), _ in left.groupby(
-            ["model", "dataset", "ways", "shots", "left_out"], sort=False
-        ):
-            where = f"{model} · {dataset} · {setting_label('fewshot', int(ways), int(shots))}"
+        # one line per dataset and class list: which models and settings left them out
+        for (dataset, names), sub in left.groupby(["dataset", "left_out"], sort=False):
+            models = ", ".join(dict.fromkeys(sub["model"].astype(str)))
+            settings = ", ".join(
+                dict.fromkeys(
+                    setting_label("fewshot", int(w), int(k))
+                    for w, k in zip(sub["ways"], sub["shots"], strict=True)
+                )
+            )
             notes.append(
-                f"{where}: classes left out of the episodes (too few images): {str(names).replace(';', ', ')}"
+                f"{dataset} ({settings}; {models}): classes left out of the episodes (too few images): "
+                + str(names).replace(";", ", ")
             )
     return notes
 
