@@ -24,3 +24,36 @@ def test_cosine_rule_takes_a_tensor_that_requires_grad() -> None:
 def test_cosine_rule_without_labels_names_itself() -> None:
     with pytest.raises(RuleError, match=r"^CosineRule requires y to be passed, but the target y is None"):
         CosineRule().fit(np.ones((3, 2)), None)
+
+
+def test_knn_rule_takes_a_tensor_that_requires_grad() -> None:
+    """Memory and queries straight from a model (attached to autograd) vote like their NumPy copies (k-NN and
+    the hyperplane raised a RuntimeError on such a tensor before)."""
+    from qkvprobe.rules import KNNRule
+
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(15, 4)), np.repeat([0, 1, 2], 5)
+    Xt = torch.tensor(X, requires_grad=True)
+    a, b = KNNRule(k=3, T=0.1).fit(Xt, y), KNNRule(k=3, T=0.1).fit(X, y)
+    np.testing.assert_array_equal(a.memory_, b.memory_)
+    np.testing.assert_array_equal(a.predict(Xt), b.predict(X))
+    np.testing.assert_allclose(a.predict_proba(Xt), b.predict_proba(X), rtol=1e-6)
+    with pytest.raises(RuleError, match=r"^KNNRule requires y to be passed, but the target y is None"):
+        KNNRule().fit(X, None)
+
+
+def test_knn_topk_of_an_empty_memory_says_so() -> None:
+    from qkvprobe.rules.knn import knn_topk
+
+    with pytest.raises(RuleError, match=r"^k-NN memory is empty; fit on at least one sample$"):
+        knn_topk(torch.ones(2, 3), torch.empty(0, 3), 5)
+
+
+def test_hyperplane_rule_takes_a_tensor_that_requires_grad() -> None:
+    from qkvprobe.rules import HyperplaneRule
+
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(size=(20, 3)), np.repeat([0, 1], 10)
+    a = HyperplaneRule(C=0.5, tol=1e-10).fit(torch.tensor(X, requires_grad=True), y)
+    b = HyperplaneRule(C=0.5, tol=1e-10).fit(X, y)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-12)
