@@ -57,3 +57,39 @@ def test_hyperplane_rule_takes_a_tensor_that_requires_grad() -> None:
     a = HyperplaneRule(C=0.5, tol=1e-10).fit(torch.tensor(X, requires_grad=True), y)
     b = HyperplaneRule(C=0.5, tol=1e-10).fit(X, y)
     np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("k", "T", "message"),
+    [
+        (True, 0.07, r"^k-NN k must be a positive integer, got True; e\.g\. k=20$"),
+        (2.5, 0.07, r"^k-NN k must be a positive integer, got 2\.5; e\.g\. k=20$"),
+        (0, 0.07, r"^k-NN k must be a positive integer, got 0; e\.g\. k=20$"),
+        (3, "warm", r"^k-NN temperature T must be a positive number, got 'warm'; e\.g\. T=0\.07$"),
+        (3, 0.0, r"^k-NN temperature T must be a positive finite number, got 0\.0; e\.g\. T=0\.07$"),
+        (3, float("inf"), r"^k-NN temperature T must be a positive finite number, got inf; e\.g\. T=0\.07$"),
+    ],
+)
+def test_knn_parameters_refused_at_their_boundaries(k: object, T: object, message: str) -> None:
+    from qkvprobe.rules.knn import check_knn_params
+
+    with pytest.raises(RuleError, match=message):
+        check_knn_params(k, T)
+    assert check_knn_params(np.int64(1), "0.5") == (1, 0.5)
+
+
+def test_knn_votes_do_not_overflow_at_a_small_temperature_and_keep_float64() -> None:
+    """Weights are exp((s − s_max)/T): at T = 0.005 exp(s/T) alone would overflow float32 (and float64 at
+    s/T > 709); the shares stay finite, the nearest neighbour dominates, and float64 similarities give float64
+    votes."""
+    from qkvprobe.rules.knn import knn_votes
+
+    sims = torch.tensor([[[0.99, 0.98, 0.5]]], dtype=torch.float32)
+    labels = torch.tensor([[[1, 0, 0]]])
+    votes = knn_votes(sims, labels, 2, T=0.005)
+    assert torch.isfinite(votes).all()
+    share = votes / votes.sum(-1, keepdim=True)
+    expected_1 = 1 / (1 + np.exp(-0.01 / 0.005) + np.exp(-0.49 / 0.005))
+    assert float(share[0, 0, 1]) == pytest.approx(expected_1, rel=1e-5)
+    v64 = knn_votes(sims.double() * 4, labels, 2, T=0.005)  # s/T = 792: exp would overflow float64 too
+    assert v64.dtype == torch.float64 and torch.isfinite(v64).all()
