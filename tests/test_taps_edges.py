@@ -99,3 +99,85 @@ def test_a_site_without_the_tap_names_block_and_token() -> None:
     bb.tap_site = without_v  # type: ignore[method-assign]
     with pytest.raises(ModelError, match=r"^timm:tiny-test: block 1 describes no tap for 'v'$"):
         bb.extract(torch.randn(1, 1, 16, 16), tokens=("q", "v"))
+
+
+@pytest.mark.parametrize("kind", ["ffn", "ffn_norm"])
+def test_block_outputs_of_every_asked_block(kind: str) -> None:
+    """``ffn`` or ``ffn_norm`` alone, of two blocks: each block's output is hooked, not only the deepest's."""
+    model = tiny_timm()
+    bb = wrap(model)
+    x = torch.randn(1, 1, 16, 16)
+    out = bb.extract(x, blocks=(0, 1), tokens=(kind,))
+    with torch.no_grad():
+        inter = model.forward_intermediates(
+            x, indices=[0, 1], output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+    ffn0 = torch.cat([inter[0][1], inter[0][0]], 1)
+    expected = ffn0 if kind == "ffn" else bb.final_norm(ffn0)
+    torch.testing.assert_close(out[(0, kind)], expected, atol=1e-5, rtol=0)
+
+
+def test_attention_tokens_alone_stop_after_the_deepest_block_and_cast_the_input() -> None:
+    """Without a block-output token the forward still stops after the deepest block asked for; float64 images
+    are cast to the model's dtype; pre-hooks (timm Beit's recomputed projections) are all removed afterwards."""
+    model = tiny_timm()
+    bb = wrap(model)
+    calls: list[int] = []
+    handle = model.blocks[1].register_forward_hook(lambda *a: calls.append(1))  # returns None
+    try:
+        out = bb.extract(torch.randn(1, 1, 16, 16), blocks=(0,), tokens=("q",))
+    finally:
+        handle.remove()
+    assert calls == [] and set(out) == {"q"}
+    x = torch.randn(1, 1, 16, 16)
+    torch.testing.assert_close(bb.extract(x.double(), tokens=("q",))["q"], bb.extract(x, tokens=("q",))["q"])
+    from test_taps_timm_families import beit
+    from test_taps_timm_families import wrap as wrap_timm
+
+    b = beit("beit")
+    wrap_timm(b).extract(torch.randn(1, 1, 16, 16), tokens=("q", "k", "v"))
+    for module in b.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_a_nan_tap_names_the_model() -> None:
+    model = tiny_timm()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
+    with pytest.raises(FeatureError, match=r"^timm:tiny-test: tap 'q' contains NaN/Inf"):
+        wrap(model).extract(torch.randn(1, 1, 16, 16), blocks=(0,), tokens=("q",))
+
+
+def test_select_positions_messages_and_the_last_prefix_boundary() -> None:
+    from qkvprobe.taps import select_positions
+
+    with pytest.raises(
+        FeatureError, match=r"^select_positions expects a \[B, T, D\] tensor, got shape \(\)$"
+    ):
+        select_positions([1, 2], ("cls",), 1, True)
+    with pytest.raises(
+        FeatureError, match=r"^select_positions expects a \[B, T, D\] tensor, got shape \(2, 3\)$"
+    ):
+        select_positions(np.zeros((2, 3)), ("cls",), 1, True)
+    with pytest.raises(
+        FeatureError,
+        match=r"^tap has 5 tokens but 5 prefix tokens: no patch tokens are left; check num_prefix_tokens$",
+    ):
+        select_positions(np.zeros((2, 5, 3)), ("avg",), 5, True)
+    with pytest.raises(FeatureError, match=r"^unknown position 'mean'; choose from cls, avg, patch$"):
+        select_positions(np.zeros((2, 5, 3)), ("mean",), 1, True)
+    with pytest.raises(
+        FeatureError,
+        match=r"^position 'cls' asked from a model without a class token; use 'avg' \(mean of patch tokens\) or "
+        r"'patch' instead$",
+    ):
+        select_positions(np.zeros((2, 5, 3)), ("cls",), 0, False)
+
+
+def test_image_errors_without_shape_or_input_size() -> None:
+    bb = wrap(tiny_timm())
+    with pytest.raises(DataError, match=r"got list of shape \(\)$"):
+        bb.extract([[1.0]])  # type: ignore[arg-type]
+    bb.data_config = {k: v for k, v in bb.data_config.items() if k != "input_size"}
+    with pytest.raises(DataError, match=r"data_config \(input_size \(\)\)$"):
+        bb.extract(torch.randn(1, 3, 16, 16))
