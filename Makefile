@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-slow test-gpu lint bench clean
+.PHONY: venv run test test-slow test-gpu lint bench mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,9 +37,20 @@ lint: $(STAMP)
 	# The import graph: no cycle, every import down the README's layers (tests/test_layers.py).
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
+# Mutation score of one science-core module (docs/testing.md); long, not in CI. MODULE is a path under
+# src/qkvprobe (a file or a folder). Two workers (a 2-core machine), niced; each mutant runs only the tests that
+# reach its function. Results: `$(BIN)/mutmut results`, `$(BIN)/mutmut show NAME`.
+MODULE ?= protocols/metrics.py
+MUTANTS = qkvprobe.$(subst /,.,$(patsubst %/,%,$(MODULE:.py=))).*
+mutation: $(STAMP)
+	# mutants/src must exist when Python starts, or its import cache skips that PYTHONPATH entry for good.
+	mkdir -p mutants/src
+	PYTHONPATH=$(CURDIR)/mutants/src nice -n 10 $(BIN)/mutmut run --max-children 2 "$(MUTANTS)"
+	$(BIN)/mutmut results | grep -F "$(subst *,,$(MUTANTS))" || true
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_extract.py
 	$(BIN)/python benchmarks/bench_rules.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .mypy_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .mypy_cache mutants

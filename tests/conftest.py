@@ -37,8 +37,11 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_vit() -> torch.nn.Module:
-    """A 2-block timm ViT (patch 4, 28 px, dynamic image size), random weights, eval mode."""
+    """A 2-block timm ViT (patch 4, 28 px, dynamic image size), every parameter random (``randomize_``), eval
+    mode."""
     import timm
+
+    from randomize import randomize_
 
     torch.manual_seed(0)
     model = timm.create_model(
@@ -53,7 +56,7 @@ def tiny_vit() -> torch.nn.Module:
         num_classes=0,
         dynamic_img_size=True,
     )
-    return model.eval()
+    return randomize_(model, seed=0).eval()
 
 
 def write_tiny_builtin(

@@ -26,6 +26,8 @@ from qkvprobe.backbones import list_models
 from qkvprobe.backbones.specs import objective_of
 from qkvprobe.errors import ModelError, SpecError, WeightsError
 from qkvprobe.vocab import objective_family
+from randomize import randomize_
+from test_backbones_hf_families import check_hf_projections
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4)
 HF_MODELS = {
@@ -39,18 +41,6 @@ HF_MODELS = {
 }
 
 
-def sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    """Large random weights: near-uniform attention from the default init would hide scaling/order bugs."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("weight") and param.ndim == 2:
-                param.normal_(0.0, 0.4)
-            elif name.endswith("bias") or "token" in name or "position" in name:
-                param.normal_(0.0, 0.1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each tiny HF model saved with save_pretrained, as a user's local directory would be."""
@@ -58,7 +48,7 @@ def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for name, (cls, make_config) in HF_MODELS.items():
         torch.manual_seed(0)
-        model = sharpen(cls(make_config()))
+        model = randomize_(cls(make_config()), seed=1)
         model.save_pretrained(root / name)
         out[name] = root / name
     return out
@@ -106,6 +96,13 @@ def test_hf_ffn_norm_is_last_hidden_state(hf_dirs, name: str) -> None:
         ref = bb.model(pixel_values=x, output_hidden_states=True, **kwargs)
     torch.testing.assert_close(out[(-1, "ffn_norm")], ref.last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(out[(0, "ffn")], ref.hidden_states[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_hf_qkv_taps_equal_projections_of_the_layer_input(hf_dirs, name: str) -> None:
+    """ViT, ViT-MAE, DINOv2 (with registers): q, k, v directly equal the projections of the normalised layer
+    input with the layer's own random weights and biases (tests/test_backbones_hf_families.py)."""
+    check_hf_projections(load_backbone(f"hf:{hf_dirs[name]}"), 20)
 
 
 def test_hf_prefix_tokens(hf_dirs) -> None:
@@ -297,6 +294,7 @@ def test_timm_data_config_and_attributes(tmp_path: Path) -> None:
     model = timm.create_model(
         "vit_small_patch16_224.dino", pretrained=False, depth=1, num_classes=0, dynamic_img_size=True
     )
+    randomize_(model, seed=0)
     bb = TimmBackbone(model, spec="timm:vit_small_patch16_224.dino", objective="dino", device="cpu")
     assert bb.data_config["input_size"] == (3, 224, 224)
     assert bb.data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))

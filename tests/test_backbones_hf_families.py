@@ -29,6 +29,7 @@ from transformers import (
 from qkvprobe import load_backbone
 from qkvprobe.errors import ConfigError, FeatureError, ModelError
 from qkvprobe.taps import select_positions
+from randomize import randomize_
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4)
 #: name → (model class, config factory, constructor kwargs, (prefix tokens, registers, class token), objective)
@@ -84,18 +85,6 @@ FAMILIES = {
 FIXED = {"aimv2"}
 
 
-def sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    """Large random weights: near-uniform attention from the default init would hide scaling/order bugs."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("weight") and param.ndim == 2:
-                param.normal_(0.0, 0.4)
-            elif name.endswith("bias") or "token" in name or "position" in name or "lambda" in name:
-                param.normal_(0.0, 0.3)
-    return model
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each tiny model saved with save_pretrained, as a user's local directory would be."""
@@ -103,7 +92,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for name, (cls, make_config, kwargs, _, _) in FAMILIES.items():
         torch.manual_seed(0)
-        sharpen(cls(make_config(), **kwargs)).save_pretrained(root / name)
+        randomize_(cls(make_config(), **kwargs), seed=1).save_pretrained(root / name)
         out[name] = root / name
     return out
 
@@ -190,6 +179,56 @@ def test_hf_family_attention_rebuilt(dirs, name: str, impl: str) -> None:
             assert (wrong - received["out"]).abs().max() > 1e-2
             n = bb.num_prefix_tokens
             torch.testing.assert_close(out["k_rope"][:, :n], out["k"][:, :n], atol=0, rtol=0)
+
+
+def _find(module: torch.nn.Module, paths: tuple[str, ...]) -> torch.nn.Module:
+    for path in paths:
+        found: torch.nn.Module | None = module
+        for part in path.split("."):
+            found = getattr(found, part, None)
+        if found is not None:
+            return found
+    raise AssertionError(f"none of {paths} in {type(module).__name__}")
+
+
+def hf_projections(layer: torch.nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """q, k, v [B, T, D] of a Hugging Face layer recomputed from its input ``hidden``: the pre-attention norm,
+    then ``F.linear`` with each projection's own weight and bias (None where the model has none, e.g. BEiT's
+    key) — written out on the parameters, never through the modules the taps hook."""
+    norm = _find(layer, ("norm1", "layernorm_before", "rms_norm1"))
+    y = norm(hidden)
+    out = {}
+    for kind, names in (("q", ("q_proj", "query")), ("k", ("k_proj", "key")), ("v", ("v_proj", "value"))):
+        proj = _find(layer, tuple(f"{p}.{n}" for p in ("attention", "attention.attention") for n in names))
+        out[kind] = torch.nn.functional.linear(y, proj.weight, proj.bias)
+    return out
+
+
+def check_hf_projections(bb, width: int) -> None:
+    """Each of q, k, v equals :func:`hf_projections` of the layer's input, blocks 0 and -1 (atol 1e-5: float32,
+    values of order 1-10)."""
+    x = torch.randn(2, 3, 16, width)
+    seen: dict[str, torch.Tensor] = {}
+    for block in (0, -1):
+        layer = bb.layers[block]
+        handle = layer.register_forward_pre_hook(
+            lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True
+        )
+        try:
+            out = bb.extract(x, blocks=(block,), tokens=("q", "k", "v"))
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            ref = hf_projections(layer, seen["h"])
+        for kind in ("q", "k", "v"):
+            torch.testing.assert_close(out[kind], ref[kind], atol=1e-5, rtol=0, msg=kind)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_hf_family_qkv_taps_equal_projections_of_the_layer_input(dirs, name: str) -> None:
+    """Directly, not only through the rebuilt attention (where a vector added to every key is invisible): q, k, v
+    are the projections of the normalised layer input with the layer's own (random) weights and biases."""
+    check_hf_projections(load_backbone(f"hf:{dirs[name]}"), 16 if name in FIXED else 20)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -97,7 +97,7 @@ def test_standard_classification_on_real_stores_matches_sklearn(cls_stores) -> N
     with threadpool_limits(1):
         sk = LogisticRegression(C=hyp.C, tol=1e-8, max_iter=5000).fit(Xtr, ytr)
     assert abs(hyp.value - sk.score(Xte, yte)) <= 0.003  # ±0.3 points = 3 of the 1000 test images
-    assert hyp.value > 0.3  # random-init ViT features still carry the pixels: far above chance (0.1)
+    assert hyp.value > 0.2  # random ViT features (randomize_) still carry the pixels: far above chance (0.1)
     cos = next(r for r in rows.rows if r.token == "ffn" and r.rule == "cosine")
     assert cos.value == pytest.approx(CosineRule().fit(Xtr, ytr).score(Xte, yte), abs=1e-12)
 

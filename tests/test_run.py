@@ -24,6 +24,7 @@ from qkvprobe.errors import ConfigError
 from qkvprobe.results import read_results
 from qkvprobe.rundir import RunDir, slug
 from qkvprobe.study.sides import fitted_direction_cosines
+from randomize import randomize_
 from test_report import _Collector as _Html
 
 TOKENS = ["q", "ffn"]
@@ -45,7 +46,7 @@ def _make_builtin(directory: Path, name: str, objective: str, seed: int) -> None
         "dynamic_img_size": True,
     }
     torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    model = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs), seed)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     path = directory / f"{name}.safetensors"
     save_file(state, str(path))

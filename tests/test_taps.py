@@ -11,6 +11,7 @@ import torch
 from qkvprobe.backbones.timm_backbone import TimmBackbone
 from qkvprobe.errors import DataError, FeatureError, ModelError, QkvprobeError
 from qkvprobe.taps import select_positions
+from randomize import randomize_
 
 ATOL = 1e-4  # float32 on CPU, outputs of order 1: fused SDPA vs explicit softmax differ by ~1e-6
 
@@ -29,20 +30,7 @@ def tiny_timm(**kwargs) -> torch.nn.Module:
         dynamic_img_size=True,
     )
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**base, **kwargs}).eval()
-    return sharpen(model)
-
-
-def sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    """Re-draw weights large (timm's init gives near-uniform attention, which hides scaling/ordering bugs)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("weight") and param.ndim == 2:
-                param.normal_(0.0, 0.4)
-            elif "norm" in name and name.endswith("weight"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-    return model
+    return randomize_(model, seed=0)
 
 
 def wrap(model: torch.nn.Module) -> TimmBackbone:

@@ -14,6 +14,7 @@ import torch
 from qkvprobe.backbones.timm_backbone import TimmBackbone, _create
 from qkvprobe.errors import DataError, FeatureError
 from qkvprobe.taps import select_positions
+from randomize import randomize_
 
 ATOL = 1e-4  # float32 on CPU, outputs of order 1-10: fused SDPA vs a float64 softmax differ by ~1e-5
 BASE = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=4, num_classes=0)
@@ -39,24 +40,10 @@ BEIT = {
 }
 
 
-def sharpen(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Large random weights (timm's init gives near-uniform attention and zero q/v biases, which hide bugs)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("weight") and param.ndim == 2:
-                param.normal_(0.0, 0.4)
-            elif "norm" in name and name.endswith("weight"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith(("bias", "gamma_1", "gamma_2", "token", "relative_position_bias_table")):
-                param.normal_(0.0, 0.3)
-    return model
-
-
 def eva(variant: str, **extra) -> torch.nn.Module:
     name, kwargs, _, _ = EVA[variant]
     torch.manual_seed(0)
-    return sharpen(
+    return randomize_(
         timm.create_model(name, pretrained=False, dynamic_img_size=True, **BASE, **kwargs, **extra)
     ).eval()
 
@@ -64,7 +51,7 @@ def eva(variant: str, **extra) -> torch.nn.Module:
 def beit(variant: str) -> torch.nn.Module:
     name, kwargs = BEIT[variant]
     torch.manual_seed(0)
-    return sharpen(timm.create_model(name, pretrained=False, **BASE, **kwargs)).eval()
+    return randomize_(timm.create_model(name, pretrained=False, **BASE, **kwargs)).eval()
 
 
 def wrap(model: torch.nn.Module) -> TimmBackbone:
@@ -133,6 +120,82 @@ def test_eva_q_is_projection_after_qk_norm_before_rotary() -> None:
     torch.testing.assert_close(out["q"], attn.q_norm(q).flatten(2), atol=1e-6, rtol=0)
     torch.testing.assert_close(out["k"], attn.k_norm(k).flatten(2), atol=1e-6, rtol=0)
     torch.testing.assert_close(out["v"], v.flatten(2), atol=1e-6, rtol=0)
+
+
+#: timm VisionTransformer variants for the direct projection check (test_taps.py checks them through attention).
+VIT = {
+    "vit": ("vit_tiny_patch16_224", {"dynamic_img_size": True}),
+    "vit_qk_norm_registers": (
+        "vit_tiny_patch16_224",
+        {"dynamic_img_size": True, "qk_norm": True, "reg_tokens": 2, "init_values": 0.5},
+    ),
+}
+PROJECTION_ATOL = 1e-5  # float32: one third of a fused product vs the product alone, values of order 1-10
+
+
+def timm_model(family: str, variant: str) -> torch.nn.Module:
+    if family == "eva":
+        return eva(variant)
+    if family == "beit":
+        return beit(variant)
+    name, kwargs = VIT[variant]
+    torch.manual_seed(0)
+    return randomize_(timm.create_model(name, pretrained=False, **BASE, **kwargs), seed=0).eval()
+
+
+def projections(attn: torch.nn.Module, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """q, k, v [B, T, D] recomputed from the normalised block input ``y`` with the attention's own parameters,
+    as the architecture defines them: one fused weight and either its bias or BEiT's ``cat(q_bias, k_bias,
+    v_bias)`` (``k_bias`` a zero buffer: BEiT has no key bias), or separate projections; then the per-head q/k
+    norm where the model has one. Written out with ``F.linear`` on the weights, never through the modules the
+    taps hook."""
+    F = torch.nn.functional
+    if getattr(attn, "qkv", None) is not None:
+        width = attn.qkv.weight.shape[0] // 3
+        weights = attn.qkv.weight.split(width)
+        if getattr(attn, "q_bias", None) is not None:
+            biases = (attn.q_bias, attn.k_bias, attn.v_bias)
+            assert not attn.k_bias.any() and attn.q_bias.abs().min() > 0 and attn.v_bias.abs().min() > 0
+        elif attn.qkv.bias is not None:
+            biases = attn.qkv.bias.split(width)
+        else:
+            biases = (None, None, None)
+    else:
+        mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+        weights, biases = tuple(m.weight for m in mods), tuple(m.bias for m in mods)
+    q, k, v = (F.linear(y, w, b) for w, b in zip(weights, biases, strict=True))
+    heads = attn.num_heads
+    out = {"v": v}
+    for name, x, norm in (("q", q, getattr(attn, "q_norm", None)), ("k", k, getattr(attn, "k_norm", None))):
+        xh = x.unflatten(-1, (heads, -1))
+        out[name] = (xh if norm is None else norm(xh)).flatten(2)
+    return out
+
+
+CASES = [("vit", v) for v in VIT] + [("eva", v) for v in EVA] + [("beit", v) for v in BEIT]
+
+
+@pytest.mark.parametrize(("family", "variant"), CASES, ids=[f"{f}-{v}" for f, v in CASES])
+def test_qkv_taps_equal_projections_of_the_block_input(family: str, variant: str) -> None:
+    """Each of q, k, v directly (not only through the rebuilt attention output, where a vector added to every key
+    shifts each query's logits by a constant the softmax ignores): the projection of ``norm1(block input)`` with
+    the block's own weights and biases, per-head q/k norm applied. Every parameter is random (``randomize_``), so
+    a swapped or missing bias — q's bias on k, v's on q — shows."""
+    model = timm_model(family, variant)
+    bb = wrap(model)
+    x = torch.randn(2, 1, 16, 16)
+    seen: dict[str, torch.Tensor] = {}
+    for block in (0, 1):
+        handle = model.blocks[block].register_forward_pre_hook(lambda m, a: seen.update(h=a[0]))
+        try:
+            out = bb.extract(x, blocks=(block,), tokens=("q", "k", "v"))
+        finally:
+            handle.remove()
+        blk = model.blocks[block]
+        with torch.no_grad():
+            ref = projections(blk.attn, blk.norm1(seen["h"]))
+        for kind in ("q", "k", "v"):
+            torch.testing.assert_close(out[kind], ref[kind], atol=PROJECTION_ATOL, rtol=0, msg=kind)
 
 
 @pytest.mark.parametrize("variant", list(EVA))
@@ -236,7 +299,7 @@ def test_rotary_tokens_only_where_rotary() -> None:
 def test_aimv2_is_a_vision_transformer_without_class_token() -> None:
     """timm AIMv2 (VisionTransformer: RMSNorm, SwiGLU, no class token): taps as any timm ViT, cls refused."""
     torch.manual_seed(0)
-    model = sharpen(
+    model = randomize_(
         timm.create_model("aimv2_large_patch14_224", pretrained=False, dynamic_img_size=True, **BASE)
     )
     bb = wrap(model)

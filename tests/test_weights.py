@@ -16,6 +16,7 @@ import qkvprobe.backbones as backbones
 from qkvprobe import load_backbone
 from qkvprobe.backbones.weights import load_weights, state_dict_digest
 from qkvprobe.errors import WeightsError
+from randomize import randomize_
 
 KWARGS = dict(
     img_size=16,
@@ -31,8 +32,7 @@ X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def tiny(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **KWARGS).eval()
+    return randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, **KWARGS), seed).eval()
 
 
 def write_card(directory: Path, name: str, state: dict[str, torch.Tensor], **extra) -> Path:
@@ -157,13 +157,15 @@ def test_mae_and_ddp_containers(tmp_path: Path) -> None:
 def test_timm_spec_with_weights(tmp_path: Path) -> None:
     """``timm:<arch>`` + a DINO-style teacher checkpoint of that architecture (no network)."""
     torch.manual_seed(0)
-    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1).eval()
+    source = randomize_(
+        timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1), 0
+    ).eval()
     path = tmp_path / "dino_teacher.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, path)
     # a 12-block architecture vs a 1-block file
     with pytest.raises(WeightsError, match=r"132 missing \(blocks\.1\.attn"):
         load_backbone("timm:vit_tiny_patch16_224", weights=path)
-    full = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
+    full = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0), 1).eval()
     torch.save({"teacher": {f"backbone.{k}": v for k, v in full.state_dict().items()}}, path)
     bb = load_backbone("timm:vit_tiny_patch16_224", weights=path)
     assert "teacher" in bb.weights_info and bb.weights_digest == state_dict_digest(full.state_dict())
@@ -184,7 +186,7 @@ def test_hf_weights_with_prefix(tmp_path: Path) -> None:
     )
     ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "arch")
     torch.manual_seed(1)
-    source = ViTModel(config, add_pooling_layer=False).eval()
+    source = randomize_(ViTModel(config, add_pooling_layer=False), 1).eval()
     state = {f"vit.{k}": v for k, v in source.state_dict().items()}
     state["classifier.weight"] = torch.zeros(10, 32)
     save_file(state, str(tmp_path / "cls.safetensors"))

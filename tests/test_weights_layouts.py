@@ -16,26 +16,15 @@ from qkvprobe import load_backbone
 from qkvprobe.backbones.timm_backbone import TimmBackbone, _filter_fn
 from qkvprobe.backbones.weights import load_weights
 from qkvprobe.errors import WeightsError
+from randomize import randomize_
 
 BASE = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=4, num_classes=0)
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-def sharpen(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights far from the init (zero biases / unit norms would let a missed key go unnoticed)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 and name.endswith("weight"):
-                param.normal_(0.0, 0.3)
-            else:
-                param.normal_(0.5 if name.endswith(("norm.weight", "ffn_ln.weight")) else 0.0, 0.2)
-    return model.eval()
-
-
 def timm_model(name: str, seed: int, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return sharpen(timm.create_model(name, pretrained=False, **BASE, **kwargs), seed)
+    return randomize_(timm.create_model(name, pretrained=False, **BASE, **kwargs), seed).eval()
 
 
 def load_into(target: torch.nn.Module, path: Path) -> tuple[TimmBackbone, str]:
@@ -210,7 +199,7 @@ def test_hf_beit_mim_layout(tmp_path: Path) -> None:
     )
     BeitModel(config).save_pretrained(tmp_path / "arch")
     torch.manual_seed(9)
-    source = sharpen(BeitForMaskedImageModeling(config), 9)
+    source = randomize_(BeitForMaskedImageModeling(config), 9).eval()
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "mim.safetensors"))
     bb = load_backbone(f"hf:{tmp_path / 'arch'}", weights=tmp_path / "mim.safetensors")
     assert "pooling norm 'pooler.layernorm.'" in bb.weights_info
@@ -239,7 +228,7 @@ def test_dinov3_official_file_into_eva02_reports_keys(tmp_path: Path) -> None:
 
 
 def test_weights_source_of_a_file_spec(tmp_path: Path) -> None:
-    source = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0)
+    source = randomize_(timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0), 0)
     path = tmp_path / "ckpt.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     bb = load_backbone("timm:eva02_tiny_patch14_224", weights=path)
@@ -256,7 +245,7 @@ def test_weights_source_of_timm_hub_and_builtin(monkeypatch: pytest.MonkeyPatch,
 
     def cached(name, **kwargs):  # what a download from the hub cache returns, without the download
         kwargs["pretrained"] = False
-        return real(name, **kwargs)
+        return randomize_(real(name, **kwargs), 0)
 
     monkeypatch.setattr(timm, "create_model", cached)
     assert (
@@ -268,15 +257,18 @@ def test_weights_source_of_timm_hub_and_builtin(monkeypatch: pytest.MonkeyPatch,
         load_backbone("timm:vit_tiny_patch16_224").weights_source
         == f"timm hub: vit_tiny_patch16_224.{default_tag}"
     )
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=28,
-        patch_size=4,
-        in_chans=1,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=0,
+    model = randomize_(
+        timm.create_model(
+            "vit_tiny_patch16_224",
+            img_size=28,
+            patch_size=4,
+            in_chans=1,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            num_classes=0,
+        ),
+        0,
     )
     monkeypatch.setattr(backbones, "builtin_dir", lambda: write_tiny_builtin(model, tmp_path))
     assert load_backbone("builtin:tiny").weights_source == "builtin: tiny.safetensors"
@@ -324,7 +316,7 @@ def test_objective_of_a_bare_architecture_from_its_weights(name, weights, note, 
 
 
 def test_moco_file_into_a_timm_architecture_is_labelled_dino(tmp_path: Path) -> None:
-    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    base = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0), 0)
     state = {f"module.base_encoder.{k}": v for k, v in base.state_dict().items()}
     state.update({f"module.momentum_encoder.{k}": v for k, v in base.state_dict().items()})
     torch.save({"state_dict": state}, tmp_path / "vit-t-300ep.pth.tar")

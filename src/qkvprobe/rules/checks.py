@@ -84,7 +84,7 @@ def _validate_tensor(estimator: Any, X: torch.Tensor, *, reset: bool) -> torch.T
             f"X has {X.shape[1]} features, but {type(estimator).__name__} is expecting "
             f"{estimator.n_features_in_} features as input; use features of the same token/block/model as in fit"
         )
-    return X
+    return X.detach()  # features straight from a model: the rules never differentiate through them
 
 
 def validate_labels(estimator: Any, y: Any, num_samples: int) -> tuple[np.ndarray, np.ndarray]:

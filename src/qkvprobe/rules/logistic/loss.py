@@ -171,7 +171,14 @@ def _plogp(p: Tensor, logp: Tensor) -> Tensor:
 
 
 def dual_sums(
-    X: Tensor, y: Tensor, weights: Tensor, W: Tensor, num_classes: int, gbar: Tensor, mass: Tensor
+    X: Tensor,
+    y: Tensor,
+    weights: Tensor,
+    W: Tensor,
+    num_classes: int,
+    gbar: Tensor,
+    mass: Tensor,
+    total: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Row sums of the primal loss and of the dual objective at a dual-feasible point built from the residuals.
 
@@ -187,7 +194,9 @@ def dual_sums(
 
     Args: ``X [G, n, D1]`` (intercept column last), ``y [G, n]``, ``weights [G, n]``, ``W [G·R, D1, Kf]`` (R
     problems per X, as :func:`logistic_sums`), ``gbar [G·R, Kf]`` the intercept rows of the data term's gradient,
-    ``mass [G·R, Kf]`` each class's predicted weight ``Σ_i w_i π_ik`` (``gbar`` + the class shares).
+    ``mass [G·R, Kf]`` each class's predicted weight ``Σ_i w_i π_ik`` (``gbar`` + the class shares), ``total
+    [G]`` the row weight of each whole problem (default: of these rows; a caller that passes the rows in blocks
+    or chunks must pass it, since the binary point moves a share of it, like ``gbar`` and ``mass``).
     Returns (``Σ_i w_i·logloss_i [G·R]``, ``Σ_i w_i·H(π_i) [G·R]``, ``Σ_i w_i x_i u_iᵀ [G·R, D1 − 1, Kf]``); sums
     over rows, so chunks add up.
     """
@@ -201,7 +210,7 @@ def dual_sums(
         loss = torch.nn.functional.softplus((1 - 2 * t) * z1)
         logp, logq = -torch.nn.functional.softplus(-z1), -torch.nn.functional.softplus(z1)
         g1, m1 = gb[..., 0], ms[..., 0]
-        total = weights.sum(1)[:, None, None]
+        total = (weights.sum(1) if total is None else total)[:, None, None]  # of the whole problem
         # Surplus on class 1: its probability is scaled down and the rest goes to class 0; deficit: the reverse.
         down = (g1.clamp_min(0) / m1.clamp_min(tiny)).clamp(max=1.0)
         up = ((-g1).clamp_min(0) / (total - m1).clamp_min(tiny)).clamp(max=1.0)
@@ -243,10 +252,18 @@ def dual_sums_blocked(
     rows = max(64, CPU_BLOCK_BYTES // max(1, G * D1 * X.element_size()))
     if X.device.type != "cpu" or n <= 2 * rows:
         return dual_sums(X, y, weights, W, num_classes, gbar, mass)
-    L, H, V = dual_sums(X[:, :rows], y[:, :rows], weights[:, :rows], W, num_classes, gbar, mass)
+    total = weights.sum(1)  # every block's dual point moves shares of the whole problem's weight
+    L, H, V = dual_sums(X[:, :rows], y[:, :rows], weights[:, :rows], W, num_classes, gbar, mass, total)
     for a in range(rows, n, rows):
         Lb, Hb, Vb = dual_sums(
-            X[:, a : a + rows], y[:, a : a + rows], weights[:, a : a + rows], W, num_classes, gbar, mass
+            X[:, a : a + rows],
+            y[:, a : a + rows],
+            weights[:, a : a + rows],
+            W,
+            num_classes,
+            gbar,
+            mass,
+            total,
         )
         L += Lb
         H += Hb

@@ -134,12 +134,16 @@ class StreamedLogistic:
         R = w.shape[0]
         W, gbar = w.view(R, -1, self.kf), g.view(R, -1, self.kf)[:, -1]
         mass = gbar + self._shares(w)
+        # the row weight of all chunks (each chunk's dual point moves shares of it, not of its own rows')
+        assert self.class_counts is not None  # counted by _shares
+        per_class = self.class_counts.to(w) * (self.inv_n if self.row_w is None else self.row_w.to(w))
+        total = per_class.sum().reshape(1)
         L = torch.zeros(R, dtype=w.dtype, device=w.device)
         H = torch.zeros_like(L)
         V = torch.zeros(R, W.shape[1] - 1, self.kf, dtype=w.dtype, device=w.device)
         for X, y in self.chunks():
             rw = self._row_weights(X, y)
-            Lc, Hc, Vc = dual_sums(X[None], y[None], rw[None], W, self.num_classes, gbar, mass)
+            Lc, Hc, Vc = dual_sums(X[None], y[None], rw[None], W, self.num_classes, gbar, mass, total)
             L, H, V = L + Lc, H + Hc, V + Vc
         return duality_gap(W, L, H, V, self.reg)
 
