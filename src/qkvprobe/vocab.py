@@ -1,4 +1,5 @@
-"""Names shared by every stage: token types, positions, rules, tasks, settings and metrics (docs/science.md §2)."""
+"""Names shared by every stage: token types, positions, tasks, settings and metrics (docs/science.md §2). The rules
+are the rule table's (``qkvprobe.tables``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ Token = Literal["q", "k", "v", "ffn", "ffn_norm"]
 #: A token type extraction knows: ``Token`` or a rotary one (``ROPE_TOKENS``).
 ExtractToken = Literal["q", "k", "v", "ffn", "ffn_norm", "q_rope", "k_rope"]
 Position = Literal["cls", "avg", "patch"]
-RuleName = Literal["hyperplane", "cosine"]
 Task = Literal["classification", "segmentation"]
 Setting = Literal["standard", "fewshot"]
 Metric = Literal["accuracy", "miou", "fb_iou", "pixel_accuracy"]
@@ -24,7 +24,6 @@ ROPE_TOKENS: tuple[str, ...] = ("q_rope", "k_rope")
 #: Every token type ``Backbone.extract`` knows: ``TOKENS`` plus ``ROPE_TOKENS``.
 EXTRACT_TOKENS: tuple[str, ...] = TOKENS + ROPE_TOKENS
 POSITIONS: tuple[str, ...] = ("cls", "avg", "patch")
-RULES: tuple[str, ...] = ("hyperplane", "cosine")
 TASKS: tuple[str, ...] = ("classification", "segmentation")
 SETTINGS: tuple[str, ...] = ("standard", "fewshot")
 METRICS: tuple[str, ...] = ("accuracy", "miou", "fb_iou", "pixel_accuracy")
