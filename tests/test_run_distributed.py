@@ -168,8 +168,11 @@ def test_killed_rank_resumes_to_the_same_results(
 
 
 def test_failing_rank_stops_the_run_with_one_line(tmp_path: Path, builtin_models: Path) -> None:  # noqa: F811
+    # 30 training images (3 a class): the standard C sweep's held-out split cannot hold all 10 classes, a
+    # failure no check before the units can foresee
     data = tiny_study(tmp_path, report={"enabled": False})
-    data["fewshot"] = {**data["fewshot"], "shots": [1, 60]}  # 15 images per class: no 60-shot episode
+    data["datasets"] = [{"spec": "fashion-mnist?source=bundled", "train_size": 30, "test_size": 60}]
+    data["fewshot"] = {**data["fewshot"], "shots": [1]}
     config = write_config(tmp_path, data)
     run = torchrun(tmp_path, builtin_models, [str(config), "--out", "run", "--quiet"])
     assert run.returncode != 0
@@ -177,12 +180,30 @@ def test_failing_rank_stops_the_run_with_one_line(tmp_path: Path, builtin_models
     assert len(errors) == 1, run.stderr[-3000:]
     assert (
         errors[0].startswith("qkvprobe: error: rank ")
-        and "· 60-shot: 3-way episodes need 3 classes" in errors[0]
+        and "· standard: the stratified 10% held-out" in errors[0]
     )
     assert errors[0].endswith("run the same command again to resume")
     failed = json.loads(RunDir(tmp_path / "run").failed.read_text())
-    assert f"rank {failed['rank']} failed in" in errors[0] and '"shots":60' in failed["unit"]
+    assert f"rank {failed['rank']} failed in" in errors[0] and '"setting":"standard"' in failed["unit"]
     assert "Which token" not in run.stdout  # no answer table from a failed run
+
+
+def test_an_impossible_setting_stops_every_rank_before_extraction_with_one_line(
+    tmp_path: Path,
+    builtin_models: Path,  # noqa: F811
+) -> None:
+    data = tiny_study(tmp_path, report={"enabled": False})
+    data["fewshot"] = {**data["fewshot"], "shots": [1, 60]}  # 15 images per class: no 60-shot episode
+    config = write_config(tmp_path, data)
+    run = torchrun(tmp_path, builtin_models, [str(config), "--out", "run", "--quiet"])
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("qkvprobe: error:")]
+    assert len(errors) == 1, run.stderr[-3000:]
+    assert errors[0].startswith(
+        "qkvprobe: error: rank 0: datasets.0 (fashion-mnist?source=bundled), few-shot"
+    )
+    assert "3-way 60-shot: 3-way episodes need 3 classes" in errors[0]
+    assert not RunDir(tmp_path / "run").failed.exists() and not (tmp_path / "cache").exists()
 
 
 # ---- the parts that need no process group ---------------------------------------------------------------------

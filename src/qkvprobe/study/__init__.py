@@ -251,7 +251,12 @@ class _Study:
 
     def run(self) -> None:
         t0 = time.perf_counter()
-        self.preflight()
+        try:
+            self.preflight()
+        except ConfigError:
+            if self.is_main:  # every rank finds the same: rank 0 says it, the others stop quietly
+                raise
+            raise Stopped() from None
         self.save_info()
         pending: list[Unit] = []
         for mi, m in enumerate(self.cfg.models):
