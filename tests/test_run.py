@@ -447,3 +447,29 @@ def test_a_study_refuses_an_impossible_fewshot_setting_before_extracting(
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing extracted
     data["fewshot"]["C"] = 1.0  # a fixed C needs no validation episodes: the same study runs
     assert run_study(validate_config(data), fresh=True, progress=False).rows
+
+
+def test_a_study_counts_its_units_and_names_the_largest_first(tmp_path: Path, patched_builtins: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from qkvprobe.study import run_study
+
+    data = study_config(
+        tmp_path,
+        models=["builtin:tiny-dino"],
+        datasets=[{"spec": "fashion-mnist?source=bundled", "train_size": 150, "test_size": 60}],
+        rules=["cosine", "hyperplane"],
+        fewshot={"ways": 3, "shots": [1], "queries": 3, "episodes": 5},
+        block_sweep={"enabled": False},
+        report={"enabled": False},
+    )
+    buf = io.StringIO()
+    run_study(validate_config(data), progress=True, console=Console(file=buf, width=200))
+    lines = [line.split("] ", 1)[-1] for line in buf.getvalue().splitlines()]
+    largest = next(line for line in lines if " units of work; the largest by estimated cost: " in line)
+    assert largest.startswith("2 units of work") and "standard" in largest.split(": ", 1)[1].split(";")[0]
+    counted = [line for line in lines if line.startswith("unit ")]
+    assert [c.split(" (")[0] for c in counted] == ["unit 1/2", "unit 2/2"]
+    assert counted[0].startswith("unit 1/2 (0 % of the estimated work done): ")

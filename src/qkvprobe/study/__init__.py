@@ -433,11 +433,19 @@ class _Study:
         mine = [u for u in pending if ranks[u.uid] == self.rank]
         if self.world_size > 1:
             self.log(f"{len(mine)} of {len(pending)} units of work on this rank")
+        total = sum(u.cost for u in pending) or 1.0
+        if self.is_main and len(pending) > 1:  # where the time will go, before it goes
+            dearest = sorted(pending, key=lambda u: -u.cost)[:3]
+            shares = "; ".join(f"{u.label} {100 * u.cost / total:.0f} %" for u in dearest)
+            self.log(f"{len(pending)} units of work; the largest by estimated cost: {shares}")
+        done_cost = 0.0
         for k, u in enumerate(mine, 1):
             self.check_failed()
-            if self.world_size > 1:
-                self.log(f"unit {k}/{len(mine)}: {u.label}")
+            # the study-level counter: units and the estimated share of this rank's work done before this one
+            share = 100 * done_cost / (sum(v.cost for v in mine) or 1.0)
+            self.log(f"unit {k}/{len(mine)} ({share:.0f} % of the estimated work done): {u.label}")
             self.run_unit(u)
+            done_cost += u.cost
             sdist.kill_hook(self.rank, k)
             if self.is_main:
                 self.merge()
