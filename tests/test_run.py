@@ -473,3 +473,47 @@ def test_a_study_counts_its_units_and_names_the_largest_first(tmp_path: Path, pa
     counted = [line for line in lines if line.startswith("unit ")]
     assert [c.split(" (")[0] for c in counted] == ["unit 1/2", "unit 2/2"]
     assert counted[0].startswith("unit 1/2 (0 % of the estimated work done): ")
+
+
+def test_an_interrupted_setting_resumes_at_its_first_unfinished_unit(
+    tmp_path: Path, patched_builtins: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in the middle of one setting: the rerun replays the inner units (block × position × token) finished
+    before it and computes only the rest, to the bytes of an uninterrupted run."""
+    from qkvprobe.protocols import driver
+    from qkvprobe.study import run_study
+
+    data = study_config(
+        tmp_path,
+        models=["builtin:tiny-dino"],
+        datasets=[{"spec": "fashion-mnist?source=bundled", "train_size": 150, "test_size": 60}],
+        settings=["fewshot"],
+        rules=["cosine", "hyperplane"],
+        fewshot={"ways": 3, "shots": [1], "queries": 3, "episodes": 8},
+        block_sweep={"enabled": False},
+        report={"enabled": False},
+    )
+    real, calls = driver._fewshot_unit, []
+
+    def unit(*args: object) -> int:
+        calls.append(args[-2:])  # (position, token)
+        if len(calls) == 3 and stop:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(driver, "_fewshot_unit", unit)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        run_study(validate_config(data), progress=False)
+    assert len(calls) == 3  # 2 inner units finished, the 3rd interrupted
+    stop, first = False, list(calls[:2])
+    calls.clear()
+    resumed = run_study(validate_config(data), progress=False)
+    assert len(calls) == 2 and not set(calls) & set(
+        first
+    )  # only the 2 unfinished of the 4 (cls, avg) × (q, ffn)
+    assert not list(RunDir(resumed.run_dir).parts.glob("*.partial"))  # removed with the unit's record
+    data["name"] = "whole"
+    whole = run_study(validate_config(data), progress=False)
+    for name in ("results.csv", "paired.json"):
+        assert (resumed.run_dir / name).read_bytes() == (whole.run_dir / name).read_bytes()

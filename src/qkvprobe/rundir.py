@@ -171,6 +171,11 @@ class RunDir:
         """``parts/<stem of part_file(unit)>.fits.npz``: the class vectors one unit fitted."""
         return self.part_file(unit).with_suffix(".fits.npz")
 
+    def part_partial(self, unit: str) -> Path:
+        """``parts/<stem of part_file(unit)>.partial/``: the finished inner units of an unfinished unit
+        (``protocols.checkpoint``), removed once the unit's record is written."""
+        return self.part_file(unit).with_suffix(".partial")
+
     def part_files(self) -> list[Path]:
         """The unit records present (``failed.json`` and a killed write's temporaries left out), sorted."""
         if not self.parts.is_dir():

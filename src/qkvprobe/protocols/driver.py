@@ -25,6 +25,7 @@ from ..provenance import manifest_weights_source, store_label
 from ..spec import C_AUTO, EvalSpec, RuleOptions
 from ..tables import TASKS, TaskEntry, rule_entry
 from ..vocab import EXTRACT_TOKENS, split_head
+from .checkpoint import UnitCheckpoint
 from .evaluation import Evaluation, ProgressFn, Steps, UnitKey, row_maker, store_block
 from .fewshot_c import choose_C
 from .paired import paired_verdicts
@@ -286,6 +287,7 @@ def evaluate(
     train_masks: Callable[[int], np.ndarray] | None = None,
     episode_sampler: Any = None,
     exclude_classes: Sequence[int] = (),
+    checkpoint: UnitCheckpoint | None = None,
     **options: Any,
 ) -> Evaluation:
     """Evaluate every (block, position, token, rule) of a train and a test store → an :class:`Evaluation`: rows,
@@ -299,7 +301,9 @@ def evaluate(
     the stores' datasets). ``progress(label, done, total)`` is told of each unit. ``episode_sampler``: the task's
     episode sampler in place of ``qkvprobe.data.episodes``'s (tests; it takes ``leave_out`` and ``exclude``).
     ``exclude_classes``: class indices the few-shot episodes leave out besides those with too few images (a
-    study compares its models on one class set); both are named in the rows' ``left_out``."""
+    study compares its models on one class set); both are named in the rows' ``left_out``. ``checkpoint``: a
+    :class:`~qkvprobe.protocols.checkpoint.UnitCheckpoint` that keeps each finished unit, so an interrupted
+    evaluation resumes at its first unfinished one."""
     if spec is None:
         spec = EvalSpec.build(**options)
     elif options:
@@ -329,10 +333,10 @@ def evaluate(
     if spec.setting == "standard":
         per_block = len(plan.positions) if plan.task.name == "classification" else len(plan.tokens)
         step = Steps(progress, len(plan.blocks) * per_block * len(plan.rules))
-        adapter.standard(plan, out, step, make)
+        adapter.standard(plan, out, step, make, partial(_unit, checkpoint, out, step))
         step.finish()
     else:
-        _fewshot(plan, adapter, out, make, progress)
+        _fewshot(plan, adapter, out, make, progress, checkpoint)
     if paired:
         labels = test_store.labels() if plan.task.name == "classification" else None
         whole = [r for r in out.rows if split_head(r.token)[1] is None]  # the answer table ranks whole tokens
@@ -341,11 +345,36 @@ def evaluate(
     return out
 
 
+def _unit(
+    checkpoint: UnitCheckpoint | None,
+    out: Evaluation,
+    step: Steps,
+    key: str,
+    label: str,
+    compute: Callable[[], int],
+) -> None:
+    """Run one unit of an evaluation, or replay it from ``checkpoint`` (its progress steps told as done)."""
+    if checkpoint is None:
+        compute()
+        return
+
+    def replayed(steps: int) -> None:
+        for _ in range(steps):
+            step(f"{label} (done earlier)")
+
+    checkpoint.run(key, out, replayed, compute)
+
+
 def _fewshot(
-    plan: Plan, adapter: Any, out: Evaluation, make: Callable[..., Any], progress: ProgressFn | None
+    plan: Plan,
+    adapter: Any,
+    out: Evaluation,
+    make: Callable[..., Any],
+    progress: ProgressFn | None,
+    checkpoint: UnitCheckpoint | None = None,
 ) -> None:
     """The few-shot loop: per shots, the episodes (and, for ``C="auto"``, the validation episodes first), then
-    every unit on the same episodes."""
+    every unit — one block × position × token, its C choice and every rule — on the same episodes."""
     auto = plan.auto_C
     per_shot = len(plan.blocks) * len(plan.positions) * len(plan.tokens) * (len(plan.rules) + auto)
     step = Steps(progress, len(plan.shots) * per_shot)
@@ -361,41 +390,78 @@ def _fewshot(
         for b in plan.blocks:
             for position in plan.positions:
                 for token in plan.tokens:
-                    C_used = plan.spec.fixed_C()
-                    if auto:
-                        step(f"{head} · block {b} · {token}·{position} · choosing C")
-                        hyper = next(r for r in plan.rules if rule_entry(r.name).has_C)
-                        chosen = choose_C(
-                            partial(_validation_score, adapter, plan, hyper, val, token, position, b)
-                        )
-                        out.chosen_C[UnitKey(b, token, position, hyper.name, shots)] = chosen
-                        C_used = chosen.C
-                    for rule in plan.rules:
-                        step(f"{head} · block {b} · {token}·{position} · {rule.name}")
-                        res = adapter.fewshot_unit(plan, rule, ep, token, position, b, C_used)
-                        solved = rule_entry(rule.name).has_C
-                        params = plan.spec.rule_params(rule.name)
-                        common = dict(
-                            block=b,
-                            token=token,
-                            position=position,
-                            rule=rule.name,
-                            ways=1 if seg else plan.ways,
-                            shots=shots,
-                            episodes=len(res.per_episode),
-                            C=C_used if solved else math.nan,
-                            params=params,
-                            converged=(res.unconverged == 0) if solved else None,
-                            left_out=";".join(left_out),
-                        )
-                        out.rows.extend(adapter.fewshot_rows(res, common, make))
-                        key = UnitKey(b, token, position, rule.name, shots, params)
-                        out.per_episode[key] = res.per_episode
-                        if res.unconverged:
-                            out.unconverged.append(
-                                f"{key.label}: {res.unconverged} of {len(res.per_episode)} episodes"
-                            )
+                    label = f"{head} · block {b} · {token}·{position}"
+                    compute = partial(
+                        _fewshot_unit,
+                        plan,
+                        adapter,
+                        out,
+                        make,
+                        step,
+                        val,
+                        ep,
+                        left_out,
+                        shots,
+                        b,
+                        position,
+                        token,
+                    )
+                    _unit(checkpoint, out, step, f"fewshot|{shots}|{b}|{position}|{token}", label, compute)
     step.finish()
+
+
+def _fewshot_unit(
+    plan: Plan,
+    adapter: Any,
+    out: Evaluation,
+    make: Callable[..., Any],
+    step: Steps,
+    val: Any,
+    ep: Any,
+    left_out: list[str],
+    shots: int,
+    b: int,
+    position: str,
+    token: str,
+) -> int:
+    """One few-shot unit: the C choice (``C="auto"``) and every rule on one block × position × token → the number of
+    progress steps it took."""
+    seg = plan.task.name == "segmentation"
+    head = f"{shots}-shot" if seg else f"{plan.ways}-way {shots}-shot"
+    taken = 0
+    C_used = plan.spec.fixed_C()
+    if plan.auto_C:
+        step(f"{head} · block {b} · {token}·{position} · choosing C")
+        taken += 1
+        hyper = next(r for r in plan.rules if rule_entry(r.name).has_C)
+        chosen = choose_C(partial(_validation_score, adapter, plan, hyper, val, token, position, b))
+        out.chosen_C[UnitKey(b, token, position, hyper.name, shots)] = chosen
+        C_used = chosen.C
+    for rule in plan.rules:
+        step(f"{head} · block {b} · {token}·{position} · {rule.name}")
+        taken += 1
+        res = adapter.fewshot_unit(plan, rule, ep, token, position, b, C_used)
+        solved = rule_entry(rule.name).has_C
+        params = plan.spec.rule_params(rule.name)
+        common = dict(
+            block=b,
+            token=token,
+            position=position,
+            rule=rule.name,
+            ways=1 if seg else plan.ways,
+            shots=shots,
+            episodes=len(res.per_episode),
+            C=C_used if solved else math.nan,
+            params=params,
+            converged=(res.unconverged == 0) if solved else None,
+            left_out=";".join(left_out),
+        )
+        out.rows.extend(adapter.fewshot_rows(res, common, make))
+        key = UnitKey(b, token, position, rule.name, shots, params)
+        out.per_episode[key] = res.per_episode
+        if res.unconverged:
+            out.unconverged.append(f"{key.label}: {res.unconverged} of {len(res.per_episode)} episodes")
+    return taken
 
 
 def _validation_score(

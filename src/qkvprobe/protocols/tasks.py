@@ -7,6 +7,7 @@ masks reach a rule — behind one interface: ``check_positions``, ``standard``, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +34,14 @@ from .segmentation import (
 
 if TYPE_CHECKING:
     from .driver import Plan
+
+#: ``unit(key, label, compute)``: run one unit of an evaluation (``compute()`` adds to the Evaluation and returns its
+#: number of progress steps), or replay it from a checkpoint (``protocols.checkpoint``).
+UnitRunner = Callable[[str, str, Callable[[], int]], None]
+
+
+def _now(key: str, label: str, compute: Callable[[], int]) -> None:
+    compute()
 
 
 class _Sampling:
@@ -74,40 +83,57 @@ class ClassificationTask(_Sampling):
         self.class_names = [str(c) for c in getattr(train, "classes", [])]
         self.validation_left_out: dict[int, list[str]] = {}
 
-    def standard(self, plan: Plan, out: Evaluation, step: Steps, make: RowMaker) -> None:
-        opts = plan.opts
+    def standard(
+        self, plan: Plan, out: Evaluation, step: Steps, make: RowMaker, unit: UnitRunner = _now
+    ) -> None:
         for b in plan.blocks:
             for position in plan.positions:
-                train = [self.train.get(t, position, b) for t in plan.tokens]
-                test = [self.test.get(t, position, b) for t in plan.tokens]
                 for rule in plan.rules:
-                    step(f"block {b} · {position} · {rule.name} ({len(plan.tokens)} tokens)")
-                    results = run_standard_classification(train, self.ytr, test, self.yte, rule, opts)
-                    params = plan.spec.rule_params(rule.name)
-                    for token, res in zip(plan.tokens, results, strict=True):
-                        key = UnitKey(b, token, position, rule.name, 0, params)
-                        out.rows.append(
-                            make(
-                                block=b,
-                                token=token,
-                                position=position,
-                                rule=rule.name,
-                                ways=0,
-                                shots=0,
-                                episodes=0,
-                                metric="accuracy",
-                                value=res.accuracy,
-                                C=res.C,
-                                params=params,
-                                converged=res.converged,
-                            )
-                        )
-                        out.predictions[key] = res.predictions
-                        if res.weights is not None:
-                            out.weights[key] = res.weights
-                        if res.converged is False:
-                            out.unconverged.append(f"{key.label} (standard)")
+                    label = f"block {b} · {position} · {rule.name} ({len(plan.tokens)} tokens)"
+                    compute = partial(self._standard_unit, plan, out, step, make, b, position, rule, label)
+                    unit(f"standard|{b}|{position}|{rule.name}", label, compute)
         out.classes = np.unique(self.ytr)
+
+    def _standard_unit(
+        self,
+        plan: Plan,
+        out: Evaluation,
+        step: Steps,
+        make: RowMaker,
+        b: int,
+        position: str,
+        rule: RuleProtocol,
+        label: str,
+    ) -> int:
+        step(label)
+        train = [self.train.get(t, position, b) for t in plan.tokens]
+        test = [self.test.get(t, position, b) for t in plan.tokens]
+        results = run_standard_classification(train, self.ytr, test, self.yte, rule, plan.opts)
+        params = plan.spec.rule_params(rule.name)
+        for token, res in zip(plan.tokens, results, strict=True):
+            key = UnitKey(b, token, position, rule.name, 0, params)
+            out.rows.append(
+                make(
+                    block=b,
+                    token=token,
+                    position=position,
+                    rule=rule.name,
+                    ways=0,
+                    shots=0,
+                    episodes=0,
+                    metric="accuracy",
+                    value=res.accuracy,
+                    C=res.C,
+                    params=params,
+                    converged=res.converged,
+                )
+            )
+            out.predictions[key] = res.predictions
+            if res.weights is not None:
+                out.weights[key] = res.weights
+            if res.converged is False:
+                out.unconverged.append(f"{key.label} (standard)")
+        return 1
 
     def episodes(self, plan: Plan, shots: int) -> tuple[Any, list[str]]:
         """The evaluation's episodes and the classes left out of them."""
@@ -190,37 +216,54 @@ class SegmentationTask(_Sampling):
             )
         return self._counts
 
-    def standard(self, plan: Plan, out: Evaluation, step: Steps, make: RowMaker) -> None:
-        opts = plan.opts
+    def standard(
+        self, plan: Plan, out: Evaluation, step: Steps, make: RowMaker, unit: UnitRunner = _now
+    ) -> None:
         for b in plan.blocks:
             for token in plan.tokens:
                 for rule in plan.rules:
-                    step(f"block {b} · {token}·patch · {rule.name}")
-                    res = run_standard_segmentation(self.train, self.test, token, b, rule, opts, self.masks)
-                    params = plan.spec.rule_params(rule.name)
-                    key = UnitKey(b, token, "patch", rule.name, 0, params)
-                    for metric in ("miou", "pixel_accuracy"):
-                        out.rows.append(
-                            make(
-                                block=b,
-                                token=token,
-                                position="patch",
-                                rule=rule.name,
-                                ways=0,
-                                shots=0,
-                                episodes=0,
-                                metric=metric,
-                                value=getattr(res, metric),
-                                C=res.C,
-                                params=params,
-                                converged=res.converged,
-                            )
-                        )
-                    if res.weights is not None:
-                        out.weights[key] = res.weights
-                    if res.converged is False:
-                        out.unconverged.append(f"{key.label} (standard)")
+                    label = f"block {b} · {token}·patch · {rule.name}"
+                    compute = partial(self._standard_unit, plan, out, step, make, b, token, rule, label)
+                    unit(f"standard|{b}|{token}|{rule.name}", label, compute)
         out.classes = np.arange(len(self.train.classes))
+
+    def _standard_unit(
+        self,
+        plan: Plan,
+        out: Evaluation,
+        step: Steps,
+        make: RowMaker,
+        b: int,
+        token: str,
+        rule: RuleProtocol,
+        label: str,
+    ) -> int:
+        step(label)
+        res = run_standard_segmentation(self.train, self.test, token, b, rule, plan.opts, self.masks)
+        params = plan.spec.rule_params(rule.name)
+        key = UnitKey(b, token, "patch", rule.name, 0, params)
+        for metric in ("miou", "pixel_accuracy"):
+            out.rows.append(
+                make(
+                    block=b,
+                    token=token,
+                    position="patch",
+                    rule=rule.name,
+                    ways=0,
+                    shots=0,
+                    episodes=0,
+                    metric=metric,
+                    value=getattr(res, metric),
+                    C=res.C,
+                    params=params,
+                    converged=res.converged,
+                )
+            )
+        if res.weights is not None:
+            out.weights[key] = res.weights
+        if res.converged is False:
+            out.unconverged.append(f"{key.label} (standard)")
+        return 1
 
     def episodes(self, plan: Plan, shots: int) -> tuple[Any, list[str]]:
         """The evaluation's episodes and the classes left out of them."""

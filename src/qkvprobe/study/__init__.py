@@ -20,6 +20,7 @@ extracted off a terminal, a heartbeat line says how many shards are written. Row
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -450,6 +451,13 @@ class _Study:
             if self.is_main:
                 self.merge()
 
+    def checkpoint(self) -> Any:
+        """The running unit's :class:`~qkvprobe.protocols.checkpoint.UnitCheckpoint`: an interrupted unit
+        resumes at its first unfinished inner unit (block × position × token of a setting)."""
+        from ..protocols.checkpoint import UnitCheckpoint
+
+        return UnitCheckpoint(self.rd.part_partial(self._unit_record()["unit"]))
+
     def run_unit(self, u: Unit) -> None:
         invocation = len(self.info.get("timings_earlier", []))
         self.record = sdist.new_record(u, self.rank, self.world_size, invocation)
@@ -468,6 +476,7 @@ class _Study:
             record, self.record = self.record, None
         record["seconds"] = round(time.perf_counter() - t0, 3)
         sdist.write_record(self.rd, record)
+        shutil.rmtree(self.rd.part_partial(u.uid), ignore_errors=True)  # the record holds it all now
 
     def check_failed(self) -> None:
         failed = sdist.read_failed(self.rd)
@@ -670,6 +679,7 @@ class _Study:
                 progress=tell,
                 paired=paired,
                 exclude_classes=self.shared_left_out(d, shots) if setting == "fewshot" else (),
+                checkpoint=self.checkpoint(),
             )
         for field_name, entries in left_out_info(evaluation).items():
             self.emit_note(field_name, entries)
