@@ -75,13 +75,6 @@ def setting_text(task: str, setting: str, shots: int, ways: int | None = None) -
     return f"{ways}-way {shots}-shot" if ways and task == "classification" else f"{shots}-shot"
 
 
-def task_entry(task: str) -> TaskEntry:
-    """The task table's entry (RuleError naming the tasks otherwise)."""
-    if task not in TASKS:
-        raise RuleError(f"unknown task {task!r}; use {' or '.join(TASKS)}")
-    return TASKS[task]
-
-
 # ---- rules --------------------------------------------------------------------------------------------------
 #: The few-shot C that is chosen on validation episodes instead of fixed (``C="auto"``).
 C_AUTO = "auto"
